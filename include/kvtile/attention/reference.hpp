@@ -1,0 +1,108 @@
+// kvtile/attention/reference.hpp: naive attention, the yardstick every kernel is tested against.
+//
+// reference_attention     fp64 throughout: the "exact" answer.
+// naive_attention_lowp    the naive algorithm in the storage precision T (scores and
+//                         probabilities rounded to T, fp32 sums, output rounded to T), as a
+//                         framework would compute it. FlashAttention's rule for a kernel:
+//                         max|kernel - exact| <= 2 * max|naive_lowp - exact| + slack.
+// Both materialise one row of scores at a time; they are for tests, not for speed.
+//
+// Shapes: q, o are dense_tensor views [batch, q_len(b), num_qo_heads, head_dim];
+// kv is any kv_source with num_kv_heads heads; num_qo_heads % num_kv_heads == 0 (GQA: query
+// head h reads KV head h / (num_qo_heads / num_kv_heads)); lse is [rows, num_qo_heads] in
+// natural log (row = q.layout.row(b, t)), -inf for a row that sees no key (its o is zeros).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kvtile/attention/kv_source.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/core/error.hpp"
+#include "kvtile/core/numeric.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention {
+
+namespace detail {
+
+template <class TQ, class TO, class Src, class Mask, class Acc, class RoundScore, class RoundOut>
+void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
+                     typename Mask::params mask_params, double scale, const dense_tensor<TO>& o, Acc* lse,
+                     RoundScore round_score, RoundOut round_out) {
+  const std::int32_t hq = q.layout.heads, d = q.layout.head_dim;
+  KVTILE_REQUIRE(num_kv_heads > 0 && hq % num_kv_heads == 0, errc::invalid_argument,
+                 "query heads (", hq, ") must be a multiple of KV heads (", num_kv_heads, ")");
+  KVTILE_REQUIRE(q.layout.batch == kv.batch(), errc::invalid_argument, "query batch ", q.layout.batch,
+                 " differs from KV batch ", kv.batch());
+  const std::int32_t group = hq / num_kv_heads;
+  const auto* kb = kv.k_base();
+  const auto* vb = kv.v_base();
+  std::vector<Acc> s, acc(d);
+  for (std::int32_t b = 0; b < q.layout.batch; ++b) {
+    const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
+    const Mask mask(mask_params, q_len, kv_len);
+    s.assign(std::size_t(kv_len), Acc(0));
+    for (std::int32_t t = 0; t < q_len; ++t)
+      for (std::int32_t h = 0; h < hq; ++h) {
+        const std::int32_t hk = h / group;
+        const TQ* qr = q.at(b, t, h);
+        Acc mx = -std::numeric_limits<Acc>::infinity();
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          if (!mask.visible(t, j)) {
+            s[j] = -std::numeric_limits<Acc>::infinity();
+            continue;
+          }
+          const auto* kr = kb + kv.token_offset(b, j, hk);
+          Acc dot = 0;
+          for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
+          s[j] = round_score(dot * Acc(scale));
+          if (s[j] > mx) mx = s[j];
+        }
+        Acc sum = 0;
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          s[j] = mx == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - mx);
+          sum += s[j];
+        }
+        std::fill(acc.begin(), acc.end(), Acc(0));
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          if (s[j] == Acc(0)) continue;
+          const Acc p = round_score(s[j] / sum);
+          const auto* vr = vb + kv.token_offset(b, j, hk);
+          for (std::int32_t x = 0; x < d; ++x) acc[x] += p * Acc(to_double(vr[x]));
+        }
+        TO* orow = o.at(b, t, h);
+        for (std::int32_t x = 0; x < d; ++x) orow[x] = round_out(acc[x]);
+        if (lse)
+          lse[q.layout.row(b, t) * hq + h] =
+              sum > 0 ? mx + std::log(sum) : -std::numeric_limits<Acc>::infinity();
+      }
+  }
+}
+
+}  // namespace detail
+
+// Exact (fp64) attention. o: [.., num_qo_heads, head_dim] doubles; lse may be null.
+template <mask_policy Mask, class TQ, kv_source Src>
+void reference_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
+                         typename Mask::params mask_params, double scale, const dense_tensor<double>& o,
+                         double* lse = nullptr) {
+  auto id = [](double x) { return x; };
+  detail::naive_attention<TQ, double, Src, Mask, double>(q, kv, num_kv_heads, mask_params, scale, o, lse, id, id);
+}
+
+// The naive algorithm in storage precision T: the error baseline of FlashAttention's rule.
+template <mask_policy Mask, class TQ, class T, kv_source Src>
+void naive_attention_lowp(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
+                          typename Mask::params mask_params, double scale, const dense_tensor<T>& o,
+                          float* lse = nullptr) {
+  auto round_t = [](float x) { return to_float(from_float<T>(x)); };
+  auto out_t = [](float x) { return from_float<T>(x); };
+  detail::naive_attention<TQ, T, Src, Mask, float>(q, kv, num_kv_heads, mask_params, scale, o, lse, round_t, out_t);
+}
+
+}  // namespace attention
+KVTILE_NAMESPACE_END

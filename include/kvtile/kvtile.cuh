@@ -1,0 +1,6 @@
+// <kvtile/kvtile.cuh>: everything in kvtile, CUDA kernels included. Compile with nvcc.
+#pragma once
+
+#include "kvtile/kvtile.hpp"
+
+#include "kvtile/core/cuda_check.cuh"
