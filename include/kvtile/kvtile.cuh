@@ -4,3 +4,6 @@
 #include "kvtile/kvtile.hpp"
 
 #include "kvtile/core/cuda_check.cuh"
+
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"

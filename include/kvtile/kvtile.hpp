@@ -12,3 +12,4 @@
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/reference.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/tile_shape.hpp"

@@ -1,0 +1,113 @@
+// kvtile/attention/cuda/arch/mma.cuh: warp-level tensor-core pieces for sm_80 and newer:
+// mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate), ldmatrix, and fragment packing.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"): with lane = 4*g + t
+// (g = lane / 4 in 0..7, t = lane % 4 in 0..3)
+//   A (16x16, row-major): a[0]=(g, 2t..2t+1) a[1]=(g+8, 2t..) a[2]=(g, 2t+8..) a[3]=(g+8, 2t+8..)
+//   B (16x8, "col"):      b[0]=(k=2t..2t+1, n=g) b[1]=(k=2t+8.., n=g)
+//   C/D (16x8, fp32):     c[0..1]=(g, 2t..2t+1) c[2..3]=(g+8, 2t..2t+1)
+// Each a[i]/b[i] register holds two 16-bit values, the lower column in the low half.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kvtile/core/config.hpp"
+#include "kvtile/core/numeric.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::arch {
+
+// The CUDA type behind a kvtile storage type.
+template <class T>
+struct native;
+template <>
+struct native<kvtile::half> {
+  using type = __half;
+  using type2 = __half2;
+};
+template <>
+struct native<kvtile::bfloat16> {
+  using type = __nv_bfloat16;
+  using type2 = __nv_bfloat162;
+};
+template <class T>
+using native_t = typename native<T>::type;
+
+// Two floats packed into one 32-bit register of T (low half = a).
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE std::uint32_t pack2(float a, float b) {
+  if constexpr (std::is_same_v<T, kvtile::bfloat16>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<std::uint32_t*>(&h);
+  }
+}
+
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE float2 unpack2(std::uint32_t r) {
+  if constexpr (std::is_same_v<T, kvtile::bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&r));
+  } else {
+    return __half22float2(*reinterpret_cast<__half2*>(&r));
+  }
+}
+
+// D = A * B + C, m16n8k16, fp32 accumulators in place.
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE void mma_16816(float (&c)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, kvtile::bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  (void)c; (void)a; (void)b;
+  __trap();  // tensor-core kernels need sm_80 or newer; their launchers reject older devices
+#endif
+}
+
+KVTILE_DEVICE KVTILE_FORCEINLINE std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ldmatrix: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; each lane receives one
+// 32-bit register per matrix. .trans transposes each 8x8 matrix on the way.
+KVTILE_DEVICE KVTILE_FORCEINLINE void ldmatrix_x4(std::uint32_t (&r)[4], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+KVTILE_DEVICE KVTILE_FORCEINLINE void ldmatrix_x4_trans(std::uint32_t (&r)[4], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+KVTILE_DEVICE KVTILE_FORCEINLINE void ldmatrix_x2(std::uint32_t (&r)[2], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+KVTILE_DEVICE KVTILE_FORCEINLINE void ldmatrix_x2_trans(std::uint32_t (&r)[2], std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+// exp2 on the special-function unit (ex2.approx.ftz.f32): ~2 ulp, exp2(-inf) = 0.
+KVTILE_DEVICE KVTILE_FORCEINLINE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace attention::cuda::arch
+KVTILE_NAMESPACE_END
