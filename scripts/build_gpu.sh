@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds every GPU test, benchmark and example for one architecture (default sm_90a) and gathers
+# the binaries, with Google Benchmark's shared library, into one folder that can be copied to a
+# GPU machine and run there by scripts/gpu_bench.sh.
+# usage: scripts/build_gpu.sh [arch=90a] [out=carry/gpu]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+arch=${1:-90a}
+out=${2:-carry/gpu}
+build=build-gpu-$arch
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null
+targets=$(cmake --build "$build" --target help | sed -n 's/^\.\.\. \(test\.[^ ]*\|[a-z_]*_bench\|example_[a-z_]*\).*/\1/p')
+cmake --build "$build" -j "${KVTILE_JOBS:-2}" --target $targets
+rm -rf "$out" && mkdir -p "$out"
+for t in $targets; do
+  f=$(find "$build" -type f -name "$t" -perm -u+x | head -n 1)
+  [ -n "$f" ] && cp "$f" "$out/"
+done
+lib=$(ldconfig -p | sed -n 's/.*libbenchmark.so.1debian.*=> \(.*\)/\1/p' | head -n 1)
+[ -n "$lib" ] && cp "$lib" "$out/"
+du -sh "$out"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine, over binaries gathered by scripts/build_gpu.sh: every GPU test (and
+# compute-sanitizer memcheck on them), every GPU benchmark (JSON), and every peer script in
+# bench/peers/ (PyTorch). Raw outputs go to $OUT/raw.tar.gz; bench/collect.py turns them into
+# bench/results/<card>.json. A short table is printed last.
+# usage: scripts/gpu_bench.sh [bin=carry/gpu] [out=$OUT]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=$(cd "${1:-carry/gpu}" && pwd)
+out=${2:-${OUT:-/tmp/kvtile-out}}
+raw=$out/raw
+mkdir -p "$raw"
+export LD_LIBRARY_PATH=$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+echo "card: $card" | tee "$raw/card.txt"
+summary=()
+
+for t in "$bin"/test.*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  if "$t" >"$raw/$name.log" 2>&1; then s=pass; else s="FAIL($?)"; fi
+  if [ "${KVTILE_SANITIZE:-1}" = 1 ] && [[ "$name" != *bench* ]]; then
+    if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" -tce >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m="ERRORS"; fi
+  else m=-; fi
+  summary+=("$(printf '%-40s %-10s memcheck %s' "$name" "$s" "$m")")
+done
+
+for b in "$bin"/*_bench; do
+  [ -x "$b" ] || continue
+  name=$(basename "$b")
+  "$b" --benchmark_format=json --benchmark_out="$raw/$name.json" --benchmark_out_format=json \
+    --benchmark_min_time=0.2 >"$raw/$name.log" 2>&1
+  summary+=("$(printf '%-40s rc=%s' "$name" "$?")")
+done
+
+for p in bench/peers/*.py; do
+  [ -f "$p" ] || continue
+  name=$(basename "$p" .py)
+  python3 "$p" >"$raw/peer_$name.jsonl" 2>"$raw/peer_$name.log"
+  summary+=("$(printf '%-40s rc=%s' "peer $name" "$?")")
+done
+
+tar -C "$out" -czf "$out/raw.tar.gz" raw && rm -rf "$raw"
+printf '%s\n' "${summary[@]}"
