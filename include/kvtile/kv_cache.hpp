@@ -1,0 +1,373 @@
+// kvtile/kv_cache.hpp: the paged KV cache, composed from policies.
+//
+//   kv_block_manager<Allocator, Sharing>         the bookkeeping alone: sequences, their page
+//                                                tables, reference counts, pending copies
+//   paged_kv_cache<T, Layout, Allocator, Sharing, Memory>
+//                                                the bookkeeping plus the K/V pools of every layer
+//
+// Swapping one policy is one line, through the with_* aliases:
+//   using cache   = kvtile::paged_kv_cache<kvtile::bfloat16>;                // defaults
+//   using compact = cache::with_allocator<kvtile::memory::lowest_id_allocator>;
+//   using on_gpu  = cache::with_memory<kvtile::memory::cuda::device_memory>;  // needs nvcc
+//
+// One step of a serving loop: mutate (create / append / fork / truncate / free), then
+// run_pending_copies(), then write the new tokens' K/V through the slot mappings that append
+// returned. fork() is refused while copies are pending (the destinations' contents are not
+// there yet); fork after the step's K/V are written.
+//
+// Every operation checks all of its input and the pool's capacity before it changes anything:
+// an error (a kvtile::error naming the value) leaves the cache exactly as it was.
+// Cost: O(1) per block touched. fork costs one reference-count increment per block of the
+// sequence plus a copy of its block list (no allocation of blocks, no per-block hashing).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kvtile/core/error.hpp"
+#include "kvtile/memory/block_allocator.hpp"
+#include "kvtile/memory/block_storage.hpp"
+#include "kvtile/memory/lifo_allocator.hpp"
+#include "kvtile/memory/memory_policy.hpp"
+#include "kvtile/paging/page_table.hpp"
+#include "kvtile/paging/page_table_export.hpp"
+#include "kvtile/sharing/copy_on_write.hpp"
+#include "kvtile/sharing/sharing_policy.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+
+// (generation << 32) | slot: a freed sequence's id is never valid again.
+using sequence_id = std::uint64_t;
+
+template <memory::block_allocator Allocator = memory::lifo_allocator,
+          sharing::sharing_policy Sharing = sharing::copy_on_write>
+class kv_block_manager {
+ public:
+  using allocator_type = Allocator;
+  using sharing_type = Sharing;
+  using block_id = memory::block_id;
+
+  kv_block_manager(std::int32_t num_blocks, std::int32_t page_size) : allocator_(num_blocks), page_size_(page_size) {
+    KVTILE_REQUIRE(page_size > 0, errc::invalid_argument, "page_size must be positive, got ", page_size);
+    sharing_.reset(num_blocks);
+    scratch_.resize(std::size_t(num_blocks) + 1);
+  }
+
+  std::int32_t page_size() const { return page_size_; }
+  std::int32_t num_blocks() const { return allocator_.capacity(); }
+  memory::allocator_stats stats() const { return allocator_.stats(); }
+  std::int32_t num_free_blocks() const { return allocator_.num_free(); }
+  std::int32_t num_sequences() const { return live_; }
+  const Allocator& allocator() const { return allocator_; }
+  const Sharing& sharing() const { return sharing_; }
+  std::int64_t refcount(block_id b) const {
+    check_block(b);
+    return allocator_.is_free(b) ? 0 : std::int64_t(sharing_.refcount(b));
+  }
+
+  // ---- sequences -------------------------------------------------------------------------
+  sequence_id create() {
+    if (free_slots_.empty()) {
+      KVTILE_REQUIRE(seqs_.size() < 0xffffffffu, errc::out_of_range, "too many sequences: ", seqs_.size());
+      free_slots_.reserve(seqs_.size() + 1);  // free() never allocates
+      seqs_.push_back(entry{paging::page_table(page_size_), 0, true});
+      ++live_;
+      return make_id(std::uint32_t(seqs_.size() - 1), 0);
+    }
+    const std::uint32_t slot = free_slots_.back();
+    free_slots_.pop_back();
+    seqs_[slot].live = true;
+    ++live_;
+    return make_id(slot, seqs_[slot].generation);
+  }
+
+  bool contains(sequence_id id) const { return find(id) != nullptr; }
+  const paging::page_table& table(sequence_id id) const { return lookup(id, "table").table; }
+  std::int64_t num_tokens(sequence_id id) const { return lookup(id, "num_tokens").table.num_tokens(); }
+  // The live sequences, in slot order.
+  std::vector<sequence_id> sequences() const {
+    std::vector<sequence_id> ids;
+    for (std::size_t s = 0; s < seqs_.size(); ++s)
+      if (seqs_[s].live) ids.push_back(make_id(std::uint32_t(s), seqs_[s].generation));
+    return ids;
+  }
+
+  // Append n tokens to sequence id; slots[i] receives the global slot (block * page_size +
+  // offset) of the i-th new token. Blocks are allocated on demand. When the last block is
+  // shared and partly filled, the sequence gets a private copy first (one pending copy).
+  void append(sequence_id id, std::int64_t n, std::span<std::int64_t> slots) {
+    entry& e = lookup(id, "append to");
+    paging::page_table& t = e.table;
+    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot append ", n, " tokens to sequence ", id);
+    KVTILE_REQUIRE(std::int64_t(slots.size()) >= n, errc::invalid_argument, "slot mapping of ", slots.size(),
+                   " entries cannot hold ", n, " new tokens");
+    if (n == 0) return;
+    const std::int64_t len = t.num_tokens();
+    const std::int32_t nb = t.num_blocks();
+    const std::int64_t new_blocks = t.blocks_for(len + n) - nb;
+    bool cow = false;
+    if constexpr (Sharing::can_fork) cow = t.tail_room() > 0 && sharing_.is_shared(t.last_block());
+    const std::int64_t needed = new_blocks + (cow ? 1 : 0);
+    KVTILE_REQUIRE(needed <= allocator_.num_free(), errc::out_of_blocks, "appending ", n, " tokens to sequence ", id,
+                   " needs ", needed, " blocks, ", allocator_.num_free(), " are free");
+    t.reserve(std::size_t(nb + new_blocks));  // may throw; nothing changed yet
+    const std::span<block_id> fresh(scratch_.data(), std::size_t(needed));
+    allocator_.allocate(fresh);
+    // From here on nothing throws.
+    std::size_t k = 0;
+    if constexpr (Sharing::can_fork) {
+      if (cow) {
+        const block_id dst = fresh[k++];
+        sharing_.on_allocate(dst);
+        sharing_.record_copy(t.last_block(), dst, t.last_page_len());
+        t.set_block(nb - 1, dst);
+      }
+    }
+    for (; k < fresh.size(); ++k) {
+      sharing_.on_allocate(fresh[k]);
+      t.push_block(fresh[k]);
+    }
+    t.set_num_tokens(len + n);
+    for (std::int64_t i = 0; i < n; ++i) slots[std::size_t(i)] = t.slot(len + i);
+  }
+  std::vector<std::int64_t> append(sequence_id id, std::int64_t n) {
+    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot append ", n, " tokens to sequence ", id);
+    std::vector<std::int64_t> slots(static_cast<std::size_t>(n));
+    append(id, n, slots);
+    return slots;
+  }
+
+  // A new sequence sharing every block of `parent`; allocates no block.
+  sequence_id fork(sequence_id parent) {
+    static_assert(Sharing::can_fork, "fork() needs a sharing policy that shares blocks (sharing::copy_on_write)");
+    const entry& p = lookup(parent, "fork");
+    KVTILE_REQUIRE(sharing_.pending().empty(), errc::invalid_argument, "fork of sequence ", parent, " while ",
+                   sharing_.pending().size(), " block copies are pending: run them (and write the step's K/V) first");
+    paging::page_table copy = p.table;  // may throw; nothing changed yet
+    const sequence_id child = create();
+    entry& c = seqs_[slot_of(child)];
+    c.table = std::move(copy);
+    for (block_id b : c.table.blocks()) sharing_.share(b);
+    return child;
+  }
+
+  // Keep the first n tokens; blocks no longer needed are released.
+  void truncate(sequence_id id, std::int64_t n) {
+    entry& e = lookup(id, "truncate");
+    KVTILE_REQUIRE(n >= 0 && n <= e.table.num_tokens(), errc::out_of_range, "truncate sequence ", id, " to ", n,
+                   " tokens: it has ", e.table.num_tokens());
+    const std::int64_t keep = e.table.blocks_for(n);
+    while (e.table.num_blocks() > keep) {
+      release(e.table.last_block());
+      e.table.pop_block();
+    }
+    e.table.set_num_tokens(n);
+  }
+
+  // Release every block of the sequence; the id becomes invalid.
+  void free(sequence_id id) {
+    const std::uint32_t slot = slot_of(id);
+    KVTILE_REQUIRE(!(slot < seqs_.size() && generation_of(id) < seqs_[slot].generation), errc::double_free,
+                   "sequence ", id, " is already freed");
+    entry& e = lookup(id, "free");
+    for (std::int32_t i = e.table.num_blocks(); i-- > 0;) release(e.table.block(i));
+    e.table.clear();
+    e.live = false;
+    ++e.generation;
+    --live_;
+    free_slots_.push_back(slot);  // capacity reserved in create()
+  }
+
+  // ---- copy-on-write -----------------------------------------------------------------------
+  std::span<const memory::block_copy> pending_copies() const { return sharing_.pending(); }
+  // The pending copies have run: their sources may be freed now.
+  void finish_copies() {
+    sharing_.finish_pending([this](block_id b) { allocator_.free(b); });
+  }
+
+  // ---- kernel-facing tables ----------------------------------------------------------------
+  paging::csr_page_table_host to_csr(std::span<const sequence_id> ids) const { return paging::to_csr(tables(ids)); }
+  paging::padded_page_table_host to_padded(std::span<const sequence_id> ids, std::int32_t max_blocks = 0) const {
+    return paging::to_padded(tables(ids), max_blocks);
+  }
+
+  // Throws errc::internal naming the first broken invariant: free + used = pool size; each
+  // block's reference count equals the number of page tables holding it; no block is both free
+  // and held; no allocated block is unreachable; every table holds exactly the blocks its length
+  // needs; each pending copy's destination is held once and its source is pinned.
+  void check_invariants() const {
+    const std::int32_t cap = allocator_.capacity();
+    std::vector<std::int64_t> holders(std::size_t(cap), 0);
+    std::int64_t live = 0;
+    for (std::size_t s = 0; s < seqs_.size(); ++s) {
+      const auto& e = seqs_[s];
+      if (!e.live) {
+        KVTILE_REQUIRE(e.table.num_blocks() == 0, errc::internal, "freed sequence slot ", s, " still holds blocks");
+        continue;
+      }
+      ++live;
+      KVTILE_REQUIRE(e.table.num_blocks() == e.table.blocks_for(e.table.num_tokens()), errc::internal, "sequence slot ",
+                     s, " has ", e.table.num_tokens(), " tokens in ", e.table.num_blocks(), " blocks");
+      for (block_id b : e.table.blocks()) {
+        KVTILE_REQUIRE(b >= 0 && b < cap, errc::internal, "sequence slot ", s, " holds block ", b, " outside the pool");
+        ++holders[std::size_t(b)];
+      }
+    }
+    KVTILE_REQUIRE(live == live_, errc::internal, live, " live sequences, counted ", live_);
+    std::vector<std::int64_t> pins(std::size_t(cap), 0);
+    for (const auto& c : sharing_.pending()) {
+      ++pins[std::size_t(c.src)];
+      KVTILE_REQUIRE(holders[std::size_t(c.dst)] == 1, errc::internal, "copy destination ", c.dst, " has ",
+                     holders[std::size_t(c.dst)], " holders");
+    }
+    std::int32_t free_count = 0;
+    for (block_id b = 0; b < cap; ++b) {
+      const auto h = holders[std::size_t(b)];
+      const bool is_free = allocator_.is_free(b);
+      free_count += is_free;
+      KVTILE_REQUIRE(!(is_free && h > 0), errc::internal, "block ", b, " is free and held by ", h, " sequences");
+      KVTILE_REQUIRE(is_free || h > 0 || pins[std::size_t(b)] > 0, errc::internal, "block ", b,
+                     " is allocated but neither held nor pinned by a pending copy (leaked)");
+      if constexpr (Sharing::counts_references) {
+        KVTILE_REQUIRE(std::int64_t(sharing_.refcount(b)) == h, errc::internal, "block ", b, " has refcount ",
+                       sharing_.refcount(b), " but ", h, " holders");
+        if constexpr (requires { sharing_.pins(b); })
+          KVTILE_REQUIRE(std::int64_t(sharing_.pins(b)) == pins[std::size_t(b)], errc::internal, "block ", b,
+                         " has ", sharing_.pins(b), " pins but ", pins[std::size_t(b)], " pending copies read it");
+      } else {
+        KVTILE_REQUIRE(h <= 1, errc::internal, "block ", b, " is held by ", h, " sequences without sharing");
+      }
+    }
+    KVTILE_REQUIRE(free_count == allocator_.num_free(), errc::internal, free_count, " free blocks, the allocator counts ",
+                   allocator_.num_free());
+    const auto st = allocator_.stats();
+    KVTILE_REQUIRE(st.free + st.used == st.capacity, errc::internal, "free ", st.free, " + used ", st.used,
+                   " != pool size ", st.capacity);
+  }
+
+ private:
+  struct entry {
+    paging::page_table table;
+    std::uint32_t generation = 0;
+    bool live = false;
+  };
+  static sequence_id make_id(std::uint32_t slot, std::uint32_t gen) { return (sequence_id(gen) << 32) | slot; }
+  static std::uint32_t slot_of(sequence_id id) { return std::uint32_t(id & 0xffffffffu); }
+  static std::uint32_t generation_of(sequence_id id) { return std::uint32_t(id >> 32); }
+
+  const entry* find(sequence_id id) const {
+    const std::uint32_t slot = slot_of(id);
+    if (slot >= seqs_.size()) return nullptr;
+    const entry& e = seqs_[slot];
+    return e.live && e.generation == generation_of(id) ? &e : nullptr;
+  }
+  const entry& lookup(sequence_id id, const char* what) const {
+    const entry* e = find(id);
+    if (!e) {
+      const std::uint32_t slot = slot_of(id);
+      if (slot < seqs_.size() && generation_of(id) < seqs_[slot].generation)
+        KVTILE_FAIL(errc::unknown_sequence, what, " sequence ", id, ": it was freed");
+      KVTILE_FAIL(errc::unknown_sequence, what, " sequence ", id, ": no such sequence");
+    }
+    return *e;
+  }
+  entry& lookup(sequence_id id, const char* what) { return const_cast<entry&>(std::as_const(*this).lookup(id, what)); }
+
+  std::vector<const paging::page_table*> tables(std::span<const sequence_id> ids) const {
+    std::vector<const paging::page_table*> out;
+    out.reserve(ids.size());
+    for (sequence_id id : ids) out.push_back(&lookup(id, "export").table);
+    return out;
+  }
+  void check_block(block_id b) const {
+    KVTILE_REQUIRE(b >= 0 && b < allocator_.capacity(), errc::out_of_range, "block id ", b, " is outside [0, ",
+                   allocator_.capacity(), ")");
+  }
+  void release(block_id b) {
+    sharing_.release(b, [this](block_id x) { allocator_.free(x); });
+  }
+
+  Allocator allocator_;
+  [[no_unique_address]] Sharing sharing_;
+  std::vector<entry> seqs_;
+  std::vector<std::uint32_t> free_slots_;
+  std::vector<block_id> scratch_;  // [num_blocks + 1]: fresh blocks of one append
+  std::int32_t page_size_;
+  std::int64_t live_ = 0;
+};
+
+// The bookkeeping plus the K/V pools of every layer. T is the stored element type.
+template <class T, kv_layout Layout = kv_layout::nhd, memory::block_allocator Allocator = memory::lifo_allocator,
+          sharing::sharing_policy Sharing = sharing::copy_on_write, memory::memory_policy Memory = memory::host_memory>
+class paged_kv_cache {
+ public:
+  using value_type = T;
+  using manager_type = kv_block_manager<Allocator, Sharing>;
+  using storage_type = memory::block_storage<T, Memory>;
+  static constexpr kv_layout layout = Layout;
+
+  // One policy swapped, the others kept.
+  template <kv_layout L>
+  using with_layout = paged_kv_cache<T, L, Allocator, Sharing, Memory>;
+  template <memory::block_allocator A>
+  using with_allocator = paged_kv_cache<T, Layout, A, Sharing, Memory>;
+  template <sharing::sharing_policy S>
+  using with_sharing = paged_kv_cache<T, Layout, Allocator, S, Memory>;
+  template <memory::memory_policy M>
+  using with_memory = paged_kv_cache<T, Layout, Allocator, Sharing, M>;
+  template <class U>
+  using with_element = paged_kv_cache<U, Layout, Allocator, Sharing, Memory>;
+
+  explicit paged_kv_cache(memory::kv_shape shape, Memory memory = {})
+      : blocks_((shape.check(), shape.num_blocks), shape.page_size), storage_(shape, Layout, std::move(memory)) {}
+
+  const memory::kv_shape& shape() const { return storage_.shape(); }
+  manager_type& blocks() { return blocks_; }
+  const manager_type& blocks() const { return blocks_; }
+  storage_type& storage() { return storage_; }
+  const storage_type& storage() const { return storage_; }
+
+  // Bookkeeping (see kv_block_manager).
+  sequence_id create() { return blocks_.create(); }
+  void append(sequence_id id, std::int64_t n, std::span<std::int64_t> slots) { blocks_.append(id, n, slots); }
+  std::vector<std::int64_t> append(sequence_id id, std::int64_t n) { return blocks_.append(id, n); }
+  sequence_id fork(sequence_id id) { return blocks_.fork(id); }
+  void truncate(sequence_id id, std::int64_t n) { blocks_.truncate(id, n); }
+  void free(sequence_id id) { blocks_.free(id); }
+  std::int64_t num_tokens(sequence_id id) const { return blocks_.num_tokens(id); }
+  const paging::page_table& table(sequence_id id) const { return blocks_.table(id); }
+  memory::allocator_stats stats() const { return blocks_.stats(); }
+  std::span<const memory::block_copy> pending_copies() const { return blocks_.pending_copies(); }
+  void check_invariants() const { blocks_.check_invariants(); }
+
+  // Run every pending copy in one batch (memcpy on the host, one kernel on the GPU). On error
+  // (a CUDA failure) the copies stay pending.
+  void run_pending_copies() {
+    const auto copies = blocks_.pending_copies();
+    if (copies.empty()) return;
+    storage_.memory().copy_blocks(storage_.pools(), copies);
+    blocks_.finish_copies();
+  }
+
+  // Write n new tokens' K and V of one layer ([n, num_kv_heads, head_dim], token_stride
+  // elements apart) through a slot mapping from append(). Pointers live where Memory lives.
+  void write(std::int32_t layer, const T* k, const T* v, std::int64_t token_stride, const std::int64_t* slots,
+             std::int32_t n) {
+    storage_.memory().write_kv(storage_.layer(layer), k, v, token_stride, slots, n);
+  }
+
+  paging::kv_pool_view<T> layer(std::int32_t l) const { return storage_.layer(l); }
+  paging::csr_page_table_host to_csr(std::span<const sequence_id> ids) const { return blocks_.to_csr(ids); }
+  paging::padded_page_table_host to_padded(std::span<const sequence_id> ids, std::int32_t max_blocks = 0) const {
+    return blocks_.to_padded(ids, max_blocks);
+  }
+
+ private:
+  manager_type blocks_;
+  storage_type storage_;
+};
+
+KVTILE_NAMESPACE_END

@@ -1,0 +1,91 @@
+// kvtile/memory/block_allocator.hpp: what every block allocator policy provides.
+//
+// A block allocator hands out ids of fixed-size KV blocks from a pool of `capacity` blocks
+// (ids [0, capacity)). It knows nothing about what a block holds or who shares it; reference
+// counts live in the sharing policy. Policies in kvtile:
+//   lifo_allocator        free list, last freed is first reused; O(1) allocate and free
+//   lowest_id_allocator   always the lowest free id (keeps the used part of the pool compact);
+//                         O(log64 capacity) allocate and free (a 64-ary bit tree, 3 levels for 262k blocks)
+// Both detect a double free and an id outside the pool, and allocate n blocks all or nothing.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvtile/core/config.hpp"
+#include "kvtile/core/error.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace memory {
+
+using block_id = std::int32_t;
+
+struct allocator_stats {
+  std::int32_t capacity = 0;    // blocks in the pool
+  std::int32_t free = 0;        // blocks available now
+  std::int32_t used = 0;        // capacity - free
+  std::int32_t high_water = 0;  // most blocks ever in use at once since construction
+};
+
+// allocate() throws errc::out_of_blocks when empty; allocate(out) fills every entry of `out`
+// or, when fewer blocks are free, throws errc::out_of_blocks and allocates nothing;
+// free(b) throws errc::out_of_range for an id outside the pool and errc::double_free for a
+// free block, changing nothing.
+template <class A>
+concept block_allocator = std::constructible_from<A, std::int32_t> &&
+    requires(A a, const A ca, block_id b, std::span<block_id> out) {
+      { a.allocate() } -> std::same_as<block_id>;
+      a.allocate(out);
+      a.free(b);
+      { ca.is_free(b) } -> std::same_as<bool>;
+      { ca.num_free() } -> std::same_as<std::int32_t>;
+      { ca.capacity() } -> std::same_as<std::int32_t>;
+      { ca.stats() } -> std::same_as<allocator_stats>;
+    };
+
+namespace detail {
+// What both allocators share: the free bitmap (for double-free detection) and the counters.
+class allocator_accounting {
+ public:
+  explicit allocator_accounting(std::int32_t capacity) : capacity_(capacity), free_count_(capacity) {
+    KVTILE_REQUIRE(capacity >= 0, errc::invalid_argument, "block pool capacity must be >= 0, got ", capacity);
+    is_free_.assign(std::size_t(capacity), 1);
+  }
+  std::int32_t capacity() const { return capacity_; }
+  std::int32_t num_free() const { return free_count_; }
+  bool is_free(block_id b) const { return b >= 0 && b < capacity_ && is_free_[std::size_t(b)] != 0; }
+  allocator_stats stats() const { return {capacity_, free_count_, capacity_ - free_count_, high_water_}; }
+
+ protected:
+  void require_available(std::int64_t n) const {
+    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot allocate a negative number of blocks: ", n);
+    KVTILE_REQUIRE(n <= free_count_, errc::out_of_blocks, "asked for ", n, " blocks, ", free_count_, " of ",
+                   capacity_, " are free");
+  }
+  void require_freeable(block_id b) const {
+    KVTILE_REQUIRE(b >= 0 && b < capacity_, errc::out_of_range, "block id ", b, " is outside the pool [0, ",
+                   capacity_, ")");
+    KVTILE_REQUIRE(!is_free_[std::size_t(b)], errc::double_free, "block ", b, " is already free");
+  }
+  void mark_used(block_id b) {
+    is_free_[std::size_t(b)] = 0;
+    --free_count_;
+    if (capacity_ - free_count_ > high_water_) high_water_ = capacity_ - free_count_;
+  }
+  void mark_free(block_id b) {
+    is_free_[std::size_t(b)] = 1;
+    ++free_count_;
+  }
+
+ private:
+  std::vector<unsigned char> is_free_;  // [capacity]
+  std::int32_t capacity_ = 0;
+  std::int32_t free_count_ = 0;
+  std::int32_t high_water_ = 0;
+};
+}  // namespace detail
+
+}  // namespace memory
+KVTILE_NAMESPACE_END

@@ -1,0 +1,136 @@
+// kvtile/memory/block_storage.hpp: the K and V block pools of every layer of a model.
+//
+// One block id addresses that block in every layer. Memory order, per pool (K and V apart):
+//   [num_layers][num_blocks][block]   block = [page_size][num_kv_heads][head_dim] (NHD)
+//                                          or [num_kv_heads][page_size][head_dim] (HND)
+// Offsets are 64-bit throughout. Where the memory lives is the Memory policy.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+#include "kvtile/core/error.hpp"
+#include "kvtile/memory/memory_policy.hpp"
+#include "kvtile/paging/paged_view.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace memory {
+
+struct kv_shape {
+  std::int32_t num_layers = 1;
+  std::int32_t num_blocks = 0;
+  std::int32_t page_size = 16;  // tokens per block
+  std::int32_t num_kv_heads = 1;
+  std::int32_t head_dim = 128;
+
+  std::int64_t block_elems() const { return std::int64_t(page_size) * num_kv_heads * head_dim; }
+  // K and V of one token in every layer, in bytes.
+  std::int64_t bytes_per_token(std::size_t elem_bytes) const {
+    return 2 * std::int64_t(num_layers) * num_kv_heads * head_dim * std::int64_t(elem_bytes);
+  }
+  void check() const {
+    KVTILE_REQUIRE(num_layers > 0, errc::invalid_argument, "num_layers must be positive, got ", num_layers);
+    KVTILE_REQUIRE(num_blocks >= 0, errc::invalid_argument, "num_blocks must be >= 0, got ", num_blocks);
+    KVTILE_REQUIRE(page_size > 0, errc::invalid_argument, "page_size must be positive, got ", page_size);
+    KVTILE_REQUIRE(num_kv_heads > 0, errc::invalid_argument, "num_kv_heads must be positive, got ", num_kv_heads);
+    KVTILE_REQUIRE(head_dim > 0, errc::invalid_argument, "head_dim must be positive, got ", head_dim);
+  }
+};
+
+template <class T, memory_policy Memory = host_memory>
+class block_storage {
+  static_assert(std::is_trivially_copyable_v<T>, "K/V elements must be trivially copyable");
+
+ public:
+  block_storage(kv_shape shape, kv_layout layout, Memory memory = {}) : memory_(std::move(memory)), shape_(shape), layout_(layout) {
+    shape.check();
+    const std::int64_t elems = std::int64_t(shape.num_layers) * shape.num_blocks * shape.block_elems();
+    KVTILE_REQUIRE(elems <= std::numeric_limits<std::int64_t>::max() / std::int64_t(sizeof(T)), errc::invalid_argument,
+                   "pool of ", elems, " elements overflows 64-bit byte offsets");
+    bytes_ = std::size_t(elems) * sizeof(T);
+    k_ = static_cast<T*>(memory_.allocate(bytes_));
+    try {
+      v_ = static_cast<T*>(memory_.allocate(bytes_));
+      memory_.zero(k_, bytes_);
+      memory_.zero(v_, bytes_);
+    } catch (...) {
+      if (v_) memory_.deallocate(v_, bytes_);
+      memory_.deallocate(k_, bytes_);
+      throw;
+    }
+  }
+  block_storage(const block_storage&) = delete;
+  block_storage& operator=(const block_storage&) = delete;
+  block_storage(block_storage&& o) noexcept
+      : memory_(std::move(o.memory_)), shape_(o.shape_), layout_(o.layout_), bytes_(o.bytes_),
+        k_(std::exchange(o.k_, nullptr)), v_(std::exchange(o.v_, nullptr)) {}
+  block_storage& operator=(block_storage&& o) noexcept {
+    if (this != &o) {
+      release();
+      memory_ = std::move(o.memory_);
+      shape_ = o.shape_;
+      layout_ = o.layout_;
+      bytes_ = o.bytes_;
+      k_ = std::exchange(o.k_, nullptr);
+      v_ = std::exchange(o.v_, nullptr);
+    }
+    return *this;
+  }
+  ~block_storage() { release(); }
+
+  const kv_shape& shape() const { return shape_; }
+  kv_layout layout() const { return layout_; }
+  Memory& memory() { return memory_; }
+  std::size_t bytes_per_pool() const { return bytes_; }  // K alone (V is the same size)
+  T* k_data() const { return k_; }
+  T* v_data() const { return v_; }
+
+  // The kernel-facing view of one layer's pools.
+  paging::kv_pool_view<T> layer(std::int32_t l) const {
+    KVTILE_REQUIRE(l >= 0 && l < shape_.num_layers, errc::out_of_range, "layer ", l, " is outside [0, ",
+                   shape_.num_layers, ")");
+    const std::int64_t off = std::int64_t(l) * shape_.num_blocks * shape_.block_elems();
+    return paging::kv_pool_view<T>::make(k_ + off, v_ + off, layout_, shape_.num_blocks, shape_.page_size,
+                                         shape_.num_kv_heads, shape_.head_dim);
+  }
+
+  // All layers, in bytes, for block copies.
+  kv_pool_set pools() const {
+    const auto view = paging::kv_pool_view<T>::make(k_, v_, layout_, shape_.num_blocks, shape_.page_size,
+                                                    shape_.num_kv_heads, shape_.head_dim);
+    const auto e = std::int64_t(sizeof(T));
+    kv_pool_set p;
+    p.k = reinterpret_cast<std::byte*>(k_);
+    p.v = reinterpret_cast<std::byte*>(v_);
+    p.stride_layer = std::int64_t(shape_.num_blocks) * shape_.block_elems() * e;
+    p.stride_block = view.stride_block * e;
+    p.stride_token = view.stride_token * e;
+    p.stride_head = view.stride_head * e;
+    p.num_layers = shape_.num_layers;
+    p.num_blocks = shape_.num_blocks;
+    p.page_size = shape_.page_size;
+    p.num_kv_heads = shape_.num_kv_heads;
+    p.head_bytes = std::int32_t(std::int64_t(shape_.head_dim) * e);
+    p.layout = layout_;
+    return p;
+  }
+
+ private:
+  void release() noexcept {
+    if (k_) memory_.deallocate(k_, bytes_);
+    if (v_) memory_.deallocate(v_, bytes_);
+    k_ = v_ = nullptr;
+  }
+  Memory memory_;
+  kv_shape shape_;
+  kv_layout layout_;
+  std::size_t bytes_ = 0;
+  T* k_ = nullptr;
+  T* v_ = nullptr;
+};
+
+}  // namespace memory
+KVTILE_NAMESPACE_END

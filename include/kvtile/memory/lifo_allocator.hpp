@@ -1,0 +1,50 @@
+// kvtile/memory/lifo_allocator.hpp: a free list used as a stack; O(1) allocate and free.
+//
+// The most recently freed block is reused first (it is the likeliest to still be in cache).
+// A fresh pool hands out ids 0, 1, 2, ... in order.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "kvtile/memory/block_allocator.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace memory {
+
+class lifo_allocator : public detail::allocator_accounting {
+ public:
+  explicit lifo_allocator(std::int32_t capacity) : allocator_accounting(capacity) {
+    stack_.reserve(std::size_t(capacity));
+    for (std::int32_t b = capacity - 1; b >= 0; --b) stack_.push_back(b);
+  }
+
+  block_id allocate() {
+    require_available(1);
+    return take();
+  }
+  // All or nothing: either every entry of `out` gets a block or none is taken.
+  void allocate(std::span<block_id> out) {
+    require_available(std::int64_t(out.size()));
+    for (auto& b : out) b = take();
+  }
+  void free(block_id b) {
+    require_freeable(b);
+    mark_free(b);
+    stack_.push_back(b);  // capacity reserved: never reallocates
+  }
+
+ private:
+  block_id take() {
+    const block_id b = stack_.back();
+    stack_.pop_back();
+    mark_used(b);
+    return b;
+  }
+  std::vector<block_id> stack_;  // free ids; top = next to hand out
+};
+
+static_assert(block_allocator<lifo_allocator>, "lifo_allocator must satisfy block_allocator");
+
+}  // namespace memory
+KVTILE_NAMESPACE_END

@@ -1,0 +1,76 @@
+// kvtile/memory/lowest_id_allocator.hpp: always hands out the lowest free block id.
+//
+// Keeps the used part of the pool compact (a pool can later be shrunk from the top, and
+// neighbouring sequences land in neighbouring memory). The free set is a 64-ary tree of bit
+// words: a set bit in level 0 means "this block is free", a set bit in level k+1 means "word i
+// of level k has a set bit". Finding the lowest free id is one count-trailing-zeros per level,
+// so allocate and free cost O(log64 capacity): 3 levels cover 262,144 blocks.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kvtile/memory/block_allocator.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace memory {
+
+class lowest_id_allocator : public detail::allocator_accounting {
+ public:
+  explicit lowest_id_allocator(std::int32_t capacity) : allocator_accounting(capacity) {
+    std::int64_t n = capacity;
+    do {
+      const std::int64_t words = (n + 63) / 64;
+      std::vector<std::uint64_t> level(std::size_t(words), 0);
+      for (std::int64_t i = 0; i < n; ++i) level[std::size_t(i / 64)] |= std::uint64_t(1) << (i % 64);
+      levels_.push_back(std::move(level));
+      n = words;
+    } while (n > 1);
+  }
+
+  block_id allocate() {
+    require_available(1);
+    return take();
+  }
+  void allocate(std::span<block_id> out) {
+    require_available(std::int64_t(out.size()));
+    for (auto& b : out) b = take();
+  }
+  void free(block_id b) {
+    require_freeable(b);
+    mark_free(b);
+    std::int64_t i = b;
+    for (auto& level : levels_) {
+      auto& word = level[std::size_t(i / 64)];
+      const bool was_empty = word == 0;
+      word |= std::uint64_t(1) << (i % 64);
+      if (!was_empty) break;  // the levels above already know this word has a free bit
+      i /= 64;
+    }
+  }
+
+ private:
+  block_id take() {
+    // Walk down from the root, taking the lowest set bit at each level.
+    std::int64_t i = 0;
+    for (std::size_t k = levels_.size(); k-- > 0;) i = i * 64 + std::countr_zero(levels_[k][std::size_t(i)]);
+    const block_id b = block_id(i);
+    // Clear the bit, and its parents' bits while words become empty.
+    for (auto& level : levels_) {
+      auto& word = level[std::size_t(i / 64)];
+      word &= ~(std::uint64_t(1) << (i % 64));
+      if (word != 0) break;
+      i /= 64;
+    }
+    mark_used(b);
+    return b;
+  }
+  std::vector<std::vector<std::uint64_t>> levels_;  // levels_[0]: one bit per block
+};
+
+static_assert(block_allocator<lowest_id_allocator>, "lowest_id_allocator must satisfy block_allocator");
+
+}  // namespace memory
+KVTILE_NAMESPACE_END
