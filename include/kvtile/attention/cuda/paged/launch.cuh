@@ -1,0 +1,142 @@
+// kvtile/attention/cuda/paged/launch.cuh: plan upload and the run of a paged_plan.
+//
+// run_paged_attention is CUDA-graph safe: it checks its arguments against the plan (host
+// values only), then launches plan.work.size() attention CTAs and, for split plans,
+// plan.merges.size() merge CTAs on `stream`. No allocation, no synchronisation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "kvtile/attention/cuda/paged/kernel.cuh"
+#include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/core/cuda_check.cuh"
+#include "kvtile/core/error.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda {
+
+// The planner's view of a device (SM count, shared memory).
+inline device_limits query_device_limits(int device = -1) {
+  if (device < 0) KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+  device_limits d;
+  int v = 0;
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  d.num_sms = v;
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  d.smem_per_sm = std::size_t(v);
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  d.smem_per_cta = std::size_t(v);
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxBlocksPerMultiprocessor, device));
+  d.max_ctas_per_sm = v;
+  return d;
+}
+
+// Copy the plan's work lists into the caller's device workspace (plan.workspace_bytes() bytes,
+// 256-byte aligned). Done once per plan, before the (possibly captured) runs.
+inline void upload_plan(const paged_plan& plan, void* workspace, cudaStream_t stream = nullptr) {
+  KVTILE_REQUIRE(workspace != nullptr || plan.work.empty(), errc::invalid_argument, "upload_plan: null workspace for a plan of ",
+                 plan.work.size(), " work items");
+  KVTILE_REQUIRE(reinterpret_cast<std::uintptr_t>(workspace) % 256 == 0, errc::invalid_argument,
+                 "upload_plan: workspace must be 256-byte aligned");
+  auto* base = static_cast<unsigned char*>(workspace);
+  if (!plan.work.empty())
+    KVTILE_CUDA_CHECK(cudaMemcpyAsync(base + plan.work_offset(), plan.work.data(), plan.work.size() * sizeof(paged_work_item),
+                                      cudaMemcpyHostToDevice, stream));
+  if (!plan.merges.empty())
+    KVTILE_CUDA_CHECK(cudaMemcpyAsync(base + plan.merge_offset(), plan.merges.data(),
+                                      plan.merges.size() * sizeof(paged_merge_item), cudaMemcpyHostToDevice, stream));
+}
+
+namespace paged {
+
+template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
+void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+  using C = kernel_config<Kind, D>;
+  const std::size_t smem = C::shape.smem_bytes(D, int(sizeof(T)));
+  auto kernel = paged_attention_kernel<T, D, Kind, Mask, Table>;
+  // Not a stream operation: legal while a stream is being captured.
+  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (!plan.work.empty()) {
+    kernel<<<unsigned(plan.work.size()), C::threads, smem, stream>>>(params);
+    KVTILE_CUDA_CHECK_LAUNCH();
+  }
+  if (!plan.merges.empty()) {
+    merge_partials_kernel<T, D, C::bm, Table, Mask><<<unsigned(plan.merges.size()), 128, 0, stream>>>(params);
+    KVTILE_CUDA_CHECK_LAUNCH();
+  }
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+}  // namespace paged
+
+// Run a plan: o (and lse, [rows, num_qo_heads], may be null) = attention of q over kv.
+// q and o: [batch, q_len(b), num_qo_heads, HeadDim] (fixed or varlen), with the lengths the
+// plan was made for; kv: the device page table and pools the plan's host table mirrors.
+template <mask_policy Mask, int HeadDim, class T, class Table>
+void run_paged_attention(const paged_plan& plan, void* workspace, const dense_tensor<T>& q,
+                         const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o, float* lse,
+                         typename Mask::params mask_params, float scale, cudaStream_t stream = nullptr) {
+  static_assert(std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>,
+                "paged attention runs on fp16 or bf16 tensors");
+  static_assert(is_supported_head_dim<HeadDim>, "paged attention: HeadDim must be a multiple of 16 up to 256");
+  const paged_problem& pr = plan.problem;
+  KVTILE_REQUIRE(pr.head_dim == HeadDim, errc::invalid_argument, "plan was made for head_dim ", pr.head_dim,
+                 ", run instantiated for ", HeadDim);
+  KVTILE_REQUIRE(q.layout.head_dim == HeadDim && o.layout.head_dim == HeadDim && kv.pool.head_dim == HeadDim,
+                 errc::invalid_argument, "head_dim of q (", q.layout.head_dim, "), o (", o.layout.head_dim, ") and kv (",
+                 kv.pool.head_dim, ") must all be ", HeadDim);
+  KVTILE_REQUIRE(q.layout.heads == pr.num_qo_heads && o.layout.heads == pr.num_qo_heads, errc::invalid_argument,
+                 "q has ", q.layout.heads, " heads and o ", o.layout.heads, "; the plan has ", pr.num_qo_heads);
+  KVTILE_REQUIRE(kv.pool.num_kv_heads == pr.num_kv_heads, errc::invalid_argument, "kv pool has ", kv.pool.num_kv_heads,
+                 " KV heads; the plan has ", pr.num_kv_heads);
+  KVTILE_REQUIRE(kv.pool.page_size == pr.page_size, errc::invalid_argument, "kv pool page_size ", kv.pool.page_size,
+                 " differs from the plan's ", pr.page_size);
+  KVTILE_REQUIRE(kv.pool.num_blocks == pr.pool_blocks, errc::invalid_argument, "kv pool has ", kv.pool.num_blocks,
+                 " blocks; the plan checked its page table against ", pr.pool_blocks);
+  KVTILE_REQUIRE(q.layout.batch == plan.batch && o.layout.batch == plan.batch && kv.batch() == plan.batch,
+                 errc::invalid_argument, "batch of q (", q.layout.batch, "), o (", o.layout.batch, ") and kv (", kv.batch(),
+                 ") must equal the plan's ", plan.batch);
+  if (!q.layout.indptr)
+    KVTILE_REQUIRE(plan.batch == 0 || (q.layout.len == plan.max_q_len && std::int64_t(q.layout.len) * plan.batch == plan.total_q),
+                   errc::invalid_argument, "fixed-length q of ", q.layout.len, " tokens per request does not match the plan");
+  KVTILE_REQUIRE(scale > 0.f, errc::invalid_argument, "softmax scale must be positive, got ", scale);
+  KVTILE_REQUIRE(workspace != nullptr || plan.work.empty(), errc::invalid_argument, "run: null workspace");
+  const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
+                        paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&
+                        q.layout.stride_batch % 8 == 0 && o.layout.stride_token % 4 == 0 && o.layout.stride_head % 4 == 0 &&
+                        o.layout.stride_batch % 4 == 0 && kv.pool.stride_block % 8 == 0 && kv.pool.stride_token % 8 == 0 &&
+                        kv.pool.stride_head % 8 == 0;
+  KVTILE_REQUIRE(ok_align, errc::invalid_argument,
+                 "paged attention needs 16-byte aligned q, o, k, v and strides that are multiples of 8 elements");
+  int device = 0, major = 0;
+  KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  KVTILE_REQUIRE(major >= 8, errc::unsupported, "paged attention needs compute capability 8.0 or newer, device ", device,
+                 " has ", major, ".x");
+
+  auto* base = static_cast<unsigned char*>(workspace);
+  paged::kernel_params<T, Table, Mask> params;
+  params.q = q;
+  params.o = o;
+  params.kv = kv;
+  params.lse = lse;
+  params.mask = mask_params;
+  params.scale_log2 = scale * log2e;
+  params.group = plan.group();
+  params.num_qo_heads = pr.num_qo_heads;
+  params.work = reinterpret_cast<const paged_work_item*>(base + plan.work_offset());
+  params.merges = reinterpret_cast<const paged_merge_item*>(base + plan.merge_offset());
+  params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
+  params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
+  if (plan.shape.kind == paged_kernel_kind::decode)
+    paged::launch<T, HeadDim, paged_kernel_kind::decode>(plan, params, stream);
+  else
+    paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, stream);
+}
+
+}  // namespace attention::cuda
+KVTILE_NAMESPACE_END

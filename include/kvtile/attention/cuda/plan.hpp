@@ -1,0 +1,288 @@
+// kvtile/attention/cuda/plan.hpp: the host-side planner of paged attention (decode and append).
+//
+// Plain C++ (no CUDA needed): from the batch shape -- query lengths, the HOST copy of the page
+// table, the mask, and the device's SM count -- it picks the kernel shape and cuts the work
+// into CTA-sized items, splitting long sequences along the keys (split-KV, "flash decoding")
+// when the batch alone would not fill the GPU. Everything the run needs is in the plan:
+//
+//   work item   (request, KV head, packed query-row tile, key range [kv_begin, kv_end))
+//   merge item  a row tile whose key range was split: partial states [first, first + count)
+//
+// Query rows are packed GQA-style: packed row r of request b holds query token r / group of
+// query head kv_head * group + r % group, so one CTA reads each K/V page once for every query
+// head of its group and every query token of its tile.
+//
+// The run (decode.cuh / append.cuh) launches exactly plan.work.size() CTAs and, when split,
+// plan.merges.size() merge CTAs, reading the lists from a caller-owned device workspace that
+// upload_plan fills. Nothing in the run allocates, synchronises or depends on host data, so a
+// run can be captured in a CUDA graph and replayed as long as the lengths stay those planned.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/core/error.hpp"
+#include "kvtile/paging/paged_view.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda {
+
+// Which kernel shape runs the batch. decode: 16 packed rows per CTA, four warps splitting each
+// key tile (few rows, many keys); append: 64 packed rows per CTA, one warp per 16 rows.
+enum class paged_kernel_kind : std::int32_t { decode, append };
+
+struct paged_kernel_shape {
+  paged_kernel_kind kind;
+  int block_m;  // packed query rows per CTA
+  int block_n;  // keys per tile
+  int warps_m;  // warps along rows (16 rows each)
+  int warps_n;  // warps along the keys of a tile
+  int stages;   // K/V pipeline depth
+
+  constexpr int threads() const { return 32 * warps_m * warps_n; }
+  // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
+  // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
+  constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
+    const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
+    const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
+    const std::size_t warps = std::size_t(warps_m) * warps_n;
+    const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
+    return std::max(tiles, reduce);
+  }
+};
+
+// The shapes kvtile ships (tuning lives here, one place). Keys per tile shrink for head dims
+// above 128 to keep the K/V stages within shared memory.
+constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim) {
+  if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, 2};
+  return {kind, 64, head_dim > 128 ? 32 : 64, 4, 1, 2};
+}
+
+// What the planner needs to know about the device (decode.cuh: query_device_limits()).
+struct device_limits {
+  int num_sms = 132;
+  std::size_t smem_per_sm = 228 * 1024;  // shared memory per multiprocessor
+  std::size_t smem_per_cta = 227 * 1024; // opt-in maximum per CTA
+  int max_ctas_per_sm = 32;
+};
+
+struct plan_options {
+  bool split_kv = true;    // allow splitting a row tile's keys over several CTAs
+  int max_splits = 128;    // at most this many partial states per row tile
+  bool force_append = false;  // use the append shape even when every request is a decode
+};
+
+// The attention problem, as the planner sees it.
+struct paged_problem {
+  std::int32_t num_qo_heads = 0;
+  std::int32_t num_kv_heads = 0;
+  std::int32_t head_dim = 0;
+  std::int32_t page_size = 0;
+  std::int32_t pool_blocks = 0;  // blocks in the K/V pool: valid block ids are [0, pool_blocks)
+  int elem_bytes = 2;
+};
+
+struct paged_work_item {
+  std::int32_t batch, kv_head, row0, kv_begin, kv_end, partial;  // partial < 0: write O directly
+};
+struct paged_merge_item {
+  std::int32_t batch, kv_head, row0, first, count;
+};
+
+struct paged_plan {
+  paged_problem problem;
+  paged_kernel_shape shape{};
+  std::int32_t batch = 0;
+  std::int32_t max_q_len = 0;
+  std::int64_t total_q = 0;        // query tokens over the batch
+  std::vector<std::int32_t> q_len; // [batch], what the run must be given
+  std::vector<std::int32_t> kv_len;
+  std::vector<paged_work_item> work;
+  std::vector<paged_merge_item> merges;
+  std::int32_t num_partials = 0;
+  int ctas_per_sm = 1;
+  int chunk_tiles = 0;  // key tiles per split chunk (0: no split)
+
+  // Device workspace layout: [work items][merge items][partial O fp32][partial LSE fp32].
+  static constexpr std::size_t align(std::size_t n) { return (n + 255) / 256 * 256; }
+  std::size_t work_offset() const { return 0; }
+  std::size_t merge_offset() const { return align(work.size() * sizeof(paged_work_item)); }
+  std::size_t partial_o_offset() const { return merge_offset() + align(merges.size() * sizeof(paged_merge_item)); }
+  std::size_t partial_lse_offset() const {
+    return partial_o_offset() + align(std::size_t(num_partials) * shape.block_m * problem.head_dim * sizeof(float));
+  }
+  std::size_t workspace_bytes() const {
+    return partial_lse_offset() + align(std::size_t(num_partials) * shape.block_m * sizeof(float));
+  }
+  std::int32_t group() const { return problem.num_qo_heads / problem.num_kv_heads; }
+};
+
+namespace detail {
+
+inline std::int32_t table_blocks(const paging::csr_page_table& t, std::int32_t b, std::int32_t) { return t.num_blocks(b); }
+inline std::int32_t table_blocks(const paging::padded_page_table& t, std::int32_t b, std::int32_t page_size) {
+  return t.num_blocks(b, page_size);
+}
+
+// Lengths and block ids of a HOST page table, checked against the pool before any work.
+template <class Table>
+void check_page_table(const Table& t, const paged_problem& pr) {
+  const std::int32_t ps = pr.page_size;
+  for (std::int32_t b = 0; b < t.batch; ++b) {
+    if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
+      KVTILE_REQUIRE(t.indptr[b + 1] >= t.indptr[b], errc::invalid_argument, "page table indptr decreases at request ", b,
+                     ": ", t.indptr[b], " then ", t.indptr[b + 1]);
+      if (t.num_blocks(b) > 0)
+        KVTILE_REQUIRE(t.last_page_len[b] >= 1 && t.last_page_len[b] <= ps, errc::invalid_argument,
+                       "last_page_len of request ", b, " is ", t.last_page_len[b], ", outside [1, page_size=", ps, "]");
+    } else {
+      KVTILE_REQUIRE(t.kv_lens[b] >= 0, errc::invalid_argument, "kv length of request ", b, " is negative: ", t.kv_lens[b]);
+      KVTILE_REQUIRE(t.num_blocks(b, ps) <= t.max_blocks, errc::invalid_argument, "request ", b, " has kv length ",
+                     t.kv_lens[b], " needing ", t.num_blocks(b, ps), " pages but its block-table row holds ", t.max_blocks);
+    }
+    const std::int32_t n = table_blocks(t, b, ps);
+    for (std::int32_t i = 0; i < n; ++i) {
+      const std::int32_t blk = t.block(b, i);
+      KVTILE_REQUIRE(blk >= 0 && blk < pr.pool_blocks, errc::out_of_range, "page ", i, " of request ", b,
+                     " is block ", blk, ", outside the pool [0, ", pr.pool_blocks, ")");
+    }
+  }
+}
+
+constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace detail
+
+// How many CTAs of `shape` fit on one SM, judged by shared memory and a register budget of
+// 64K registers at the kernels' launch bound (a lead for the split heuristic, not a promise).
+inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_problem& pr, const device_limits& dev) {
+  const std::size_t smem = shape.smem_bytes(pr.head_dim, pr.elem_bytes) + 1024;
+  const int by_smem = int(dev.smem_per_sm / smem);
+  const int regs_per_thread = pr.head_dim > 128 ? 255 : 128;
+  const int by_regs = 65536 / (regs_per_thread * shape.threads());
+  return std::max(1, std::min({by_smem, by_regs, dev.max_ctas_per_sm}));
+}
+
+// Plan attention of ragged query chunks against paged K/V. q_indptr [batch+1] and the page
+// table are HOST arrays (the host mirror of what the run reads on the device). Query token t of
+// request b sits at key position t + kv_len(b) - q_len(b) (the chunk is the cache's tail), so
+// q_len(b) <= kv_len(b) is required. Throws kvtile::error before any work on bad input.
+template <mask_policy Mask, class Table>
+paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table, const paged_problem& pr,
+                                typename Mask::params mask_params, const device_limits& dev, const plan_options& opt = {}) {
+  static_assert(paging::page_table_format<Table>, "plan_paged_attention: Table must be a page-table format");
+  KVTILE_REQUIRE(pr.num_kv_heads > 0 && pr.num_qo_heads > 0 && pr.num_qo_heads % pr.num_kv_heads == 0,
+                 errc::invalid_argument, "query heads (", pr.num_qo_heads, ") must be a positive multiple of KV heads (",
+                 pr.num_kv_heads, ")");
+  KVTILE_REQUIRE(pr.head_dim > 0 && pr.head_dim % 16 == 0 && pr.head_dim <= 256, errc::unsupported, "head_dim ",
+                 pr.head_dim, " is not a multiple of 16 in [16, 256]");
+  KVTILE_REQUIRE(pr.page_size >= 1, errc::invalid_argument, "page_size must be positive, got ", pr.page_size);
+  KVTILE_REQUIRE(pr.pool_blocks >= 0, errc::invalid_argument, "pool_blocks is negative: ", pr.pool_blocks);
+  KVTILE_REQUIRE(pr.elem_bytes == 2, errc::unsupported, "paged attention kernels take 2-byte elements, got ", pr.elem_bytes);
+  KVTILE_REQUIRE(table.batch >= 0, errc::invalid_argument, "batch is negative: ", table.batch);
+  KVTILE_REQUIRE(dev.num_sms > 0, errc::invalid_argument, "device_limits.num_sms must be positive, got ", dev.num_sms);
+  KVTILE_REQUIRE(q_indptr != nullptr && q_indptr[0] == 0, errc::invalid_argument, "q_indptr must start at 0");
+  detail::check_page_table(table, pr);
+
+  paged_plan plan;
+  plan.problem = pr;
+  plan.batch = table.batch;
+  const std::int32_t group = pr.num_qo_heads / pr.num_kv_heads;
+  std::int64_t max_rows = 0;
+  for (std::int32_t b = 0; b < table.batch; ++b) {
+    const std::int32_t ql = q_indptr[b + 1] - q_indptr[b];
+    const std::int32_t kl = table.kv_len(b, pr.page_size);
+    KVTILE_REQUIRE(ql >= 1, errc::invalid_argument, "request ", b, " has query length ", ql, " (needs >= 1)");
+    KVTILE_REQUIRE(ql <= kl, errc::invalid_argument, "request ", b, " has ", ql,
+                   " new queries but only ", kl, " keys in its page table (its chunk must already be in the cache)");
+    plan.q_len.push_back(ql);
+    plan.kv_len.push_back(kl);
+    plan.max_q_len = std::max(plan.max_q_len, ql);
+    plan.total_q += ql;
+    max_rows = std::max<std::int64_t>(max_rows, std::int64_t(ql) * group);
+  }
+  KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
+                 ") exceed 2^30");
+  const paged_kernel_kind kind =
+      (!opt.force_append && max_rows <= 16) ? paged_kernel_kind::decode : paged_kernel_kind::append;
+  plan.shape = paged_shape_for(kind, pr.head_dim);
+  const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
+  KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
+                 " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
+  plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
+  const int bm = plan.shape.block_m, bn = plan.shape.block_n;
+
+  // Row tiles and the key hull each one needs.
+  struct tile_task {
+    std::int32_t b, kvh, row0, kv_begin, kv_end;
+    std::int64_t tiles;
+  };
+  std::vector<tile_task> tasks;
+  std::int64_t max_tiles = 0;
+  for (std::int32_t b = 0; b < table.batch; ++b) {
+    const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
+    const std::int32_t rows = ql * group;
+    const Mask mask(mask_params, ql, kl);
+    for (std::int32_t row0 = 0; row0 < rows; row0 += bm) {
+      const std::int32_t t0 = row0 / group, t1 = (std::min(row0 + bm, rows) - 1) / group + 1;
+      const std::int32_t kb = std::max(0, mask.kv_begin(t0, t1));
+      const std::int32_t ke = std::max(kb, std::min(kl, mask.kv_end(t0, t1)));
+      const std::int64_t tiles = detail::ceil_div(ke - kb, bn);
+      max_tiles = std::max(max_tiles, tiles);
+      for (std::int32_t h = 0; h < pr.num_kv_heads; ++h) tasks.push_back({b, h, row0, kb, ke, tiles});
+    }
+  }
+
+  // Split-KV: choose keys-per-chunk c (in tiles) minimising the estimated makespan
+  // ceil(items(c) / slots) * (c + overhead), where a CTA's fixed cost (Q load, pipeline fill,
+  // partial write and merge) is counted as `overhead` tiles; ties keep fewer splits.
+  const std::int64_t slots = std::int64_t(dev.num_sms) * plan.ctas_per_sm;
+  std::int64_t chunk = std::max<std::int64_t>(max_tiles, 1);
+  if (opt.split_kv && max_tiles > 1 && std::int64_t(tasks.size()) < 4 * slots) {
+    const double overhead = 2.0;
+    auto items_for = [&](std::int64_t c) {
+      std::int64_t n = 0;
+      for (const auto& t : tasks) n += std::max<std::int64_t>(1, detail::ceil_div(t.tiles, c));
+      return n;
+    };
+    double best = std::numeric_limits<double>::infinity();
+    const int max_splits = std::max(1, opt.max_splits);
+    for (std::int64_t k = 1; k <= std::min<std::int64_t>(max_tiles, max_splits); ++k) {
+      const std::int64_t c = detail::ceil_div(max_tiles, k);
+      if (k > 1 && c == detail::ceil_div(max_tiles, k - 1)) continue;
+      const std::int64_t items = items_for(c);
+      const double cost = double(detail::ceil_div(items, slots)) * (double(c) + overhead);
+      if (cost < best - 1e-9) {
+        best = cost;
+        chunk = c;
+      }
+    }
+  }
+  plan.chunk_tiles = chunk < max_tiles ? int(chunk) : 0;
+
+  for (const auto& t : tasks) {
+    const std::int64_t n = std::max<std::int64_t>(1, detail::ceil_div(t.tiles, chunk));
+    if (n == 1) {
+      plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1});
+      continue;
+    }
+    plan.merges.push_back({t.b, t.kvh, t.row0, plan.num_partials, std::int32_t(n)});
+    for (std::int64_t k = 0; k < n; ++k) {
+      const std::int64_t a = k * t.tiles / n, e = (k + 1) * t.tiles / n;
+      const std::int32_t kb = std::int32_t(t.kv_begin + a * bn);
+      const std::int32_t ke = std::int32_t(std::min<std::int64_t>(t.kv_end, t.kv_begin + e * bn));
+      plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, plan.num_partials++});
+    }
+  }
+  KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
+                 " work items (more than a grid holds)");
+  return plan;
+}
+
+}  // namespace attention::cuda
+KVTILE_NAMESPACE_END
