@@ -1,0 +1,186 @@
+// kvtile/attention/cpu/tile_math.hpp: the fp32 tile arithmetic of the CPU kernels.
+//
+//   gemm_acc<Isa>(m, n, k, A, lda, B, ldb, C, ldc)   C[m,n] += A[m,k] B[k,n], all row-major
+//   row_max<Isa>(s, n)                                 max of a row of scores
+//   exp2_row<Isa>(s, n, base, p)                       p = 2^(s - base) (0 for -inf), returns sum p
+//
+// Written with GCC/Clang vector extensions so the register blocking is explicit and the same
+// source serves every x86 level: an instruction-set description `Isa` fixes the vector width
+// and the micro-tile. The kernels are compiled twice: once for the build's baseline (SSE2 on
+// x86-64, isa_generic) and once, through a target attribute, for AVX2 + FMA (isa_avx2), picked
+// at run time by cpu_has_avx2_fma(). Everything here is force-inlined into those two entry
+// points, so building with -march=native only makes the baseline copy faster.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/core/config.hpp"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define KVTILE_CPU_DISPATCH_AVX2 1
+#define KVTILE_CPU_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define KVTILE_CPU_DISPATCH_AVX2 0
+#define KVTILE_CPU_TARGET_AVX2
+#endif
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cpu {
+
+// Vector width W floats; the GEMM micro-tile is Rows x (Vecs * W), sized to the register file.
+struct isa_generic {  // SSE2: 16 xmm registers -> 4 x 8 accumulators in 8 registers
+  static constexpr int width = 4, rows = 4, vecs = 2;
+  static constexpr const char* name = "sse2";
+};
+struct isa_avx2 {  // AVX2 + FMA: 16 ymm registers -> 8 x 8 accumulators in 8 registers
+  static constexpr int width = 8, rows = 8, vecs = 1;
+  static constexpr const char* name = "avx2-fma";
+};
+
+// Every GEMM dimension the kernels use (head dim, tile sizes) is a multiple of this.
+inline constexpr int micro_n = 8;
+inline constexpr int micro_m = 8;
+static_assert(isa_generic::width * isa_generic::vecs == micro_n && isa_avx2::width * isa_avx2::vecs == micro_n);
+static_assert(micro_m % isa_generic::rows == 0 && micro_m % isa_avx2::rows == 0);
+
+inline bool cpu_has_avx2_fma() {
+#if KVTILE_CPU_DISPATCH_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace detail {
+
+template <int W>
+struct vec_of {
+  typedef float type __attribute__((vector_size(4 * W)));
+  typedef std::int32_t itype __attribute__((vector_size(4 * W)));
+};
+
+template <int W>
+using vf = typename vec_of<W>::type;
+template <int W>
+using vi = typename vec_of<W>::itype;
+
+// Vectors travel by reference only: no vector crosses a call boundary by value, so the ABI of
+// AVX vector arguments (GCC's -Wpsabi note) never comes into play.
+template <int W>
+KVTILE_FORCEINLINE void load(vf<W>& v, const float* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+template <int W>
+KVTILE_FORCEINLINE void store(float* p, const vf<W>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// x = 2^x in place, x <= 0 in practice; accurate to ~2 ulp, 0 below 2^-126 (and for -inf).
+template <int W>
+KVTILE_FORCEINLINE void exp2_inplace(vf<W>& x) {
+  const vf<W> zero{}, lo = zero - 126.f, hi = zero + 127.f;
+  const vf<W> xc = x < lo ? lo : (x > hi ? hi : x);
+  const vf<W> magic = zero + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf<W> r = (xc + magic) - magic;
+  const vf<W> f = xc - r;  // [-0.5, 0.5]
+  // Taylor series of 2^f = e^(f ln 2) to degree 6: relative error < 2e-7 on [-0.5, 0.5].
+  vf<W> p = zero + 1.5403530e-4f;
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const vi<W> bits = (__builtin_convertvector(r, vi<W>) + 127) << 23;
+  vf<W> scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  x = x < lo ? zero : p * scale;
+}
+
+// Register-blocked micro-kernel: C[Rows, Vecs*W] += A[Rows, k] B[k, Vecs*W].
+template <class Isa>
+KVTILE_FORCEINLINE void micro_gemm(int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
+                                   std::int64_t ldc) {
+  constexpr int W = Isa::width, R = Isa::rows, V = Isa::vecs;
+  vf<W> acc[R][V];
+
+  for (int i = 0; i < R; ++i)
+
+    for (int j = 0; j < V; ++j) load<W>(acc[i][j], c + i * ldc + j * W);
+  for (int p = 0; p < k; ++p) {
+    vf<W> bv[V];
+
+    for (int j = 0; j < V; ++j) load<W>(bv[j], b + p * ldb + j * W);
+
+    for (int i = 0; i < R; ++i) {
+      const float ai = a[i * lda + p];
+
+      for (int j = 0; j < V; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+
+  for (int i = 0; i < R; ++i)
+
+    for (int j = 0; j < V; ++j) store<W>(c + i * ldc + j * W, acc[i][j]);
+}
+
+}  // namespace detail
+
+// C[m, n] += A[m, k] B[k, n]; m a multiple of micro_m, n a multiple of micro_n (callers pad).
+template <class Isa>
+KVTILE_FORCEINLINE void gemm_acc(int m, int n, int k, const float* a, std::int64_t lda, const float* b,
+                                 std::int64_t ldb, float* c, std::int64_t ldc) {
+  for (int i = 0; i < m; i += Isa::rows)
+    for (int j = 0; j < n; j += micro_n)
+      detail::micro_gemm<Isa>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
+}
+
+// Max of s[0, n), n a multiple of micro_n; -inf when every entry is -inf.
+template <class Isa>
+KVTILE_FORCEINLINE float row_max(const float* s, int n) {
+  constexpr int W = Isa::width;
+  detail::vf<W> m = detail::vf<W>{} + neg_inf, x;
+  for (int j = 0; j < n; j += W) {
+    detail::load<W>(x, s + j);
+    m = x > m ? x : m;
+  }
+  float r = neg_inf;
+  for (int i = 0; i < W; ++i) r = max_f(r, m[i]);
+  return r;
+}
+
+// p[j] = 2^(s[j] - base) for j in [0, n), n a multiple of micro_n; masked scores (-inf) give 0.
+// Returns the sum of p.
+template <class Isa>
+KVTILE_FORCEINLINE float exp2_row(const float* s, int n, float base, float* p) {
+  constexpr int W = Isa::width;
+  detail::vf<W> sum{}, e;
+  for (int j = 0; j < n; j += W) {
+    detail::load<W>(e, s + j);
+    e -= base;
+    detail::exp2_inplace<W>(e);
+    detail::store<W>(p + j, e);
+    sum += e;
+  }
+  float r = 0.f;
+  for (int i = 0; i < W; ++i) r += sum[i];
+  return r;
+}
+
+// y[0, n) *= a, n a multiple of micro_n.
+template <class Isa>
+KVTILE_FORCEINLINE void scale_row(float* y, int n, float a) {
+  constexpr int W = Isa::width;
+  detail::vf<W> v;
+  for (int j = 0; j < n; j += W) {
+    detail::load<W>(v, y + j);
+    v *= a;
+    detail::store<W>(y + j, v);
+  }
+}
+
+}  // namespace attention::cpu
+KVTILE_NAMESPACE_END

@@ -1,0 +1,105 @@
+// kvtile/attention/reference_backward.hpp: naive fp64 attention backward, the yardstick for
+// every backward kernel.
+//
+// For one query row with scores s_j = scale * q.k_j over its visible keys, P = softmax(s),
+// O = sum_j P_j v_j and upstream gradient dO:
+//   dV_j += P_j dO                    dP_j = dO . v_j
+//   D     = sum_j P_j dP_j (= dO . O)  dS_j = P_j (dP_j - D)
+//   dQ    = scale sum_j dS_j k_j      dK_j += scale dS_j q
+// GQA: query head h reads KV head h / group, so dK and dV sum over the group's query heads.
+// Shapes: q, d_o, dq [batch, q_len(b), num_qo_heads, head_dim]; kv any kv_source; dk, dv
+// [batch, kv_len(b), num_kv_heads, head_dim]. A fully masked row contributes nothing and gets
+// dQ = 0. Everything is computed in double from the inputs converted exactly.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kvtile/attention/kv_source.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/core/error.hpp"
+#include "kvtile/core/numeric.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention {
+
+template <mask_policy Mask, class TQ, kv_source Src, class TD>
+void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
+                                  typename Mask::params mask_params, double scale, const dense_tensor<TD>& d_o,
+                                  const dense_tensor<double>& dq, const dense_tensor<double>& dk,
+                                  const dense_tensor<double>& dv) {
+  const std::int32_t hq = q.layout.heads, d = q.layout.head_dim;
+  KVTILE_REQUIRE(num_kv_heads > 0 && hq % num_kv_heads == 0, errc::invalid_argument, "query heads (", hq,
+                 ") must be a multiple of KV heads (", num_kv_heads, ")");
+  KVTILE_REQUIRE(q.layout.batch == kv.batch(), errc::invalid_argument, "query batch ", q.layout.batch,
+                 " differs from KV batch ", kv.batch());
+  const std::int32_t group = hq / num_kv_heads;
+  const auto* kb = kv.k_base();
+  const auto* vb = kv.v_base();
+  auto key = [&](std::int32_t b, std::int32_t j, std::int32_t h, std::int32_t x) {
+    return to_double(kb[kv.token_offset(b, j, h) + x]);
+  };
+  auto val = [&](std::int32_t b, std::int32_t j, std::int32_t h, std::int32_t x) {
+    return to_double(vb[kv.token_offset(b, j, h) + x]);
+  };
+
+  for (std::int32_t b = 0; b < q.layout.batch; ++b)
+    for (std::int32_t j = 0; j < kv.kv_len(b); ++j)
+      for (std::int32_t h = 0; h < num_kv_heads; ++h) {
+        std::fill_n(dk.at(b, j, h), d, 0.0);
+        std::fill_n(dv.at(b, j, h), d, 0.0);
+      }
+
+  std::vector<double> p, dp;
+  for (std::int32_t b = 0; b < q.layout.batch; ++b) {
+    const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
+    const Mask mask(mask_params, q_len, kv_len);
+    p.assign(std::size_t(kv_len), 0.0);
+    dp.assign(std::size_t(kv_len), 0.0);
+    for (std::int32_t t = 0; t < q_len; ++t)
+      for (std::int32_t h = 0; h < hq; ++h) {
+        const std::int32_t hk = h / group;
+        const TQ* qr = q.at(b, t, h);
+        const TD* gr = d_o.at(b, t, h);
+        double* dqr = dq.at(b, t, h);
+        std::fill_n(dqr, d, 0.0);
+        double mx = -std::numeric_limits<double>::infinity();
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          p[j] = -std::numeric_limits<double>::infinity();
+          if (!mask.visible(t, j)) continue;
+          double dot = 0;
+          for (std::int32_t x = 0; x < d; ++x) dot += to_double(qr[x]) * key(b, j, hk, x);
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        if (mx == -std::numeric_limits<double>::infinity()) continue;  // fully masked row
+        double sum = 0;
+        for (std::int32_t j = 0; j < kv_len; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        double dsum = 0;
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          p[j] /= sum;
+          dp[j] = 0;
+          if (p[j] == 0) continue;
+          for (std::int32_t x = 0; x < d; ++x) dp[j] += to_double(gr[x]) * val(b, j, hk, x);
+          dsum += p[j] * dp[j];
+        }
+        for (std::int32_t j = 0; j < kv_len; ++j) {
+          if (p[j] == 0) continue;
+          const double ds = p[j] * (dp[j] - dsum);
+          double* dkr = dk.at(b, j, hk);
+          double* dvr = dv.at(b, j, hk);
+          for (std::int32_t x = 0; x < d; ++x) {
+            dqr[x] += scale * ds * key(b, j, hk, x);
+            dkr[x] += scale * ds * to_double(qr[x]);
+            dvr[x] += p[j] * to_double(gr[x]);
+          }
+        }
+      }
+  }
+}
+
+}  // namespace attention
+KVTILE_NAMESPACE_END
