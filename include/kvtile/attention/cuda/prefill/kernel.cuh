@@ -1,0 +1,392 @@
+// kvtile/attention/cuda/prefill/kernel.cuh: the device side of the prefill (forward) attention
+// kernel, FlashAttention-2 class: one CTA owns BlockQ query rows of one (sequence, query head),
+// streams K/V tiles of BlockKV keys through a Stages-deep cp.async ring in shared memory, and
+// keeps S = Q K^T, P and O in registers (mma.sync m16n8k16, ldmatrix).
+//
+// Work split inside the CTA: warp w owns query rows [w * RowsPerWarp, (w + 1) * RowsPerWarp),
+// i.e. RowsPerWarp / 16 MMA row tiles; every warp reads every K/V tile. With lane = 4g + t a
+// thread holds rows g and g + 8 of each of its row tiles, so each thread carries 2 * MTiles
+// online-softmax states (kvtile's one softmax_state, sliced to the thread's D/4 columns).
+//
+// Scores stay in the base-2 domain: s2 = (q.k) * scale * log2(e), so a weight is one FFMA and
+// one ex2. The mask policy is asked per tile (classify) and per element only on partial tiles.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/dense_view.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/tile_shape.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::detail {
+
+// Everything the kernel reads, by value (trivially copyable). Q/O: [.., q_len, qo_heads, D];
+// K/V: [.., kv_len, kv_heads, D]; lse: [rows, qo_heads] or null.
+template <class T, class Mask>
+struct prefill_params {
+  using element = T;
+  const T* q;
+  const T* k;
+  const T* v;
+  T* o;
+  float* lse;
+  ragged_layout q_layout;
+  ragged_layout kv_layout;
+  ragged_layout o_layout;
+  typename Mask::params mask;
+  float scale_log2;    // softmax scale * log2(e)
+  std::int32_t group;  // query heads per KV head
+};
+
+// Compile-time geometry of one instantiation; every divisibility rule is checked here.
+template <class T, int D, class Tile>
+struct prefill_geometry {
+  static constexpr int block_q = Tile::block_q;
+  static constexpr int block_kv = Tile::block_kv;
+  static constexpr int warps = Tile::warps;
+  static constexpr int stages = Tile::stages;
+  static constexpr int threads = Tile::threads;
+
+  static_assert(is_supported_head_dim<D>, "prefill: head dim must be a multiple of 16 in [16, 256]");
+  static_assert(block_q % (16 * warps) == 0,
+                "prefill: BlockQ must be a multiple of 16 * Warps (each warp owns whole 16-row MMA tiles)");
+  static_assert(block_kv % 16 == 0, "prefill: BlockKV must be a multiple of 16 (the MMA k-step of P V)");
+  static_assert(stages >= 2, "prefill: Stages must be at least 2 (one tile computing, one loading)");
+
+  static constexpr int rows_per_warp = block_q / warps;
+  static constexpr int m_tiles = rows_per_warp / 16;  // 16-row MMA tiles per warp
+  static constexpr int s_tiles = block_kv / 8;        // 8-column tiles of S
+  static constexpr int d_steps = D / 16;              // k-steps of Q K^T
+  static constexpr int o_tiles = D / 8;               // 8-column tiles of O
+  static constexpr int kv_steps = block_kv / 16;      // k-steps of P V
+  static constexpr int chunks = D / 8;                // 16-byte chunks per row
+  // Shared-memory row pitch: D + 8 elements is an odd number of 16-byte chunks, so the 8 rows
+  // an ldmatrix (or a warp of cp.async) touches fall in 8 different bank groups.
+  static constexpr int pitch = D + 8;
+
+  // Q fragments stay in registers when they fit beside S and O; otherwise they are re-read from
+  // shared memory every tile (more shared-memory traffic, no spills).
+  static constexpr int q_regs = m_tiles * d_steps * 4;
+  static constexpr int o_regs = m_tiles * o_tiles * 4;
+  static constexpr int s_regs = m_tiles * s_tiles * 4;
+  static constexpr bool q_in_registers = q_regs + o_regs + s_regs <= 192;
+  // With Q in shared memory the k-steps of Q K^T index nothing in registers, so they need not
+  // be unrolled fully; unrolling all of them lets the compiler hoist every K fragment of the
+  // tile and spill.
+  static constexpr int qk_unroll = q_in_registers ? d_steps : 2;
+
+  static constexpr std::size_t smem_elements = std::size_t(block_q + 2 * stages * block_kv) * pitch;
+  static constexpr std::size_t smem_bytes = smem_elements * sizeof(T);
+};
+
+// One lane's share of copying `Rows` rows of D elements global -> shared with 16-byte cp.async;
+// rows at or past `valid_rows` are zero-filled (never read), so padded keys and values are 0.
+template <class T, class G, int Rows>
+KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(T* smem, const T* gmem, std::int64_t stride, int valid_rows,
+                                                const T* any_valid, int tid) {
+  constexpr int total = Rows * G::chunks;
+  constexpr int per_thread = (total + G::threads - 1) / G::threads;
+  if constexpr (G::threads % G::chunks == 0) {
+    // A thread copies the same column chunk of rows r0, r0 + row_step, ...: one running source
+    // pointer instead of a 64-bit offset per copy kept alive across the main loop.
+    constexpr int row_step = G::threads / G::chunks;
+    const int r0 = tid / G::chunks, c = tid % G::chunks;
+    const T* src = gmem + r0 * stride + c * 8;
+    const std::int64_t src_step = row_step * stride;
+    T* dst = smem + r0 * G::pitch + c * 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < per_thread; ++i) {
+      const int r = r0 + i * row_step;
+      if (total % G::threads == 0 || r < Rows) {
+        const bool ok = r < valid_rows;
+        arch::cp_async_16(dst + i * row_step * G::pitch, ok ? src : any_valid, ok);
+      }
+      src += src_step;
+    }
+  } else {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < per_thread; ++i) {
+      const int id = tid + i * G::threads;
+      if (total % G::threads == 0 || id < total) {
+        const int r = id / G::chunks, c = id % G::chunks;
+        const bool ok = r < valid_rows;
+        const T* src = ok ? gmem + r * stride + c * 8 : any_valid;
+        arch::cp_async_16(smem + r * G::pitch + c * 8, src, ok);
+      }
+    }
+  }
+}
+
+// Accumulate into two softmax states' slices (rows g and g + 8 of one MMA tile), as the
+// m16n8k16 C fragment {row g: 2 cols, row g+8: 2 cols}.
+template <class T, class State>
+KVTILE_DEVICE KVTILE_FORCEINLINE void mma_into(State& top, State& bottom, int col, const std::uint32_t (&a)[4],
+                                               std::uint32_t b0, std::uint32_t b1) {
+  float c[4] = {top.o[col], top.o[col + 1], bottom.o[col], bottom.o[col + 1]};
+  const std::uint32_t b[2] = {b0, b1};
+  arch::mma_16816<T>(c, a, b);
+  top.o[col] = c[0];
+  top.o[col + 1] = c[1];
+  bottom.o[col] = c[2];
+  bottom.o[col + 1] = c[3];
+}
+
+template <class T, int D, class Tile, class Mask>
+struct prefill_kernel {
+  using G = prefill_geometry<T, D, Tile>;
+  using params = prefill_params<T, Mask>;
+  using state = softmax_state<G::o_tiles * 2>;  // one row, this thread's D/4 columns
+
+  static KVTILE_DEVICE void run(const params& p, T* smem) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int b = blockIdx.z, h = blockIdx.y;
+    // Heaviest query tiles first (causal: the last tiles see the most keys), so the grid's
+    // tail is made of light tiles.
+    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);
+    const int q_len = p.q_layout.len_of(b);
+    const int q0 = q_tile * G::block_q;
+    if (q0 >= q_len) return;
+    const int q1 = min_i(q0 + G::block_q, q_len);
+    const int kv_len = p.kv_layout.len_of(b);
+    const Mask mask(p.mask, q_len, kv_len);
+    const int kv_lo = mask.kv_begin(q0, q1), kv_hi = mask.kv_end(q0, q1);
+    const int n_tiles = kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
+    const int hk = h / p.group;
+
+    const T* q_g = p.q + p.q_layout.offset(b, q0, h);
+    const T* k_g = p.k + p.kv_layout.offset(b, 0, hk);
+    const T* v_g = p.v + p.kv_layout.offset(b, 0, hk);
+    const std::int64_t kv_stride = p.kv_layout.stride_token;
+
+    T* s_q = smem;                                    // [block_q][pitch]
+    T* s_k = smem + G::block_q * G::pitch;            // [stages][block_kv][pitch]
+    T* s_v = s_k + G::stages * G::block_kv * G::pitch;  // [stages][block_kv][pitch]
+
+    // Tiles the whole CTA can skip (a sliding window's gap between sinks and window).
+    auto next_tile = [&](int i) {
+      while (i < n_tiles && mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
+                                tile_visibility::empty)
+        ++i;
+      return i;
+    };
+    // Two commit groups per ring slot (K, then V), issued even when empty, so that the waits
+    // below count groups at compile time.
+    auto fetch_tile = [&](int i, int stage) {
+      if (i < n_tiles) {
+        const int k0 = kv_lo + i * G::block_kv;
+        load_tile<T, G, G::block_kv>(s_k + stage * G::block_kv * G::pitch, k_g + k0 * kv_stride, kv_stride,
+                                     kv_len - k0, p.k, tid);
+      }
+      arch::cp_async_commit();
+      if (i < n_tiles) {
+        const int k0 = kv_lo + i * G::block_kv;
+        load_tile<T, G, G::block_kv>(s_v + stage * G::block_kv * G::pitch, v_g + k0 * kv_stride, kv_stride,
+                                     kv_len - k0, p.v, tid);
+      }
+      arch::cp_async_commit();
+    };
+
+    load_tile<T, G, G::block_q>(s_q, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+    arch::cp_async_commit();
+    int fetch = next_tile(0);
+    KVTILE_PRAGMA_UNROLL
+    for (int s = 0; s < G::stages - 1; ++s) {
+      fetch_tile(fetch, s);
+      fetch = next_tile(fetch + 1);
+    }
+
+    state st[G::m_tiles * 2];  // rows (mt, g) and (mt, g + 8) at 2 mt and 2 mt + 1
+    KVTILE_PRAGMA_UNROLL
+    for (int r = 0; r < G::m_tiles * 2; ++r) st[r].init();
+
+    // Per-lane ldmatrix offsets (elements). A operand (Q, and V through .trans): matrix
+    // i = lane / 8 covers rows +8 (i odd) and columns +8 (i >= 2). B operand K: rows +8 for
+    // i >= 2, columns +8 for i odd.
+    const int a_row = lane % 8 + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
+    const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
+    const int warp_row0 = warp * G::rows_per_warp;
+    const std::uint32_t q_addr = arch::smem_addr(s_q + (warp_row0 + a_row) * G::pitch + a_col);
+
+    std::uint32_t q_frag[G::q_in_registers ? G::m_tiles : 1][G::q_in_registers ? G::d_steps : 1][4];
+    arch::cp_async_wait<2 * G::stages - 2>();  // Q landed (the K/V groups may still fly)
+    __syncthreads();
+    if constexpr (G::q_in_registers) {
+      KVTILE_PRAGMA_UNROLL
+      for (int mt = 0; mt < G::m_tiles; ++mt)
+        KVTILE_PRAGMA_UNROLL
+        for (int kd = 0; kd < G::d_steps; ++kd)
+          arch::ldmatrix_x4(q_frag[mt][kd], q_addr + (mt * 16 * G::pitch + kd * 16) * sizeof(T));
+    }
+
+    const int wq0 = q0 + warp_row0, wq1 = min_i(wq0 + G::rows_per_warp, q_len);
+    const float scale_log2 = p.scale_log2;
+    int stage = 0, refill = G::stages - 1;
+    for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
+      arch::cp_async_wait<2 * G::stages - 3>();  // K of this tile
+      __syncthreads();                            // ... visible to all; previous slot free
+      fetch_tile(fetch, refill);
+      fetch = next_tile(fetch + 1);
+      refill = refill + 1 == G::stages ? 0 : refill + 1;
+
+      const int k0 = kv_lo + i * G::block_kv;
+      tile_visibility vis =
+          wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
+      if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
+
+      const T* k_s = s_k + stage * G::block_kv * G::pitch;
+      const T* v_s = s_v + stage * G::block_kv * G::pitch;
+      float s[G::m_tiles][G::s_tiles][4];
+      if (vis != tile_visibility::empty) {
+        // S = Q K^T (raw dot products, fp32).
+        KVTILE_PRAGMA_UNROLL
+        for (int mt = 0; mt < G::m_tiles; ++mt)
+          KVTILE_PRAGMA_UNROLL
+          for (int nt = 0; nt < G::s_tiles; ++nt)
+            KVTILE_PRAGMA_UNROLL
+            for (int c = 0; c < 4; ++c) s[mt][nt][c] = 0.f;
+        const std::uint32_t k_addr = arch::smem_addr(k_s + k_row * G::pitch + k_col);
+#pragma unroll(G::qk_unroll)
+        for (int kd = 0; kd < G::d_steps; ++kd) {
+          std::uint32_t qa[G::m_tiles][4];
+          KVTILE_PRAGMA_UNROLL
+          for (int mt = 0; mt < G::m_tiles; ++mt) {
+            if constexpr (G::q_in_registers) {
+              KVTILE_PRAGMA_UNROLL
+              for (int x = 0; x < 4; ++x) qa[mt][x] = q_frag[mt][kd][x];
+            } else {
+              arch::ldmatrix_x4(qa[mt], q_addr + (mt * 16 * G::pitch + kd * 16) * sizeof(T));
+            }
+          }
+          KVTILE_PRAGMA_UNROLL
+          for (int np = 0; np < G::s_tiles / 2; ++np) {
+            std::uint32_t kb[4];
+            arch::ldmatrix_x4(kb, k_addr + (np * 16 * G::pitch + kd * 16) * sizeof(T));
+            KVTILE_PRAGMA_UNROLL
+            for (int mt = 0; mt < G::m_tiles; ++mt) {
+              const std::uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+              arch::mma_16816<T>(s[mt][2 * np], qa[mt], b0);
+              arch::mma_16816<T>(s[mt][2 * np + 1], qa[mt], b1);
+            }
+          }
+        }
+
+        // The mask, asked per element only where the tile is partial (or runs past kv_len).
+        if (vis == tile_visibility::partial) {
+          KVTILE_PRAGMA_UNROLL
+          for (int mt = 0; mt < G::m_tiles; ++mt)
+            KVTILE_PRAGMA_UNROLL
+            for (int nt = 0; nt < G::s_tiles; ++nt)
+              KVTILE_PRAGMA_UNROLL
+              for (int c = 0; c < 4; ++c) {
+                const int row = wq0 + mt * 16 + g + (c / 2) * 8;
+                const int col = k0 + nt * 8 + 2 * t + (c % 2);
+                if (!(col < kv_len && mask.visible(row, col))) s[mt][nt][c] = neg_inf;
+              }
+        }
+
+        // Online softmax: the tile's row max (a quad of lanes shares a row), then the state
+        // rescales o and l onto the new max and hands back what to subtract before exp2.
+        KVTILE_PRAGMA_UNROLL
+        for (int mt = 0; mt < G::m_tiles; ++mt)
+          KVTILE_PRAGMA_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            float mx = neg_inf;
+            KVTILE_PRAGMA_UNROLL
+            for (int nt = 0; nt < G::s_tiles; ++nt)
+              mx = max_f(mx, max_f(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+            mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            state& row = st[2 * mt + half];
+            const float base = row.enter_tile(mx * scale_log2);
+            float sum = 0.f;
+            KVTILE_PRAGMA_UNROLL
+            for (int nt = 0; nt < G::s_tiles; ++nt)
+              KVTILE_PRAGMA_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                float& x = s[mt][nt][2 * half + c];
+                x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+                sum += x;
+              }
+            row.l += sum;  // this lane's columns only; the quad is summed once, at the end
+          }
+      }
+
+      arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
+      __syncthreads();
+      if (vis != tile_visibility::empty) {
+        // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
+        // 16-key step.
+        const std::uint32_t v_addr = arch::smem_addr(v_s + a_row * G::pitch + a_col);
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::kv_steps; ++j) {
+          std::uint32_t pa[G::m_tiles][4];
+          KVTILE_PRAGMA_UNROLL
+          for (int mt = 0; mt < G::m_tiles; ++mt) {
+            pa[mt][0] = arch::pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
+            pa[mt][1] = arch::pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
+            pa[mt][2] = arch::pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
+            pa[mt][3] = arch::pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
+          }
+          KVTILE_PRAGMA_UNROLL
+          for (int np = 0; np < G::o_tiles / 2; ++np) {
+            std::uint32_t vb[4];
+            arch::ldmatrix_x4_trans(vb, v_addr + (j * 16 * G::pitch + np * 16) * sizeof(T));
+            KVTILE_PRAGMA_UNROLL
+            for (int mt = 0; mt < G::m_tiles; ++mt) {
+              mma_into<T>(st[2 * mt], st[2 * mt + 1], 4 * np, pa[mt], vb[0], vb[1]);
+              mma_into<T>(st[2 * mt], st[2 * mt + 1], 4 * np + 2, pa[mt], vb[2], vb[3]);
+            }
+          }
+        }
+      }
+      stage = stage + 1 == G::stages ? 0 : stage + 1;
+    }
+    arch::cp_async_wait<0>();
+
+    // Epilogue: finish each row (sum l over the quad, normalise, LSE), stage O through this
+    // warp's own rows of the Q buffer, then write 16-byte rows.
+    const std::int32_t heads = p.q_layout.heads;
+    KVTILE_PRAGMA_UNROLL
+    for (int r = 0; r < G::m_tiles * 2; ++r) {
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
+      const int row = wq0 + (r / 2) * 16 + g + (r % 2) * 8;
+      if (p.lse != nullptr && t == 0 && row < q_len) p.lse[p.q_layout.row(b, row) * heads + h] = st[r].lse();
+      st[r].normalize();
+    }
+    __syncwarp();
+    KVTILE_PRAGMA_UNROLL
+    for (int r = 0; r < G::m_tiles * 2; ++r) {
+      T* dst = s_q + (warp_row0 + (r / 2) * 16 + g + (r % 2) * 8) * G::pitch + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int nt = 0; nt < G::o_tiles; ++nt)
+        *reinterpret_cast<std::uint32_t*>(dst + nt * 8) = arch::pack2<T>(st[r].o[2 * nt], st[r].o[2 * nt + 1]);
+    }
+    __syncwarp();
+    T* o_g = p.o + p.o_layout.offset(b, q0, h);
+    const std::int64_t o_stride = p.o_layout.stride_token;
+    constexpr int out_chunks = G::rows_per_warp * G::chunks;
+    KVTILE_PRAGMA_UNROLL
+    for (int id = lane; id < out_chunks; id += 32) {
+      const int r = warp_row0 + id / G::chunks, c = id % G::chunks;
+      if (q0 + r < q_len)
+        *reinterpret_cast<uint4*>(o_g + r * o_stride + c * 8) =
+            *reinterpret_cast<const uint4*>(s_q + r * G::pitch + c * 8);
+    }
+  }
+};
+
+template <class Kernel>
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads) prefill_entry(const typename Kernel::params p) {
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  Kernel::run(p, reinterpret_cast<typename Kernel::params::element*>(prefill_smem));
+}
+
+}  // namespace attention::cuda::detail
+KVTILE_NAMESPACE_END
