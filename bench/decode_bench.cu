@@ -1,0 +1,186 @@
+// Paged decode and append (chunked prefill) attention on the GPU.
+//
+// suite "decode": q_len = 1, GQA 32 query / 8 KV heads, D = 128, bf16, page 16, scattered
+// pages; effective bandwidth in decimal TB/s counting every K/V byte read plus queries,
+// outputs and page indices. Also page sizes 1, 64, 256 at one shape.
+// suite "append": a 512-token chunk over a 4k / 16k cached prefix (bottom-right causal),
+// TFLOP/s counting 4 * D * visible (query, key) pairs per query head.
+// Small problems rotate over several copies of their K/V so repeated runs do not hit in L2.
+// Peers: bench/peers/decode.py and bench/peers/append.py (PyTorch SDPA on dense K/V).
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvtile/attention/cuda/append.cuh"
+#include "kvtile/attention/cuda/decode.cuh"
+
+namespace {
+
+using namespace kvtile;
+using namespace kvtile::attention;
+namespace kc = kvtile::attention::cuda;
+using T = kvtile::bfloat16;
+constexpr int D = 128, HQ = 32, HKV = 8;
+
+__global__ void fill_random(T* p, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint64_t x = (std::uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    p[i] = T(float(x >> 40) * (2.f / 16777216.f) - 1.f);
+  }
+}
+
+template <class U>
+U* dalloc(std::size_t n) {
+  U* p = nullptr;
+  KVTILE_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(U)));
+  return p;
+}
+template <class U>
+U* dcopy(const std::vector<U>& h) {
+  U* p = dalloc<U>(h.size());
+  KVTILE_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size() * sizeof(U), cudaMemcpyHostToDevice));
+  return p;
+}
+
+// One paged problem: `copies` independent sets of scattered pages over one pool.
+struct paged_setup {
+  int batch, q_len, kv_len, page, copies;
+  std::int32_t num_blocks = 0;
+  T *k = nullptr, *v = nullptr, *q = nullptr, *o = nullptr;
+  float* lse = nullptr;
+  std::int32_t *q_indptr = nullptr, *kv_indptr = nullptr, *last = nullptr;
+  std::vector<std::int32_t*> indices;
+  void* ws = nullptr;
+  kc::paged_plan plan;
+  double kv_bytes = 0, other_bytes = 0, flops = 0;
+
+  paged_setup(int b, int ql, int kl, int ps) : batch(b), q_len(ql), kv_len(kl), page(ps) {
+    const int nb = (kv_len + page - 1) / page;
+    const double one = double(batch) * kv_len * HKV * D * sizeof(T) * 2;
+    copies = int(std::clamp(512e6 / one, 1.0, 32.0));
+    num_blocks = batch * nb * copies;
+    const std::int64_t pool = std::int64_t(num_blocks) * page * HKV * D;
+    k = dalloc<T>(pool);
+    v = dalloc<T>(pool);
+    q = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
+    o = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
+    lse = dalloc<float>(std::size_t(batch) * q_len * HQ);
+    fill_random<<<1024, 256>>>(k, pool, 1);
+    fill_random<<<1024, 256>>>(v, pool, 2);
+    fill_random<<<64, 256>>>(q, std::int64_t(batch) * q_len * HQ * D, 3);
+    KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<std::int32_t> qi(batch + 1), ki(batch + 1), lp(batch, kv_len - (nb - 1) * page);
+    for (int i = 0; i <= batch; ++i) qi[i] = i * q_len, ki[i] = i * nb;
+    std::vector<std::int32_t> ids(num_blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937_64(42));
+    for (int c = 0; c < copies; ++c)
+      indices.push_back(dcopy(std::vector<std::int32_t>(ids.begin() + std::int64_t(c) * batch * nb,
+                                                        ids.begin() + std::int64_t(c + 1) * batch * nb)));
+    q_indptr = dcopy(qi);
+    kv_indptr = dcopy(ki);
+    last = dcopy(lp);
+    const paging::csr_page_table host{ki.data(), ids.data(), lp.data(), batch};
+    const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, 2};
+    plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits());
+    ws = dalloc<unsigned char>(plan.workspace_bytes());
+    kc::upload_plan(plan, ws);
+    KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
+    kv_bytes = one;
+    other_bytes = 2.0 * batch * q_len * HQ * D * sizeof(T) + 4.0 * (batch * nb + 2 * batch + 1);
+    const double prefix = kv_len - q_len;
+    flops = 4.0 * D * HQ * batch * (double(q_len) * prefix + double(q_len) * (q_len + 1) / 2);
+  }
+  ~paged_setup() {
+    cudaFree(k), cudaFree(v), cudaFree(q), cudaFree(o), cudaFree(lse), cudaFree(q_indptr), cudaFree(kv_indptr),
+        cudaFree(last), cudaFree(ws);
+    for (auto* p : indices) cudaFree(p);
+  }
+  void run(int copy, cudaStream_t s) {
+    const auto ql = ragged_layout::varlen(q_indptr, batch, HQ, D);
+    const paging::csr_page_table t{kv_indptr, indices[copy], last, batch};
+    const paging::paged_kv<T, paging::csr_page_table> kv{
+        paging::kv_pool_view<T>::make(k, v, kv_layout::nhd, num_blocks, page, HKV, D), t};
+    kc::run_append<causal_mask, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, {},
+                                   1.f / std::sqrt(float(D)), s);
+  }
+};
+
+// Median-free Google Benchmark loop: each iteration times `reps` runs between CUDA events.
+void time_runs(benchmark::State& st, paged_setup& p, double& seconds) {
+  constexpr int reps = 20;
+  cudaEvent_t a, b;
+  KVTILE_CUDA_CHECK(cudaEventCreate(&a));
+  KVTILE_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) p.run(i % p.copies, nullptr);
+  int copy = 0;
+  seconds = 0;
+  for (auto _ : st) {
+    KVTILE_CUDA_CHECK(cudaEventRecord(a));
+    for (int r = 0; r < reps; ++r) p.run(copy++ % p.copies, nullptr);
+    KVTILE_CUDA_CHECK(cudaEventRecord(b));
+    KVTILE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    KVTILE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    const double s = ms * 1e-3 / reps;
+    st.SetIterationTime(s);
+    seconds += s;
+  }
+  KVTILE_CUDA_CHECK(cudaEventDestroy(a));
+  KVTILE_CUDA_CHECK(cudaEventDestroy(b));
+}
+
+void bm_decode(benchmark::State& st, int batch, int len, int page) {
+  paged_setup p(batch, 1, len, page);
+  double seconds = 0;
+  time_runs(st, p, seconds);
+  const double tbps = (p.kv_bytes + p.other_bytes) * double(st.iterations()) / seconds / 1e12;
+  char shape[128];
+  std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d", batch, len, page);
+  st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=kvtile;unit=TB/s");
+  st.counters["value"] = tbps;
+  st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
+  st.counters["ctas"] = double(p.plan.work.size());
+}
+
+void bm_append(benchmark::State& st, int prefix, int chunk) {
+  paged_setup p(1, chunk, prefix + chunk, 16);
+  double seconds = 0;
+  time_runs(st, p, seconds);
+  char shape[128];
+  std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=128 page=16", prefix, chunk);
+  st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=kvtile;unit=TFLOP/s");
+  st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
+  st.counters["ctas"] = double(p.plan.work.size());
+}
+
+const int registered = [] {
+  const int grid[][2] = {{1, 4096}, {1, 32768}, {16, 4096}, {64, 2048}, {64, 8192}, {128, 4096}, {32, 32768}};
+  for (const auto& g : grid)
+    benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16").c_str(),
+                                 bm_decode, g[0], g[1], 16)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  for (int page : {1, 64, 256})
+    benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  for (int prefix : {4096, 16384})
+    benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512").c_str(), bm_append, prefix, 512)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  return 0;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();
