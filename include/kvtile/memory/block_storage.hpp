@@ -45,6 +45,9 @@ class block_storage {
   static_assert(std::is_trivially_copyable_v<T>, "K/V elements must be trivially copyable");
 
  public:
+  using value_type = T;
+  using memory_type = Memory;
+
   block_storage(kv_shape shape, kv_layout layout, Memory memory = {}) : memory_(std::move(memory)), shape_(shape), layout_(layout) {
     shape.check();
     const std::int64_t elems = std::int64_t(shape.num_layers) * shape.num_blocks * shape.block_elems();
