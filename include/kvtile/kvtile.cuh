@@ -5,5 +5,10 @@
 
 #include "kvtile/core/cuda_check.cuh"
 
+#include "kvtile/memory/cuda/block_copy.cuh"
+#include "kvtile/memory/cuda/device_memory.cuh"
+#include "kvtile/memory/cuda/kv_write.cuh"
+#include "kvtile/memory/cuda/vector_access.cuh"
+
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"

@@ -5,7 +5,22 @@
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
 
+#include "kvtile/memory/block_allocator.hpp"
+#include "kvtile/memory/block_copy.hpp"
+#include "kvtile/memory/block_storage.hpp"
+#include "kvtile/memory/kv_write.hpp"
+#include "kvtile/memory/lifo_allocator.hpp"
+#include "kvtile/memory/lowest_id_allocator.hpp"
+#include "kvtile/memory/memory_policy.hpp"
+
+#include "kvtile/paging/page_table.hpp"
+#include "kvtile/paging/page_table_export.hpp"
 #include "kvtile/paging/paged_view.hpp"
+
+#include "kvtile/sharing/copy_on_write.hpp"
+#include "kvtile/sharing/sharing_policy.hpp"
+
+#include "kvtile/kv_cache.hpp"
 
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/kv_source.hpp"
