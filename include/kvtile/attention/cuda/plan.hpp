@@ -171,7 +171,7 @@ inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_pro
 // Plan attention of ragged query chunks against paged K/V. q_indptr [batch+1] and the page
 // table are HOST arrays (the host mirror of what the run reads on the device). Query token t of
 // request b sits at key position t + kv_len(b) - q_len(b) (the chunk is the cache's tail), so
-// q_len(b) <= kv_len(b) is required. Throws kvtile::error before any work on bad input.
+// q_len(b) <= kv_len(b) is required (except with no_mask). Throws kvtile::error before any work on bad input.
 template <mask_policy Mask, class Table>
 paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table, const paged_problem& pr,
                                 typename Mask::params mask_params, const device_limits& dev, const plan_options& opt = {}) {
@@ -198,7 +198,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     const std::int32_t ql = q_indptr[b + 1] - q_indptr[b];
     const std::int32_t kl = table.kv_len(b, pr.page_size);
     KVTILE_REQUIRE(ql >= 1, errc::invalid_argument, "request ", b, " has query length ", ql, " (needs >= 1)");
-    KVTILE_REQUIRE(ql <= kl, errc::invalid_argument, "request ", b, " has ", ql,
+    // With a mask, the chunk must be the cache's tail; without one (a cascade level of shared
+    // keys, say), any number of queries may attend to the keys.
+    if constexpr (!std::is_same_v<Mask, no_mask>)
+      KVTILE_REQUIRE(ql <= kl, errc::invalid_argument, "request ", b, " has ", ql,
                    " new queries but only ", kl, " keys in its page table (its chunk must already be in the cache)");
     plan.q_len.push_back(ql);
     plan.kv_len.push_back(kl);
@@ -250,7 +253,9 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
       for (const auto& t : tasks) n += std::max<std::int64_t>(1, detail::ceil_div(t.tiles, c));
       return n;
     };
-    double best = std::numeric_limits<double>::infinity();
+    // Splitting costs a merge pass: keep the whole rows unless it saves at least 10%.
+    const double unsplit = double(detail::ceil_div(std::int64_t(tasks.size()), slots)) * (double(max_tiles) + overhead);
+    double best = 0.9 * unsplit;
     const int max_splits = std::max(1, opt.max_splits);
     for (std::int64_t k = 1; k <= std::min<std::int64_t>(max_tiles, max_splits); ++k) {
       const std::int64_t c = detail::ceil_div(max_tiles, k);

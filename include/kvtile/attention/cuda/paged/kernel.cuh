@@ -47,6 +47,14 @@ struct kernel_params {
   float* partial_lse;               // [num_partials, BM]
 };
 
+// The physical block ids of request b, in logical order.
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::csr_page_table& t, std::int32_t b) {
+  return t.indices + t.indptr[b];
+}
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::padded_page_table& t, std::int32_t b) {
+  return t.block_table + std::int64_t(b) * t.max_blocks;
+}
+
 template <paged_kernel_kind Kind, int D>
 struct kernel_config {
   static constexpr paged_kernel_shape shape = paged_shape_for(Kind, D);
@@ -102,20 +110,38 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   }
   arch::cp_async_commit();
 
+  // The request's row of physical block ids, looked up once (CSR and padded tables); block ids
+  // of the next tile are prefetched into registers one tile ahead, so the page-table lookup
+  // never sits between a tile's wait and the next tile's loads.
+  const std::int32_t* pages = page_row(p.kv.table, b);
+  const int page_size = p.kv.pool.page_size;
+  constexpr bool fast_map = NT % CPR == 0 && BN % (NT / CPR) == 0;
+  constexpr int RPP = fast_map ? NT / CPR : 1;  // rows per pass of the CTA
+  constexpr int RPT = fast_map ? BN / RPP : 1;  // rows per thread per tile
+  std::int32_t blk[RPT];
+  auto fetch_blocks = [&](int tile) {
+    if constexpr (fast_map) {
+      const int k0 = kv_begin + tile * BN, k1 = min_i(k0 + BN, kv_end);
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < RPT; ++i) {
+        const int tok = k0 + tid / CPR + i * RPP;
+        blk[i] = (tile < n_tiles && tok < k1) ? pages[tok / page_size] : 0;
+      }
+    }
+  };
   auto load_kv = [&](int stage, int tile) {
     const int k0 = kv_begin + tile * BN, k1 = min_i(k0 + BN, kv_end);
     T* ks = k_s + stage * BN * LD;
     T* vs = v_s + stage * BN * LD;
-    if constexpr (NT % CPR == 0 && BN % (NT / CPR) == 0) {
-      // Each thread owns one chunk column and BN / (NT / CPR) rows: one page lookup per row.
-      constexpr int RPP = NT / CPR;
+    if constexpr (fast_map) {
+      // Each thread owns one chunk column and RPT rows.
       const int c = tid % CPR;
       KVTILE_PRAGMA_UNROLL
-      for (int i = 0; i < BN / RPP; ++i) {
+      for (int i = 0; i < RPT; ++i) {
         const int r = tid / CPR + i * RPP;
         const int tok = k0 + r;
         const bool valid = tok < k1;
-        const std::int64_t off = valid ? p.kv.token_offset(b, tok, kvh) + c * 8 : 0;
+        const std::int64_t off = valid ? p.kv.pool.offset(blk[i], tok % page_size, kvh) + c * 8 : 0;
         arch::cp_async_16(ks + r * LD + c * 8, kbase + off, valid);
         arch::cp_async_16(vs + r * LD + c * 8, vbase + off, valid);
       }
@@ -124,7 +150,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
         const int r = idx / CPR, c = idx % CPR;
         const int tok = k0 + r;
         const bool valid = tok < k1;
-        const std::int64_t off = valid ? p.kv.token_offset(b, tok, kvh) + c * 8 : 0;
+        const std::int64_t off = valid ? p.kv.pool.offset(pages[tok / page_size], tok % page_size, kvh) + c * 8 : 0;
         arch::cp_async_16(ks + r * LD + c * 8, kbase + off, valid);
         arch::cp_async_16(vs + r * LD + c * 8, vbase + off, valid);
       }
@@ -151,11 +177,13 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 
   int cur = next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
+  fetch_blocks(fetch);
   KVTILE_PRAGMA_UNROLL
   for (int s = 0; s < ST - 1; ++s) {
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = next_tile(fetch + 1);
+      fetch_blocks(fetch);
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
@@ -173,6 +201,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = next_tile(fetch + 1);
+      fetch_blocks(fetch);
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;

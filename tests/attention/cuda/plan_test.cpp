@@ -1,0 +1,193 @@
+// Host tests of kvtile/attention/cuda/plan.hpp (no GPU): argument checks against the host page
+// table, and the split-KV partition: every key of every row tile is covered exactly once, small
+// batches get split to fill the device, large ones are not over-split.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "kvtile/attention/cuda/plan.hpp"
+#include "support/test_util.hpp"
+
+using namespace kvtile;
+using namespace kvtile::attention;
+namespace kc = kvtile::attention::cuda;
+
+namespace {
+
+struct host_csr {
+  std::vector<std::int32_t> indptr{0}, indices, last;
+  host_csr(const std::vector<std::int32_t>& kv_lens, int page, std::int32_t pool, std::mt19937_64& rng) {
+    std::vector<std::int32_t> ids(pool);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::size_t next = 0;
+    for (auto l : kv_lens) {
+      const int nb = (l + page - 1) / page;
+      for (int i = 0; i < nb; ++i) indices.push_back(ids.at(next++));
+      indptr.push_back(std::int32_t(indices.size()));
+      last.push_back(nb ? l - (nb - 1) * page : 0);
+    }
+  }
+  paging::csr_page_table table() const {
+    return {indptr.data(), indices.data(), last.data(), std::int32_t(last.size())};
+  }
+};
+
+std::vector<std::int32_t> indptr_of(const std::vector<std::int32_t>& lens) {
+  std::vector<std::int32_t> p{0};
+  for (auto l : lens) p.push_back(p.back() + l);
+  return p;
+}
+
+// Every (request, kv head, row tile)'s hull is covered by disjoint, contiguous work ranges,
+// and split tiles have exactly one merge item naming their partials.
+template <class Mask>
+void check_partition(const kc::paged_plan& plan, typename Mask::params mp) {
+  std::map<std::tuple<int, int, int>, std::vector<std::pair<int, int>>> ranges;
+  std::map<std::tuple<int, int, int>, std::vector<int>> partials;
+  for (const auto& w : plan.work) {
+    ranges[{w.batch, w.kv_head, w.row0}].push_back({w.kv_begin, w.kv_end});
+    if (w.partial >= 0) partials[{w.batch, w.kv_head, w.row0}].push_back(w.partial);
+  }
+  const int group = plan.group(), bm = plan.shape.block_m;
+  std::size_t tiles = 0;
+  for (int b = 0; b < plan.batch; ++b) {
+    const int rows = plan.q_len[b] * group;
+    const Mask mask(mp, plan.q_len[b], plan.kv_len[b]);
+    for (int row0 = 0; row0 < rows; row0 += bm)
+      for (int h = 0; h < plan.problem.num_kv_heads; ++h) {
+        ++tiles;
+        auto rs = ranges[{b, h, row0}];
+        REQUIRE(!rs.empty());
+        std::sort(rs.begin(), rs.end());
+        const int t0 = row0 / group, t1 = (std::min(row0 + bm, rows) - 1) / group + 1;
+        CHECK(rs.front().first == std::max(0, mask.kv_begin(t0, t1)));
+        CHECK(rs.back().second == std::min(plan.kv_len[b], std::max(rs.front().first, mask.kv_end(t0, t1))));
+        for (std::size_t i = 1; i < rs.size(); ++i) CHECK(rs[i].first == rs[i - 1].second);
+        CHECK((rs.size() == 1) == partials[{b, h, row0}].empty());
+      }
+  }
+  CHECK(ranges.size() == tiles);
+  std::size_t merged = 0;
+  for (const auto& m : plan.merges) {
+    auto ps = partials[{m.batch, m.kv_head, m.row0}];
+    std::sort(ps.begin(), ps.end());
+    REQUIRE(int(ps.size()) == m.count);
+    for (int i = 0; i < m.count; ++i) CHECK(ps[i] == m.first + i);
+    merged += m.count;
+  }
+  CHECK(merged == std::size_t(plan.num_partials));
+  CHECK(plan.work_offset() % 256 == 0);
+  CHECK(plan.merge_offset() % 256 == 0);
+  CHECK(plan.partial_o_offset() % 256 == 0);
+  CHECK(plan.partial_lse_offset() % 256 == 0);
+  CHECK(plan.workspace_bytes() >= plan.partial_lse_offset() + std::size_t(plan.num_partials) * bm * 4);
+}
+
+}  // namespace
+
+TEST_CASE("plan: small batches are split to fill the device; large batches are not over-split") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const kc::device_limits h100{132, 228 * 1024, 227 * 1024, 32};
+  const kc::paged_problem pr{32, 8, 128, 16, 70000, 2};
+  struct shape {
+    int batch, len;
+  };
+  for (const shape s : {shape{1, 4096}, shape{1, 32768}, shape{16, 4096}, shape{64, 2048}, shape{128, 4096}}) {
+    host_csr t(std::vector<std::int32_t>(s.batch, s.len), 16, 70000, rng);
+    const auto q = indptr_of(std::vector<std::int32_t>(s.batch, 1));
+    const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100);
+    INFO("batch " << s.batch << " len " << s.len << ": " << plan.work.size() << " items, " << plan.num_partials
+                  << " partials");
+    CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
+    check_partition<causal_mask>(plan, {});
+    // Enough CTAs for one full wave of the device, never absurdly many.
+    CHECK(plan.work.size() >= std::size_t(h100.num_sms));
+    CHECK((plan.num_partials == 0 || plan.work.size() <= std::size_t(4 * h100.num_sms * plan.ctas_per_sm)));
+    if (s.batch == 128) CHECK(plan.num_partials == 0);  // 1024 row tiles already fill the device
+    if (s.batch == 1) CHECK(plan.num_partials > 0);
+  }
+  // Splitting off: one item per row tile.
+  host_csr t({4096}, 16, 70000, rng);
+  const auto q = indptr_of({1});
+  kc::plan_options no_split;
+  no_split.split_kv = false;
+  const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100, no_split);
+  CHECK(plan.num_partials == 0);
+  CHECK(plan.work.size() == 8);
+}
+
+TEST_CASE("plan: mixed decodes and chunks, windows; the partition covers each hull once") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const kc::device_limits small{8, 100 * 1024, 99 * 1024, 16};
+  for (int page : {1, 16, 24, 256}) {
+    const kc::paged_problem pr{21, 3, 64, page, 5000, 2};
+    const std::vector<std::int32_t> ql = {1, 300, 8, 17, 1};
+    const std::vector<std::int32_t> kl = {1000, 300, 2000, 517, 1};
+    host_csr t(kl, page, 5000, rng);
+    const auto q = indptr_of(ql);
+    const auto causal = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, small);
+    CHECK(causal.shape.kind == kc::paged_kernel_kind::append);
+    check_partition<causal_mask>(causal, {});
+    const sliding_window_mask::params wp{100, 4};
+    const auto window = kc::plan_paged_attention<sliding_window_mask>(q.data(), t.table(), pr, wp, small);
+    check_partition<sliding_window_mask>(window, wp);
+    const sliding_window_mask::params wp2{50, 0};
+    const auto window2 = kc::plan_paged_attention<sliding_window_mask>(q.data(), t.table(), pr, wp2, small);
+    check_partition<sliding_window_mask>(window2, wp2);
+  }
+}
+
+TEST_CASE("plan: bad input is rejected with the offending value, before any work") {
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};
+  const kc::paged_problem pr{8, 2, 128, 16, 100, 2};
+  host_csr t({40, 17}, 16, 100, rng);
+  const auto q = indptr_of({1, 1});
+  CHECK_NOTHROW(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, dev));
+
+  auto bad = t;
+  bad.indices[1] = 100;  // block 100 of a 100-block pool
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), bad.table(), pr, {}, dev),
+                       doctest::Contains("is block 100, outside the pool [0, 100)"), kvtile::error);
+  try {
+    kc::plan_paged_attention<causal_mask>(q.data(), bad.table(), pr, {}, dev);
+  } catch (const kvtile::error& e) {
+    CHECK(e.code() == errc::out_of_range);
+  }
+  bad = t;
+  bad.indices[0] = -1;
+  CHECK_THROWS_AS(kc::plan_paged_attention<causal_mask>(q.data(), bad.table(), pr, {}, dev), kvtile::error);
+  bad = t;
+  bad.last[1] = 17;  // more than page_size tokens in the last page
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), bad.table(), pr, {}, dev),
+                       doctest::Contains("last_page_len of request 1 is 17"), kvtile::error);
+  const auto q_long = indptr_of({41, 1});  // 41 queries, 40 keys
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q_long.data(), t.table(), pr, {}, dev),
+                       doctest::Contains("41 new queries"), kvtile::error);
+  const auto q_empty = indptr_of({0, 1});
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q_empty.data(), t.table(), pr, {}, dev),
+                       doctest::Contains("query length 0"), kvtile::error);
+  auto pr_bad = pr;
+  pr_bad.head_dim = 72;
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr_bad, {}, dev),
+                       doctest::Contains("head_dim 72"), kvtile::error);
+  pr_bad = pr;
+  pr_bad.num_qo_heads = 7;
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr_bad, {}, dev),
+                       doctest::Contains("query heads (7)"), kvtile::error);
+  // Padded tables: a row too short for its length.
+  const std::vector<std::int32_t> bt = {0, 1, 2, 3, 4, 5}, lens = {40, 49};
+  const paging::padded_page_table pt{bt.data(), lens.data(), 2, 3};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), pt, pr, {}, dev),
+                       doctest::Contains("needing 4 pages"), kvtile::error);
+}
