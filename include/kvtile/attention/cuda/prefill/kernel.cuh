@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
@@ -87,7 +88,7 @@ struct prefill_geometry {
 // One lane's share of copying `Rows` rows of D elements global -> shared with 16-byte cp.async;
 // rows at or past `valid_rows` are zero-filled (never read), so padded keys and values are 0.
 template <class T, class G, int Rows>
-KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(T* smem, const T* gmem, std::int64_t stride, int valid_rows,
+KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(std::uint32_t smem, const T* gmem, std::int64_t stride, int valid_rows,
                                                 const T* any_valid, int tid) {
   constexpr int total = Rows * G::chunks;
   constexpr int per_thread = (total + G::threads - 1) / G::threads;
@@ -98,13 +99,13 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(T* smem, const T* gmem, std::int
     const int r0 = tid / G::chunks, c = tid % G::chunks;
     const T* src = gmem + r0 * stride + c * 8;
     const std::int64_t src_step = row_step * stride;
-    T* dst = smem + r0 * G::pitch + c * 8;
+    const std::uint32_t dst = smem + (r0 * G::pitch + c * 8) * sizeof(T);
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < per_thread; ++i) {
       const int r = r0 + i * row_step;
       if (total % G::threads == 0 || r < Rows) {
         const bool ok = r < valid_rows;
-        arch::cp_async_16(dst + i * row_step * G::pitch, ok ? src : any_valid, ok);
+        arch::cp_async_16_to(dst + i * row_step * G::pitch * sizeof(T), ok ? src : any_valid, ok);
       }
       src += src_step;
     }
@@ -116,7 +117,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(T* smem, const T* gmem, std::int
         const int r = id / G::chunks, c = id % G::chunks;
         const bool ok = r < valid_rows;
         const T* src = ok ? gmem + r * stride + c * 8 : any_valid;
-        arch::cp_async_16(smem + r * G::pitch + c * 8, src, ok);
+        arch::cp_async_16_to(smem + (r * G::pitch + c * 8) * sizeof(T), src, ok);
       }
     }
   }
@@ -164,9 +165,13 @@ struct prefill_kernel {
     const T* v_g = p.v + p.kv_layout.offset(b, 0, hk);
     const std::int64_t kv_stride = p.kv_layout.stride_token;
 
-    T* s_q = smem;                                    // [block_q][pitch]
-    T* s_k = smem + G::block_q * G::pitch;            // [stages][block_kv][pitch]
-    T* s_v = s_k + G::stages * G::block_kv * G::pitch;  // [stages][block_kv][pitch]
+    // Shared memory, as 32-bit shared-window addresses (bytes).
+    constexpr std::uint32_t row_bytes = G::pitch * sizeof(T);
+    constexpr std::uint32_t kv_stage_bytes = G::block_kv * row_bytes;
+    T* s_q = smem;                                                  // [block_q][pitch]
+    const std::uint32_t q_base = arch::smem_addr(smem);
+    const std::uint32_t k_base = q_base + G::block_q * row_bytes;  // [stages][block_kv][pitch]
+    const std::uint32_t v_base = k_base + G::stages * kv_stage_bytes;  // [stages][block_kv][pitch]
 
     // Tiles the whole CTA can skip (a sliding window's gap between sinks and window).
     auto next_tile = [&](int i) {
@@ -180,19 +185,19 @@ struct prefill_kernel {
     auto fetch_tile = [&](int i, int stage) {
       if (i < n_tiles) {
         const int k0 = kv_lo + i * G::block_kv;
-        load_tile<T, G, G::block_kv>(s_k + stage * G::block_kv * G::pitch, k_g + k0 * kv_stride, kv_stride,
+        load_tile<T, G, G::block_kv>(k_base + stage * kv_stage_bytes, k_g + k0 * kv_stride, kv_stride,
                                      kv_len - k0, p.k, tid);
       }
       arch::cp_async_commit();
       if (i < n_tiles) {
         const int k0 = kv_lo + i * G::block_kv;
-        load_tile<T, G, G::block_kv>(s_v + stage * G::block_kv * G::pitch, v_g + k0 * kv_stride, kv_stride,
+        load_tile<T, G, G::block_kv>(v_base + stage * kv_stage_bytes, v_g + k0 * kv_stride, kv_stride,
                                      kv_len - k0, p.v, tid);
       }
       arch::cp_async_commit();
     };
 
-    load_tile<T, G, G::block_q>(s_q, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+    load_tile<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
     arch::cp_async_commit();
     int fetch = next_tile(0);
     KVTILE_PRAGMA_UNROLL
@@ -211,7 +216,9 @@ struct prefill_kernel {
     const int a_row = lane % 8 + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
     const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
     const int warp_row0 = warp * G::rows_per_warp;
-    const std::uint32_t q_addr = arch::smem_addr(s_q + (warp_row0 + a_row) * G::pitch + a_col);
+    const std::uint32_t q_addr = q_base + ((warp_row0 + a_row) * G::pitch + a_col) * sizeof(T);
+    const std::uint32_t k_lane = (k_row * G::pitch + k_col) * sizeof(T);
+    const std::uint32_t v_lane = (a_row * G::pitch + a_col) * sizeof(T);
 
     std::uint32_t q_frag[G::q_in_registers ? G::m_tiles : 1][G::q_in_registers ? G::d_steps : 1][4];
     arch::cp_async_wait<2 * G::stages - 2>();  // Q landed (the K/V groups may still fly)
@@ -228,8 +235,11 @@ struct prefill_kernel {
     const float scale_log2 = p.scale_log2;
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
-      arch::cp_async_wait<2 * G::stages - 3>();  // K of this tile
-      __syncthreads();                            // ... visible to all; previous slot free
+      // One barrier per tile: K and V of this tile landed and are visible to every warp, and
+      // every warp is done with the previous tile, whose slot is refilled right away. Between
+      // barriers the warps drift freely, so one warp's softmax overlaps another's MMAs.
+      arch::cp_async_wait<2 * G::stages - 4>();
+      __syncthreads();
       fetch_tile(fetch, refill);
       fetch = next_tile(fetch + 1);
       refill = refill + 1 == G::stages ? 0 : refill + 1;
@@ -239,8 +249,6 @@ struct prefill_kernel {
           wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
       if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
 
-      const T* k_s = s_k + stage * G::block_kv * G::pitch;
-      const T* v_s = s_v + stage * G::block_kv * G::pitch;
       float s[G::m_tiles][G::s_tiles][4];
       if (vis != tile_visibility::empty) {
         // S = Q K^T (raw dot products, fp32).
@@ -250,7 +258,7 @@ struct prefill_kernel {
           for (int nt = 0; nt < G::s_tiles; ++nt)
             KVTILE_PRAGMA_UNROLL
             for (int c = 0; c < 4; ++c) s[mt][nt][c] = 0.f;
-        const std::uint32_t k_addr = arch::smem_addr(k_s + k_row * G::pitch + k_col);
+        const std::uint32_t k_addr = k_base + stage * kv_stage_bytes + k_lane;
 #pragma unroll(G::qk_unroll)
         for (int kd = 0; kd < G::d_steps; ++kd) {
           std::uint32_t qa[G::m_tiles][4];
@@ -317,12 +325,10 @@ struct prefill_kernel {
           }
       }
 
-      arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
-      __syncthreads();
       if (vis != tile_visibility::empty) {
         // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
         // 16-key step.
-        const std::uint32_t v_addr = arch::smem_addr(v_s + a_row * G::pitch + a_col);
+        const std::uint32_t v_addr = v_base + stage * kv_stage_bytes + v_lane;
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < G::kv_steps; ++j) {
           std::uint32_t pa[G::m_tiles][4];
