@@ -12,3 +12,6 @@
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/append.cuh"
+#include "kvtile/attention/cuda/decode.cuh"
+#include "kvtile/attention/cuda/merge.cuh"

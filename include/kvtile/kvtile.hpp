@@ -22,6 +22,7 @@
 
 #include "kvtile/kv_cache.hpp"
 
+#include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/kv_source.hpp"
 #include "kvtile/attention/mask.hpp"
