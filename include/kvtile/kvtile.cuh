@@ -11,7 +11,9 @@
 #include "kvtile/memory/cuda/vector_access.cuh"
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/cuda/merge.cuh"
+#include "kvtile/attention/cuda/prefill.cuh"
