@@ -129,6 +129,7 @@ BENCHMARK(tile_row<64, no_mask, 128, 64, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 128, 128, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 128, 64, 4, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 128, 64, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row<64, no_mask, 64, 64, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, causal_mask, 128, 128, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, causal_mask, 128, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 128, 64, 4, 2>)->Apply(sweep_args);

@@ -23,6 +23,15 @@
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
 
+// Unroll of the Q K^T k-steps when Q is re-read from shared memory (see qk_unroll below).
+#ifndef KVTILE_PREFILL_QK_UNROLL
+#define KVTILE_PREFILL_QK_UNROLL 2
+#endif
+// Largest head dim that uses one barrier per K/V tile (see split_wait below).
+#ifndef KVTILE_PREFILL_SINGLE_BARRIER_MAX_D
+#define KVTILE_PREFILL_SINGLE_BARRIER_MAX_D 64
+#endif
+
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
 
@@ -79,7 +88,12 @@ struct prefill_geometry {
   // With Q in shared memory the k-steps of Q K^T index nothing in registers, so they need not
   // be unrolled fully; unrolling all of them lets the compiler hoist every K fragment of the
   // tile and spill.
-  static constexpr int qk_unroll = q_in_registers ? d_steps : 2;
+  static constexpr int qk_unroll = q_in_registers ? d_steps : KVTILE_PREFILL_QK_UNROLL;
+  // Pipeline synchronisation. One barrier per tile (K and V waited together) lets the warps of
+  // a CTA drift apart so that one warp's softmax overlaps another's MMAs: +3..8% at D=64 on
+  // H100. For larger D a second wait and barrier before P V (V waited separately) measured
+  // faster (D=128: 319 against 292 TFLOP/s at S=4096), see docs/perf-log/prefill.md.
+  static constexpr bool split_wait = D > KVTILE_PREFILL_SINGLE_BARRIER_MAX_D;
 
   static constexpr std::size_t smem_elements = std::size_t(block_q + 2 * stages * block_kv) * pitch;
   static constexpr std::size_t smem_bytes = smem_elements * sizeof(T);
@@ -235,10 +249,12 @@ struct prefill_kernel {
     const float scale_log2 = p.scale_log2;
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
-      // One barrier per tile: K and V of this tile landed and are visible to every warp, and
-      // every warp is done with the previous tile, whose slot is refilled right away. Between
-      // barriers the warps drift freely, so one warp's softmax overlaps another's MMAs.
-      arch::cp_async_wait<2 * G::stages - 4>();
+      // Barrier: the tile's K (and V, unless split_wait) landed and is visible to every warp,
+      // and every warp is done with the previous tile, whose slot is refilled right away.
+      if constexpr (G::split_wait)
+        arch::cp_async_wait<2 * G::stages - 3>();
+      else
+        arch::cp_async_wait<2 * G::stages - 4>();
       __syncthreads();
       fetch_tile(fetch, refill);
       fetch = next_tile(fetch + 1);
@@ -325,6 +341,10 @@ struct prefill_kernel {
           }
       }
 
+      if constexpr (G::split_wait) {
+        arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
+        __syncthreads();
+      }
       if (vis != tile_visibility::empty) {
         // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
         // 16-key step.
