@@ -27,5 +27,12 @@
 #include "kvtile/attention/kv_source.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/reference.hpp"
+#include "kvtile/attention/reference_backward.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
+
+#include "kvtile/attention/cpu/backward.hpp"
+#include "kvtile/attention/cpu/checks.hpp"
+#include "kvtile/attention/cpu/forward.hpp"
+#include "kvtile/attention/cpu/thread_pool.hpp"
+#include "kvtile/attention/cpu/tile_math.hpp"

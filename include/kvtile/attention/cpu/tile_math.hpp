@@ -1,6 +1,7 @@
 // kvtile/attention/cpu/tile_math.hpp: the fp32 tile arithmetic of the CPU kernels.
 //
 //   gemm_acc<Isa>(m, n, k, A, lda, B, ldb, C, ldc)   C[m,n] += A[m,k] B[k,n], all row-major
+//   gemm_nt<Isa>(m, n, k, A, lda, B, ldb, C, ldc)    C[m,n]  = A[m,k] B[n,k]^T (few rows)
 //   row_max<Isa>(s, n)                                 max of a row of scores
 //   exp2_row<Isa>(s, n, base, p)                       p = 2^(s - base) (0 for -inf), returns sum p
 //
@@ -136,6 +137,32 @@ KVTILE_FORCEINLINE void gemm_acc(int m, int n, int k, const float* a, std::int64
   for (int i = 0; i < m; i += Isa::rows)
     for (int j = 0; j < n; j += micro_n)
       detail::micro_gemm<Isa>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
+}
+
+// C[m, n] = A[m, k] B[n, k]^T: dot products of rows, for GEMMs with few rows (decode), where
+// transposing B for gemm_acc would cost more than the arithmetic. m a multiple of 4, n of 2, k
+// of the vector width.
+template <class Isa>
+KVTILE_FORCEINLINE void gemm_nt(int m, int n, int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
+                                float* c, std::int64_t ldc) {
+  constexpr int W = Isa::width, R = 4, J = 2;
+  for (int i0 = 0; i0 < m; i0 += R)
+    for (int j0 = 0; j0 < n; j0 += J) {
+      detail::vf<W> acc[R][J] = {}, av, bv[J];
+      for (int x = 0; x < k; x += W) {
+        for (int j = 0; j < J; ++j) detail::load<W>(bv[j], b + (j0 + j) * ldb + x);
+        for (int i = 0; i < R; ++i) {
+          detail::load<W>(av, a + (i0 + i) * lda + x);
+          for (int j = 0; j < J; ++j) acc[i][j] += av * bv[j];
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < J; ++j) {
+          float sum = 0.f;
+          for (int l = 0; l < W; ++l) sum += acc[i][j][l];
+          c[(i0 + i) * ldc + j0 + j] = sum;
+        }
+    }
 }
 
 // Max of s[0, n), n a multiple of micro_n; -inf when every entry is -inf.
