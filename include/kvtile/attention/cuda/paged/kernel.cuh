@@ -342,30 +342,44 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   }
 }
 
-// Folds the split partial states of one row tile (one CTA per merge item) into O and LSE.
+// Folds the split partial states of one row tile into O and LSE. Grid: (merge items, row
+// chunks); one thread per (row, 4 values). Partials are loaded in batches of 8 independent
+// loads before they are folded, so a long split is not a chain of dependent memory latencies.
+inline constexpr int merge_threads = 128;
+
 template <class T, int D, int BM, class Table, class Mask>
-KVTILE_KERNEL void __launch_bounds__(128) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
+KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
+  constexpr int batch = 8;
   const paged_merge_item mi = p.merges[blockIdx.x];
+  const int idx = blockIdx.y * merge_threads + threadIdx.x;
+  if (idx >= BM * (D / 4)) return;
   const int b = mi.batch, group = p.group;
   const int rows = p.q.layout.len_of(b) * group;
-  for (int idx = threadIdx.x; idx < BM * (D / 4); idx += blockDim.x) {
-    const int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
-    const int pr = mi.row0 + r;
-    if (pr >= rows) continue;
-    float acc[4];
-    std::int64_t prow = std::int64_t(mi.first) * BM + r;
-    cuda::detail::load4(acc, p.partial_o + prow * D + c);
-    float lse = p.partial_lse[prow];
-    for (int i = 1; i < mi.count; ++i) {
-      prow += BM;
-      float ob[4];
-      cuda::detail::load4(ob, p.partial_o + prow * D + c);
-      merge_state_step(acc, lse, ob, p.partial_lse[prow]);
+  const int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
+  const int pr = mi.row0 + r;
+  if (pr >= rows) return;
+  const std::int64_t row0 = std::int64_t(mi.first) * BM + r;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float lse = neg_inf;
+  for (int i0 = 0; i0 < mi.count; i0 += batch) {
+    float ob[batch][4], lb[batch];
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < batch; ++i) {
+      const std::int64_t prow = row0 + std::int64_t(i0 + i) * BM;
+      if (i0 + i < mi.count) {
+        cuda::detail::load4(ob[i], p.partial_o + prow * D + c);
+        lb[i] = p.partial_lse[prow];
+      } else {
+        ob[i][0] = ob[i][1] = ob[i][2] = ob[i][3] = 0.f;
+        lb[i] = neg_inf;  // an empty state: merging it changes nothing
+      }
     }
-    const int t = pr / group, h = mi.kv_head * group + pr % group;
-    cuda::detail::store4(p.o.at(b, t, h) + c, acc);
-    if (c == 0 && p.lse) p.lse[p.q.layout.row(b, t) * p.num_qo_heads + h] = lse;
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < batch; ++i) merge_state_step(acc, lse, ob[i], lb[i]);
   }
+  const int t = pr / group, h = mi.kv_head * group + pr % group;
+  cuda::detail::store4(p.o.at(b, t, h) + c, acc);
+  if (c == 0 && p.lse) p.lse[p.q.layout.row(b, t) * p.num_qo_heads + h] = lse;
 }
 
 }  // namespace attention::cuda::paged

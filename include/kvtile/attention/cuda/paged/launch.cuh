@@ -64,7 +64,8 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
     KVTILE_CUDA_CHECK_LAUNCH();
   }
   if (!plan.merges.empty()) {
-    merge_partials_kernel<T, D, C::bm, Table, Mask><<<unsigned(plan.merges.size()), 128, 0, stream>>>(params);
+    const dim3 grid(unsigned(plan.merges.size()), unsigned((C::bm * (D / 4) + merge_threads - 1) / merge_threads));
+    merge_partials_kernel<T, D, C::bm, Table, Mask><<<grid, merge_threads, 0, stream>>>(params);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
 }
