@@ -232,3 +232,15 @@ TEST_CASE("cpu backward: finite differences of the CPU forward itself (fp32, tin
   fd_check(p.k, g.dk, "dK");
   fd_check(p.v, g.dv, "dV");
 }
+
+TEST_CASE("cpu backward: the baseline (non-AVX2) compiled copy passes the same checks") {
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  struct pin {
+    pin() { cpu::cpu_isa_choice() = cpu::isa_choice::baseline; }
+    ~pin() { cpu::cpu_isa_choice() = cpu::isa_choice::best; }
+  } pinned;
+  check_backward<tile_shape<32, 64>, 64, causal_mask, float>(rng, {65}, {63}, 5, 1);
+  check_backward<tile_shape<64, 64>, 128, sliding_window_mask, bfloat16>(rng, {1, 40}, {200, 90}, 2, 1, {50, 4});
+}

@@ -183,3 +183,18 @@ TEST_CASE("cpu forward: the result does not depend on the thread count") {
   CHECK(o1 == o3);
   CHECK(l1 == l3);
 }
+
+TEST_CASE("cpu forward: the baseline (non-AVX2) compiled copy passes the same checks") {
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  struct pin {  // restore the choice even when a check throws
+    pin() { cpu::cpu_isa_choice() = cpu::isa_choice::baseline; }
+    ~pin() { cpu::cpu_isa_choice() = cpu::isa_choice::best; }
+  } pinned;
+  CHECK_FALSE(cpu::use_avx2_path());
+  check_case<tile_32x64, 64, causal_mask, float>(rng, {63}, {130}, 4, 1);
+  check_case<tile_32x64, 64, causal_mask, float>(rng, {1, 1}, {77, 150}, 8, 2);  // few-row path
+  check_case<tile_shape<8, 16>, 128, sliding_window_mask, bfloat16>(rng, {1, 40}, {200, 90}, 4, 1, {50, 4});
+  check_case<tile_shape<128, 64>, 80, no_mask, half>(rng, {65}, {7}, 2, 2);
+}

@@ -202,7 +202,7 @@ void attention_backward(const dense_tensor<QT>& q, const Src& kv, std::int32_t n
   const detail::backward_params<QT, Src, GT, Mask> params{q, kv, o, d_o, lse, dq, dk, dv, mask_params,
                                                           scale, scale * log2e, hq, group};
   constexpr int BQ = Tile::block_q, BKV = Tile::block_kv;
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = use_avx2_path();
   pool.parallel_for(std::int64_t(q.layout.batch) * num_kv_heads, [&](std::int64_t i) {
     const auto b = std::int32_t(i / num_kv_heads), hk = std::int32_t(i % num_kv_heads);
     if (avx2) detail::backward_item_avx2<BQ, BKV, HeadDim, Mask>(params, b, hk);

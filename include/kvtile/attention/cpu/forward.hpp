@@ -216,7 +216,7 @@ void attention_forward(const dense_tensor<QT>& q, const Src& kv, std::int32_t nu
   const detail::forward_params<QT, Src, OT, Mask> params{q, kv, o, lse, mask_params, scale * log2e, q.layout.heads, group};
   const auto items = detail::plan_items(q.layout, num_kv_heads, group, Tile::block_q);
   constexpr int BQ = Tile::block_q, BKV = Tile::block_kv;
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = use_avx2_path();
   pool.parallel_for(std::int64_t(items.size()), [&](std::int64_t i) {
     if (avx2) detail::forward_item_avx2<BQ, BKV, HeadDim, Mask>(params, items[i]);
     else detail::forward_item_generic<BQ, BKV, HeadDim, Mask>(params, items[i]);

@@ -9,10 +9,11 @@
 // source serves every x86 level: an instruction-set description `Isa` fixes the vector width
 // and the micro-tile. The kernels are compiled twice: once for the build's baseline (SSE2 on
 // x86-64, isa_generic) and once, through a target attribute, for AVX2 + FMA (isa_avx2), picked
-// at run time by cpu_has_avx2_fma(). Everything here is force-inlined into those two entry
-// points, so building with -march=native only makes the baseline copy faster.
+// at run time by use_avx2_path() (cpu_isa_choice() can pin the baseline copy). Everything here
+// is force-inlined into those two entry points, so -march=native only speeds up the baseline.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -54,6 +55,15 @@ inline bool cpu_has_avx2_fma() {
   return false;
 #endif
 }
+
+// Which compiled copy the kernels run: the best this CPU supports, or (for tests and
+// comparisons) always the baseline one. Read at every kernel call.
+enum class isa_choice { best, baseline };
+inline std::atomic<isa_choice>& cpu_isa_choice() {
+  static std::atomic<isa_choice> choice{isa_choice::best};
+  return choice;
+}
+inline bool use_avx2_path() { return cpu_isa_choice().load() == isa_choice::best && cpu_has_avx2_fma(); }
 
 namespace detail {
 
