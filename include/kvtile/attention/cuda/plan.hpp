@@ -59,7 +59,9 @@ struct paged_kernel_shape {
 // The shapes kvtile ships (tuning lives here, one place). Keys per tile shrink for head dims
 // above 128 to keep the K/V stages within shared memory.
 constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim) {
-  if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, 2};
+  // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
+  // three stages would exceed sm_80's 163 KB per CTA.
+  if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
   return {kind, 64, head_dim > 128 ? 32 : 64, 4, 1, 2};
 }
 
