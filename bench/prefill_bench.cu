@@ -137,6 +137,7 @@ BENCHMARK(tile_row<128, no_mask, 128, 32, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 64, 64, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 128, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row<128, no_mask, 256, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 32, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 64, 8, 2>)->Apply(sweep_args);
 
