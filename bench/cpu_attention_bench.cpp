@@ -235,6 +235,10 @@ void register_all() {
       reg(std::string("fwd/bf16/64x64/") + s.name,
           [&s](benchmark::State& st) { forward_bench<tile_shape<64, 64>, Mask, D, bfloat16>(st, s, "bf16"); });
     });
+    if (s.d == 128 && s.q_len > 1)
+      reg(std::string("fwd/fp16/64x64/") + s.name, [&s](benchmark::State& st) {
+        with_mask<128>(s, [&]<class Mask, int D>() { forward_bench<tile_shape<64, 64>, Mask, D, half>(st, s, "fp16"); });
+      });
     if (s.d == 128 && !s.causal && s.q_len > 1)  // the SSE2 copy: what -march / AVX2 dispatch buys
       reg(std::string("fwd/fp32-baseline-isa/64x64/") + s.name, [&s](benchmark::State& st) {
         cpu::cpu_isa_choice() = cpu::isa_choice::baseline;

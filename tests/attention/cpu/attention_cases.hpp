@@ -161,9 +161,16 @@ constexpr double rule_slack() {
 template <class Mask, class T>
 void check_rule(const std::vector<T>& o, const std::vector<float>& lse, const exact_answer<Mask, T>& e) {
   const auto s = compare(o, e.o);
-  INFO("kernel max err " << s.max_abs << ", naive low-precision max err " << e.naive_err);
+  // fp32 scores carry an absolute error of a few ulps of the largest score, and an error d in a
+  // score moves the output by up to ~d (|v| <= 1). Scores are bounded by the rows' LSE, so the
+  // slack grows with them; at ordinary logits it stays ~1e-6, at logits near 1e4 ~5e-3.
+  double max_lse = 0;
+  for (double l : e.lse)
+    if (std::isfinite(l)) max_lse = std::max(max_lse, std::abs(l));
+  const double slack = rule_slack<T>() + 8 * 5.96e-8 * max_lse;
+  INFO("kernel max err " << s.max_abs << ", naive low-precision max err " << e.naive_err << ", slack " << slack);
   CHECK_FALSE(s.any_nan);
-  CHECK(s.max_abs <= 2 * e.naive_err + rule_slack<T>());
+  CHECK(s.max_abs <= 2 * e.naive_err + slack);
   REQUIRE(lse.size() == e.lse.size());
   int lse_bad = 0;
   for (std::size_t i = 0; i < lse.size(); ++i) {

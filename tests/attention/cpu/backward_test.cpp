@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention/cpu/attention_cases.hpp"
@@ -72,7 +73,7 @@ double grad_tolerance(const std::vector<double>& ref) {
 template <class Tile, int D, class Mask, class T, class G = float>
 void check_backward(std::mt19937_64& rng, const std::vector<int>& q_lens, const std::vector<int>& kv_lens, int hq,
                     int hk, typename Mask::params mp = {}) {
-  INFO("mask " << Mask::name << ", " << element_name<T> << " -> " << (std::is_same_v<G, float> ? "fp32" : element_name<G>)
+  INFO("mask " << std::string(Mask::name) << ", " << std::string(element_name<T>) << " -> " << std::string(std::is_same_v<G, float> ? "fp32" : element_name<G>)
                << ", D " << D << ", tile " << Tile::block_q << "x" << Tile::block_kv << ", heads " << hq << "/" << hk
                << ", q_len[0] " << q_lens[0] << ", kv_len[0] " << kv_lens[0]);
   const auto p = make_problem<T>(rng, q_lens, kv_lens, hq, hk, D);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention/cpu/attention_cases.hpp"
@@ -28,7 +29,7 @@ void run_forward(const problem<T>& p, const Src& kv, typename Mask::params mp, f
 template <class Tile, int D, class Mask, class T>
 void check_case(std::mt19937_64& rng, const std::vector<int>& q_lens, const std::vector<int>& kv_lens, int hq, int hk,
                 typename Mask::params mp = {}, float range = 1.f, float scale = 0.f) {
-  INFO("mask " << Mask::name << ", " << element_name<T> << ", D " << D << ", tile " << Tile::block_q << "x"
+  INFO("mask " << std::string(Mask::name) << ", " << std::string(element_name<T>) << ", D " << D << ", tile " << Tile::block_q << "x"
                << Tile::block_kv << ", heads " << hq << "/" << hk << ", q_len[0] " << q_lens[0] << ", kv_len[0] "
                << kv_lens[0] << ", batch " << q_lens.size());
   const auto p = make_problem<T>(rng, q_lens, kv_lens, hq, hk, D, range);

@@ -46,6 +46,7 @@ struct backward_params {
 template <int BQ, int BKV, int D>
 struct backward_scratch {
   float k[BKV][D], kt[D][BKV], vt[D][BKV];  // this K/V tile; padding keys are zero
+  float v_row[D];                           // one converted value on its way into vt
   float dk[BKV][D], dv[BKV][D];             // its gradients (fp32 accumulators)
   float q[BQ][D], d_o[BQ][D];               // a query tile (q * scale * log2 e) and its dO
   float p[BQ][BKV], dp[BQ][BKV];            // P, then dP and dS
@@ -81,11 +82,17 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
   for (int k0 = 0; k0 < kv_len; k0 += BKV) {
     const int nk = std::min(BKV, kv_len - k0), nkp = (nk + micro_n - 1) / micro_n * micro_n;
     for (int j = 0; j < nkp; ++j) {
-      const std::int64_t off = j < nk ? p.kv.token_offset(b, k0 + j, hk) : 0;
+      if (j < nk) {
+        const std::int64_t off = p.kv.token_offset(b, k0 + j, hk);
+        convert_row<Isa>(kbase + off, D, 1.f, sc.k[j]);
+        convert_row<Isa>(vbase + off, D, 1.f, sc.v_row);
+      } else {
+        std::fill_n(sc.k[j], D, 0.f);
+        std::fill_n(sc.v_row, D, 0.f);
+      }
       for (int x = 0; x < D; ++x) {
-        const float kx = j < nk ? to_float(kbase[off + x]) : 0.f;
-        sc.k[j][x] = sc.kt[x][j] = kx;
-        sc.vt[x][j] = j < nk ? to_float(vbase[off + x]) : 0.f;
+        sc.kt[x][j] = sc.k[j][x];
+        sc.vt[x][j] = sc.v_row[x];
       }
       std::fill_n(sc.dk[j], D, 0.f);
       std::fill_n(sc.dv[j], D, 0.f);
@@ -98,8 +105,8 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
       if (vis == tile_visibility::empty) continue;
       for (int i = 0; i < mr; ++i) {
         if (i < nr) {
-          convert_row(p.q.at(b, token(r0 + i), head(r0 + i)), D, p.scale_log2, sc.q[i]);
-          convert_row(p.d_o.at(b, token(r0 + i), head(r0 + i)), D, 1.f, sc.d_o[i]);
+          convert_row<Isa>(p.q.at(b, token(r0 + i), head(r0 + i)), D, p.scale_log2, sc.q[i]);
+          convert_row<Isa>(p.d_o.at(b, token(r0 + i), head(r0 + i)), D, 1.f, sc.d_o[i]);
         } else {
           std::fill_n(sc.q[i], D, 0.f);
           std::fill_n(sc.d_o[i], D, 0.f);

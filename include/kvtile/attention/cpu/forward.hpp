@@ -54,11 +54,6 @@ constexpr void check_cpu_config() {
 
 namespace detail {
 
-template <class T>
-KVTILE_FORCEINLINE void convert_row(const T* src, int n, float mul, float* dst) {
-  for (int x = 0; x < n; ++x) dst[x] = to_float(src[x]) * mul;
-}
-
 // Everything an item needs, by value; the kernel's arguments after the checks.
 template <class QT, class Src, class OT, class Mask>
 struct forward_params {
@@ -81,6 +76,7 @@ struct forward_scratch {
   float q[BQ][D];    // queries * scale * log2(e); rows past the item's end are zero
   float kt[D][BKV];  // keys, transposed; columns past the tile's end are zero
   float k[BKV][D];   // keys as they are, for items of few rows (S by dot products)
+  float key_row[D];  // one converted key on its way into kt
   float v[BKV][D];   // values; rows past the tile's end are zero
   float s[BQ][BKV];  // scores (base 2), then probabilities in place
   softmax_state<D> row[BQ];
@@ -108,7 +104,7 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
   auto head = [&](int i) { return w.hk * group + (w.r0 + i) % group; };
 
   for (int i = 0; i < mr; ++i) {
-    if (i < nr) convert_row(p.q.at(w.b, token(i), head(i)), D, p.scale_log2, sc.q[i]);
+    if (i < nr) convert_row<Isa>(p.q.at(w.b, token(i), head(i)), D, p.scale_log2, sc.q[i]);
     else std::fill_n(sc.q[i], D, 0.f);
     sc.row[i].init();
   }
@@ -127,10 +123,13 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
     for (int j = 0; j < nkp; ++j) {
       if (j < nk) {
         const std::int64_t off = p.kv.token_offset(w.b, k0 + j, w.hk);
-        if (few_rows) convert_row(kbase + off, D, 1.f, sc.k[j]);
-        else
-          for (int x = 0; x < D; ++x) sc.kt[x][j] = to_float(kbase[off + x]);
-        convert_row(vbase + off, D, 1.f, sc.v[j]);
+        if (few_rows) {
+          convert_row<Isa>(kbase + off, D, 1.f, sc.k[j]);
+        } else {
+          convert_row<Isa>(kbase + off, D, 1.f, sc.key_row);
+          for (int x = 0; x < D; ++x) sc.kt[x][j] = sc.key_row[x];
+        }
+        convert_row<Isa>(vbase + off, D, 1.f, sc.v[j]);
       } else {
         if (few_rows) std::fill_n(sc.k[j], D, 0.f);
         else

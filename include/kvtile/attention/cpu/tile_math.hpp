@@ -4,11 +4,12 @@
 //   gemm_nt<Isa>(m, n, k, A, lda, B, ldb, C, ldc)    C[m,n]  = A[m,k] B[n,k]^T (few rows)
 //   row_max<Isa>(s, n)                                 max of a row of scores
 //   exp2_row<Isa>(s, n, base, p)                       p = 2^(s - base) (0 for -inf), returns sum p
+//   convert_row<Isa>(src, n, mul, dst)                 fp32/fp16/bf16 -> fp32, times mul
 //
 // Written with GCC/Clang vector extensions so the register blocking is explicit and the same
 // source serves every x86 level: an instruction-set description `Isa` fixes the vector width
 // and the micro-tile. The kernels are compiled twice: once for the build's baseline (SSE2 on
-// x86-64, isa_generic) and once, through a target attribute, for AVX2 + FMA (isa_avx2), picked
+// x86-64, isa_generic) and once, through a target attribute, for AVX2 + FMA + F16C (isa_avx2), picked
 // at run time by use_avx2_path() (cpu_isa_choice() can pin the baseline copy). Everything here
 // is force-inlined into those two entry points, so -march=native only speeds up the baseline.
 #pragma once
@@ -16,13 +17,16 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/core/config.hpp"
+#include "kvtile/core/numeric.hpp"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define KVTILE_CPU_DISPATCH_AVX2 1
-#define KVTILE_CPU_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define KVTILE_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include <immintrin.h>
 #else
 #define KVTILE_CPU_DISPATCH_AVX2 0
 #define KVTILE_CPU_TARGET_AVX2
@@ -36,7 +40,7 @@ struct isa_generic {  // SSE2: 16 xmm registers -> 4 x 8 accumulators in 8 regis
   static constexpr int width = 4, rows = 4, vecs = 2;
   static constexpr const char* name = "sse2";
 };
-struct isa_avx2 {  // AVX2 + FMA: 16 ymm registers -> 8 x 8 accumulators in 8 registers
+struct isa_avx2 {  // AVX2 + FMA (+ F16C): 16 ymm registers -> 8 x 8 accumulators in 8 registers
   static constexpr int width = 8, rows = 8, vecs = 1;
   static constexpr const char* name = "avx2-fma";
 };
@@ -49,7 +53,8 @@ static_assert(micro_m % isa_generic::rows == 0 && micro_m % isa_avx2::rows == 0)
 
 inline bool cpu_has_avx2_fma() {
 #if KVTILE_CPU_DISPATCH_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return has;
 #else
   return false;
@@ -173,6 +178,30 @@ KVTILE_FORCEINLINE void gemm_nt(int m, int n, int k, const float* a, std::int64_
           c[(i0 + i) * ldc + j0 + j] = sum;
         }
     }
+}
+
+#if KVTILE_CPU_DISPATCH_AVX2
+// fp16 -> fp32 with F16C, 8 at a time (a call, not inlined: the intrinsics need the target).
+KVTILE_CPU_TARGET_AVX2 inline void convert_half_f16c(const half* src, int n, float mul, float* dst) {
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int x = 0; x < n; x += 8) {
+    __m128i h;
+    std::memcpy(&h, src + x, sizeof h);
+    _mm256_storeu_ps(dst + x, _mm256_mul_ps(_mm256_cvtph_ps(h), m));
+  }
+}
+#endif
+
+// dst[0, n) = float(src[0, n)) * mul, n a multiple of micro_n.
+template <class Isa, class T>
+KVTILE_FORCEINLINE void convert_row(const T* src, int n, float mul, float* dst) {
+#if KVTILE_CPU_DISPATCH_AVX2
+  if constexpr (std::is_same_v<Isa, isa_avx2> && std::is_same_v<std::remove_cv_t<T>, half>) {
+    convert_half_f16c(src, n, mul, dst);
+    return;
+  }
+#endif
+  for (int x = 0; x < n; ++x) dst[x] = to_float(src[x]) * mul;
 }
 
 // Max of s[0, n), n a multiple of micro_n; -inf when every entry is -inf.
