@@ -85,7 +85,7 @@ struct forward_scratch {
 };
 
 // Items with at most this many rows (decode, short chunks) compute S by dot products instead of
-// transposing K: measured 1.5-2x faster at 8 rows on AVX2, slower at 16 and more.
+// transposing K, whose cost there outweighs the few rows of arithmetic it feeds.
 inline constexpr int few_rows_max = 8;
 
 template <class Isa, int BQ, int BKV, int D, class Mask, class QT, class Src, class OT>
