@@ -203,8 +203,7 @@ void attention_backward(const dense_tensor<QT>& q, const Src& kv, std::int32_t n
                      g->layout.len_of(b), " tokens, K/V has ", kv.kv_len(b));
   }
   const std::int32_t group = hq / num_kv_heads;
-  KVTILE_REQUIRE(std::int64_t(q.layout.len) * group < (std::int64_t(1) << 31) || q.layout.indptr, errc::invalid_argument,
-                 "too many packed query rows per sequence");
+  detail::check_packed_rows(q.layout, group);
 
   const detail::backward_params<QT, Src, GT, Mask> params{q, kv, o, d_o, lse, dq, dk, dv, mask_params,
                                                           scale, scale * log2e, hq, group};

@@ -100,6 +100,13 @@ void check_kv_source(const paging::paged_kv<T, Table>& kv, std::int32_t num_kv_h
   KVTILE_REQUIRE((pool.k && pool.v) || pool.num_blocks == 0, errc::invalid_argument, "paged K/V: null K or V pool");
 }
 
+// GQA-packed rows (token x group) of one sequence are indexed with int.
+inline void check_packed_rows(const ragged_layout& q, std::int32_t group) {
+  for (std::int32_t b = 0; b < q.batch; ++b)
+    KVTILE_REQUIRE(std::int64_t(q.len_of(b)) * group < (std::int64_t(1) << 31), errc::invalid_argument, "sequence ", b,
+                   ": ", q.len_of(b), " queries x GQA group ", group, " exceed 2^31 packed rows");
+}
+
 // What every kernel checks: the query tensor, the GQA group, the KV source and its batch.
 template <class QT, class Src>
 void check_problem(const dense_tensor<QT>& q, const Src& kv, std::int32_t num_kv_heads, float scale,

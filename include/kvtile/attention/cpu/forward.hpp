@@ -209,8 +209,7 @@ void attention_forward(const dense_tensor<QT>& q, const Src& kv, std::int32_t nu
   detail::check_problem(q, kv, num_kv_heads, scale, HeadDim);
   detail::check_like(o, q, q.layout.heads, HeadDim, "output");
   const std::int32_t group = q.layout.heads / num_kv_heads;
-  KVTILE_REQUIRE(std::int64_t(q.layout.rows()) * group < (std::int64_t(1) << 31), errc::invalid_argument,
-                 "too many packed query rows: ", q.layout.rows(), " tokens x group ", group);
+  detail::check_packed_rows(q.layout, group);
 
   const detail::forward_params<QT, Src, OT, Mask> params{q, kv, o, lse, mask_params, scale * log2e, q.layout.heads, group};
   const auto items = detail::plan_items(q.layout, num_kv_heads, group, Tile::block_q);
