@@ -46,7 +46,7 @@ template <class Tile, int HeadDim>
 constexpr void check_cpu_config() {
   static_assert(tile_shape_type<Tile>, "the CPU kernels take an attention::tile_shape<BlockQ, BlockKV>");
   static_assert(is_supported_head_dim<HeadDim>, "HeadDim must be a multiple of 16 in [16, 256]");
-  static_assert(Tile::block_q % micro_m == 0 && Tile::block_q <= 256,
+  static_assert(Tile::block_q % 8 == 0 && Tile::block_q <= 256,
                 "CPU kernels: BlockQ must be a multiple of 8, at most 256");
   static_assert(Tile::block_kv % micro_n == 0 && Tile::block_kv <= 512,
                 "CPU kernels: BlockKV must be a multiple of 8, at most 512");

@@ -45,11 +45,13 @@ struct isa_avx2 {  // AVX2 + FMA (+ F16C): 16 ymm registers -> 8 x 8 accumulator
   static constexpr const char* name = "avx2-fma";
 };
 
-// Every GEMM dimension the kernels use (head dim, tile sizes) is a multiple of this.
+// GEMM columns (head dim, key tiles) are multiples of micro_n; GEMM rows multiples of micro_m
+// (a remainder of micro_m rows below Isa::rows runs a smaller micro-tile: decode of a GQA
+// group of 4 pads to 4 rows, not 8).
 inline constexpr int micro_n = 8;
-inline constexpr int micro_m = 8;
+inline constexpr int micro_m = 4;
 static_assert(isa_generic::width * isa_generic::vecs == micro_n && isa_avx2::width * isa_avx2::vecs == micro_n);
-static_assert(micro_m % isa_generic::rows == 0 && micro_m % isa_avx2::rows == 0);
+static_assert(isa_generic::rows % micro_m == 0 && isa_avx2::rows % micro_m == 0);
 
 inline bool cpu_has_avx2_fma() {
 #if KVTILE_CPU_DISPATCH_AVX2
@@ -116,11 +118,11 @@ KVTILE_FORCEINLINE void exp2_inplace(vf<W>& x) {
   x = x < lo ? zero : p * scale;
 }
 
-// Register-blocked micro-kernel: C[Rows, Vecs*W] += A[Rows, k] B[k, Vecs*W].
-template <class Isa>
+// Register-blocked micro-kernel: C[R, Vecs*W] += A[R, k] B[k, Vecs*W].
+template <class Isa, int R>
 KVTILE_FORCEINLINE void micro_gemm(int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
                                    std::int64_t ldc) {
-  constexpr int W = Isa::width, R = Isa::rows, V = Isa::vecs;
+  constexpr int W = Isa::width, V = Isa::vecs;
   vf<W> acc[R][V];
 
   for (int i = 0; i < R; ++i)
@@ -149,9 +151,14 @@ KVTILE_FORCEINLINE void micro_gemm(int k, const float* a, std::int64_t lda, cons
 template <class Isa>
 KVTILE_FORCEINLINE void gemm_acc(int m, int n, int k, const float* a, std::int64_t lda, const float* b,
                                  std::int64_t ldb, float* c, std::int64_t ldc) {
-  for (int i = 0; i < m; i += Isa::rows)
+  int i = 0;
+  for (; i + Isa::rows <= m; i += Isa::rows)
     for (int j = 0; j < n; j += micro_n)
-      detail::micro_gemm<Isa>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
+      detail::micro_gemm<Isa, Isa::rows>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
+  if constexpr (Isa::rows > micro_m)
+    for (; i < m; i += micro_m)
+      for (int j = 0; j < n; j += micro_n)
+        detail::micro_gemm<Isa, micro_m>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc);
 }
 
 // C[m, n] = A[m, k] B[n, k]^T: dot products of rows, for GEMMs with few rows (decode), where
