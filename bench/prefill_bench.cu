@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "kvtile/attention/cuda/prefill.cuh"
+#include "kvtile/attention/cuda/prefill_sm90.cuh"
 
 namespace {
 
@@ -101,6 +102,31 @@ void grid_row(benchmark::State& state) {
   run_prefill<cuda::prefill<T, D, Mask>>(state, "prefill", "kvtile");
 }
 
+alignas(16) unsigned char probe_buffer[512];
+
+// The Hopper wgmma kernel (prefill_sm90.cuh), same grid; skipped where it cannot run.
+template <int D, class Mask>
+void grid_row_sm90(benchmark::State& state) {
+  using K = cuda::prefill_sm90<T, D, Mask>;
+  typename K::arguments probe;
+  probe.q = {reinterpret_cast<const T*>(probe_buffer), ragged_layout::fixed(1, 1, 1, D)};
+  probe.kv = {reinterpret_cast<const T*>(probe_buffer), reinterpret_cast<const T*>(probe_buffer),
+              ragged_layout::fixed(1, 1, 1, D)};
+  probe.o = {reinterpret_cast<T*>(probe_buffer), ragged_layout::fixed(1, 1, 1, D)};
+  if (!K::can_implement(probe)) {
+    state.SkipWithError("prefill_sm90: no compute capability 9.x device with sm_90a code");
+    return;
+  }
+  run_prefill<K>(state, "prefill", "kvtile_sm90");
+}
+
+template <int D, class Mask, int BQ, int BKV, int W, int S>
+void tile_row_sm90(benchmark::State& state) {
+  run_prefill<cuda::prefill_sm90<T, D, Mask, tile_shape<BQ, BKV, W, S>>>(
+      state, "prefill_tiles",
+      "sm90_tile_" + std::to_string(BQ) + "x" + std::to_string(BKV) + "x" + std::to_string(W) + "x" + std::to_string(S));
+}
+
 template <int D, class Mask, int BQ, int BKV, int W, int S>
 void tile_row(benchmark::State& state) {
   run_prefill<cuda::prefill<T, D, Mask, tile_shape<BQ, BKV, W, S>>>(
@@ -124,6 +150,11 @@ BENCHMARK(grid_row<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, causal_mask>)->Apply(grid_args);
 
+BENCHMARK(grid_row_sm90<64, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_sm90<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_sm90<128, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_sm90<128, causal_mask>)->Apply(grid_args);
+
 // Tile sweep at S = 4096 (B = 4): which tiles win on this card. <BlockQ, BlockKV, Warps, Stages>.
 BENCHMARK(tile_row<64, no_mask, 128, 64, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 128, 128, 4, 2>)->Apply(sweep_args);
@@ -140,5 +171,11 @@ BENCHMARK(tile_row<128, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 256, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 32, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 64, 8, 2>)->Apply(sweep_args);
+// sm_90a kernel tiles (defaults: D=64 192x128x12x2, D=128 128x128x8x2).
+BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 128, 64, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 128, 128, 8, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 192, 64, 12, 2>)->Apply(sweep_args);
 
 BENCHMARK_MAIN();

@@ -27,12 +27,20 @@
 #include <cuda_runtime.h>
 
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/tile_shape.hpp"
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
+
+// 1: on a compute capability 9.x device running this binary's sm_90a code, prefill with the
+// default tile and head dim 64 or 128 runs the wgmma kernel of prefill_sm90.cuh; 0: always
+// the mma.sync kernel below.
+#ifndef KVTILE_PREFILL_SM90_DISPATCH
+#define KVTILE_PREFILL_SM90_DISPATCH 0
+#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
@@ -72,8 +80,13 @@ class prefill {
   using geometry = typename kernel_t::G;
 
  public:
+  // Of the mma.sync kernel (sm_80+); see sm90_dispatch.
   static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;
   static constexpr int threads = geometry::threads;
+  // Whether run() hands this configuration to the sm_90a wgmma kernel on Hopper (default tile,
+  // D 64 or 128); the mma.sync kernel stays the path for every other device and binary.
+  static constexpr bool sm90_dispatch = KVTILE_PREFILL_SM90_DISPATCH && (HeadDim == 64 || HeadDim == 128) &&
+                                        std::is_same_v<Tile, default_prefill_tile_t<HeadDim>>;
 
   struct arguments {
     dense_tensor<const T> q;  // [batch, q_len, qo_heads, HeadDim]
@@ -183,6 +196,13 @@ class prefill {
     const float scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(HeadDim));
     p.scale_log2 = scale * log2e;
     p.group = a.q.layout.heads / a.kv.layout.heads;
+    if constexpr (sm90_dispatch) {
+      if (major == 9 && detail::sm90_kernels_available(device)) {
+        using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, detail::sm90_default_tile_t<HeadDim>, Mask>;
+        detail::launch_prefill_sm90<sm90_kernel>(p, a.q.layout.indptr ? a.max_q_len : a.q.layout.len, device, stream);
+        return;
+      }
+    }
     fn<<<g, threads, shared_memory_bytes, stream>>>(p);
     KVTILE_CUDA_CHECK_LAUNCH();
   }

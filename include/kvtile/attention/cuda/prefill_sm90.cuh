@@ -1,0 +1,108 @@
+// kvtile/attention/cuda/prefill_sm90.cuh: prefill (forward) attention for Hopper (compute
+// capability 9.x, binaries built for sm_90a), on warpgroup MMA (wgmma).
+//
+//   using kernel = kvtile::attention::cuda::prefill_sm90<kvtile::bfloat16, 128, causal_mask>;
+//   kernel::arguments args{q, kv, o, lse, {}, scale};   // the same struct as cuda::prefill
+//   if (kernel::can_implement(args)) kernel::run(args, nullptr, stream);
+//
+// Same arguments, shapes and protocol as cuda::prefill (prefill.cuh): check, can_implement,
+// workspace_size (0), run. Head dim 64 or 128, bf16 or fp16, any mask policy, GQA, fixed or
+// varlen lengths, optional LSE. Tile: tile_shape<64 * W / 4, 64 or 128, W, Stages> (W warps,
+// W / 4 warpgroups of 64 query rows each).
+//
+// can_implement is false, and run throws kvtile::error (unsupported), on a device that is not
+// compute capability 9.x or when this binary carries no sm_90a code for it (compile with
+// -gencode=arch=compute_90a,code=sm_90a, CMake architecture "90a"). The first call per device
+// reads one word from the module (a synchronous copy), then caches the answer.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "kvtile/attention/cuda/prefill.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/core/cuda_check.cuh"
+#include "kvtile/core/error.hpp"
+#include "kvtile/core/numeric.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda {
+
+// Default tiles of the sm_90a kernel (tile sweep of bench/prefill_bench.cu, docs/prefill.md).
+template <int HeadDim>
+using default_prefill_sm90_tile_t = detail::sm90_default_tile_t<HeadDim>;
+
+template <prefill_element T, int HeadDim, mask_policy Mask = no_mask,
+          tile_shape_type Tile = default_prefill_sm90_tile_t<HeadDim>>
+class prefill_sm90 {
+  using portable = prefill<T, HeadDim, Mask>;  // owns the arguments and their checks
+  using kernel_t = detail::prefill_sm90_kernel<T, HeadDim, Tile, Mask>;
+  using geometry = typename kernel_t::G;
+
+ public:
+  using element = T;
+  using mask = Mask;
+  using tile = Tile;
+  using arguments = typename portable::arguments;
+  static constexpr int head_dim = HeadDim;
+  static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;
+  static constexpr int threads = geometry::threads;
+
+  // Argument checks: exactly cuda::prefill's (kvtile::error, invalid_argument).
+  static void check(const arguments& a) { portable::check(a); }
+
+  // The arguments pass check() and the current device runs this binary's sm_90a code.
+  static bool can_implement(const arguments& a) noexcept {
+    try {
+      check(a);
+      int device = 0;
+      if (cudaGetDevice(&device) != cudaSuccess) return false;
+      return detail::sm90_kernels_available(device);
+    } catch (...) {
+      return false;
+    }
+  }
+
+  static std::size_t workspace_size(const arguments&) { return 0; }
+
+  static dim3 grid(const arguments& a) {
+    const std::int32_t max_q = a.q.layout.indptr ? a.max_q_len : a.q.layout.len;
+    return dim3(unsigned((max_q + Tile::block_q - 1) / Tile::block_q), unsigned(a.q.layout.heads),
+                unsigned(a.q.layout.batch));
+  }
+
+  static void run(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
+    (void)workspace;
+    check(a);
+    int device = 0, major = 0;
+    KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+    KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    KVTILE_REQUIRE(major == 9, errc::unsupported, "prefill_sm90 needs a compute capability 9.x device (Hopper), device ",
+                   device, " has major ", major);
+    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported,
+                   "prefill_sm90: this binary has no sm_90a code for device ", device,
+                   " (build with CUDA architecture 90a)");
+    typename kernel_t::params p{};
+    p.q = a.q.data;
+    p.k = a.kv.k;
+    p.v = a.kv.v;
+    p.o = a.o.data;
+    p.lse = a.lse;
+    p.q_layout = a.q.layout;
+    p.kv_layout = a.kv.layout;
+    p.o_layout = a.o.layout;
+    p.mask = a.mask_params;
+    const float scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(HeadDim));
+    p.scale_log2 = scale * log2e;
+    p.group = a.q.layout.heads / a.kv.layout.heads;
+    detail::launch_prefill_sm90<kernel_t>(p, a.q.layout.indptr ? a.max_q_len : a.q.layout.len, device, stream);
+  }
+};
+
+}  // namespace attention::cuda
+KVTILE_NAMESPACE_END

@@ -1,0 +1,362 @@
+// kvtile/attention/cuda/prefill_sm90/kernel.cuh: the device side of the Hopper (sm_90a) prefill
+// attention kernel. One CTA owns BlockQ = 64 * W query rows of one (sequence, query head) and
+// runs W warpgroups (4 warps each); warpgroup w owns query rows [64 w, 64 w + 64).
+//
+// Q, K and V tiles sit in shared memory in the 128-byte swizzled layout (arch/wgmma.cuh),
+// loaded by every thread with cp.async through a Stages-deep ring (K and V of a tile in two
+// commit groups, so P V waits for V only). Per K/V tile and warpgroup:
+//   S = Q K^T      wgmma m64n{BlockKV}k16, A = Q and B = K from shared memory (K-major)
+//   softmax        on the accumulator fragments in registers (exp2, scale folded in one FFMA),
+//                  through kvtile's softmax_state
+//   O += P V       wgmma m64n{D}k16, A = P converted to 16-bit registers, B = V from shared
+//                  memory (MN-major, transpose bit)
+// With lane = 4g + t of warp q of a warpgroup, a thread holds rows 16q + g and 16q + g + 8 of
+// the warpgroup's 64: two softmax states, each over the thread's D / 4 output columns.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/arch/wgmma.cuh"
+#include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/dense_view.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/core/cuda_check.cuh"
+#include "kvtile/core/error.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::detail {
+
+// Default tiles of the sm_90a kernel: three warpgroups at D=64 (registers allow it), two at 128.
+template <int D>
+struct sm90_default_tile {
+  using type = tile_shape<128, 128, 8, 2>;
+};
+template <int D>
+  requires(D <= 64)
+struct sm90_default_tile<D> {
+  using type = tile_shape<192, 128, 12, 2>;
+};
+template <int D>
+using sm90_default_tile_t = typename sm90_default_tile<D>::type;
+
+template <class T, int D, class Tile>
+struct prefill_sm90_geometry {
+  static constexpr int block_q = Tile::block_q;
+  static constexpr int block_kv = Tile::block_kv;
+  static constexpr int warps = Tile::warps;
+  static constexpr int stages = Tile::stages;
+  static constexpr int threads = Tile::threads;
+  static constexpr int warpgroups = warps / 4;
+
+  static_assert(D == 64 || D == 128, "prefill_sm90: head dim must be 64 or 128");
+  static_assert(warps % 4 == 0 && warps >= 4, "prefill_sm90: Warps must be a multiple of 4 (whole warpgroups)");
+  static_assert(block_q == 64 * warpgroups, "prefill_sm90: BlockQ must be 64 * Warps / 4 (64 rows per warpgroup)");
+  static_assert(block_kv == 64 || block_kv == 128, "prefill_sm90: BlockKV must be 64 or 128");
+  static_assert(stages >= 2, "prefill_sm90: Stages must be at least 2");
+
+  static constexpr int chunks = D / 8;  // 16-byte chunks per row
+  static constexpr int d_steps = D / 16;
+  static constexpr int kv_steps = block_kv / 16;
+  static constexpr int s_regs = block_kv / 2;  // S accumulators per thread
+  static constexpr int o_regs = D / 2;         // O accumulators per thread
+  static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);
+  static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // one K or V tile
+  // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
+  static constexpr std::size_t smem_bytes = q_bytes + 2 * std::size_t(stages) * kv_bytes + 1024;
+};
+
+// One thread's share of copying `Rows` rows of D elements global -> an SW128 tile in shared
+// memory with 16-byte cp.async; rows at or past `valid_rows` are zero-filled.
+template <class T, class G, int Rows>
+KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile_sw128(std::uint32_t smem, const T* gmem, std::int64_t stride,
+                                                      int valid_rows, const T* any_valid, int tid) {
+  static_assert(G::threads % G::chunks == 0 && (G::threads / G::chunks) % 8 == 0,
+                "prefill_sm90: a thread's rows must share one swizzle phase");
+  constexpr int row_step = G::threads / G::chunks;
+  constexpr int per_thread = (Rows + row_step - 1) / row_step;
+  const int r0 = tid / G::chunks, c = tid % G::chunks;
+  const T* src = gmem + r0 * stride + c * 8;
+  const std::int64_t src_step = row_step * stride;
+  const std::uint32_t dst = smem + arch::sw128_offset(Rows, r0, c);
+  KVTILE_PRAGMA_UNROLL
+  for (int i = 0; i < per_thread; ++i) {
+    const int r = r0 + i * row_step;
+    if (Rows % row_step == 0 || r < Rows) {
+      const bool ok = r < valid_rows;
+      arch::cp_async_16_to(dst + i * row_step * 128, ok ? src : any_valid, ok);
+    }
+    src += src_step;
+  }
+}
+
+template <class T, int D, class Tile, class Mask>
+struct prefill_sm90_kernel {
+  using G = prefill_sm90_geometry<T, D, Tile>;
+  using params = prefill_params<T, Mask>;
+  using state = softmax_state<D / 4>;  // one row, this thread's D/4 columns
+  using qk_op = arch::wgmma_op<T, G::block_kv>;
+  using pv_op = arch::wgmma_op<T, D>;
+
+  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int wg = warp / 4, wq = warp % 4;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+    const int q_len = p.q_layout.len_of(b);
+    const int q0 = q_tile * G::block_q;
+    if (q0 >= q_len) return;
+    const int q1 = min_i(q0 + G::block_q, q_len);
+    const int kv_len = p.kv_layout.len_of(b);
+    const Mask mask(p.mask, q_len, kv_len);
+    const int kv_lo = mask.kv_begin(q0, q1), kv_hi = mask.kv_end(q0, q1);
+    const int n_tiles = kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
+    const int hk = h / p.group;
+
+    const T* q_g = p.q + p.q_layout.offset(b, q0, h);
+    const T* k_g = p.k + p.kv_layout.offset(b, 0, hk);
+    const T* v_g = p.v + p.kv_layout.offset(b, 0, hk);
+    const std::int64_t kv_stride = p.kv_layout.stride_token;
+
+    // Shared memory (32-bit shared-window byte addresses), 1024-byte aligned tiles.
+    const std::uint32_t raw = arch::smem_addr(smem_raw);
+    const std::uint32_t q_base = (raw + 1023u) & ~1023u;               // [block_q rows] SW128
+    const std::uint32_t k_base = q_base + G::q_bytes;                  // [stages][block_kv rows]
+    const std::uint32_t v_base = k_base + G::stages * G::kv_bytes;     // [stages][block_kv rows]
+
+    auto next_tile = [&](int i) {
+      while (i < n_tiles && mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
+                                tile_visibility::empty)
+        ++i;
+      return i;
+    };
+    auto fetch_tile = [&](int i, int stage) {
+      if (i < n_tiles) {
+        const int k0 = kv_lo + i * G::block_kv;
+        load_tile_sw128<T, G, G::block_kv>(k_base + stage * G::kv_bytes, k_g + k0 * kv_stride, kv_stride,
+                                           kv_len - k0, p.k, tid);
+      }
+      arch::cp_async_commit();
+      if (i < n_tiles) {
+        const int k0 = kv_lo + i * G::block_kv;
+        load_tile_sw128<T, G, G::block_kv>(v_base + stage * G::kv_bytes, v_g + k0 * kv_stride, kv_stride,
+                                           kv_len - k0, p.v, tid);
+      }
+      arch::cp_async_commit();
+    };
+
+    // Q joins the first K group, so the first wait covers both.
+    load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+    int fetch = next_tile(0);
+    KVTILE_PRAGMA_UNROLL
+    for (int s = 0; s < G::stages - 1; ++s) {
+      fetch_tile(fetch, s);
+      fetch = next_tile(fetch + 1);
+    }
+
+    state st[2];  // rows g and g + 8 of this warp's 16
+    st[0].init();
+    st[1].init();
+
+    const int wq0 = q0 + wg * 64, wq1 = min_i(wq0 + 64, q_len);
+    const int row_top = wq0 + wq * 16 + g;  // this thread's rows: row_top, row_top + 8
+    const float scale_log2 = p.scale_log2;
+    // Q descriptor base of this warpgroup: its 64 rows inside each column block.
+    const std::uint32_t q_wg = q_base + wg * 64 * 128;
+    constexpr std::uint32_t sbo = 1024;
+
+    int stage = 0, refill = G::stages - 1;
+    for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
+      // K of this tile (and Q) landed; published to the async proxy; every warp is done with
+      // the slot refilled next.
+      arch::cp_async_wait<2 * G::stages - 3>();
+      arch::fence_proxy_async_shared();
+      __syncthreads();
+      fetch_tile(fetch, refill);
+      fetch = next_tile(fetch + 1);
+      refill = refill + 1 == G::stages ? 0 : refill + 1;
+
+      const int k0 = kv_lo + i * G::block_kv;
+      tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
+      if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
+
+      float s[G::s_regs];
+      std::uint32_t pa[G::kv_steps][4];
+      if (vis != tile_visibility::empty) {
+        const std::uint32_t k_tile = k_base + stage * G::kv_bytes;
+        arch::fence_operands(s);
+        arch::wgmma_fence();
+        KVTILE_PRAGMA_UNROLL
+        for (int kd = 0; kd < G::d_steps; ++kd) {
+          const std::uint32_t col = (kd / 4), in_atom = (kd % 4) * 32;
+          const std::uint64_t da = arch::sw128_desc(q_wg + col * G::block_q * 128 + in_atom, 16, sbo);
+          const std::uint64_t db = arch::sw128_desc(k_tile + col * G::block_kv * 128 + in_atom, 16, sbo);
+          qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
+        }
+        arch::wgmma_commit();
+        arch::wgmma_wait<0>();
+        arch::fence_operands(s);
+
+        if (vis == tile_visibility::partial) {
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < G::block_kv / 8; ++j)
+            KVTILE_PRAGMA_UNROLL
+            for (int c = 0; c < 4; ++c) {
+              const int row = row_top + (c / 2) * 8;
+              const int col = k0 + j * 8 + 2 * t + (c % 2);
+              if (!(col < kv_len && mask.visible(row, col))) s[4 * j + c] = neg_inf;
+            }
+        }
+
+        // Online softmax per row (a quad of lanes shares a row).
+        KVTILE_PRAGMA_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          float mx = neg_inf;
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float base = st[half].enter_tile(mx * scale_log2);
+          float sum = 0.f;
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < G::block_kv / 8; ++j)
+            KVTILE_PRAGMA_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              float& x = s[4 * j + 2 * half + c];
+              x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+              sum += x;
+            }
+          st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
+        }
+        // P as the register A fragment of each 16-key step.
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::kv_steps; ++j) {
+          pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
+          pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
+          pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
+          pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+        }
+      }
+
+      arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
+      arch::fence_proxy_async_shared();
+      __syncthreads();
+      if (vis != tile_visibility::empty) {
+        float o[G::o_regs];
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          o[4 * j + 0] = st[0].o[2 * j];
+          o[4 * j + 1] = st[0].o[2 * j + 1];
+          o[4 * j + 2] = st[1].o[2 * j];
+          o[4 * j + 3] = st[1].o[2 * j + 1];
+        }
+        const std::uint32_t v_tile = v_base + stage * G::kv_bytes;
+        arch::fence_operands(o);
+        arch::wgmma_fence();
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::kv_steps; ++j) {
+          const std::uint64_t db = arch::sw128_desc(v_tile + j * 16 * 128, G::block_kv * 128, sbo);
+          pv_op::template rs<1>(o, pa[j], db, 1);
+        }
+        arch::wgmma_commit();
+        arch::wgmma_wait<0>();
+        arch::fence_operands(o);
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          st[0].o[2 * j] = o[4 * j + 0];
+          st[0].o[2 * j + 1] = o[4 * j + 1];
+          st[1].o[2 * j] = o[4 * j + 2];
+          st[1].o[2 * j + 1] = o[4 * j + 3];
+        }
+      }
+      stage = stage + 1 == G::stages ? 0 : stage + 1;
+    }
+    arch::cp_async_wait<0>();
+
+    // Epilogue: finish each row (quad sum of l, LSE, normalise) and store straight from the
+    // fragments (a quad writes 16 contiguous bytes of a row).
+    const std::int32_t heads = p.q_layout.heads;
+    T* o_g = p.o + p.o_layout.offset(b, 0, h);
+    const std::int64_t o_stride = p.o_layout.stride_token;
+    KVTILE_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
+      const int row = row_top + r * 8;
+      if (row < q_len) {
+        if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * heads + h] = st[r].lse();
+        st[r].normalize();
+        T* dst = o_g + row * o_stride + 2 * t;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < D / 8; ++j)
+          *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(st[r].o[2 * j], st[r].o[2 * j + 1]);
+      }
+    }
+  }
+};
+
+// Entry point; the body exists only in the sm_90a device pass (elsewhere an empty kernel that
+// the host never launches, see prefill_sm90::run).
+template <class Kernel>
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1) prefill_sm90_entry(const typename Kernel::params p) {
+#if KVTILE_WGMMA_AVAILABLE
+  extern __shared__ __align__(16) unsigned char prefill_sm90_smem[];
+  Kernel::run(p, prefill_sm90_smem);
+#else
+  (void)p;
+#endif
+}
+
+// 1 in the sm_90a device code of this binary, 0 in every other; the host reads the copy of the
+// module the device loaded to know whether the wgmma kernels are really there.
+[[maybe_unused]] static __device__ int prefill_sm90_compiled = KVTILE_WGMMA_AVAILABLE;
+
+// Whether device `device` is compute capability 9.x and runs sm_90a code of this binary. The
+// first call per device reads one word from the module (a synchronous copy), then it is cached.
+inline bool sm90_kernels_available(int device) {
+  static std::atomic<int> cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < 64) {
+    const int c = cache[device].load(std::memory_order_relaxed);
+    if (c != 0) return c == 1;
+  }
+  int major = 0;
+  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
+  if (ok) {
+    int flag = 0;
+    ok = cudaMemcpyFromSymbol(&flag, prefill_sm90_compiled, sizeof(int)) == cudaSuccess && flag == 1;
+    if (!ok) (void)cudaGetLastError();  // no module for this device: not sticky, clear it
+  }
+  if (device >= 0 && device < 64) cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
+  return ok;
+}
+
+// Launches the sm_90a kernel `Kernel` for `p` (already checked) on a device where
+// sm90_kernels_available holds; shared by prefill_sm90::run and prefill::run's dispatch.
+template <class Kernel>
+void launch_prefill_sm90(const typename Kernel::params& p, std::int32_t max_q_len, int device, cudaStream_t stream) {
+  using G = typename Kernel::G;
+  int smem_optin = 0;
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  KVTILE_REQUIRE(G::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
+                 G::block_kv, ", ", G::warps, ", ", G::stages, "> needs ", G::smem_bytes,
+                 " bytes of shared memory, device ", device, " allows ", smem_optin);
+  const dim3 g(unsigned((max_q_len + G::block_q - 1) / G::block_q), unsigned(p.q_layout.heads),
+               unsigned(p.q_layout.batch));
+  if (g.x == 0 || g.y == 0 || g.z == 0) return;
+  auto* fn = &prefill_sm90_entry<Kernel>;
+  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
+  fn<<<g, G::threads, G::smem_bytes, stream>>>(p);
+  KVTILE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace attention::cuda::detail
+KVTILE_NAMESPACE_END
