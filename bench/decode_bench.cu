@@ -20,6 +20,11 @@
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 
+// KVTILE_BENCH_APPEND_SPLIT=0 plans the append rows without split-KV (the merge's share).
+#ifndef KVTILE_BENCH_APPEND_SPLIT
+#define KVTILE_BENCH_APPEND_SPLIT 1
+#endif
+
 namespace {
 
 using namespace kvtile;
@@ -91,7 +96,9 @@ struct paged_setup {
     last = dcopy(lp);
     const paging::csr_page_table host{ki.data(), ids.data(), lp.data(), batch};
     const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, 2};
-    plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits());
+    kc::plan_options opt;
+    opt.split_kv = q_len == 1 || KVTILE_BENCH_APPEND_SPLIT;
+    plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());

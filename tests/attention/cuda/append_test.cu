@@ -1,7 +1,7 @@
 // GPU tests of kvtile/attention/cuda/append.cuh: chunked prefill over paged K/V (ragged chunks
 // against the cached prefix + bottom-right causal inside the chunk), batches mixing decodes and
 // chunks, window + sinks, every page size and group size, split == unsplit, fp16 with a head
-// dim (96) that takes the kernel's general load path.
+// dim (96) that takes the kernel's general load path, and D=64 (Q kept in registers).
 #include <doctest/doctest.h>
 
 #include "attention/cuda/paged_fixture.cuh"
@@ -62,6 +62,19 @@ TEST_CASE("append: sliding window with sinks, fp16 D=96") {
     INFO("window " << c.window << " sinks " << c.sinks << " page " << c.page);
     run_and_check<kvtile::half, 96, sliding_window_mask>(s, {c.window, c.sinks}, rng(), /*compare_unsplit=*/true);
   }
+}
+
+TEST_CASE("append: fp16 D=64, Q fragments in registers and one barrier per key tile") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  spec s;
+  s.hkv = 2;
+  s.hq = 8;
+  s.page_size = 16;
+  s.q_lens = {70, 1, 200};
+  s.kv_lens = {300, 50, 700};
+  run_and_check<kvtile::half, 64, causal_mask>(s, {}, rng(), /*compare_unsplit=*/true);
 }
 
 TEST_CASE("append: lengths that disagree with the page table are rejected before any work") {

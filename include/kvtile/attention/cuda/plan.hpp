@@ -33,14 +33,15 @@ KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
 
 // Which kernel shape runs the batch. decode: 16 packed rows per CTA, four warps splitting each
-// key tile (few rows, many keys); append: 64 packed rows per CTA, one warp per 16 rows.
+// key tile (few rows, many keys); append: 128 packed rows per CTA, one warp per 32 rows (64 rows,
+// 16 per warp, for head dims above 128).
 enum class paged_kernel_kind : std::int32_t { decode, append };
 
 struct paged_kernel_shape {
   paged_kernel_kind kind;
   int block_m;  // packed query rows per CTA
   int block_n;  // keys per tile
-  int warps_m;  // warps along rows (16 rows each)
+  int warps_m;  // warps along rows (block_m / warps_m rows each: 16 or 32)
   int warps_n;  // warps along the keys of a tile
   int stages;   // K/V pipeline depth
 
@@ -52,7 +53,9 @@ struct paged_kernel_shape {
     const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
-    return std::max(tiles, reduce);
+    // The 32-rows-per-warp append kernel also keeps two rings of block_n key row offsets.
+    const std::size_t offsets = block_m / warps_m >= 32 ? 2 * std::size_t(block_n) * 8 : 0;
+    return std::max(tiles + offsets, reduce);
   }
 };
 
@@ -62,7 +65,10 @@ constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_di
   // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
   // three stages would exceed sm_80's 163 KB per CTA.
   if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
-  return {kind, 64, head_dim > 128 ? 32 : 64, 4, 1, 2};
+  // Append: 32 rows per warp (each K/V fragment feeds two MMA row tiles), 2 CTAs per SM
+  // (docs/perf-log/decode.md v5); above D = 128 the O accumulators of 32 rows do not fit.
+  if (head_dim <= 128) return {kind, 128, 64, 4, 1, 2};
+  return {kind, 64, 32, 4, 1, 2};
 }
 
 // What the planner needs to know about the device (decode.cuh: query_device_limits()).
@@ -165,7 +171,8 @@ constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b 
 inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_problem& pr, const device_limits& dev) {
   const std::size_t smem = shape.smem_bytes(pr.head_dim, pr.elem_bytes) + 1024;
   const int by_smem = int(dev.smem_per_sm / smem);
-  const int regs_per_thread = pr.head_dim > 128 ? 255 : 128;
+  const bool wide_rows = shape.block_m / shape.warps_m >= 32;  // 32 rows per warp: ~255 registers
+  const int regs_per_thread = pr.head_dim > 128 || wide_rows ? 255 : 128;
   const int by_regs = 65536 / (regs_per_thread * shape.threads());
   return std::max(1, std::min({by_smem, by_regs, dev.max_ctas_per_sm}));
 }

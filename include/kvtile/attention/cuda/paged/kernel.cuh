@@ -1,4 +1,5 @@
-// kvtile/attention/cuda/paged/kernel.cuh: the paged attention kernel behind decode and append.
+// kvtile/attention/cuda/paged/kernel.cuh: the paged attention kernel behind decode (and append
+// at head dims above 128; append at D <= 128 runs append_kernel.cuh's 32-rows-per-warp kernel).
 //
 // One CTA runs one work item of a paged_plan: a tile of BM packed query rows (GQA packing:
 // the query tokens x query heads of one KV head) against the keys [kv_begin, kv_end) of its
@@ -27,6 +28,12 @@
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/paging/paged_view.hpp"
+
+// 1: the 16-row kernel waits once per key tile (see one_barrier below). Measured in
+// docs/perf-log/decode.md v5.
+#ifndef KVTILE_PAGED_ONE_BARRIER
+#define KVTILE_PAGED_ONE_BARRIER 0
+#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -96,6 +103,9 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   const Mask mask(p.mask, q_len, kv_len);
   const int kv_begin = w.kv_begin, kv_end = w.kv_end;
   const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
+  // One barrier per tile (wait, barrier, then refill the stage freed by the previous tile)
+  // instead of two (refill, wait, barrier, compute, barrier); an experiment for decode.
+  constexpr bool one_barrier = KVTILE_PAGED_ONE_BARRIER != 0 && ST >= 3;
 
   const T* kbase = p.kv.k_base();
   const T* vbase = p.kv.v_base();
@@ -198,6 +208,11 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
+    if constexpr (one_barrier) {
+      // Tile cur landed and every warp is done with the stage refilled below.
+      arch::cp_async_wait<ST - 2>();
+      __syncthreads();
+    }
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = next_tile(fetch + 1);
@@ -205,8 +220,10 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
-    arch::cp_async_wait<ST - 1>();
-    __syncthreads();
+    if constexpr (!one_barrier) {
+      arch::cp_async_wait<ST - 1>();
+      __syncthreads();
+    }
 
     const T* ks = k_s + stage_r * BN * LD + wn * TPW * LD;
     const T* vs = v_s + stage_r * BN * LD + wn * TPW * LD;
@@ -283,7 +300,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
         arch::mma_16816<T>(o_acc[2 * dp + 1], pa, b1);
       }
     }
-    __syncthreads();  // this stage is refilled next
+    if constexpr (!one_barrier) __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
     cur = next_tile(cur + 1);
   }

@@ -6,9 +6,11 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
+#include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/tile_shape.hpp"
@@ -54,9 +56,15 @@ namespace paged {
 
 template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
 void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
-  using C = kernel_config<Kind, D>;
+  // Append at D <= 128: the 32-rows-per-warp kernel (append_kernel.cuh); otherwise kernel.cuh.
+  using C = std::conditional_t<uses_wide_append<Kind, D>, append_config<D>, kernel_config<Kind, D>>;
   const std::size_t smem = C::shape.smem_bytes(D, int(sizeof(T)));
-  auto kernel = paged_attention_kernel<T, D, Kind, Mask, Table>;
+  auto kernel = [] {
+    if constexpr (uses_wide_append<Kind, D>)
+      return paged_append_kernel<T, D, Mask, Table>;
+    else
+      return paged_attention_kernel<T, D, Kind, Mask, Table>;
+  }();
   // Not a stream operation: legal while a stream is being captured.
   KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   if (!plan.work.empty()) {

@@ -1,0 +1,412 @@
+// kvtile/attention/cuda/paged/append_kernel.cuh: the paged append (chunked prefill) kernel for
+// head dims up to 128.
+//
+// One CTA runs one work item of an append plan: 128 packed query rows (GQA packing, as in
+// kernel.cuh) against the keys [kv_begin, kv_end) of one request and KV head, read page by page.
+// Four warps own 32 rows each (two 16-row MMA tiles), so every K and V fragment a warp loads with
+// ldmatrix feeds two MMAs; every warp reads every K/V tile. S, P and O stay in registers.
+//
+// Per key tile of 64 keys (2-stage cp.async ring, K and V in separate commit groups):
+//   wait K, barrier, refill the freed stage      S = Q K^T (raw dot products, fp32)
+//   mask (only on partial tiles)                  online softmax in base 2: one FFMA + ex2
+//   [D > 64: wait V, barrier]                     O += P V, P re-packed from S
+// The split V wait for D > 64 staggers the warps of a CTA against the other CTA on the SM; one
+// barrier per tile for D <= 64 (the measured choice of the dense prefill kernel, see
+// docs/perf-log/prefill.md). Q stays in registers when Q, S and O fit 192 registers, else it is
+// re-read from shared memory each tile.
+//
+// The epilogue normalises each row; whole rows go to O through the warp's own rows of the Q
+// buffer (8-byte stores), split items write fp32 partial states for merge_partials_kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/paged/kernel.cuh"
+#include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/softmax_state.hpp"
+
+// Largest head dim whose key tiles take one barrier (K and V waited together); above it V is
+// waited for separately, with a second barrier.
+#ifndef KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D
+#define KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D 64
+#endif
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::paged {
+
+// Head dims served by paged_append_kernel (32 rows per warp); larger ones use the 16-row
+// paged_attention_kernel.
+template <paged_kernel_kind Kind, int D>
+inline constexpr bool uses_wide_append = Kind == paged_kernel_kind::append && D <= 128;
+
+template <int D>
+struct append_config {
+  static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::append, D);
+  static constexpr int bm = shape.block_m, bn = shape.block_n, warps = shape.warps_m, stages = shape.stages;
+  static constexpr int threads = 32 * warps;
+  static constexpr int rows_per_warp = bm / warps;
+  static constexpr int m_tiles = rows_per_warp / 16;  // 16-row MMA tiles per warp
+  static constexpr int s_tiles = bn / 8;              // 8-key tiles of S
+  static constexpr int d_steps = D / 16;              // k-steps of Q K^T
+  static constexpr int o_tiles = D / 8;               // 8-column tiles of O
+  static constexpr int kv_steps = bn / 16;            // k-steps of P V
+  static constexpr int chunks = D / 8;                // 16-byte chunks per row
+  static constexpr int pitch = D + 8;                 // shared row stride: no ldmatrix bank conflicts
+  static constexpr bool q_in_registers = m_tiles * (d_steps + o_tiles + s_tiles) * 4 <= 192;
+  // Shared memory: Q, K and V stages, then two rings of BN key row offsets (int64).
+  static constexpr std::size_t tile_bytes = std::size_t(bm + 2 * stages * bn) * pitch * 2;  // 2-byte elements
+  static_assert(stages == 2, "paged append kernel: the row-offset ring assumes two K/V stages");
+  static constexpr bool split_wait = D > KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D;
+  static_assert(shape.warps_n == 1 && bm % (16 * warps) == 0 && rows_per_warp == 32,
+                "paged append kernel: each warp owns 32 rows");
+  static_assert(bn % 16 == 0 && stages >= 2 && D % 16 == 0 && D <= 128, "paged append kernel: shape");
+};
+
+template <class T, int D, class Mask, class Table>
+KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
+    paged_append_kernel(const kernel_params<T, Table, Mask> p) {
+  using C = append_config<D>;
+  constexpr int BM = C::bm, BN = C::bn, ST = C::stages, NT = C::threads, P = C::pitch, CH = C::chunks;
+  constexpr int MT = C::m_tiles, RPW = C::rows_per_warp;
+  constexpr std::uint32_t row_bytes = P * sizeof(T), stage_bytes = BN * row_bytes;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);
+  const std::uint32_t q_base = arch::smem_addr(q_s);
+  const std::uint32_t k_base = q_base + BM * row_bytes;       // [ST][BN][P]
+  const std::uint32_t v_base = k_base + ST * stage_bytes;     // [ST][BN][P]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+
+  const paged_work_item w = p.work[blockIdx.x];
+  const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
+  const int q_len = p.q.layout.len_of(b), kv_len = p.kv.kv_len(b);
+  const int group = p.group;
+  const int rows = q_len * group;
+  const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
+  const Mask mask(p.mask, q_len, kv_len);
+  const int kv_begin = w.kv_begin, kv_end = w.kv_end;
+  const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
+
+  const std::int32_t* pages = page_row(p.kv.table, b);
+  const int page_size = p.kv.pool.page_size;
+  const T* kg = p.kv.k_base();
+  const T* vg = p.kv.v_base();
+
+  // ---- loads -------------------------------------------------------------------------------
+  for (int idx = tid; idx < BM * CH; idx += NT) {
+    const int r = idx / CH, c = idx % CH;
+    const int pr = row0 + r;
+    const bool valid = pr < rows;
+    const T* src = valid ? p.q.at(b, pr / group, kvh * group + pr % group) + c * 8 : p.q.data;
+    arch::cp_async_16_to(q_base + (r * P + c * 8) * sizeof(T), src, valid);
+  }
+  arch::cp_async_commit();
+
+  // Key row offsets (elements, -1: not loaded) of the next tile to fetch, in a ring of two in
+  // shared memory. Threads tid < BN each look up one key row's block id a tile ahead (issued
+  // early in an iteration, stored at its end), so a fetch is 16-byte copies from precomputed
+  // addresses: no page-table lookups or divisions by page_size in its path.
+  std::int64_t* off_s = reinterpret_cast<std::int64_t*>(smem_raw + C::tile_bytes);  // [2][BN]
+  auto row_block = [&](int tile) {
+    const int tok = kv_begin + tile * BN + tid;
+    return tid < BN && tile < n_tiles && tok < kv_end ? pages[tok / page_size] : -1;
+  };
+  auto row_offset = [&](int tile, int blk) -> std::int64_t {
+    const int tok = kv_begin + tile * BN + tid;
+    return blk < 0 ? -1 : p.kv.pool.offset(blk, tok % page_size, kvh);
+  };
+
+  // K then V of one tile, each its own commit group (issued even when empty, so the waits
+  // below count groups at compile time). Keys at or past the item's end are zero-filled.
+  auto fetch_tile = [&](int tile, int stage, int slot) {
+    const std::uint32_t ks = k_base + stage * stage_bytes, vs = v_base + stage * stage_bytes;
+    const std::int64_t* offs = off_s + slot * BN;
+    auto issue = [&](std::uint32_t dst, const T* src) {
+      if (tile < n_tiles) {
+        if constexpr (NT % CH == 0) {
+          constexpr int RPP = NT / CH;  // rows per pass of the CTA
+          const int c = tid % CH, r0 = tid / CH;
+          KVTILE_PRAGMA_UNROLL
+          for (int r = r0; r < BN; r += RPP) {
+            const std::int64_t off = offs[r];
+            const bool ok = off >= 0;
+            arch::cp_async_16_to(dst + (r * P + c * 8) * sizeof(T), src + (ok ? off + c * 8 : 0), ok);
+          }
+        } else {
+          for (int idx = tid; idx < BN * CH; idx += NT) {
+            const int r = idx / CH, c = idx % CH;
+            const std::int64_t off = offs[r];
+            const bool ok = off >= 0;
+            arch::cp_async_16_to(dst + (r * P + c * 8) * sizeof(T), src + (ok ? off + c * 8 : 0), ok);
+          }
+        }
+      }
+      arch::cp_async_commit();
+    };
+    issue(ks, kg);
+    issue(vs, vg);
+  };
+  auto next_tile = [&](int tile) {
+    while (tile < n_tiles) {
+      const int k0 = kv_begin + tile * BN;
+      if (mask.classify(t_lo, t_hi, k0, min_i(k0 + BN, kv_end)) != tile_visibility::empty) break;
+      ++tile;
+    }
+    return tile;
+  };
+
+  // fetch: the next tile to fetch (its row offsets in slot `slot`); fetch2: the one after.
+  int fetch = next_tile(0), fetch2 = next_tile(fetch + 1);
+  if (tid < BN) {
+    off_s[tid] = row_offset(fetch, row_block(fetch));
+    off_s[BN + tid] = row_offset(fetch2, row_block(fetch2));
+  }
+  __syncthreads();
+  fetch_tile(fetch, 0, 0);
+  fetch = fetch2;
+  fetch2 = next_tile(fetch2 + 1);
+  int slot = 1;
+
+  // ---- state ---------------------------------------------------------------------------------
+  float o_acc[MT][D / 8][4];
+  float m_row[MT][2], l_row[MT][2];
+  const int wr0 = row0 + warp * RPW;  // first packed row of this warp
+  KVTILE_PRAGMA_UNROLL
+  for (int mt = 0; mt < MT; ++mt) {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < D / 8; ++i) o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
+    KVTILE_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      m_row[mt][h] = neg_inf;
+      l_row[mt][h] = 0.f;
+    }
+  }
+  const bool warp_rows = wr0 < rows;
+  const int wt0 = wr0 / group, wt1 = warp_rows ? (min_i(wr0 + RPW, rows) - 1) / group + 1 : wt0;
+
+  // Per-lane ldmatrix offsets (bytes). A operand (Q) and V through .trans: matrix i = lane / 8
+  // covers rows +8 for odd i and columns +8 for i >= 2; K (B operand): rows +8 for i >= 2,
+  // columns +8 for odd i.
+  const int a_row = lane % 8 + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
+  const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
+  const std::uint32_t q_addr = q_base + ((warp * RPW + a_row) * P + a_col) * sizeof(T);
+  const std::uint32_t k_lane = (k_row * P + k_col) * sizeof(T);
+  const std::uint32_t v_lane = (a_row * P + a_col) * sizeof(T);
+
+  std::uint32_t q_frag[C::q_in_registers ? MT : 1][C::q_in_registers ? C::d_steps : 1][4];
+  arch::cp_async_wait<2 * ST - 2>();  // Q landed (K/V groups may still fly)
+  __syncthreads();
+  if constexpr (C::q_in_registers) {
+    KVTILE_PRAGMA_UNROLL
+    for (int mt = 0; mt < MT; ++mt)
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < C::d_steps; ++kd)
+        arch::ldmatrix_x4(q_frag[mt][kd], q_addr + (mt * 16 * P + kd * 16) * sizeof(T));
+  }
+
+  // ---- main loop -----------------------------------------------------------------------------
+  const float scale_log2 = p.scale_log2;
+  int stage = 0, refill = ST - 1;
+  for (int cur = next_tile(0); cur < n_tiles; cur = next_tile(cur + 1)) {
+    // The tile's K (and V without split_wait) landed and is visible to every warp; every warp
+    // is done with the stage refilled now.
+    if constexpr (C::split_wait)
+      arch::cp_async_wait<2 * ST - 3>();
+    else
+      arch::cp_async_wait<2 * ST - 4>();
+    __syncthreads();
+    fetch_tile(fetch, refill, slot);
+    refill = refill + 1 == ST ? 0 : refill + 1;
+    // Block ids of the tile after: loaded now, turned into offsets at the end of the iteration.
+    const int pend_tile = fetch2, pend_blk = row_block(fetch2);
+    fetch = fetch2;
+    fetch2 = next_tile(fetch2 + 1);
+
+    const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
+    tile_visibility vis = warp_rows ? mask.classify(wt0, wt1, k0, k1) : tile_visibility::empty;
+    if (vis == tile_visibility::full && k1 - k0 < BN) vis = tile_visibility::partial;
+
+    float s[MT][C::s_tiles][4];
+    if (vis != tile_visibility::empty) {
+      KVTILE_PRAGMA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+        KVTILE_PRAGMA_UNROLL
+        for (int nt = 0; nt < C::s_tiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      const std::uint32_t k_addr = k_base + stage * stage_bytes + k_lane;
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < C::d_steps; ++kd) {
+        std::uint32_t qa[MT][4];
+        KVTILE_PRAGMA_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (C::q_in_registers) {
+            KVTILE_PRAGMA_UNROLL
+            for (int x = 0; x < 4; ++x) qa[mt][x] = q_frag[mt][kd][x];
+          } else {
+            arch::ldmatrix_x4(qa[mt], q_addr + (mt * 16 * P + kd * 16) * sizeof(T));
+          }
+        }
+        KVTILE_PRAGMA_UNROLL
+        for (int np = 0; np < C::s_tiles / 2; ++np) {
+          std::uint32_t kb[4];
+          arch::ldmatrix_x4(kb, k_addr + (np * 16 * P + kd * 16) * sizeof(T));
+          const std::uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          KVTILE_PRAGMA_UNROLL
+          for (int mt = 0; mt < MT; ++mt) {
+            arch::mma_16816<T>(s[mt][2 * np], qa[mt], b0);
+            arch::mma_16816<T>(s[mt][2 * np + 1], qa[mt], b1);
+          }
+        }
+      }
+
+      if (vis == tile_visibility::partial) {
+        KVTILE_PRAGMA_UNROLL
+        for (int mt = 0; mt < MT; ++mt)
+          KVTILE_PRAGMA_UNROLL
+          for (int nt = 0; nt < C::s_tiles; ++nt)
+            KVTILE_PRAGMA_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int j = k0 + nt * 8 + 2 * t + (e & 1);
+              const int tk = (wr0 + mt * 16 + g + 8 * (e / 2)) / group;  // the row's query token
+              if (!(j < k1 && mask.visible(tk, j))) s[mt][nt][e] = neg_inf;
+            }
+      }
+
+      // Online softmax in base 2: the row max of the raw scores (a quad of lanes shares a row),
+      // the running max moves, O and l are rescaled, and each weight is exp2(s * scale - base).
+      // l keeps this lane's columns only; the quad is summed once, in the epilogue.
+      KVTILE_PRAGMA_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+        KVTILE_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          float mx = neg_inf;
+          KVTILE_PRAGMA_UNROLL
+          for (int nt = 0; nt < C::s_tiles; ++nt) mx = max_f(mx, max_f(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = max_f(m_row[mt][h], mx * scale_log2);
+          const float a = rescale_factor(m_row[mt][h], m_new);
+          const float base = exp_base(m_new);
+          m_row[mt][h] = m_new;
+          float sum = 0.f;
+          KVTILE_PRAGMA_UNROLL
+          for (int nt = 0; nt < C::s_tiles; ++nt)
+            KVTILE_PRAGMA_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[mt][nt][2 * h + e];
+              x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+              sum += x;
+            }
+          l_row[mt][h] = l_row[mt][h] * a + sum;
+          KVTILE_PRAGMA_UNROLL
+          for (int dt = 0; dt < D / 8; ++dt) {
+            o_acc[mt][dt][2 * h] *= a;
+            o_acc[mt][dt][2 * h + 1] *= a;
+          }
+        }
+    }
+
+    if constexpr (C::split_wait) {
+      arch::cp_async_wait<2 * ST - 2>();  // V of this tile
+      __syncthreads();
+    }
+    if (vis != tile_visibility::empty) {
+      // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
+      // 16-key step; each V fragment feeds both row tiles.
+      const std::uint32_t v_addr = v_base + stage * stage_bytes + v_lane;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < C::kv_steps; ++j) {
+        std::uint32_t pa[MT][4];
+        KVTILE_PRAGMA_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          pa[mt][0] = arch::pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
+          pa[mt][1] = arch::pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
+          pa[mt][2] = arch::pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
+          pa[mt][3] = arch::pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
+        }
+        KVTILE_PRAGMA_UNROLL
+        for (int dp = 0; dp < D / 16; ++dp) {
+          std::uint32_t vb[4];
+          arch::ldmatrix_x4_trans(vb, v_addr + (j * 16 * P + dp * 16) * sizeof(T));
+          const std::uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+          KVTILE_PRAGMA_UNROLL
+          for (int mt = 0; mt < MT; ++mt) {
+            arch::mma_16816<T>(o_acc[mt][2 * dp], pa[mt], b0);
+            arch::mma_16816<T>(o_acc[mt][2 * dp + 1], pa[mt], b1);
+          }
+        }
+      }
+    }
+    // The slot read by the previous iteration's fetch: every warp is past it (the barrier above).
+    if (tid < BN) off_s[(slot ^ 1) * BN + tid] = row_offset(pend_tile, pend_blk);
+    slot ^= 1;
+    stage = stage + 1 == ST ? 0 : stage + 1;
+  }
+  arch::cp_async_wait<0>();
+
+  // ---- epilogue ------------------------------------------------------------------------------
+  // Rows of this thread: (mt, h) -> packed row wr0 + mt * 16 + g + 8 h, columns 8 dt + 2 t.
+  const bool whole = w.partial < 0;
+  KVTILE_PRAGMA_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    KVTILE_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      float l = l_row[mt][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float lse = lse_of(m_row[mt][h], l);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int lr = warp * RPW + mt * 16 + g + 8 * h;  // row within the CTA tile
+      const int pr = row0 + lr;
+      KVTILE_PRAGMA_UNROLL
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o_acc[mt][dt][2 * h] *= inv;
+        o_acc[mt][dt][2 * h + 1] *= inv;
+      }
+      if (whole) {
+        if (t == 0 && p.lse != nullptr && pr < rows) {
+          const int tk = pr / group, hq = kvh * group + pr % group;
+          p.lse[p.q.layout.row(b, tk) * p.num_qo_heads + hq] = lse;
+        }
+      } else if (pr < rows) {
+        const std::int64_t prow = std::int64_t(w.partial) * BM + lr;
+        float* dst = p.partial_o + prow * D + 2 * t;
+        KVTILE_PRAGMA_UNROLL
+        for (int dt = 0; dt < D / 8; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
+        if (t == 0) p.partial_lse[prow] = lse;
+      }
+    }
+  if (whole) {
+    // Stage the warp's rows through its own rows of the Q buffer (only this warp reads them),
+    // then write 8-byte chunks.
+    __syncwarp();
+    KVTILE_PRAGMA_UNROLL
+    for (int mt = 0; mt < MT; ++mt)
+      KVTILE_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        T* dst = q_s + (warp * RPW + mt * 16 + g + 8 * h) * P + 2 * t;
+        KVTILE_PRAGMA_UNROLL
+        for (int dt = 0; dt < D / 8; ++dt)
+          *reinterpret_cast<std::uint32_t*>(dst + dt * 8) = arch::pack2<T>(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
+      }
+    __syncwarp();
+    constexpr int OC = D / 4;  // 8-byte chunks per row (O strides are multiples of 4 elements)
+    KVTILE_PRAGMA_UNROLL
+    for (int id = lane; id < RPW * OC; id += 32) {
+      const int lr = warp * RPW + id / OC, c = id % OC;
+      const int pr = row0 + lr;
+      if (pr < rows)
+        *reinterpret_cast<uint2*>(p.o.at(b, pr / group, kvh * group + pr % group) + c * 4) =
+            *reinterpret_cast<const uint2*>(q_s + lr * P + c * 4);
+    }
+  }
+}
+
+}  // namespace attention::cuda::paged
+KVTILE_NAMESPACE_END
