@@ -121,6 +121,7 @@ TEST_CASE("cpu backward: head dims, GQA groups, low precision, every shipped til
   };
   tile.template operator()<tile_shape<8, 16>>();
   tile.template operator()<tile_shape<16, 32>>();
+  tile.template operator()<tile_shape<16, 64>>();
   tile.template operator()<tile_shape<32, 64>>();
   tile.template operator()<tile_shape<64, 64>>();
   tile.template operator()<tile_shape<64, 128>>();

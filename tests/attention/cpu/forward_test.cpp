@@ -96,7 +96,7 @@ TEST_CASE("cpu forward: GQA groups 1, 4, 5, 7, 8, 16 in decode and prefill") {
 }
 
 TEST_CASE("cpu forward: every shipped tile shape") {
-  // The shapes kvtile's benchmark and docs instantiate; each on a case with partial tiles.
+  // The shapes kvtile's benchmark, docs and examples instantiate; each with partial tiles.
   const auto seed = fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
@@ -107,6 +107,7 @@ TEST_CASE("cpu forward: every shipped tile shape") {
   };
   all.template operator()<tile_shape<8, 16>>();
   all.template operator()<tile_shape<16, 32>>();
+  all.template operator()<tile_shape<16, 64>>();
   all.template operator()<tile_shape<32, 64>>();
   all.template operator()<tile_shape<64, 64>>();
   all.template operator()<tile_shape<64, 128>>();
