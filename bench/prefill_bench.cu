@@ -1,6 +1,8 @@
 // Prefill (forward) attention on the GPU: the grid of ../shared ANCHORS (bf16, D 64 and 128,
 // S 512..16384, causal and not, 16k tokens per batch, hidden 2048 so heads = 2048 / D), and a
-// tile-shape sweep. CUDA-event manual time; the counter `value` is TFLOP/s (decimal) with
+// tile-shape sweep. impl=kvtile is cuda::prefill::run (on Hopper: the sm_90a wgmma kernel for
+// D 64 / 128), kvtile_mma its mma.sync kernel (run_portable), kvtile_sm90 cuda::prefill_sm90.
+// CUDA-event manual time; the counter `value` is TFLOP/s (decimal) with
 // FLOPs = 4 * B * H * S * S * D, halved for causal (the count PyTorch peers use).
 //
 //   prefill_bench --benchmark_format=json > prefill.json
@@ -102,6 +104,18 @@ void grid_row(benchmark::State& state) {
   run_prefill<cuda::prefill<T, D, Mask>>(state, "prefill", "kvtile");
 }
 
+// cuda::prefill forced onto its mma.sync kernel (run_portable): on Hopper, run() dispatches
+// the default tiles to the sm_90a kernel, so impl=kvtile is that one and kvtile_mma this one.
+template <class K>
+struct mma_sync_path : K {
+  static void run(const typename K::arguments& a) { K::run_portable(a); }
+};
+
+template <int D, class Mask>
+void grid_row_mma(benchmark::State& state) {
+  run_prefill<mma_sync_path<cuda::prefill<T, D, Mask>>>(state, "prefill", "kvtile_mma");
+}
+
 alignas(16) unsigned char probe_buffer[512];
 
 // The Hopper wgmma kernel (prefill_sm90.cuh), same grid; skipped where it cannot run.
@@ -150,6 +164,10 @@ BENCHMARK(grid_row<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, causal_mask>)->Apply(grid_args);
 
+BENCHMARK(grid_row_mma<64, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<128, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<128, no_mask>)->Apply(grid_args);
@@ -171,10 +189,12 @@ BENCHMARK(tile_row<128, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 256, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 32, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 64, 8, 2>)->Apply(sweep_args);
-// sm_90a kernel tiles (defaults: D=64 192x128x12x2, D=128 128x128x8x2).
+// sm_90a kernel tiles (defaults: D=64 192x128x12x3, D=128 128x128x8x3).
 BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 12, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 12, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 128, 64, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 128, 128, 8, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 192, 64, 12, 2>)->Apply(sweep_args);
 

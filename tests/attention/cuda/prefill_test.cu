@@ -153,6 +153,15 @@ using k128_causal = cuda::prefill<bfloat16, 128, causal_mask>;
 using k256_none = cuda::prefill<bfloat16, 256, no_mask>;
 using k64_user_fp16 = cuda::prefill<kvtile::half, 64, no_mask, tile_shape<64, 32, 2, 3>>;
 
+// The same configuration forced onto the mma.sync kernel (run_portable): on Hopper, run()
+// dispatches D 64 / 128 with the default tile to the sm_90a kernel (prefill_sm90.cuh).
+template <class K>
+struct mma_sync_path : K {
+  static void run(const typename K::arguments& a, void* workspace, cudaStream_t stream) {
+    K::run_portable(a, workspace, stream);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("prefill bf16 D=64 causal: odd lengths, GQA 1/4/5/8, q_len < kv_len, fully masked rows") {
@@ -211,6 +220,15 @@ TEST_CASE("prefill fp16 D=64 with a user tile <64, 32, 2, 3>") {
   std::mt19937_64 rng(seed);
   check_prefill<k64_user_fp16>({{1000}, {1000}, false, 4, 1, 0.3f}, {}, rng);
   check_prefill<k64_user_fp16>({{1}, {4097}, false, 1, 1}, {}, rng);
+}
+
+TEST_CASE("prefill mma.sync path forced (run_portable) at D=64 and 128") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<mma_sync_path<k64_causal>>({{1000}, {1000}, false, 4, 1}, {}, rng);
+  check_prefill<mma_sync_path<k64_causal>>({{33}, {17}, false, 2, 2}, {}, rng);
+  check_prefill<mma_sync_path<k128_causal>>({{200, 65, 1}, {100, 65, 7}, true, 4, 2}, {}, rng);
 }
 
 // A small representative set, cheap enough for compute-sanitizer memcheck and racecheck.

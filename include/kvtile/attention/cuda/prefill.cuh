@@ -1,4 +1,7 @@
 // kvtile/attention/cuda/prefill.cuh: prefill (forward) attention on NVIDIA GPUs (sm_80+).
+// On Hopper (compute capability 9.x, binary with sm_90a code) run() hands head dims 64 and
+// 128 with the default tile to the wgmma kernel of prefill_sm90.cuh (sm90_dispatch);
+// run_portable() always takes the mma.sync kernel of this file.
 //
 //   using kernel = kvtile::attention::cuda::prefill<kvtile::bfloat16, 128, causal_mask>;
 //   kernel::arguments args{q, kv, o, lse, {}, scale};
@@ -39,7 +42,7 @@
 // default tile and head dim 64 or 128 runs the wgmma kernel of prefill_sm90.cuh; 0: always
 // the mma.sync kernel below.
 #ifndef KVTILE_PREFILL_SM90_DISPATCH
-#define KVTILE_PREFILL_SM90_DISPATCH 0
+#define KVTILE_PREFILL_SM90_DISPATCH 1
 #endif
 
 KVTILE_NAMESPACE_BEGIN
@@ -165,8 +168,20 @@ class prefill {
   // Checks, raises the kernel's shared-memory limit where it needs more than 48 KB, launches on
   // `stream`. Asynchronous: errors of the launch itself throw here, errors while running show
   // at the next synchronisation.
+  // On a Hopper device with this binary's sm_90a code and sm90_dispatch, the wgmma kernel runs.
   static void run(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
     (void)workspace;
+    launch(a, stream, true);
+  }
+
+  // The mma.sync kernel on every device, never the sm_90a one (to compare the two paths).
+  static void run_portable(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
+    (void)workspace;
+    launch(a, stream, false);
+  }
+
+ private:
+  static void launch(const arguments& a, cudaStream_t stream, bool allow_sm90) {
     check(a);
     int device = 0, major = 0, smem_optin = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
@@ -197,7 +212,7 @@ class prefill {
     p.scale_log2 = scale * log2e;
     p.group = a.q.layout.heads / a.kv.layout.heads;
     if constexpr (sm90_dispatch) {
-      if (major == 9 && detail::sm90_kernels_available(device)) {
+      if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
         using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, detail::sm90_default_tile_t<HeadDim>, Mask>;
         detail::launch_prefill_sm90<sm90_kernel>(p, a.q.layout.indptr ? a.max_q_len : a.q.layout.len, device, stream);
         return;
@@ -207,7 +222,6 @@ class prefill {
     KVTILE_CUDA_CHECK_LAUNCH();
   }
 
- private:
   static bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 };
 

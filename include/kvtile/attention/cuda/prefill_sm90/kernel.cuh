@@ -32,18 +32,25 @@
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
 
+// 1: the P V wgmma of a tile stays in flight across the next tile's barrier and Q K^T (sm90 v2,
+// see docs/perf-log/prefill.md); 0: every wgmma batch is waited at once (sm90 v1).
+#ifndef KVTILE_PREFILL_SM90_ASYNC_PV
+#define KVTILE_PREFILL_SM90_ASYNC_PV 1
+#endif
+
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
 
 // Default tiles of the sm_90a kernel: three warpgroups at D=64 (registers allow it), two at 128.
+// With async P V three stages (a slot is refilled half a tile later).
 template <int D>
 struct sm90_default_tile {
-  using type = tile_shape<128, 128, 8, 2>;
+  using type = tile_shape<128, 128, 8, KVTILE_PREFILL_SM90_ASYNC_PV ? 3 : 2>;
 };
 template <int D>
   requires(D <= 64)
 struct sm90_default_tile<D> {
-  using type = tile_shape<192, 128, 12, 2>;
+  using type = tile_shape<192, 128, 12, KVTILE_PREFILL_SM90_ASYNC_PV ? 3 : 2>;
 };
 template <int D>
 using sm90_default_tile_t = typename sm90_default_tile<D>::type;
@@ -62,6 +69,12 @@ struct prefill_sm90_geometry {
   static_assert(block_q == 64 * warpgroups, "prefill_sm90: BlockQ must be 64 * Warps / 4 (64 rows per warpgroup)");
   static_assert(block_kv == 64 || block_kv == 128, "prefill_sm90: BlockKV must be 64 or 128");
   static_assert(stages >= 2, "prefill_sm90: Stages must be at least 2");
+
+  // P V left in flight across the next tile's barrier and Q K^T (waited with S); the slot of a
+  // tile is then refilled after the second barrier of the next tile, so Stages >= 3 keeps a
+  // full tile of prefetch. 0: every wgmma batch is waited at once (the first version).
+  static constexpr bool async_pv = KVTILE_PREFILL_SM90_ASYNC_PV != 0;
+  static_assert(!async_pv || stages >= 2, "prefill_sm90: async P V needs Stages >= 2");
 
   static constexpr int chunks = D / 8;  // 16-byte chunks per row
   static constexpr int d_steps = D / 16;
@@ -174,16 +187,42 @@ struct prefill_sm90_kernel {
     const std::uint32_t q_wg = q_base + wg * 64 * 128;
     constexpr std::uint32_t sbo = 1024;
 
+    // O accumulators in the wgmma fragment layout; between tiles they are moved into the two
+    // softmax states (free after register allocation) so that softmax_state does the rescale.
+    float o[G::o_regs];
+    KVTILE_PRAGMA_UNROLL
+    for (int x = 0; x < G::o_regs; ++x) o[x] = 0.f;
+    auto o_to_states = [&] {
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        st[0].o[2 * j] = o[4 * j + 0];
+        st[0].o[2 * j + 1] = o[4 * j + 1];
+        st[1].o[2 * j] = o[4 * j + 2];
+        st[1].o[2 * j + 1] = o[4 * j + 3];
+      }
+    };
+    auto states_to_o = [&] {
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 0] = st[0].o[2 * j];
+        o[4 * j + 1] = st[0].o[2 * j + 1];
+        o[4 * j + 2] = st[1].o[2 * j];
+        o[4 * j + 3] = st[1].o[2 * j + 1];
+      }
+    };
+
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
-      // K of this tile (and Q) landed; published to the async proxy; every warp is done with
-      // the slot refilled next.
+      // K of this tile (and Q) landed and is published to the async proxy. Without async_pv
+      // every warp is also done with the previous tile, whose slot is refilled right here.
       arch::cp_async_wait<2 * G::stages - 3>();
       arch::fence_proxy_async_shared();
       __syncthreads();
-      fetch_tile(fetch, refill);
-      fetch = next_tile(fetch + 1);
-      refill = refill + 1 == G::stages ? 0 : refill + 1;
+      if constexpr (!G::async_pv) {
+        fetch_tile(fetch, refill);
+        fetch = next_tile(fetch + 1);
+        refill = refill + 1 == G::stages ? 0 : refill + 1;
+      }
 
       const int k0 = kv_lo + i * G::block_kv;
       tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
@@ -203,8 +242,9 @@ struct prefill_sm90_kernel {
           qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
         }
         arch::wgmma_commit();
-        arch::wgmma_wait<0>();
+        arch::wgmma_wait<0>();  // S, and (async_pv) the previous tile's P V
         arch::fence_operands(s);
+        arch::fence_operands(o);
 
         if (vis == tile_visibility::partial) {
           KVTILE_PRAGMA_UNROLL
@@ -218,6 +258,7 @@ struct prefill_sm90_kernel {
         }
 
         // Online softmax per row (a quad of lanes shares a row).
+        o_to_states();
         KVTILE_PRAGMA_UNROLL
         for (int half = 0; half < 2; ++half) {
           float mx = neg_inf;
@@ -237,6 +278,7 @@ struct prefill_sm90_kernel {
             }
           st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
         }
+        states_to_o();
         // P as the register A fragment of each 16-key step.
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < G::kv_steps; ++j) {
@@ -247,18 +289,18 @@ struct prefill_sm90_kernel {
         }
       }
 
-      arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
+      // V of this tile landed. With async_pv every warpgroup has also finished the previous
+      // tile's P V (its wait above), so that tile's slot is refilled here.
+      if constexpr (G::async_pv) arch::wgmma_wait<0>();  // covers a tile this warpgroup skipped
+      arch::cp_async_wait<G::async_pv ? 2 * G::stages - 4 : 2 * G::stages - 2>();
       arch::fence_proxy_async_shared();
       __syncthreads();
+      if constexpr (G::async_pv) {
+        fetch_tile(fetch, refill);
+        fetch = next_tile(fetch + 1);
+        refill = refill + 1 == G::stages ? 0 : refill + 1;
+      }
       if (vis != tile_visibility::empty) {
-        float o[G::o_regs];
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < D / 8; ++j) {
-          o[4 * j + 0] = st[0].o[2 * j];
-          o[4 * j + 1] = st[0].o[2 * j + 1];
-          o[4 * j + 2] = st[1].o[2 * j];
-          o[4 * j + 3] = st[1].o[2 * j + 1];
-        }
         const std::uint32_t v_tile = v_base + stage * G::kv_bytes;
         arch::fence_operands(o);
         arch::wgmma_fence();
@@ -268,18 +310,16 @@ struct prefill_sm90_kernel {
           pv_op::template rs<1>(o, pa[j], db, 1);
         }
         arch::wgmma_commit();
-        arch::wgmma_wait<0>();
-        arch::fence_operands(o);
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < D / 8; ++j) {
-          st[0].o[2 * j] = o[4 * j + 0];
-          st[0].o[2 * j + 1] = o[4 * j + 1];
-          st[1].o[2 * j] = o[4 * j + 2];
-          st[1].o[2 * j + 1] = o[4 * j + 3];
+        if constexpr (!G::async_pv) {
+          arch::wgmma_wait<0>();
+          arch::fence_operands(o);
         }
       }
       stage = stage + 1 == G::stages ? 0 : stage + 1;
     }
+    arch::wgmma_wait<0>();
+    arch::fence_operands(o);
+    o_to_states();
     arch::cp_async_wait<0>();
 
     // Epilogue: finish each row (quad sum of l, LSE, normalise) and store straight from the
