@@ -360,8 +360,10 @@ KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1) prefill_sm90_entry(c
 // module the device loaded to know whether the wgmma kernels are really there.
 [[maybe_unused]] static __device__ int prefill_sm90_compiled = KVTILE_WGMMA_AVAILABLE;
 
-// Whether device `device` is compute capability 9.x and runs sm_90a code of this binary. The
-// first call per device reads one word from the module (a synchronous copy), then it is cached.
+// Whether device `device` (the current one) is compute capability 9.x and runs sm_90a code of
+// this binary. The first call per device reads one word from the module (a synchronous copy),
+// then the answer is cached; make that first call (run or can_implement) outside a CUDA-graph
+// capture, where the copy is refused and the answer is "no" until it succeeds.
 inline bool sm90_kernels_available(int device) {
   static std::atomic<int> cache[64] = {};  // 0 unknown, 1 yes, 2 no
   if (device >= 0 && device < 64) {
@@ -369,11 +371,21 @@ inline bool sm90_kernels_available(int device) {
     if (c != 0) return c == 1;
   }
   int major = 0;
-  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // not cached: a later call asks again
+  }
+  bool ok = major == 9;
   if (ok) {
     int flag = 0;
-    ok = cudaMemcpyFromSymbol(&flag, prefill_sm90_compiled, sizeof(int)) == cudaSuccess && flag == 1;
-    if (!ok) (void)cudaGetLastError();  // no module for this device: not sticky, clear it
+    const cudaError_t e = cudaMemcpyFromSymbol(&flag, prefill_sm90_compiled, sizeof(int));
+    if (e != cudaSuccess) {
+      // No module image for this device (not sticky), or a call the runtime refused right now
+      // (e.g. inside a global-mode stream capture): answer no, and ask again next time.
+      (void)cudaGetLastError();
+      return false;
+    }
+    ok = flag == 1;
   }
   if (device >= 0 && device < 64) cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
   return ok;
