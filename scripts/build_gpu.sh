@@ -9,7 +9,14 @@ arch=${1:-90a}
 out=${2:-carry/gpu}
 build=build-gpu-$arch
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null
-targets=$(cmake --build "$build" --target help | sed -n 's/^\.\.\. \(test\.[^ ]*\|[a-z_]*_bench\|example_[a-z_]*\).*/\1/p')
+# GPU targets only: tests and benchmarks built from .cu sources, CUDA examples and the demo.
+targets=""
+for f in $(find tests -name '*_test.cu'); do
+  rel=${f#tests/}; rel=${rel%.cu}; targets+=" test.${rel//\//.}"
+done
+for f in bench/*_bench.cu; do n=$(basename "$f" .cu); targets+=" $n"; done
+for f in examples/*.cu; do n=$(basename "$f" .cu); targets+=" example_$n"; done
+targets+=" example_demo"
 cmake --build "$build" -j "${KVTILE_JOBS:-2}" --target $targets
 rm -rf "$out" && mkdir -p "$out"
 for t in $targets; do

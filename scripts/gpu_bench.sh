@@ -15,14 +15,36 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 echo "card: $card" | tee "$raw/card.txt"
 summary=()
 
+# Test cases run under compute-sanitizer (memcheck; racecheck too for shared-memory kernels):
+# a representative subset per binary, since the sanitizers slow kernels down many times.
+sanitize_cases() {
+  case "$1" in
+    *prefill*) echo '-tc=*sanitizer*' ;;
+    *decode_test) echo '-tc=*split*,*graph*,*window*' ;;
+    *append_test) echo '-tc=*window*,*fp16 D=64*' ;;
+    *) echo '' ;;
+  esac
+}
 for t in "$bin"/test.*; do
   [ -x "$t" ] || continue
   name=$(basename "$t")
   if "$t" >"$raw/$name.log" 2>&1; then s=pass; else s="FAIL($?)"; fi
-  if [ "${KVTILE_SANITIZE:-1}" = 1 ] && [[ "$name" != *bench* ]]; then
-    if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" -tce >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m="ERRORS"; fi
-  else m=-; fi
-  summary+=("$(printf '%-40s %-10s memcheck %s' "$name" "$s" "$m")")
+  m=-; r=-
+  if [ "${KVTILE_SANITIZE:-1}" = 1 ]; then
+    cases=$(sanitize_cases "$name")
+    if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" $cases >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m=ERRORS; fi
+    if [[ "$name" == *prefill* || "$name" == *append* ]]; then
+      if compute-sanitizer --tool racecheck --error-exitcode 9 "$t" $cases >"$raw/$name.racecheck.log" 2>&1; then r=clean; else r=ERRORS; fi
+    fi
+  fi
+  summary+=("$(printf '%-40s %-10s memcheck %-7s racecheck %s' "$name" "$s" "$m" "$r")")
+done
+
+for e in "$bin"/example_*; do
+  [ -x "$e" ] || continue
+  name=$(basename "$e")
+  if "$e" >"$raw/$name.log" 2>&1; then s=pass; else s="FAIL($?)"; fi
+  summary+=("$(printf '%-40s %s' "$name" "$s")")
 done
 
 for b in "$bin"/*_bench; do
