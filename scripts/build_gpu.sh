@@ -2,11 +2,11 @@
 # Builds every GPU test, benchmark and example for one architecture (default sm_90a) and gathers
 # the binaries, with Google Benchmark's shared library, into one folder that can be copied to a
 # GPU machine and run there by scripts/gpu_bench.sh.
-# usage: scripts/build_gpu.sh [arch=90a] [out=carry/gpu]
+# usage: scripts/build_gpu.sh [arch=90a] [out=gpu-bin]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=${1:-90a}
-out=${2:-carry/gpu}
+out=${2:-gpu-bin}
 build=build-gpu-$arch
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$arch" >/dev/null
 # GPU targets only: tests and benchmarks built from .cu sources, CUDA examples and the demo.

@@ -3,10 +3,10 @@
 # compute-sanitizer memcheck on them), every GPU benchmark (JSON), and every peer script in
 # bench/peers/ (PyTorch). Raw outputs go to $OUT/raw.tar.gz; bench/collect.py turns them into
 # bench/results/<card>.json. A short table is printed last.
-# usage: scripts/gpu_bench.sh [bin=carry/gpu] [out=$OUT]
+# usage: scripts/gpu_bench.sh [bin=gpu-bin] [out=$OUT]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bin=$(cd "${1:-carry/gpu}" && pwd)
+bin=$(cd "${1:-gpu-bin}" && pwd)
 out=${2:-${OUT:-/tmp/kvtile-out}}
 raw=$out/raw
 mkdir -p "$raw"
