@@ -2,7 +2,8 @@
 # Runs on a GPU machine, over binaries gathered by scripts/build_gpu.sh: every GPU test (and
 # compute-sanitizer memcheck on them), every GPU benchmark (JSON), and every peer script in
 # bench/peers/ (PyTorch). Raw outputs go to $OUT/raw.tar.gz; bench/collect.py turns them into
-# bench/results/<card>.json. A short table is printed last.
+# bench/results/<card>.json (copied to the output folder with docs/results.md). A short table
+# is printed last.
 # usage: scripts/gpu_bench.sh [bin=gpu-bin] [out=$OUT]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,5 +63,10 @@ for p in bench/peers/*.py; do
   summary+=("$(printf '%-40s rc=%s' "peer $name" "$?")")
 done
 
+# The per-card results file and its rendered table, from this run's measurements.
+if python3 bench/collect.py --card "$card" "$raw"/*_bench.json "$raw"/peer_*.jsonl 2>"$raw/collect.log"; then
+  cp bench/results/"$(python3 -c 'import re,sys; print(re.sub(r"[^A-Za-z0-9]+","-",sys.argv[1]).strip("-").lower())' "$card")".json "$out"/
+  cp docs/results.md "$out"/
+fi
 tar -C "$out" -czf "$out/raw.tar.gz" raw && rm -rf "$raw"
 printf '%s\n' "${summary[@]}"
