@@ -12,6 +12,7 @@
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/mbarrier.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/append.cuh"

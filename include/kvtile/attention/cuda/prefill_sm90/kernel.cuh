@@ -3,8 +3,11 @@
 // runs W warpgroups (4 warps each); warpgroup w owns query rows [64 w, 64 w + 64).
 //
 // Q, K and V tiles sit in shared memory in the 128-byte swizzled layout (arch/wgmma.cuh),
-// loaded by every thread with cp.async through a Stages-deep ring (K and V of a tile in two
-// commit groups, so P V waits for V only). Per K/V tile and warpgroup:
+// loaded by every thread with cp.async through a Stages-deep ring (K and V of a tile signalled
+// separately, so P V waits for V only). With Stages >= 3 the ring is synchronised by per-slot
+// mbarriers (full: the copies landed; empty: every thread's P V on the slot completed) and the
+// main loop has no CTA-wide barrier; with 2 stages, two __syncthreads per tile. Per K/V tile
+// and warpgroup:
 //   S = Q K^T      wgmma m64n{BlockKV}k16, A = Q and B = K from shared memory (K-major)
 //   softmax        on the accumulator fragments in registers (exp2, scale folded in one FFMA),
 //                  through kvtile's softmax_state
@@ -22,6 +25,7 @@
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/mbarrier.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
@@ -36,6 +40,12 @@
 // see docs/perf-log/prefill.md); 0: every wgmma batch is waited at once (sm90 v1).
 #ifndef KVTILE_PREFILL_SM90_ASYNC_PV
 #define KVTILE_PREFILL_SM90_ASYNC_PV 1
+#endif
+
+// 1: per-slot mbarriers replace the CTA-wide barriers of the main loop where Stages >= 3
+// (sm90 v3); 0: two __syncthreads per tile (sm90 v2).
+#ifndef KVTILE_PREFILL_SM90_MBARRIER
+#define KVTILE_PREFILL_SM90_MBARRIER 1
 #endif
 
 KVTILE_NAMESPACE_BEGIN
@@ -76,6 +86,10 @@ struct prefill_sm90_geometry {
   static constexpr bool async_pv = KVTILE_PREFILL_SM90_ASYNC_PV != 0;
   static_assert(!async_pv || stages >= 2, "prefill_sm90: async P V needs Stages >= 2");
 
+  // Per-slot mbarriers instead of CTA-wide barriers in the main loop (sm90 v3); needs
+  // Stages >= 3 (a slot is refilled two tiles after its last use).
+  static constexpr bool use_mbarriers = async_pv && KVTILE_PREFILL_SM90_MBARRIER != 0 && stages >= 3;
+
   static constexpr int chunks = D / 8;  // 16-byte chunks per row
   static constexpr int d_steps = D / 16;
   static constexpr int kv_steps = block_kv / 16;
@@ -84,7 +98,8 @@ struct prefill_sm90_geometry {
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // one K or V tile
   // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
-  static constexpr std::size_t smem_bytes = q_bytes + 2 * std::size_t(stages) * kv_bytes + 1024;
+  static constexpr std::size_t smem_bytes = q_bytes + 2 * std::size_t(stages) * kv_bytes + 1024 +
+                                            (use_mbarriers ? 3 * 8 * stages : 0);
 };
 
 // One thread's share of copying `Rows` rows of D elements global -> an SW128 tile in shared
@@ -167,15 +182,6 @@ struct prefill_sm90_kernel {
       arch::cp_async_commit();
     };
 
-    // Q joins the first K group, so the first wait covers both.
-    load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
-    int fetch = next_tile(0);
-    KVTILE_PRAGMA_UNROLL
-    for (int s = 0; s < G::stages - 1; ++s) {
-      fetch_tile(fetch, s);
-      fetch = next_tile(fetch + 1);
-    }
-
     state st[2];  // rows g and g + 8 of this warp's 16
     st[0].init();
     st[1].init();
@@ -211,111 +217,188 @@ struct prefill_sm90_kernel {
       }
     };
 
-    int stage = 0, refill = G::stages - 1;
-    for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
-      // K of this tile (and Q) landed and is published to the async proxy. Without async_pv
-      // every warp is also done with the previous tile, whose slot is refilled right here.
-      arch::cp_async_wait<2 * G::stages - 3>();
-      arch::fence_proxy_async_shared();
-      __syncthreads();
-      if constexpr (!G::async_pv) {
-        fetch_tile(fetch, refill);
-        fetch = next_tile(fetch + 1);
-        refill = refill + 1 == G::stages ? 0 : refill + 1;
+    // S = Q K^T of the tile in ring slot `stage` starting at key k0, the mask, the online
+    // softmax, and P packed as the register A fragments `pa`. Waits all of this warpgroup's
+    // wgmma (so also a P V still in flight).
+    auto qk_softmax = [&](int stage, int k0, tile_visibility vis, std::uint32_t (&pa)[G::kv_steps][4]) {
+      float s[G::s_regs];
+      const std::uint32_t k_tile = k_base + stage * G::kv_bytes;
+      arch::fence_operands(s);
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < G::d_steps; ++kd) {
+        const std::uint32_t col = (kd / 4), in_atom = (kd % 4) * 32;
+        const std::uint64_t da = arch::sw128_desc(q_wg + col * G::block_q * 128 + in_atom, 16, sbo);
+        const std::uint64_t db = arch::sw128_desc(k_tile + col * G::block_kv * 128 + in_atom, 16, sbo);
+        qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
+      }
+      arch::wgmma_commit();
+      arch::wgmma_wait<0>();  // S, and (async_pv) the previous tile's P V
+      arch::fence_operands(s);
+      arch::fence_operands(o);
+
+      if (vis == tile_visibility::partial) {
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j)
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 4; ++c) {
+            const int row = row_top + (c / 2) * 8;
+            const int col = k0 + j * 8 + 2 * t + (c % 2);
+            if (!(col < kv_len && mask.visible(row, col))) s[4 * j + c] = neg_inf;
+          }
       }
 
-      const int k0 = kv_lo + i * G::block_kv;
+      // Online softmax per row (a quad of lanes shares a row).
+      o_to_states();
+      KVTILE_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        float mx = neg_inf;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = st[half].enter_tile(mx * scale_log2);
+        float sum = 0.f;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j)
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[4 * j + 2 * half + c];
+            x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+            sum += x;
+          }
+        st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
+      }
+      states_to_o();
+      // P as the register A fragment of each 16-key step.
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::kv_steps; ++j) {
+        pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
+        pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
+        pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
+        pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+      }
+    };
+    // O += P V of the tile in ring slot `stage`, committed, not waited.
+    auto issue_pv = [&](int stage, const std::uint32_t (&pa)[G::kv_steps][4]) {
+      const std::uint32_t v_tile = v_base + stage * G::kv_bytes;
+      arch::fence_operands(o);
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::kv_steps; ++j) {
+        const std::uint64_t db = arch::sw128_desc(v_tile + j * 16 * 128, G::block_kv * 128, sbo);
+        pv_op::template rs<1>(o, pa[j], db, 1);
+      }
+      arch::wgmma_commit();
+    };
+    auto visibility = [&](int k0) {
       tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
       if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
+      return vis;
+    };
 
-      float s[G::s_regs];
-      std::uint32_t pa[G::kv_steps][4];
-      if (vis != tile_visibility::empty) {
-        const std::uint32_t k_tile = k_base + stage * G::kv_bytes;
-        arch::fence_operands(s);
-        arch::wgmma_fence();
-        KVTILE_PRAGMA_UNROLL
-        for (int kd = 0; kd < G::d_steps; ++kd) {
-          const std::uint32_t col = (kd / 4), in_atom = (kd % 4) * 32;
-          const std::uint64_t da = arch::sw128_desc(q_wg + col * G::block_q * 128 + in_atom, 16, sbo);
-          const std::uint64_t db = arch::sw128_desc(k_tile + col * G::block_kv * 128 + in_atom, 16, sbo);
-          qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
-        }
-        arch::wgmma_commit();
-        arch::wgmma_wait<0>();  // S, and (async_pv) the previous tile's P V
-        arch::fence_operands(s);
-        arch::fence_operands(o);
-
-        if (vis == tile_visibility::partial) {
-          KVTILE_PRAGMA_UNROLL
-          for (int j = 0; j < G::block_kv / 8; ++j)
-            KVTILE_PRAGMA_UNROLL
-            for (int c = 0; c < 4; ++c) {
-              const int row = row_top + (c / 2) * 8;
-              const int col = k0 + j * 8 + 2 * t + (c % 2);
-              if (!(col < kv_len && mask.visible(row, col))) s[4 * j + c] = neg_inf;
-            }
-        }
-
-        // Online softmax per row (a quad of lanes shares a row).
-        o_to_states();
-        KVTILE_PRAGMA_UNROLL
-        for (int half = 0; half < 2; ++half) {
-          float mx = neg_inf;
-          KVTILE_PRAGMA_UNROLL
-          for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
-          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float base = st[half].enter_tile(mx * scale_log2);
-          float sum = 0.f;
-          KVTILE_PRAGMA_UNROLL
-          for (int j = 0; j < G::block_kv / 8; ++j)
-            KVTILE_PRAGMA_UNROLL
-            for (int c = 0; c < 2; ++c) {
-              float& x = s[4 * j + 2 * half + c];
-              x = arch::fast_exp2(fmaf(x, scale_log2, -base));
-              sum += x;
-            }
-          st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
-        }
-        states_to_o();
-        // P as the register A fragment of each 16-key step.
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::kv_steps; ++j) {
-          pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
-          pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
-          pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
-          pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+    if constexpr (G::use_mbarriers) {
+      // Per-slot mbarriers: full_k / full_v complete when every thread's copies of the slot
+      // landed (cp.async arrive), empty when every thread's P V on it completed.
+      const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
+      auto full_k = [&](int slot) { return bars + std::uint32_t(slot) * 8u; };
+      auto full_v = [&](int slot) { return bars + std::uint32_t(G::stages + slot) * 8u; };
+      auto empty = [&](int slot) { return bars + std::uint32_t(2 * G::stages + slot) * 8u; };
+      if (tid == 0) {
+        for (int x = 0; x < G::stages; ++x) {
+          arch::mbarrier_init(full_k(x), G::threads);
+          arch::mbarrier_init(full_v(x), G::threads);
+          arch::mbarrier_init(empty(x), G::threads);
         }
       }
-
-      // V of this tile landed. With async_pv every warpgroup has also finished the previous
-      // tile's P V (its wait above), so that tile's slot is refilled here.
-      if constexpr (G::async_pv) arch::wgmma_wait<0>();  // covers a tile this warpgroup skipped
-      arch::cp_async_wait<G::async_pv ? 2 * G::stages - 4 : 2 * G::stages - 2>();
-      arch::fence_proxy_async_shared();
       __syncthreads();
-      if constexpr (G::async_pv) {
-        fetch_tile(fetch, refill);
+      // Q lands with the first tile's K (the arrive covers every earlier copy of the thread).
+      load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+      int fetch = next_tile(0), fetched = 0;
+      // Visible tile number `fetched` goes to slot fetched % Stages, once the tile that used
+      // the slot before is released by every thread.
+      auto fetch_next = [&] {
+        const int slot = fetched % G::stages;
+        if (fetched >= G::stages) arch::mbarrier_wait(empty(slot), std::uint32_t((fetched / G::stages - 1) & 1));
+        const int k0 = kv_lo + fetch * G::block_kv;
+        load_tile_sw128<T, G, G::block_kv>(k_base + slot * G::kv_bytes, k_g + k0 * kv_stride, kv_stride, kv_len - k0,
+                                           p.k, tid);
+        arch::cp_async_mbarrier_arrive(full_k(slot));
+        load_tile_sw128<T, G, G::block_kv>(v_base + slot * G::kv_bytes, v_g + k0 * kv_stride, kv_stride, kv_len - k0,
+                                           p.v, tid);
+        arch::cp_async_mbarrier_arrive(full_v(slot));
         fetch = next_tile(fetch + 1);
-        refill = refill + 1 == G::stages ? 0 : refill + 1;
-      }
-      if (vis != tile_visibility::empty) {
-        const std::uint32_t v_tile = v_base + stage * G::kv_bytes;
-        arch::fence_operands(o);
-        arch::wgmma_fence();
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::kv_steps; ++j) {
-          const std::uint64_t db = arch::sw128_desc(v_tile + j * 16 * 128, G::block_kv * 128, sbo);
-          pv_op::template rs<1>(o, pa[j], db, 1);
-        }
-        arch::wgmma_commit();
-        if constexpr (!G::async_pv) {
+        ++fetched;
+      };
+      for (int x = 0; x < G::stages - 2; ++x)
+        if (fetch < n_tiles) fetch_next();
+      int c = 0;
+      for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1), ++c) {
+        if (fetch < n_tiles) fetch_next();  // visible tile c + Stages - 2, into tile c - 2's slot
+        const int slot = c % G::stages;
+        const std::uint32_t parity = std::uint32_t((c / G::stages) & 1);
+        arch::mbarrier_wait(full_k(slot), parity);
+        arch::fence_proxy_async_shared();
+        const int k0 = kv_lo + i * G::block_kv;
+        const tile_visibility vis = visibility(k0);
+        std::uint32_t pa[G::kv_steps][4];
+        if (vis != tile_visibility::empty)
+          qk_softmax(slot, k0, vis, pa);
+        else
           arch::wgmma_wait<0>();
-          arch::fence_operands(o);
-        }
+        if (c > 0) arch::mbarrier_arrive(empty((c - 1) % G::stages));  // previous tile's P V is done
+        arch::mbarrier_wait(full_v(slot), parity);
+        arch::fence_proxy_async_shared();
+        if (vis != tile_visibility::empty) issue_pv(slot, pa);
       }
-      stage = stage + 1 == G::stages ? 0 : stage + 1;
+      arch::cp_async_commit();
+      arch::cp_async_wait<0>();  // Q's copies when no tile was visible
+    } else {
+      // Q joins the first K group, so the first wait covers both.
+      load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+      int fetch = next_tile(0);
+      KVTILE_PRAGMA_UNROLL
+      for (int x = 0; x < G::stages - 1; ++x) {
+        fetch_tile(fetch, x);
+        fetch = next_tile(fetch + 1);
+      }
+      int stage = 0, refill = G::stages - 1;
+      for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
+        // K of this tile (and Q) landed and is published to the async proxy. Without async_pv
+        // every warp is also done with the previous tile, whose slot is refilled right here.
+        arch::cp_async_wait<2 * G::stages - 3>();
+        arch::fence_proxy_async_shared();
+        __syncthreads();
+        if constexpr (!G::async_pv) {
+          fetch_tile(fetch, refill);
+          fetch = next_tile(fetch + 1);
+          refill = refill + 1 == G::stages ? 0 : refill + 1;
+        }
+        const int k0 = kv_lo + i * G::block_kv;
+        const tile_visibility vis = visibility(k0);
+        std::uint32_t pa[G::kv_steps][4];
+        if (vis != tile_visibility::empty) qk_softmax(stage, k0, vis, pa);
+        // V of this tile landed. With async_pv every warpgroup has also finished the previous
+        // tile's P V (its wait above), so that tile's slot is refilled here.
+        if constexpr (G::async_pv) arch::wgmma_wait<0>();  // covers a tile this warpgroup skipped
+        arch::cp_async_wait<G::async_pv ? 2 * G::stages - 4 : 2 * G::stages - 2>();
+        arch::fence_proxy_async_shared();
+        __syncthreads();
+        if constexpr (G::async_pv) {
+          fetch_tile(fetch, refill);
+          fetch = next_tile(fetch + 1);
+          refill = refill + 1 == G::stages ? 0 : refill + 1;
+        }
+        if (vis != tile_visibility::empty) {
+          issue_pv(stage, pa);
+          if constexpr (!G::async_pv) {
+            arch::wgmma_wait<0>();
+            arch::fence_operands(o);
+          }
+        }
+        stage = stage + 1 == G::stages ? 0 : stage + 1;
+      }
+      arch::cp_async_wait<0>();
     }
     arch::wgmma_wait<0>();
     arch::fence_operands(o);
