@@ -17,6 +17,7 @@
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/reference.hpp"
+#include "support/device_buffer.cuh"
 #include "support/test_util.hpp"
 
 namespace paged_test {
@@ -25,26 +26,7 @@ using namespace kvtile;
 using namespace kvtile::attention;
 namespace kc = kvtile::attention::cuda;
 
-template <class T>
-struct device_buffer {
-  T* ptr = nullptr;
-  std::size_t n = 0;
-  explicit device_buffer(std::size_t count) : n(count) {
-    KVTILE_CUDA_CHECK(cudaMalloc(&ptr, std::max<std::size_t>(1, count) * sizeof(T)));
-  }
-  device_buffer(const std::vector<T>& h) : device_buffer(h.size()) { upload(h); }
-  ~device_buffer() { cudaFree(ptr); }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  void upload(const std::vector<T>& h) {
-    KVTILE_CUDA_CHECK(cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    KVTILE_CUDA_CHECK(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-};
+using kvtile_test::device_buffer;
 
 struct spec {
   std::vector<std::int32_t> q_lens;
