@@ -5,6 +5,8 @@
 # bench/results/<card>.json (copied to the output folder with docs/results.md). A short table
 # is printed last.
 # usage: scripts/gpu_bench.sh [bin=gpu-bin] [out=$OUT]
+# Narrow a run with regular expressions on names: KVTILE_SANITIZE_ONLY (test binaries run under
+# the sanitizers; KVTILE_SANITIZE=0 for none), KVTILE_BENCH_ONLY, KVTILE_PEER_ONLY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(cd "${1:-gpu-bin}" && pwd)
@@ -31,7 +33,7 @@ for t in "$bin"/test.*; do
   name=$(basename "$t")
   if "$t" >"$raw/$name.log" 2>&1; then s=pass; else s="FAIL($?)"; fi
   m=-; r=-
-  if [ "${KVTILE_SANITIZE:-1}" = 1 ]; then
+  if [ "${KVTILE_SANITIZE:-1}" = 1 ] && [[ "$name" =~ ${KVTILE_SANITIZE_ONLY:-.} ]]; then
     cases=$(sanitize_cases "$name")
     if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" $cases >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m=ERRORS; fi
     if [[ "$name" == *prefill* || "$name" == *append* ]]; then
@@ -51,6 +53,7 @@ done
 for b in "$bin"/*_bench; do
   [ -x "$b" ] || continue
   name=$(basename "$b")
+  [[ "$name" =~ ${KVTILE_BENCH_ONLY:-.} ]] || continue
   "$b" --benchmark_format=json --benchmark_out="$raw/$name.json" --benchmark_out_format=json \
     --benchmark_min_time=0.2 >"$raw/$name.log" 2>&1
   summary+=("$(printf '%-40s rc=%s' "$name" "$?")")
@@ -59,6 +62,7 @@ done
 for p in bench/peers/*.py; do
   [ -f "$p" ] || continue
   name=$(basename "$p" .py)
+  [[ "$name" =~ ${KVTILE_PEER_ONLY:-.} ]] || continue
   python3 "$p" >"$raw/peer_$name.jsonl" 2>"$raw/peer_$name.log"
   summary+=("$(printf '%-40s rc=%s' "peer $name" "$?")")
 done
