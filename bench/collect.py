@@ -92,6 +92,8 @@ def render_markdown(results_dir):
                     ok = "kvtile" in r and p in r and r[p] > 0
                     cells.append(f"{r['kvtile'] / r[p]:.2f}" if ok else "")
                 lines.append("| " + " | ".join(cells) + " |")
+            if suite in doc.get("notes", {}):
+                lines += ["", doc["notes"][suite]]
             lines.append("")
     with open(os.path.join(ROOT, "docs", "results.md"), "w") as f:
         f.write("\n".join(lines))
@@ -101,6 +103,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--card", required=True)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--note", action="append", default=[], metavar="SUITE=TEXT",
+                    help="a remark rendered under the suite's table (replaces an earlier one)")
     ap.add_argument("files", nargs="*")
     a = ap.parse_args()
     commit = a.commit
@@ -112,11 +116,16 @@ def main():
     results_dir = os.path.join(HERE, "results")
     os.makedirs(results_dir, exist_ok=True)
     out = os.path.join(results_dir, slug(a.card) + ".json")
-    rows = {}
+    rows, notes = {}, {}
     if os.path.exists(out):
         with open(out) as f:
-            for r in json.load(f)["rows"]:
+            old = json.load(f)
+            for r in old["rows"]:
                 rows[(r["suite"], r["shape"])] = r
+            notes = old.get("notes", {})
+    for n in a.note:
+        suite, text = n.split("=", 1)
+        notes[suite] = text
     n = 0
     for path in a.files:
         for suite, shape, unit, impl, value in read_measurements(path):
@@ -124,7 +133,7 @@ def main():
             r[impl] = round(value, 4)
             n += 1
     doc = {"card": a.card, "date": datetime.date.today().isoformat(), "commit": commit,
-           "rows": sorted(rows.values(), key=lambda r: (r["suite"], list(rows).index((r["suite"], r["shape"]))))}
+           "notes": notes, "rows": sorted(rows.values(), key=lambda r: (r["suite"], list(rows).index((r["suite"], r["shape"]))))}
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
