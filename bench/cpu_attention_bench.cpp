@@ -81,13 +81,15 @@ struct shape {
   bool causal;
 };
 
-// Prefill (q_len = kv_len) and decode (q_len = 1, GQA 4) shapes; D = 64 and 128.
+// Prefill (q_len = kv_len) and decode (q_len = 1, GQA 4 and 8) shapes; D = 64 and 128.
 const shape shapes[] = {
     {"prefill D=128 L=2048 h=4", 1, 2048, 2048, 4, 4, 128, false},
     {"prefill D=128 L=2048 h=4 causal", 1, 2048, 2048, 4, 4, 128, true},
     {"prefill D=64 L=2048 h=8 causal", 1, 2048, 2048, 8, 8, 64, true},
     {"decode D=128 B=8 kv=4096 h=32/8", 8, 1, 4096, 32, 8, 128, false},
     {"decode D=64 B=8 kv=4096 h=32/8", 8, 1, 4096, 32, 8, 64, false},
+    // One sequence, one KV head: a single work item, which only split-KV spreads over threads.
+    {"decode D=128 B=1 kv=32768 h=8/1", 1, 1, 32768, 8, 1, 128, false},
 };
 // The naive baseline is slow: it runs on these shorter prefill shapes, with kvtile beside it.
 const shape baseline_shapes[] = {

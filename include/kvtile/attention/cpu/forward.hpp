@@ -9,6 +9,14 @@
 // by all heads of its group (decode with group 8 is an 8-row GEMM, not eight 1-row ones).
 // Work items are (sequence, KV head, row tile), handed out by the thread pool.
 //
+// Split-KV (decode): when there are fewer items than pool threads, each item's visible key range
+// is cut into chunks of whole key tiles (the same tiles the unsplit walk visits), one work unit
+// per chunk; every unit leaves a partial softmax_state per row, and a second pass folds the
+// chunks of a row in chunk order with softmax_state::merge. A chunk that sees no key is an empty
+// state, so fully masked rows still give zeros and LSE -inf. Split and unsplit results differ
+// only by the fp32 rounding of the merge; the chunking depends on the pool's size and on
+// split_kv_settings() (min_chunk_keys = 0 turns splitting off).
+//
 //   attention_forward<tile_shape<BQ, BKV>, HeadDim, Mask>(q, kv, num_kv_heads, mask_params,
 //                                                        scale, o, lse, pool)
 //   q, o  dense_tensor [batch, q_len(b), num_qo_heads, HeadDim] (fixed or varlen), fp32/fp16/bf16
@@ -22,6 +30,7 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvtile/attention/cpu/checks.hpp"
@@ -52,6 +61,16 @@ constexpr void check_cpu_config() {
                 "CPU kernels: BlockKV must be a multiple of 8, at most 512");
 }
 
+// Split-KV tuning, read at each call (like cpu_isa_choice(), not synchronised: set it before
+// kernels run). A chunk holds at least min_chunk_keys keys (rounded up to whole key tiles).
+struct split_kv_config {
+  int min_chunk_keys = 512;  // 0: never split
+};
+inline split_kv_config& split_kv_settings() {
+  static split_kv_config config;
+  return config;
+}
+
 namespace detail {
 
 // Everything an item needs, by value; the kernel's arguments after the checks.
@@ -68,7 +87,23 @@ struct forward_params {
 
 struct work_item {
   std::int32_t b, hk, r0;  // sequence, KV head, first packed row
+  // Split-KV unit: keys [k0, k1) only (whole key tiles of the item's visible range), the rows'
+  // unnormalised states left in `partial` (one per row) instead of written out. Null: the whole
+  // range, written out.
+  std::int32_t k0 = 0, k1 = 0;
+  void* partial = nullptr;
 };
+
+// Writes a finished row i of item w: normalises the state, stores o and the LSE.
+template <int D, class QT, class Src, class OT, class Mask>
+KVTILE_FORCEINLINE void write_row(const forward_params<QT, Src, OT, Mask>& p, const work_item& w, int i,
+                                  softmax_state<D>& st) {
+  const int t = (w.r0 + i) / p.group, h = w.hk * p.group + (w.r0 + i) % p.group;
+  st.normalize();
+  OT* out = p.o.at(w.b, t, h);
+  for (int x = 0; x < D; ++x) out[x] = from_float<OT>(st.o[x]);
+  if (p.lse) p.lse[p.q.layout.row(w.b, t) * p.num_qo_heads + h] = st.lse();
+}
 
 // Per-thread tiles: query rows, K^T and V of one tile, scores, and the rows' softmax states.
 template <int BQ, int BKV, int D>
@@ -111,8 +146,12 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
 
   const Mask mask(p.mask, q_len, kv_len);
   const int t0 = token(0), t1 = token(nr - 1) + 1;
-  const int kv_end = mask.kv_end(t0, t1);
-  for (int k0 = mask.kv_begin(t0, t1); k0 < kv_end; k0 += BKV) {
+  int kv_begin = mask.kv_begin(t0, t1), kv_end = mask.kv_end(t0, t1);
+  if (w.partial) {  // a split-KV chunk: its tiles start on the unsplit walk's tile boundaries
+    kv_begin = std::max(kv_begin, w.k0);
+    kv_end = std::min(kv_end, w.k1);
+  }
+  for (int k0 = kv_begin; k0 < kv_end; k0 += BKV) {
     const int k1 = std::min(k0 + BKV, kv_end), nk = k1 - k0;
     const int nkp = (nk + micro_n - 1) / micro_n * micro_n;
     const tile_visibility vis = mask.classify(t0, t1, k0, k1);
@@ -162,12 +201,11 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
     gemm_acc<Isa>(mr, D, nkp, &sc.s[0][0], BKV, &sc.v[0][0], D, sc.row[0].o, scratch_t::acc_stride);
   }
 
-  for (int i = 0; i < nr; ++i) {
-    sc.row[i].normalize();
-    OT* out = p.o.at(w.b, token(i), head(i));
-    for (int x = 0; x < D; ++x) out[x] = from_float<OT>(sc.row[i].o[x]);
-    if (p.lse) p.lse[p.q.layout.row(w.b, token(i)) * p.num_qo_heads + head(i)] = sc.row[i].lse();
+  if (w.partial) {
+    std::copy_n(sc.row, nr, static_cast<softmax_state<D>*>(w.partial));
+    return;
   }
+  for (int i = 0; i < nr; ++i) write_row<D>(p, w, i, sc.row[i]);
 }
 
 // The two compiled copies of the item: the build's baseline ISA and AVX2 + FMA.
@@ -194,6 +232,93 @@ inline std::vector<work_item> plan_items(const ragged_layout& q, std::int32_t nu
   return items;
 }
 
+// Split-KV plan: the units to run, and per split item the chunks to merge.
+template <int D>
+struct split_plan {
+  struct merge_job {
+    work_item w;
+    std::int32_t rows, chunks;
+    softmax_state<D>* states;  // chunks x rows, chunk-major
+  };
+  std::vector<work_item> units;
+  std::vector<merge_job> merges;
+  std::vector<softmax_state<D>> states;
+};
+
+// Cuts items into key chunks when there are fewer items than threads: each item into
+// threads / gcd(items, threads) chunks (so the units fill the threads evenly), fewer where its
+// visible range is short. Returns false (plan untouched) when nothing is split.
+template <int BQ, int BKV, int D, class Mask, class QT, class Src, class OT>
+bool plan_split(const forward_params<QT, Src, OT, Mask>& p, const std::vector<work_item>& items, int threads,
+                split_plan<D>& plan) {
+  const int min_keys = split_kv_settings().min_chunk_keys;
+  const std::int64_t n = std::int64_t(items.size());
+  if (min_keys <= 0 || threads <= 1 || n == 0 || n >= threads) return false;
+  std::int64_t a = n, b = threads;
+  while (b) a = std::exchange(b, a % b);
+  const std::int64_t want = threads / a;
+  const int min_tiles = (min_keys + BKV - 1) / BKV;
+
+  struct cut {
+    std::int32_t begin, chunk_keys, chunks, rows;
+  };
+  std::vector<cut> cuts(items.size());
+  std::size_t states = 0;
+  bool any = false;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const work_item& w = items[i];
+    const int q_len = p.q.layout.len_of(w.b);
+    const int rows = std::min(BQ, q_len * p.group - w.r0);
+    const Mask mask(p.mask, q_len, p.kv.kv_len(w.b));
+    const int t0 = w.r0 / p.group, t1 = (w.r0 + rows - 1) / p.group + 1;
+    const int kb = mask.kv_begin(t0, t1), ke = mask.kv_end(t0, t1);
+    const std::int64_t tiles = ke > kb ? (std::int64_t(ke) - kb + BKV - 1) / BKV : 0;
+    const std::int64_t chunks = std::min<std::int64_t>(want, tiles / min_tiles);
+    if (chunks < 2) {
+      cuts[i] = {0, 0, 1, rows};
+      continue;
+    }
+    const std::int64_t per = (tiles + chunks - 1) / chunks;  // tiles per chunk
+    cuts[i] = {kb, std::int32_t(per * BKV), std::int32_t((tiles + per - 1) / per), rows};
+    states += std::size_t(cuts[i].chunks) * rows;
+    any = true;
+  }
+  if (!any) return false;
+
+  plan.states.resize(states);
+  softmax_state<D>* next = plan.states.data();
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const cut& c = cuts[i];
+    if (c.chunks == 1) {
+      plan.units.push_back(items[i]);
+      continue;
+    }
+    plan.merges.push_back({items[i], c.rows, c.chunks, next});
+    for (int j = 0; j < c.chunks; ++j) {
+      work_item u = items[i];
+      u.k0 = c.begin + j * c.chunk_keys;
+      u.k1 = u.k0 + c.chunk_keys;
+      u.partial = next + std::size_t(j) * c.rows;
+      plan.units.push_back(u);
+    }
+    next += std::size_t(c.chunks) * c.rows;
+  }
+  return true;
+}
+
+// Folds the chunks of every split item, in chunk order, and writes the rows out.
+template <int D, class QT, class Src, class OT, class Mask>
+void merge_split(const forward_params<QT, Src, OT, Mask>& p, const split_plan<D>& plan, thread_pool& pool) {
+  pool.parallel_for(std::int64_t(plan.merges.size()), [&](std::int64_t m) {
+    const auto& job = plan.merges[m];
+    for (int i = 0; i < job.rows; ++i) {
+      softmax_state<D> st = job.states[i];
+      for (int c = 1; c < job.chunks; ++c) st.merge(job.states[std::size_t(c) * job.rows + i]);
+      write_row<D>(p, job.w, i, st);
+    }
+  });
+}
+
 }  // namespace detail
 
 template <tile_shape_type Tile, int HeadDim, mask_policy Mask, class QT, kv_source Src, class OT>
@@ -212,13 +337,17 @@ void attention_forward(const dense_tensor<QT>& q, const Src& kv, std::int32_t nu
   detail::check_packed_rows(q.layout, group);
 
   const detail::forward_params<QT, Src, OT, Mask> params{q, kv, o, lse, mask_params, scale * log2e, q.layout.heads, group};
-  const auto items = detail::plan_items(q.layout, num_kv_heads, group, Tile::block_q);
+  auto items = detail::plan_items(q.layout, num_kv_heads, group, Tile::block_q);
   constexpr int BQ = Tile::block_q, BKV = Tile::block_kv;
+  detail::split_plan<HeadDim> split;
+  const bool is_split = detail::plan_split<BQ, BKV, HeadDim>(params, items, pool.size(), split);
+  if (is_split) items = std::move(split.units);
   const bool avx2 = use_avx2_path();
   pool.parallel_for(std::int64_t(items.size()), [&](std::int64_t i) {
     if (avx2) detail::forward_item_avx2<BQ, BKV, HeadDim, Mask>(params, items[i]);
     else detail::forward_item_generic<BQ, BKV, HeadDim, Mask>(params, items[i]);
   });
+  if (is_split) detail::merge_split<HeadDim>(params, split, pool);
 }
 
 }  // namespace attention::cpu
