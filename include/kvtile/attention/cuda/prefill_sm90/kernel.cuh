@@ -102,58 +102,63 @@ struct prefill_sm90_geometry {
                                             (use_mbarriers ? 3 * 8 * stages : 0);
 };
 
-// One thread's share of copying `Rows` rows of D elements global -> an SW128 tile in shared
-// memory with 16-byte cp.async; rows at or past `valid_rows` are zero-filled.
-template <class T, class G, int Rows>
-KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile_sw128(std::uint32_t smem, const T* gmem, std::int64_t stride,
-                                                      int valid_rows, const T* any_valid, int tid) {
-  static_assert(G::threads % G::chunks == 0 && (G::threads / G::chunks) % 8 == 0,
-                "prefill_sm90: a thread's rows must share one swizzle phase");
-  constexpr int row_step = G::threads / G::chunks;
-  constexpr int per_thread = (Rows + row_step - 1) / row_step;
-  const int r0 = tid / G::chunks, c = tid % G::chunks;
-  const T* src = gmem + r0 * stride + c * 8;
-  const std::int64_t src_step = row_step * stride;
+// The rows a thread copies of a Rows-row tile: r0 + i * step for i < count, r0 = tid / chunks
+// (one 16-byte chunk column per thread). A thread's rows share one swizzle phase.
+template <class G, int Rows>
+struct row_share {
+  static constexpr int step = G::threads / G::chunks;
+  static constexpr int count = (Rows + step - 1) / step;
+  static_assert(G::threads % G::chunks == 0 && step % 8 == 0, "prefill_sm90: a thread's rows must share one swizzle phase");
+  KVTILE_DEVICE KVTILE_FORCEINLINE static int first_row(int tid) { return tid / G::chunks; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE static bool in_tile(int i, int tid) { return Rows % step == 0 || first_row(tid) + i * step < Rows; }
+};
+
+// One thread's share of copying a Rows-row tile global -> an SW128 tile in shared memory with
+// 16-byte cp.async: its row i starts at base + row_offset(i) (elements); rows at or past
+// `valid_rows` are zero-filled (nothing is read).
+template <class T, class G, int Rows, class RowOffset>
+KVTILE_DEVICE KVTILE_FORCEINLINE void copy_rows_sw128(std::uint32_t smem, const T* base, RowOffset&& row_offset,
+                                                      int valid_rows, int tid) {
+  using R = row_share<G, Rows>;
+  const int r0 = R::first_row(tid), c = tid % G::chunks;
   const std::uint32_t dst = smem + arch::sw128_offset(Rows, r0, c);
   KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < per_thread; ++i) {
-    const int r = r0 + i * row_step;
-    if (Rows % row_step == 0 || r < Rows) {
-      const bool ok = r < valid_rows;
-      arch::cp_async_16_to(dst + i * row_step * 128, ok ? src : any_valid, ok);
+  for (int i = 0; i < R::count; ++i) {
+    if (R::in_tile(i, tid)) {
+      const bool ok = r0 + i * R::step < valid_rows;
+      arch::cp_async_16_to(dst + i * R::step * 128, ok ? base + row_offset(i) + c * 8 : base, ok);
     }
-    src += src_step;
   }
 }
 
+// What the sm_90a attention core reads and writes, for one CTA: a policy object built by the
+// kernel entry (dense_sm90_source below for cuda::prefill, paged::append_sm90_source for paged
+// K/V). It provides
+//   rows, kv_lo, kv_hi, kv_limit, mask   the CTA's valid query rows [0, rows), its key range, the
+//                                        end of loadable keys (later ones are zero and masked)
+//   token(r)                             query position (mask row) of CTA row r
+//   q, q_row(i)                          offset of this thread's Q row i (row_share<G, block_q>)
+//   k, v, kv_row(k0, i)                  offset of this thread's K / V row i of the tile at k0
+//   prefetch(k0)                         the tile at k0 is fetched next (k0 < 0: none)
+//   store(r, o, lse, t)                  normalised output of CTA row r: o[2j], o[2j + 1] are
+//                                        columns 8j + 2t, 8j + 2t + 1; lse in natural log
 template <class T, int D, class Tile, class Mask>
-struct prefill_sm90_kernel {
+struct sm90_attention_core {
   using G = prefill_sm90_geometry<T, D, Tile>;
-  using params = prefill_params<T, Mask>;
   using state = softmax_state<D / 4>;  // one row, this thread's D/4 columns
   using qk_op = arch::wgmma_op<T, G::block_kv>;
   using pv_op = arch::wgmma_op<T, D>;
 
-  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+  template <class Source>
+  static KVTILE_DEVICE void run(Source& src, unsigned char* smem_raw) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int wg = warp / 4, wq = warp % 4;
-    const int b = blockIdx.z, h = blockIdx.y;
-    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
-    const int q_len = p.q_layout.len_of(b);
-    const int q0 = q_tile * G::block_q;
-    if (q0 >= q_len) return;
-    const int q1 = min_i(q0 + G::block_q, q_len);
-    const int kv_len = p.kv_layout.len_of(b);
-    const Mask mask(p.mask, q_len, kv_len);
-    const int kv_lo = mask.kv_begin(q0, q1), kv_hi = mask.kv_end(q0, q1);
+    const Mask mask = src.mask;
+    const int rows = src.rows;
+    const int q0 = src.token(0), q1 = src.token(rows - 1) + 1;  // the CTA's query positions
+    const int kv_lo = src.kv_lo, kv_hi = src.kv_hi, kv_limit = src.kv_limit;
     const int n_tiles = kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
-    const int hk = h / p.group;
-
-    const T* q_g = p.q + p.q_layout.offset(b, q0, h);
-    const T* k_g = p.k + p.kv_layout.offset(b, 0, hk);
-    const T* v_g = p.v + p.kv_layout.offset(b, 0, hk);
-    const std::int64_t kv_stride = p.kv_layout.stride_token;
 
     // Shared memory (32-bit shared-window byte addresses), 1024-byte aligned tiles.
     const std::uint32_t raw = arch::smem_addr(smem_raw);
@@ -167,28 +172,33 @@ struct prefill_sm90_kernel {
         ++i;
       return i;
     };
+    auto tile_start = [&](int i) { return i < n_tiles ? kv_lo + i * G::block_kv : -1; };
+    // K and V of visible tile i into ring slot `stage`; then the next fetch is announced.
+    auto copy_kv = [&](int i, int stage, auto&& between) {
+      const int k0 = kv_lo + i * G::block_kv;
+      auto row = [&](int x) { return src.kv_row(k0, x); };
+      copy_rows_sw128<T, G, G::block_kv>(k_base + stage * G::kv_bytes, src.k, row, kv_limit - k0, tid);
+      between();
+      copy_rows_sw128<T, G, G::block_kv>(v_base + stage * G::kv_bytes, src.v, row, kv_limit - k0, tid);
+    };
     auto fetch_tile = [&](int i, int stage) {
-      if (i < n_tiles) {
-        const int k0 = kv_lo + i * G::block_kv;
-        load_tile_sw128<T, G, G::block_kv>(k_base + stage * G::kv_bytes, k_g + k0 * kv_stride, kv_stride,
-                                           kv_len - k0, p.k, tid);
-      }
+      if (i < n_tiles) copy_kv(i, stage, [] { arch::cp_async_commit(); });
+      else arch::cp_async_commit();
       arch::cp_async_commit();
-      if (i < n_tiles) {
-        const int k0 = kv_lo + i * G::block_kv;
-        load_tile_sw128<T, G, G::block_kv>(v_base + stage * G::kv_bytes, v_g + k0 * kv_stride, kv_stride,
-                                           kv_len - k0, p.v, tid);
-      }
-      arch::cp_async_commit();
+    };
+    auto load_q = [&] {
+      copy_rows_sw128<T, G, G::block_q>(q_base, src.q, [&](int x) { return src.q_row(x); }, rows, tid);
     };
 
     state st[2];  // rows g and g + 8 of this warp's 16
     st[0].init();
     st[1].init();
 
-    const int wq0 = q0 + wg * 64, wq1 = min_i(wq0 + 64, q_len);
-    const int row_top = wq0 + wq * 16 + g;  // this thread's rows: row_top, row_top + 8
-    const float scale_log2 = p.scale_log2;
+    const int wr0 = wg * 64, wr1 = min_i(wr0 + 64, rows);  // this warpgroup's CTA rows
+    const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
+    const int row_local = wr0 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
+    const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
+    const float scale_log2 = src.scale_log2;
     // Q descriptor base of this warpgroup: its 64 rows inside each column block.
     const std::uint32_t q_wg = q_base + wg * 64 * 128;
     constexpr std::uint32_t sbo = 1024;
@@ -198,6 +208,7 @@ struct prefill_sm90_kernel {
     float o[G::o_regs];
     KVTILE_PRAGMA_UNROLL
     for (int x = 0; x < G::o_regs; ++x) o[x] = 0.f;
+    arch::fence_operands(o);  // zeroed in the accumulator registers, before any branch
     auto o_to_states = [&] {
       KVTILE_PRAGMA_UNROLL
       for (int j = 0; j < D / 8; ++j) {
@@ -242,9 +253,8 @@ struct prefill_sm90_kernel {
         for (int j = 0; j < G::block_kv / 8; ++j)
           KVTILE_PRAGMA_UNROLL
           for (int c = 0; c < 4; ++c) {
-            const int row = row_top + (c / 2) * 8;
             const int col = k0 + j * 8 + 2 * t + (c % 2);
-            if (!(col < kv_len && mask.visible(row, col))) s[4 * j + c] = neg_inf;
+            if (!(col < kv_limit && mask.visible(row_pos[c / 2], col))) s[4 * j + c] = neg_inf;
           }
       }
 
@@ -293,7 +303,7 @@ struct prefill_sm90_kernel {
     };
     auto visibility = [&](int k0) {
       tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
-      if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
+      if (vis == tile_visibility::full && k0 + G::block_kv > kv_limit) vis = tile_visibility::partial;
       return vis;
     };
 
@@ -313,21 +323,18 @@ struct prefill_sm90_kernel {
       }
       __syncthreads();
       // Q lands with the first tile's K (the arrive covers every earlier copy of the thread).
-      load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+      load_q();
       int fetch = next_tile(0), fetched = 0;
+      src.prefetch(tile_start(fetch));
       // Visible tile number `fetched` goes to slot fetched % Stages, once the tile that used
       // the slot before is released by every thread.
       auto fetch_next = [&] {
         const int slot = fetched % G::stages;
         if (fetched >= G::stages) arch::mbarrier_wait(empty(slot), std::uint32_t((fetched / G::stages - 1) & 1));
-        const int k0 = kv_lo + fetch * G::block_kv;
-        load_tile_sw128<T, G, G::block_kv>(k_base + slot * G::kv_bytes, k_g + k0 * kv_stride, kv_stride, kv_len - k0,
-                                           p.k, tid);
-        arch::cp_async_mbarrier_arrive(full_k(slot));
-        load_tile_sw128<T, G, G::block_kv>(v_base + slot * G::kv_bytes, v_g + k0 * kv_stride, kv_stride, kv_len - k0,
-                                           p.v, tid);
+        copy_kv(fetch, slot, [&] { arch::cp_async_mbarrier_arrive(full_k(slot)); });
         arch::cp_async_mbarrier_arrive(full_v(slot));
         fetch = next_tile(fetch + 1);
+        src.prefetch(tile_start(fetch));
         ++fetched;
       };
       for (int x = 0; x < G::stages - 2; ++x)
@@ -355,13 +362,16 @@ struct prefill_sm90_kernel {
       arch::cp_async_wait<0>();  // Q's copies when no tile was visible
     } else {
       // Q joins the first K group, so the first wait covers both.
-      load_tile_sw128<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
+      load_q();
       int fetch = next_tile(0);
-      KVTILE_PRAGMA_UNROLL
-      for (int x = 0; x < G::stages - 1; ++x) {
-        fetch_tile(fetch, x);
+      src.prefetch(tile_start(fetch));
+      auto fetch_and_advance = [&](int stage) {
+        fetch_tile(fetch, stage);
         fetch = next_tile(fetch + 1);
-      }
+        src.prefetch(tile_start(fetch));
+      };
+      KVTILE_PRAGMA_UNROLL
+      for (int x = 0; x < G::stages - 1; ++x) fetch_and_advance(x);
       int stage = 0, refill = G::stages - 1;
       for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
         // K of this tile (and Q) landed and is published to the async proxy. Without async_pv
@@ -370,8 +380,7 @@ struct prefill_sm90_kernel {
         arch::fence_proxy_async_shared();
         __syncthreads();
         if constexpr (!G::async_pv) {
-          fetch_tile(fetch, refill);
-          fetch = next_tile(fetch + 1);
+          fetch_and_advance(refill);
           refill = refill + 1 == G::stages ? 0 : refill + 1;
         }
         const int k0 = kv_lo + i * G::block_kv;
@@ -385,8 +394,7 @@ struct prefill_sm90_kernel {
         arch::fence_proxy_async_shared();
         __syncthreads();
         if constexpr (G::async_pv) {
-          fetch_tile(fetch, refill);
-          fetch = next_tile(fetch + 1);
+          fetch_and_advance(refill);
           refill = refill + 1 == G::stages ? 0 : refill + 1;
         }
         if (vis != tile_visibility::empty) {
@@ -405,25 +413,78 @@ struct prefill_sm90_kernel {
     o_to_states();
     arch::cp_async_wait<0>();
 
-    // Epilogue: finish each row (quad sum of l, LSE, normalise) and store straight from the
-    // fragments (a quad writes 16 contiguous bytes of a row).
-    const std::int32_t heads = p.q_layout.heads;
-    T* o_g = p.o + p.o_layout.offset(b, 0, h);
-    const std::int64_t o_stride = p.o_layout.stride_token;
+    // Epilogue: finish each row (quad sum of l, LSE, normalise) and hand it to the source,
+    // which stores straight from the fragments (a quad covers 16 contiguous bytes of a row).
     KVTILE_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) {
       st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
       st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
-      const int row = row_top + r * 8;
-      if (row < q_len) {
-        if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * heads + h] = st[r].lse();
+      const int row = row_local + r * 8;
+      if (row < rows) {
+        const float lse = st[r].lse();
         st[r].normalize();
-        T* dst = o_g + row * o_stride + 2 * t;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < D / 8; ++j)
-          *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(st[r].o[2 * j], st[r].o[2 * j + 1]);
+        src.store(row, st[r].o, lse, t);
       }
     }
+  }
+};
+
+// The dense source: CTA (q tile, query head, sequence) of cuda::prefill's arguments.
+template <class T, int D, class Tile, class Mask>
+struct dense_sm90_source {
+  using G = prefill_sm90_geometry<T, D, Tile>;
+  using params = prefill_params<T, Mask>;
+  const params& p;
+  int b, h, q0, rows, kv_lo, kv_hi, kv_limit;
+  Mask mask;
+  const T* q;
+  const T* k;
+  const T* v;
+  float scale_log2;
+
+  KVTILE_DEVICE dense_sm90_source(const params& pp, int q_tile)
+      : p(pp), b(int(blockIdx.z)), h(int(blockIdx.y)), q0(q_tile * G::block_q),
+        mask(pp.mask, pp.q_layout.len_of(int(blockIdx.z)), pp.kv_layout.len_of(int(blockIdx.z))) {
+    const int q_len = p.q_layout.len_of(b);
+    rows = min_i(G::block_q, q_len - q0);
+    kv_limit = p.kv_layout.len_of(b);
+    kv_lo = rows > 0 ? mask.kv_begin(q0, q0 + rows) : 0;
+    kv_hi = rows > 0 ? mask.kv_end(q0, q0 + rows) : 0;
+    const int hk = h / p.group;
+    q = p.q + p.q_layout.offset(b, q0, h);
+    k = p.k + p.kv_layout.offset(b, 0, hk);
+    v = p.v + p.kv_layout.offset(b, 0, hk);
+    scale_log2 = p.scale_log2;
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return q0 + r; }
+  // Row i of this thread in a tile is row first_row + i * step of the tile.
+  using share = row_share<G, G::block_kv>;
+  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t q_row(int i) const {
+    return std::int64_t(share::first_row(threadIdx.x) + i * share::step) * p.q_layout.stride_token;
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t kv_row(int k0, int i) const {
+    return std::int64_t(k0 + share::first_row(threadIdx.x) + i * share::step) * p.kv_layout.stride_token;
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void prefetch(int) const {}
+  KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
+    const int row = q0 + r;
+    if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
+    T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+  }
+};
+
+template <class T, int D, class Tile, class Mask>
+struct prefill_sm90_kernel {
+  using G = prefill_sm90_geometry<T, D, Tile>;
+  using params = prefill_params<T, Mask>;
+
+  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+    if (q_tile * G::block_q >= p.q_layout.len_of(int(blockIdx.z))) return;
+    dense_sm90_source<T, D, Tile, Mask> src(p, q_tile);
+    sm90_attention_core<T, D, Tile, Mask>::run(src, smem_raw);
   }
 };
 
