@@ -68,7 +68,7 @@ struct paged_setup {
   kc::paged_plan plan;
   double kv_bytes = 0, other_bytes = 0, flops = 0;
 
-  paged_setup(int b, int ql, int kl, int ps) : batch(b), q_len(ql), kv_len(kl), page(ps) {
+  paged_setup(int b, int ql, int kl, int ps, bool wgmma = true) : batch(b), q_len(ql), kv_len(kl), page(ps) {
     const int nb = (kv_len + page - 1) / page;
     const double one = double(batch) * kv_len * HKV * D * sizeof(T) * 2;
     copies = int(std::clamp(512e6 / one, 1.0, 32.0));
@@ -98,6 +98,7 @@ struct paged_setup {
     const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, 2};
     kc::plan_options opt;
     opt.split_kv = q_len == 1 || KVTILE_BENCH_APPEND_SPLIT;
+    opt.use_wgmma = wgmma;
     plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);
@@ -159,15 +160,18 @@ void bm_decode(benchmark::State& st, int batch, int len, int page) {
   st.counters["ctas"] = double(p.plan.work.size());
 }
 
-void bm_append(benchmark::State& st, int prefix, int chunk) {
-  paged_setup p(1, chunk, prefix + chunk, 16);
+// wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
+void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma) {
+  paged_setup p(1, chunk, prefix + chunk, 16, wgmma);
   double seconds = 0;
   time_runs(st, p, seconds);
   char shape[128];
   std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=128 page=16", prefix, chunk);
-  st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=kvtile;unit=TFLOP/s");
+  st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
+              ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
   st.counters["ctas"] = double(p.plan.work.size());
+  st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
 }
 
 const int registered = [] {
@@ -181,10 +185,13 @@ const int registered = [] {
     benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
-  for (int prefix : {4096, 16384})
-    benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512").c_str(), bm_append, prefix, 512)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
+  for (bool wgmma : {true, false})
+    for (int prefix : {4096, 16384})
+      benchmark::RegisterBenchmark(
+          ("append/prefix" + std::to_string(prefix) + "_chunk512" + (wgmma ? "" : "_portable")).c_str(), bm_append, prefix,
+          512, wgmma)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
   return 0;
 }();
 

@@ -64,6 +64,32 @@ TEST_CASE("append: sliding window with sinks, fp16 D=96") {
   }
 }
 
+TEST_CASE("append: sliding window with sinks and no mask, bf16 D=128 (the sm_90a kernel where the device has it)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  struct wcase {
+    int window, sinks, page;
+  };
+  for (const wcase c : {wcase{48, 0, 16}, wcase{300, 4, 24}, wcase{1, 1, 1}, wcase{129, 128, 64}}) {
+    spec s;
+    s.hkv = 2;
+    s.hq = 10;
+    s.page_size = c.page;
+    s.layout = c.page % 2 ? kv_layout::hnd : kv_layout::nhd;
+    s.q_lens = {200, 1, 130};
+    s.kv_lens = {1500, 700, 130};
+    INFO("window " << c.window << " sinks " << c.sinks << " page " << c.page);
+    run_and_check<bfloat16, 128, sliding_window_mask>(s, {c.window, c.sinks}, rng(), /*compare_unsplit=*/true);
+  }
+  spec s;
+  s.hkv = 1;
+  s.hq = 7;
+  s.q_lens = {300, 5};
+  s.kv_lens = {100, 2000};  // without a mask a chunk may be longer than the keys it sees
+  run_and_check<bfloat16, 128, no_mask>(s, {}, rng(), /*compare_unsplit=*/true);
+}
+
 TEST_CASE("append: fp16 D=64, Q fragments in registers and one barrier per key tile") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

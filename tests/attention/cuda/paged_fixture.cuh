@@ -201,15 +201,18 @@ inline kc::device_limits limits() {
   return d;
 }
 
+inline const char* kernel_name(kc::paged_kernel_kind k) {
+  return k == kc::paged_kernel_kind::decode ? "decode" : k == kc::paged_kernel_kind::append ? "append" : "append_sm90";
+}
+
 // Plan, run (poisoned outputs), check; optionally also unsplit == split.
 template <class T, int D, class Mask>
-void run_and_check(const spec& sp, typename Mask::params mp, std::uint64_t seed, bool compare_unsplit = false) {
-  std::mt19937_64 rng(seed);
-  problem<T, D> pr(sp, rng);
+void check_problem(const problem<T, D>& pr, typename Mask::params mp, bool compare_unsplit) {
+  const spec& sp = pr.s;
   const float scale = default_scale(D);
   device_problem<T, D> dp(pr);
   const auto plan = pr.template plan<Mask>(mp, limits());
-  INFO("kernel " << (plan.shape.kind == kc::paged_kernel_kind::decode ? "decode" : "append") << ", work items "
+  INFO("kernel " << kernel_name(plan.shape.kind) << ", work items "
                  << plan.work.size() << ", split chunks of " << plan.chunk_tiles << " tiles, partials "
                  << plan.num_partials);
   dp.prepare(plan);
@@ -247,6 +250,21 @@ void run_and_check(const spec& sp, typename Mask::params mp, std::uint64_t seed,
     INFO("split (" << plan.num_partials << " partials) vs unsplit max diff " << diff);
     CHECK(plan2.num_partials == 0);
     CHECK(diff <= r.naive_err + 2e-3);
+  }
+}
+
+template <class T, int D, class Mask>
+void run_and_check(const spec& sp, typename Mask::params mp, std::uint64_t seed, bool compare_unsplit = false) {
+  std::mt19937_64 rng(seed);
+  const problem<T, D> pr(sp, rng);
+  check_problem<T, D, Mask>(pr, mp, compare_unsplit);
+  // Where the planner picked the sm_90a append kernel, the portable append kernel is checked on
+  // the same data too.
+  if (pr.template plan<Mask>(mp, limits()).shape.kind == kc::paged_kernel_kind::append_sm90) {
+    problem<T, D> portable = pr;
+    portable.s.opt.use_wgmma = false;
+    INFO("portable append kernel");
+    check_problem<T, D, Mask>(portable, mp, compare_unsplit);
   }
 }
 

@@ -146,6 +146,43 @@ TEST_CASE("plan: mixed decodes and chunks, windows; the partition covers each hu
   }
 }
 
+TEST_CASE("plan: the sm_90a append kernel where the device runs it, for head dims 64 and 128 only") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  kc::device_limits hopper{132, 228 * 1024, 227 * 1024, 32};
+  hopper.wgmma = true;
+  const std::vector<std::int32_t> ql = {512, 1, 40};
+  const std::vector<std::int32_t> kl = {4608, 900, 40};
+  host_csr t(kl, 16, 20000, rng);
+  const auto q = indptr_of(ql);
+  for (int d : {64, 96, 128, 256}) {
+    const kc::paged_problem pr{32, 8, d, 16, 20000, 2};
+    const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper);
+    INFO("head_dim " << d);
+    const bool sm90 = d == 64 || d == 128;
+    CHECK((plan.shape.kind == kc::paged_kernel_kind::append_sm90) == sm90);
+    if (sm90) {
+      CHECK(plan.shape.block_m == (d == 64 ? 192 : 128));
+      CHECK(plan.ctas_per_sm == 1);
+      CHECK(plan.shape.smem_bytes(d, 2) <= hopper.smem_per_cta);
+    }
+    check_partition<causal_mask>(plan, {});
+    kc::plan_options portable;
+    portable.use_wgmma = false;
+    CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper, portable).shape.kind ==
+          kc::paged_kernel_kind::append);
+  }
+  // Decodes stay on the decode kernel; a device without sm_90a code never gets the kernel.
+  const kc::paged_problem pr{32, 8, 128, 16, 20000, 2};
+  const auto dq = indptr_of({1, 1, 1});
+  CHECK(kc::plan_paged_attention<causal_mask>(dq.data(), t.table(), pr, {}, hopper).shape.kind ==
+        kc::paged_kernel_kind::decode);
+  hopper.wgmma = false;
+  CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper).shape.kind ==
+        kc::paged_kernel_kind::append);
+}
+
 TEST_CASE("plan: bad input is rejected with the offending value, before any work") {
   std::mt19937_64 rng(kvtile_test::fresh_seed());
   const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};

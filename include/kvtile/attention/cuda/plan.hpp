@@ -34,8 +34,9 @@ namespace attention::cuda {
 
 // Which kernel shape runs the batch. decode: 16 packed rows per CTA, four warps splitting each
 // key tile (few rows, many keys); append: 128 packed rows per CTA, one warp per 32 rows (64 rows,
-// 16 per warp, for head dims above 128).
-enum class paged_kernel_kind : std::int32_t { decode, append };
+// 16 per warp, for head dims above 128); append_sm90: the Hopper wgmma kernel (head dims 64 and
+// 128, binaries with sm_90a code), 64 packed rows per warpgroup.
+enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90 };
 
 struct paged_kernel_shape {
   paged_kernel_kind kind;
@@ -49,6 +50,8 @@ struct paged_kernel_shape {
   // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
+    if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
+      return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 3 * 8 * std::size_t(stages);
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
     const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
     const std::size_t warps = std::size_t(warps_m) * warps_n;
@@ -65,6 +68,9 @@ constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_di
   // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
   // three stages would exceed sm_80's 163 KB per CTA.
   if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
+  // Hopper: the dense prefill's default tiles (prefill_sm90/kernel.cuh), 3 stages.
+  if (kind == paged_kernel_kind::append_sm90) return head_dim <= 64 ? paged_kernel_shape{kind, 192, 128, 12, 1, 3}
+                                                                    : paged_kernel_shape{kind, 128, 128, 8, 1, 3};
   // Append: 32 rows per warp (each K/V fragment feeds two MMA row tiles), 2 CTAs per SM
   // (docs/perf-log/decode.md v5); above D = 128 the O accumulators of 32 rows do not fit.
   if (head_dim <= 128) return {kind, 128, 64, 4, 1, 2};
@@ -77,13 +83,18 @@ struct device_limits {
   std::size_t smem_per_sm = 228 * 1024;  // shared memory per multiprocessor
   std::size_t smem_per_cta = 227 * 1024; // opt-in maximum per CTA
   int max_ctas_per_sm = 32;
+  bool wgmma = false;  // runs this binary's sm_90a kernels (query_device_limits asks the device)
 };
 
 struct plan_options {
   bool split_kv = true;    // allow splitting a row tile's keys over several CTAs
   int max_splits = 128;    // at most this many partial states per row tile
   bool force_append = false;  // use the append shape even when every request is a decode
+  bool use_wgmma = true;      // append on the sm_90a kernel where device_limits::wgmma (D 64, 128)
 };
+
+// Head dims the sm_90a append kernel is built for.
+constexpr bool append_sm90_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
 // The attention problem, as the planner sees it.
 struct paged_problem {
@@ -169,6 +180,7 @@ constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b 
 // How many CTAs of `shape` fit on one SM, judged by shared memory and a register budget of
 // 64K registers at the kernels' launch bound (a lead for the split heuristic, not a promise).
 inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_problem& pr, const device_limits& dev) {
+  if (shape.kind == paged_kernel_kind::append_sm90) return 1;  // ~220 registers x 256-384 threads, ~225 KB
   const std::size_t smem = shape.smem_bytes(pr.head_dim, pr.elem_bytes) + 1024;
   const int by_smem = int(dev.smem_per_sm / smem);
   const bool wide_rows = shape.block_m / shape.warps_m >= 32;  // 32 rows per warp: ~255 registers
@@ -220,8 +232,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
                  ") exceed 2^30");
-  const paged_kernel_kind kind =
-      (!opt.force_append && max_rows <= 16) ? paged_kernel_kind::decode : paged_kernel_kind::append;
+  const paged_kernel_kind kind = (!opt.force_append && max_rows <= 16) ? paged_kernel_kind::decode
+                                 : (opt.use_wgmma && dev.wgmma && append_sm90_head_dim(pr.head_dim))
+                                     ? paged_kernel_kind::append_sm90
+                                     : paged_kernel_kind::append;
   plan.shape = paged_shape_for(kind, pr.head_dim);
   const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,

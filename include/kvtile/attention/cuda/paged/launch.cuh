@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
+#include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/tile_shape.hpp"
@@ -33,6 +34,7 @@ inline device_limits query_device_limits(int device = -1) {
   d.smem_per_cta = std::size_t(v);
   KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxBlocksPerMultiprocessor, device));
   d.max_ctas_per_sm = v;
+  d.wgmma = detail::sm90_kernels_available(device);
   return d;
 }
 
@@ -54,6 +56,15 @@ inline void upload_plan(const paged_plan& plan, void* workspace, cudaStream_t st
 
 namespace paged {
 
+// The merge CTAs of a split plan whose partial states hold BM rows each.
+template <class T, int D, int BM, class Mask, class Table>
+void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+  if (plan.merges.empty()) return;
+  const dim3 grid(unsigned(plan.merges.size()), unsigned((BM * (D / 4) + merge_threads - 1) / merge_threads));
+  merge_partials_kernel<T, D, BM, Table, Mask><<<grid, merge_threads, 0, stream>>>(params);
+  KVTILE_CUDA_CHECK_LAUNCH();
+}
+
 template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
 void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
   // Append at D <= 128: the 32-rows-per-warp kernel (append_kernel.cuh); otherwise kernel.cuh.
@@ -71,11 +82,20 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
     kernel<<<unsigned(plan.work.size()), C::threads, smem, stream>>>(params);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
-  if (!plan.merges.empty()) {
-    const dim3 grid(unsigned(plan.merges.size()), unsigned((C::bm * (D / 4) + merge_threads - 1) / merge_threads));
-    merge_partials_kernel<T, D, C::bm, Table, Mask><<<grid, merge_threads, 0, stream>>>(params);
+  launch_merges<T, D, C::bm>(plan, params, stream);
+}
+
+// The sm_90a append kernel (append_sm90_kernel.cuh); head dims 64 and 128.
+template <class T, int D, class Mask, class Table>
+void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+  using G = typename append_sm90_source<T, D, Mask, Table>::G;
+  auto* kernel = &paged_append_sm90_kernel<T, D, Mask, Table>;
+  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
+  if (!plan.work.empty()) {
+    kernel<<<unsigned(plan.work.size()), G::threads, G::smem_bytes, stream>>>(params);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
+  launch_merges<T, D, G::block_q>(plan, params, stream);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -141,10 +161,18 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.merges = reinterpret_cast<const paged_merge_item*>(base + plan.merge_offset());
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
-  if (plan.shape.kind == paged_kernel_kind::decode)
+  if (plan.shape.kind == paged_kernel_kind::append_sm90) {
+    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for the sm_90a append kernel, but device ",
+                   device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+    if constexpr (append_sm90_head_dim(HeadDim))
+      paged::launch_append_sm90<T, HeadDim>(plan, params, stream);
+    else
+      KVTILE_FAIL(errc::invalid_argument, "plan is for the sm_90a append kernel, which has no head_dim ", HeadDim);
+  } else if (plan.shape.kind == paged_kernel_kind::decode) {
     paged::launch<T, HeadDim, paged_kernel_kind::decode>(plan, params, stream);
-  else
+  } else {
     paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, stream);
+  }
 }
 
 }  // namespace attention::cuda

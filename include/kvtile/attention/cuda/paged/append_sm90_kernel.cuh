@@ -1,0 +1,119 @@
+// kvtile/attention/cuda/paged/append_sm90_kernel.cuh: paged append (chunked prefill) on Hopper
+// warpgroup MMA, for head dims 64 and 128 in binaries built for sm_90a.
+//
+// The sm_90a attention core of the dense prefill (prefill_sm90/kernel.cuh: 128-byte swizzled
+// tiles, wgmma for Q K^T and P V, per-slot mbarriers) reads its rows through a source policy;
+// this file gives it the paged one. One CTA runs one work item of an append plan:
+//   rows   block_q packed query rows (GQA packing: token r / group, head kv_head * group +
+//          r % group), so each K/V page is read once for the whole group
+//   keys   [kv_begin, kv_end) of the request, gathered row by row through the page table; the
+//          block ids of the next tile are loaded a tile ahead into registers
+//   output O and LSE, or, for a split item, the fp32 partial state that merge_partials_kernel
+//          folds (the same partial layout as the other paged kernels)
+#pragma once
+
+#include <cstdint>
+
+#include "kvtile/attention/cuda/paged/kernel.cuh"
+#include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::paged {
+
+// The tile of the sm_90a append kernel: the dense prefill's default for the head dim.
+template <int D>
+using append_sm90_tile = detail::sm90_default_tile_t<D>;
+
+template <class T, int D, class Mask, class Table>
+struct append_sm90_source {
+  using Tile = append_sm90_tile<D>;
+  using G = detail::prefill_sm90_geometry<T, D, Tile>;
+  using share = detail::row_share<G, G::block_kv>;  // the same step for Q rows
+  static_assert(paged_shape_for(paged_kernel_kind::append_sm90, D).block_m == G::block_q &&
+                    paged_shape_for(paged_kernel_kind::append_sm90, D).block_n == G::block_kv &&
+                    paged_shape_for(paged_kernel_kind::append_sm90, D).threads() == G::threads &&
+                    paged_shape_for(paged_kernel_kind::append_sm90, D).smem_bytes(D, sizeof(T)) >= G::smem_bytes,
+                "paged append_sm90: the planner's shape must be the kernel's tile");
+
+  const kernel_params<T, Table, Mask>& p;
+  paged_work_item w;
+  int rows, kv_lo, kv_hi, kv_limit;
+  int group, page_size;
+  Mask mask;
+  const T* q;
+  const T* k;
+  const T* v;
+  float scale_log2;
+  const std::int32_t* pages;
+  std::int32_t blk[share::count];  // block ids of this thread's rows in the next tile fetched
+
+  KVTILE_DEVICE explicit append_sm90_source(const kernel_params<T, Table, Mask>& pp)
+      : p(pp), w(pp.work[blockIdx.x]),
+        mask(pp.mask, pp.q.layout.len_of(w.batch), pp.kv.kv_len(w.batch)) {
+    group = p.group;
+    rows = min_i(G::block_q, p.q.layout.len_of(w.batch) * group - w.row0);
+    kv_lo = w.kv_begin;
+    kv_hi = w.kv_end;
+    kv_limit = w.kv_end;  // a split chunk ends on a tile boundary, the hull at or before kv_len
+    page_size = p.kv.pool.page_size;
+    q = p.q.data;
+    k = p.kv.k_base();
+    v = p.kv.v_base();
+    scale_log2 = p.scale_log2;
+    pages = page_row(p.kv.table, w.batch);
+  }
+
+  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return (w.row0 + r) / group; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int head(int r) const { return w.kv_head * group + (w.row0 + r) % group; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t q_row(int i) const {
+    const int r = share::first_row(threadIdx.x) + i * share::step;
+    return p.q.layout.offset(w.batch, token(r), head(r));
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t kv_row(int k0, int i) const {
+    const int tok = k0 + share::first_row(threadIdx.x) + i * share::step;
+    return p.kv.pool.offset(blk[i], tok % page_size, w.kv_head);
+  }
+  // Block ids of the tile at k0 (k0 < 0: nothing is fetched next).
+  KVTILE_DEVICE KVTILE_FORCEINLINE void prefetch(int k0) {
+    if (k0 < 0) return;
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < share::count; ++i) {
+      const int tok = k0 + share::first_row(threadIdx.x) + i * share::step;
+      blk[i] = share::in_tile(i, threadIdx.x) && tok < kv_limit ? pages[tok / page_size] : 0;
+    }
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
+    if (w.partial < 0) {
+      const int tok = token(r), h = head(r);
+      if (p.lse != nullptr && t == 0) p.lse[p.q.layout.row(w.batch, tok) * p.num_qo_heads + h] = lse;
+      T* dst = p.o.at(w.batch, tok, h) + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+    } else {
+      const std::int64_t prow = std::int64_t(w.partial) * G::block_q + r;
+      float* dst = p.partial_o + prow * D + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[2 * j], o[2 * j + 1]);
+      if (t == 0) p.partial_lse[prow] = lse;
+    }
+  }
+};
+
+// Entry point; the body exists only in the sm_90a device pass (elsewhere an empty kernel that
+// run_paged_attention never launches: plans pick this kernel only where device_limits::wgmma).
+template <class T, int D, class Mask, class Table>
+KVTILE_KERNEL void __launch_bounds__(append_sm90_source<T, D, Mask, Table>::G::threads, 1)
+    paged_append_sm90_kernel(const kernel_params<T, Table, Mask> p) {
+#if KVTILE_WGMMA_AVAILABLE
+  extern __shared__ __align__(16) unsigned char append_sm90_smem[];
+  using S = append_sm90_source<T, D, Mask, Table>;
+  S src(p);
+  detail::sm90_attention_core<T, D, typename S::Tile, Mask>::run(src, append_sm90_smem);
+#else
+  (void)p;
+#endif
+}
+
+}  // namespace attention::cuda::paged
+KVTILE_NAMESPACE_END
