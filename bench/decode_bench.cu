@@ -10,6 +10,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <numeric>
@@ -68,7 +69,10 @@ struct paged_setup {
   kc::paged_plan plan;
   double kv_bytes = 0, other_bytes = 0, flops = 0;
 
-  paged_setup(int b, int ql, int kl, int ps, bool wgmma = true) : batch(b), q_len(ql), kv_len(kl), page(ps) {
+  kv_layout layout = kv_layout::nhd;
+
+  paged_setup(int b, int ql, int kl, int ps, bool wgmma = true, kv_layout lay = kv_layout::nhd)
+      : batch(b), q_len(ql), kv_len(kl), page(ps), layout(lay) {
     const int nb = (kv_len + page - 1) / page;
     const double one = double(batch) * kv_len * HKV * D * sizeof(T) * 2;
     copies = int(std::clamp(512e6 / one, 1.0, 32.0));
@@ -117,7 +121,7 @@ struct paged_setup {
     const auto ql = ragged_layout::varlen(q_indptr, batch, HQ, D);
     const paging::csr_page_table t{kv_indptr, indices[copy], last, batch};
     const paging::paged_kv<T, paging::csr_page_table> kv{
-        paging::kv_pool_view<T>::make(k, v, kv_layout::nhd, num_blocks, page, HKV, D), t};
+        paging::kv_pool_view<T>::make(k, v, layout, num_blocks, page, HKV, D), t};
     kc::run_append<causal_mask, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, {},
                                    1.f / std::sqrt(float(D)), s);
   }
@@ -147,14 +151,53 @@ void time_runs(benchmark::State& st, paged_setup& p, double& seconds) {
   KVTILE_CUDA_CHECK(cudaEventDestroy(b));
 }
 
-void bm_decode(benchmark::State& st, int batch, int len, int page) {
-  paged_setup p(batch, 1, len, page);
+// The same `reps` runs captured once in a CUDA graph and replayed: the GPU's time without the
+// host's per-run launch cost (how a serving loop that replays a captured step sees it).
+void time_graph(benchmark::State& st, paged_setup& p, double& seconds) {
+  constexpr int reps = 20;
+  cudaStream_t s;
+  KVTILE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  for (int i = 0; i < 3; ++i) p.run(i % p.copies, s);  // first calls outside the capture
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  KVTILE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int r = 0; r < reps; ++r) p.run(r % p.copies, s);
+  KVTILE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  KVTILE_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+  KVTILE_CUDA_CHECK(cudaGraphLaunch(ge, s));
+  cudaEvent_t a, b;
+  KVTILE_CUDA_CHECK(cudaEventCreate(&a));
+  KVTILE_CUDA_CHECK(cudaEventCreate(&b));
+  seconds = 0;
+  for (auto _ : st) {
+    KVTILE_CUDA_CHECK(cudaEventRecord(a, s));
+    KVTILE_CUDA_CHECK(cudaGraphLaunch(ge, s));
+    KVTILE_CUDA_CHECK(cudaEventRecord(b, s));
+    KVTILE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    KVTILE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    st.SetIterationTime(ms * 1e-3 / reps);
+    seconds += ms * 1e-3 / reps;
+  }
+  KVTILE_CUDA_CHECK(cudaEventDestroy(a));
+  KVTILE_CUDA_CHECK(cudaEventDestroy(b));
+  KVTILE_CUDA_CHECK(cudaGraphExecDestroy(ge));
+  KVTILE_CUDA_CHECK(cudaGraphDestroy(g));
+  KVTILE_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+// graph: replayed from a CUDA graph (impl "kvtile_graph"); hnd: K/V pool in HND layout.
+void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph = false, bool hnd = false) {
+  paged_setup p(batch, 1, len, page, true, hnd ? kv_layout::hnd : kv_layout::nhd);
   double seconds = 0;
-  time_runs(st, p, seconds);
+  if (graph)
+    time_graph(st, p, seconds);
+  else
+    time_runs(st, p, seconds);
   const double tbps = (p.kv_bytes + p.other_bytes) * double(st.iterations()) / seconds / 1e12;
   char shape[128];
-  std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d", batch, len, page);
-  st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=kvtile;unit=TB/s");
+  std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d%s", batch, len, page, hnd ? " hnd" : "");
+  st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" + (graph ? "kvtile_graph" : "kvtile") + ";unit=TB/s");
   st.counters["value"] = tbps;
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
   st.counters["ctas"] = double(p.plan.work.size());
@@ -178,11 +221,24 @@ const int registered = [] {
   const int grid[][2] = {{1, 4096}, {1, 32768}, {16, 4096}, {64, 2048}, {64, 8192}, {128, 4096}, {32, 32768}};
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16").c_str(),
-                                 bm_decode, g[0], g[1], 16)
+                                 bm_decode, g[0], g[1], 16, false, false)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (int page : {1, 64, 256})
-    benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page)
+    benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page,
+                                 false, false)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  // The GPU's own time (graph replay) at the small shapes, where the host's launch cost shows.
+  for (const auto& g : {std::array<int, 2>{1, 4096}, std::array<int, 2>{1, 32768}, std::array<int, 2>{16, 4096}})
+    benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_graph").c_str(),
+                                 bm_decode, g[0], g[1], 16, true, false)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  // HND pools (each page of a head contiguous) at the large shapes.
+  for (const auto& g : {std::array<int, 2>{16, 4096}, std::array<int, 2>{128, 4096}, std::array<int, 2>{32, 32768}})
+    benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_hnd").c_str(),
+                                 bm_decode, g[0], g[1], 16, false, true)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (bool wgmma : {true, false})

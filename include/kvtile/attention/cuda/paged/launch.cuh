@@ -5,6 +5,7 @@
 // plan.merges.size() merge CTAs on `stream`. No allocation, no synchronisation.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -66,7 +67,7 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
 }
 
 template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
-void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
   // Append at D <= 128: the 32-rows-per-warp kernel (append_kernel.cuh); otherwise kernel.cuh.
   using C = std::conditional_t<uses_wide_append<Kind, D>, append_config<D>, kernel_config<Kind, D>>;
   const std::size_t smem = C::shape.smem_bytes(D, int(sizeof(T)));
@@ -76,8 +77,11 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
     else
       return paged_attention_kernel<T, D, Kind, Mask, Table>;
   }();
-  // Not a stream operation: legal while a stream is being captured.
-  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  // Once per device (not a stream operation: legal while a stream is being captured).
+  static std::atomic<std::uint64_t> smem_set{0};
+  kvtile::detail::once_per_device(smem_set, device, [&] {
+    KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  });
   if (!plan.work.empty()) {
     kernel<<<unsigned(plan.work.size()), C::threads, smem, stream>>>(params);
     KVTILE_CUDA_CHECK_LAUNCH();
@@ -87,10 +91,14 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
 
 // The sm_90a append kernel (append_sm90_kernel.cuh); head dims 64 and 128.
 template <class T, int D, class Mask, class Table>
-void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
+                        cudaStream_t stream) {
   using G = typename append_sm90_source<T, D, Mask, Table>::G;
   auto* kernel = &paged_append_sm90_kernel<T, D, Mask, Table>;
-  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
+  static std::atomic<std::uint64_t> smem_set{0};
+  kvtile::detail::once_per_device(smem_set, device, [&] {
+    KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
+  });
   if (!plan.work.empty()) {
     kernel<<<unsigned(plan.work.size()), G::threads, G::smem_bytes, stream>>>(params);
     KVTILE_CUDA_CHECK_LAUNCH();
@@ -141,9 +149,9 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
                         kv.pool.stride_head % 8 == 0;
   KVTILE_REQUIRE(ok_align, errc::invalid_argument,
                  "paged attention needs 16-byte aligned q, o, k, v and strides that are multiples of 8 elements");
-  int device = 0, major = 0;
+  int device = 0;
   KVTILE_CUDA_CHECK(cudaGetDevice(&device));
-  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const int major = kvtile::detail::compute_capability_major(device);
   KVTILE_REQUIRE(major >= 8, errc::unsupported, "paged attention needs compute capability 8.0 or newer, device ", device,
                  " has ", major, ".x");
 
@@ -165,13 +173,13 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
     KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for the sm_90a append kernel, but device ",
                    device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
     if constexpr (append_sm90_head_dim(HeadDim))
-      paged::launch_append_sm90<T, HeadDim>(plan, params, stream);
+      paged::launch_append_sm90<T, HeadDim>(plan, params, device, stream);
     else
       KVTILE_FAIL(errc::invalid_argument, "plan is for the sm_90a append kernel, which has no head_dim ", HeadDim);
   } else if (plan.shape.kind == paged_kernel_kind::decode) {
-    paged::launch<T, HeadDim, paged_kernel_kind::decode>(plan, params, stream);
+    paged::launch<T, HeadDim, paged_kernel_kind::decode>(plan, params, device, stream);
   } else {
-    paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, stream);
+    paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, device, stream);
   }
 }
 
