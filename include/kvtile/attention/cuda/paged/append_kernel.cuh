@@ -28,6 +28,7 @@
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/core/fast_divmod.hpp"
 
 // Largest head dim whose key tiles take one barrier (K and V waited together); above it V is
 // waited for separately, with a second barrier.
@@ -94,7 +95,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
 
   const std::int32_t* pages = page_row(p.kv.table, b);
-  const int page_size = p.kv.pool.page_size;
+  const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
   const T* kg = p.kv.k_base();
   const T* vg = p.kv.v_base();
 
@@ -115,11 +116,11 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   std::int64_t* off_s = reinterpret_cast<std::int64_t*>(smem_raw + C::tile_bytes);  // [2][BN]
   auto row_block = [&](int tile) {
     const int tok = kv_begin + tile * BN + tid;
-    return tid < BN && tile < n_tiles && tok < kv_end ? pages[tok / page_size] : -1;
+    return tid < BN && tile < n_tiles && tok < kv_end ? pages[page.div(tok)] : -1;
   };
   auto row_offset = [&](int tile, int blk) -> std::int64_t {
     const int tok = kv_begin + tile * BN + tid;
-    return blk < 0 ? -1 : p.kv.pool.offset(blk, tok % page_size, kvh);
+    return blk < 0 ? -1 : p.kv.pool.offset(blk, page.mod(tok), kvh);
   };
 
   // K then V of one tile, each its own commit group (issued even when empty, so the waits

@@ -17,6 +17,7 @@
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/core/fast_divmod.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -39,24 +40,34 @@ struct append_sm90_source {
   const kernel_params<T, Table, Mask>& p;
   paged_work_item w;
   int rows, kv_lo, kv_hi, kv_limit;
-  int group, page_size;
+  int group, first_row;
+  fast_divmod page;  // division by the page size without a division
   Mask mask;
   const T* q;
   const T* k;
   const T* v;
   float scale_log2;
   const std::int32_t* pages;
-  std::int32_t blk[share::count];  // block ids of this thread's rows in the next tile fetched
+  std::int64_t stride_block;
+  std::int32_t head_offset, stride_token;  // within a block: fit 32 bits
+  std::int32_t step_pages, step_slots;      // share::step keys = step_pages pages + step_slots slots
+  std::int32_t blk[share::count];           // block ids of this thread's rows in the next tile fetched
+  std::int32_t slot_off[share::count];      // and their offsets inside the block
 
   KVTILE_DEVICE explicit append_sm90_source(const kernel_params<T, Table, Mask>& pp)
-      : p(pp), w(pp.work[blockIdx.x]),
+      : p(pp), w(pp.work[blockIdx.x]), page(pp.kv.pool.page_size),
         mask(pp.mask, pp.q.layout.len_of(w.batch), pp.kv.kv_len(w.batch)) {
     group = p.group;
     rows = min_i(G::block_q, p.q.layout.len_of(w.batch) * group - w.row0);
     kv_lo = w.kv_begin;
     kv_hi = w.kv_end;
     kv_limit = w.kv_end;  // a split chunk ends on a tile boundary, the hull at or before kv_len
-    page_size = p.kv.pool.page_size;
+    first_row = share::first_row(int(threadIdx.x));
+    head_offset = std::int32_t(p.kv.pool.offset(0, 0, w.kv_head));
+    stride_block = p.kv.pool.stride_block;
+    stride_token = std::int32_t(p.kv.pool.stride_token);
+    step_pages = page.div(share::step);
+    step_slots = page.mod(share::step, step_pages);
     q = p.q.data;
     k = p.kv.k_base();
     v = p.kv.v_base();
@@ -66,21 +77,44 @@ struct append_sm90_source {
 
   KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return (w.row0 + r) / group; }
   KVTILE_DEVICE KVTILE_FORCEINLINE int head(int r) const { return w.kv_head * group + (w.row0 + r) % group; }
-  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t q_row(int i) const {
-    const int r = share::first_row(threadIdx.x) + i * share::step;
-    return p.q.layout.offset(w.batch, token(r), head(r));
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(std::uint32_t smem) const {
+    detail::copy_rows_sw128<T, G, G::block_q>(
+        smem, q,
+        [&](int i) {
+          const int r = first_row + i * share::step;
+          return p.q.layout.offset(w.batch, token(r), head(r));
+        },
+        rows, int(threadIdx.x));
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t kv_row(int k0, int i) const {
-    const int tok = k0 + share::first_row(threadIdx.x) + i * share::step;
-    return p.kv.pool.offset(blk[i], tok % page_size, w.kv_head);
+  // K and V rows of the tile at k0 (whose block ids and slots prefetch loaded): one offset per
+  // row, shared by the K and the V copy.
+  template <class Between>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_kv(std::uint32_t k_smem, std::uint32_t v_smem, int k0, Between&& between) const {
+    std::int64_t off[share::count];
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < share::count; ++i) off[i] = blk[i] * stride_block + slot_off[i];
+    auto row = [&](int i) { return off[i]; };
+    detail::copy_rows_sw128<T, G, G::block_kv>(k_smem, k, row, kv_limit - k0, int(threadIdx.x));
+    between();
+    detail::copy_rows_sw128<T, G, G::block_kv>(v_smem, v, row, kv_limit - k0, int(threadIdx.x));
   }
-  // Block ids of the tile at k0 (k0 < 0: nothing is fetched next).
+  // Block ids and in-page offsets of this thread's rows of the tile at k0 (k0 < 0: nothing is
+  // fetched next). Rows are share::step keys apart: one division, then running quotients.
   KVTILE_DEVICE KVTILE_FORCEINLINE void prefetch(int k0) {
     if (k0 < 0) return;
+    const int tok0 = k0 + first_row;
+    int pg = page.div(tok0), slot = page.mod(tok0, pg);
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < share::count; ++i) {
-      const int tok = k0 + share::first_row(threadIdx.x) + i * share::step;
-      blk[i] = share::in_tile(i, threadIdx.x) && tok < kv_limit ? pages[tok / page_size] : 0;
+      const bool ok = share::in_tile(i, int(threadIdx.x)) && tok0 + i * share::step < kv_limit;
+      blk[i] = ok ? pages[pg] : 0;
+      slot_off[i] = slot * stride_token + head_offset;
+      pg += step_pages;
+      slot += step_slots;
+      if (slot >= page.divisor()) {
+        slot -= page.divisor();
+        ++pg;
+      }
     }
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {

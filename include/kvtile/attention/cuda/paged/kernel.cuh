@@ -27,6 +27,7 @@
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/core/fast_divmod.hpp"
 #include "kvtile/paging/paged_view.hpp"
 
 // 1: the 16-row kernel waits once per key tile (see one_barrier below). Measured in
@@ -124,7 +125,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   // of the next tile are prefetched into registers one tile ahead, so the page-table lookup
   // never sits between a tile's wait and the next tile's loads.
   const std::int32_t* pages = page_row(p.kv.table, b);
-  const int page_size = p.kv.pool.page_size;
+  const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
   constexpr bool fast_map = NT % CPR == 0 && BN % (NT / CPR) == 0;
   constexpr int RPP = fast_map ? NT / CPR : 1;  // rows per pass of the CTA
   constexpr int RPT = fast_map ? BN / RPP : 1;  // rows per thread per tile
@@ -135,7 +136,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
       KVTILE_PRAGMA_UNROLL
       for (int i = 0; i < RPT; ++i) {
         const int tok = k0 + tid / CPR + i * RPP;
-        blk[i] = (tile < n_tiles && tok < k1) ? pages[tok / page_size] : 0;
+        blk[i] = (tile < n_tiles && tok < k1) ? pages[page.div(tok)] : 0;
       }
     }
   };
@@ -151,7 +152,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
         const int r = tid / CPR + i * RPP;
         const int tok = k0 + r;
         const bool valid = tok < k1;
-        const std::int64_t off = valid ? p.kv.pool.offset(blk[i], tok % page_size, kvh) + c * 8 : 0;
+        const std::int64_t off = valid ? p.kv.pool.offset(blk[i], page.mod(tok), kvh) + c * 8 : 0;
         arch::cp_async_16(ks + r * LD + c * 8, kbase + off, valid);
         arch::cp_async_16(vs + r * LD + c * 8, vbase + off, valid);
       }
@@ -160,7 +161,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
         const int r = idx / CPR, c = idx % CPR;
         const int tok = k0 + r;
         const bool valid = tok < k1;
-        const std::int64_t off = valid ? p.kv.pool.offset(pages[tok / page_size], tok % page_size, kvh) + c * 8 : 0;
+        const std::int64_t off = valid ? p.kv.pool.offset(pages[page.div(tok)], page.mod(tok), kvh) + c * 8 : 0;
         arch::cp_async_16(ks + r * LD + c * 8, kbase + off, valid);
         arch::cp_async_16(vs + r * LD + c * 8, vbase + off, valid);
       }

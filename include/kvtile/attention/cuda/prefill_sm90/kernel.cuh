@@ -113,6 +113,27 @@ struct row_share {
   KVTILE_DEVICE KVTILE_FORCEINLINE static bool in_tile(int i, int tid) { return Rows % step == 0 || first_row(tid) + i * step < Rows; }
 };
 
+// One thread's share of copying a Rows-row tile of rows `stride` elements apart, global -> an
+// SW128 tile in shared memory, with 16-byte cp.async; rows at or past `valid_rows` are
+// zero-filled (nothing is read).
+template <class T, class G, int Rows>
+KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile_sw128(std::uint32_t smem, const T* gmem, std::int64_t stride,
+                                                      int valid_rows, int tid) {
+  using R = row_share<G, Rows>;
+  const int r0 = R::first_row(tid), c = tid % G::chunks;
+  const T* src = gmem + r0 * stride + c * 8;
+  const std::int64_t src_step = R::step * stride;
+  const std::uint32_t dst = smem + arch::sw128_offset(Rows, r0, c);
+  KVTILE_PRAGMA_UNROLL
+  for (int i = 0; i < R::count; ++i) {
+    if (R::in_tile(i, tid)) {
+      const bool ok = r0 + i * R::step < valid_rows;
+      arch::cp_async_16_to(dst + i * R::step * 128, ok ? src : gmem, ok);
+    }
+    src += src_step;
+  }
+}
+
 // One thread's share of copying a Rows-row tile global -> an SW128 tile in shared memory with
 // 16-byte cp.async: its row i starts at base + row_offset(i) (elements); rows at or past
 // `valid_rows` are zero-filled (nothing is read).
@@ -137,8 +158,9 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void copy_rows_sw128(std::uint32_t smem, const 
 //   rows, kv_lo, kv_hi, kv_limit, mask   the CTA's valid query rows [0, rows), its key range, the
 //                                        end of loadable keys (later ones are zero and masked)
 //   token(r)                             query position (mask row) of CTA row r
-//   q, q_row(i)                          offset of this thread's Q row i (row_share<G, block_q>)
-//   k, v, kv_row(k0, i)                  offset of this thread's K / V row i of the tile at k0
+//   load_q(smem)                         this thread's cp.async of the Q tile
+//   load_kv(k_smem, v_smem, k0, between) this thread's cp.async of the K, then (after calling
+//                                        between()) the V tile of the keys at k0
 //   prefetch(k0)                         the tile at k0 is fetched next (k0 < 0: none)
 //   store(r, o, lse, t)                  normalised output of CTA row r: o[2j], o[2j + 1] are
 //                                        columns 8j + 2t, 8j + 2t + 1; lse in natural log
@@ -175,20 +197,14 @@ struct sm90_attention_core {
     auto tile_start = [&](int i) { return i < n_tiles ? kv_lo + i * G::block_kv : -1; };
     // K and V of visible tile i into ring slot `stage`; then the next fetch is announced.
     auto copy_kv = [&](int i, int stage, auto&& between) {
-      const int k0 = kv_lo + i * G::block_kv;
-      auto row = [&](int x) { return src.kv_row(k0, x); };
-      copy_rows_sw128<T, G, G::block_kv>(k_base + stage * G::kv_bytes, src.k, row, kv_limit - k0, tid);
-      between();
-      copy_rows_sw128<T, G, G::block_kv>(v_base + stage * G::kv_bytes, src.v, row, kv_limit - k0, tid);
+      src.load_kv(k_base + stage * G::kv_bytes, v_base + stage * G::kv_bytes, kv_lo + i * G::block_kv, between);
     };
     auto fetch_tile = [&](int i, int stage) {
       if (i < n_tiles) copy_kv(i, stage, [] { arch::cp_async_commit(); });
       else arch::cp_async_commit();
       arch::cp_async_commit();
     };
-    auto load_q = [&] {
-      copy_rows_sw128<T, G, G::block_q>(q_base, src.q, [&](int x) { return src.q_row(x); }, rows, tid);
-    };
+    auto load_q = [&] { src.load_q(q_base); };
 
     state st[2];  // rows g and g + 8 of this warp's 16
     st[0].init();
@@ -429,11 +445,13 @@ struct sm90_attention_core {
   }
 };
 
-// The dense source: CTA (q tile, query head, sequence) of cuda::prefill's arguments.
+// The dense source: CTA (q tile, query head, sequence) of cuda::prefill's arguments; rows are
+// `stride` apart, so a thread walks its rows with one pointer increment each.
 template <class T, int D, class Tile, class Mask>
 struct dense_sm90_source {
   using G = prefill_sm90_geometry<T, D, Tile>;
   using params = prefill_params<T, Mask>;
+  using share = row_share<G, G::block_kv>;  // the same step for Q rows
   const params& p;
   int b, h, q0, rows, kv_lo, kv_hi, kv_limit;
   Mask mask;
@@ -441,6 +459,7 @@ struct dense_sm90_source {
   const T* k;
   const T* v;
   float scale_log2;
+  std::int64_t q_stride, kv_stride;
 
   KVTILE_DEVICE dense_sm90_source(const params& pp, int q_tile)
       : p(pp), b(int(blockIdx.z)), h(int(blockIdx.y)), q0(q_tile * G::block_q),
@@ -451,19 +470,23 @@ struct dense_sm90_source {
     kv_lo = rows > 0 ? mask.kv_begin(q0, q0 + rows) : 0;
     kv_hi = rows > 0 ? mask.kv_end(q0, q0 + rows) : 0;
     const int hk = h / p.group;
+    q_stride = p.q_layout.stride_token;
+    kv_stride = p.kv_layout.stride_token;
     q = p.q + p.q_layout.offset(b, q0, h);
     k = p.k + p.kv_layout.offset(b, 0, hk);
     v = p.v + p.kv_layout.offset(b, 0, hk);
     scale_log2 = p.scale_log2;
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return q0 + r; }
-  // Row i of this thread in a tile is row first_row + i * step of the tile.
-  using share = row_share<G, G::block_kv>;
-  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t q_row(int i) const {
-    return std::int64_t(share::first_row(threadIdx.x) + i * share::step) * p.q_layout.stride_token;
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(std::uint32_t smem) const {
+    load_tile_sw128<T, G, G::block_q>(smem, q, q_stride, rows, int(threadIdx.x));
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE std::int64_t kv_row(int k0, int i) const {
-    return std::int64_t(k0 + share::first_row(threadIdx.x) + i * share::step) * p.kv_layout.stride_token;
+  template <class Between>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_kv(std::uint32_t k_smem, std::uint32_t v_smem, int k0, Between&& between) const {
+    const std::int64_t off = k0 * kv_stride;
+    load_tile_sw128<T, G, G::block_kv>(k_smem, k + off, kv_stride, kv_limit - k0, int(threadIdx.x));
+    between();
+    load_tile_sw128<T, G, G::block_kv>(v_smem, v + off, kv_stride, kv_limit - k0, int(threadIdx.x));
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void prefetch(int) const {}
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
