@@ -6,7 +6,8 @@
 # is printed last.
 # usage: scripts/gpu_bench.sh [bin=gpu-bin] [out=$OUT]
 # Narrow a run with regular expressions on names: KVTILE_SANITIZE_ONLY (test binaries run under
-# the sanitizers; KVTILE_SANITIZE=0 for none), KVTILE_BENCH_ONLY, KVTILE_PEER_ONLY.
+# the sanitizers; KVTILE_SANITIZE=0 for none), KVTILE_BENCH_ONLY, KVTILE_PEER_ONLY; and
+# KVTILE_BENCH_FILTER, a Google Benchmark --benchmark_filter passed to every benchmark binary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=$(cd "${1:-gpu-bin}" && pwd)
@@ -55,7 +56,7 @@ for b in "$bin"/*_bench; do
   name=$(basename "$b")
   [[ "$name" =~ ${KVTILE_BENCH_ONLY:-.} ]] || continue
   "$b" --benchmark_format=json --benchmark_out="$raw/$name.json" --benchmark_out_format=json \
-    --benchmark_min_time=0.2 >"$raw/$name.log" 2>&1
+    --benchmark_min_time=0.2 --benchmark_filter="${KVTILE_BENCH_FILTER:-.}" >"$raw/$name.log" 2>&1
   summary+=("$(printf '%-40s rc=%s' "$name" "$?")")
 done
 

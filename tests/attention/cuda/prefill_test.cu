@@ -26,6 +26,7 @@ using namespace prefill_test;
 using k64_causal = cuda::prefill<bfloat16, 64, causal_mask>;
 using k80_none = cuda::prefill<bfloat16, 80, no_mask>;
 using k96_window = cuda::prefill<bfloat16, 96, sliding_window_mask>;
+using k128_window = cuda::prefill<bfloat16, 128, sliding_window_mask>;  // run(): the sm_90a kernel on Hopper
 using k128_causal = cuda::prefill<bfloat16, 128, causal_mask>;
 using k256_none = cuda::prefill<bfloat16, 256, no_mask>;
 using k64_user_fp16 = cuda::prefill<kvtile::half, 64, no_mask, tile_shape<64, 32, 2, 3>>;
@@ -71,6 +72,16 @@ TEST_CASE("prefill bf16 D=96 sliding window with sinks") {
   check_prefill<k96_window>({{17, 17}, {4097, 4097}, false, 2, 2}, {64, 0}, rng);
   check_prefill<k96_window>({{700}, {700}, false, 4, 1}, {130, 70}, rng);  // gap between sinks and window
   check_prefill<k96_window>({{50, 1, 333}, {50, 900, 400}, true, 8, 1}, {50, 3}, rng);
+}
+
+TEST_CASE("prefill bf16 D=128 sliding window with sinks (default tile: dispatched to the sm_90a kernel on Hopper)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<k128_window>({{1000}, {1000}, false, 4, 1}, {100, 4}, rng);
+  check_prefill<k128_window>({{300, 300}, {4097, 4097}, false, 2, 2}, {64, 0}, rng);
+  check_prefill<k128_window>({{700}, {700}, false, 4, 1}, {130, 70}, rng);
+  check_prefill<k128_window>({{50, 1, 333}, {50, 900, 400}, true, 8, 1}, {257, 3}, rng);
 }
 
 TEST_CASE("prefill bf16 D=128 causal") {

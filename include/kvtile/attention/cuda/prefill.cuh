@@ -1,7 +1,7 @@
 // kvtile/attention/cuda/prefill.cuh: prefill (forward) attention on NVIDIA GPUs (sm_80+).
 // On Hopper (compute capability 9.x, binary with sm_90a code) run() hands head dims 64 and
-// 128 with the default tile and no or causal mask to the wgmma kernel of prefill_sm90.cuh
-// (sm90_dispatch);
+// 128 with the default tile and the no / causal / sliding-window masks to the wgmma kernel of
+// prefill_sm90.cuh (sm90_dispatch);
 // run_portable() always takes the mma.sync kernel of this file.
 //
 //   using kernel = kvtile::attention::cuda::prefill<kvtile::bfloat16, 128, causal_mask>;
@@ -88,11 +88,12 @@ class prefill {
   static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;
   static constexpr int threads = geometry::threads;
   // Whether run() hands this configuration to the sm_90a wgmma kernel on Hopper (default tile,
-  // D 64 or 128, the masks verified on that kernel on a GPU: none and causal); the mma.sync
+  // D 64 or 128, the masks verified on that kernel on a GPU: none, causal, sliding window); the mma.sync
   // kernel stays the path for every other configuration, device and binary.
   static constexpr bool sm90_dispatch = KVTILE_PREFILL_SM90_DISPATCH && (HeadDim == 64 || HeadDim == 128) &&
                                         std::is_same_v<Tile, default_prefill_tile_t<HeadDim>> &&
-                                        (std::is_same_v<Mask, no_mask> || std::is_same_v<Mask, causal_mask>);
+                                        (std::is_same_v<Mask, no_mask> || std::is_same_v<Mask, causal_mask> ||
+                                         std::is_same_v<Mask, sliding_window_mask>);
 
   struct arguments {
     dense_tensor<const T> q;  // [batch, q_len, qo_heads, HeadDim]
