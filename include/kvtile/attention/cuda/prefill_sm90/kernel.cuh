@@ -451,7 +451,6 @@ template <class T, int D, class Tile, class Mask>
 struct dense_sm90_source {
   using G = prefill_sm90_geometry<T, D, Tile>;
   using params = prefill_params<T, Mask>;
-  using share = row_share<G, G::block_kv>;  // the same step for Q rows
   const params& p;
   int b, h, q0, rows, kv_lo, kv_hi, kv_limit;
   Mask mask;
