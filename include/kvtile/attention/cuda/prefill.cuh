@@ -164,9 +164,7 @@ class prefill {
   static std::size_t workspace_size(const arguments&) { return 0; }
 
   static dim3 grid(const arguments& a) {
-    const std::int32_t max_q = a.q.layout.indptr ? a.max_q_len : a.q.layout.len;
-    return dim3(unsigned((max_q + Tile::block_q - 1) / Tile::block_q), unsigned(a.q.layout.heads),
-                unsigned(a.q.layout.batch));
+    return detail::prefill_grid(a.q.layout, detail::prefill_max_q_len(a), Tile::block_q);
   }
 
   // Checks, raises the kernel's shared-memory limit where it needs more than 48 KB, launches on
@@ -202,23 +200,11 @@ class prefill {
     if (shared_memory_bytes > 48 * 1024)
       KVTILE_CUDA_CHECK(
           cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_memory_bytes)));
-    typename kernel_t::params p{};
-    p.q = a.q.data;
-    p.k = a.kv.k;
-    p.v = a.kv.v;
-    p.o = a.o.data;
-    p.lse = a.lse;
-    p.q_layout = a.q.layout;
-    p.kv_layout = a.kv.layout;
-    p.o_layout = a.o.layout;
-    p.mask = a.mask_params;
-    const float scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(HeadDim));
-    p.scale_log2 = scale * log2e;
-    p.group = a.q.layout.heads / a.kv.layout.heads;
+    const typename kernel_t::params p = detail::make_prefill_params<T, Mask, HeadDim>(a);
     if constexpr (sm90_dispatch) {
       if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
         using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, detail::sm90_default_tile_t<HeadDim>, Mask>;
-        detail::launch_prefill_sm90<sm90_kernel>(p, a.q.layout.indptr ? a.max_q_len : a.q.layout.len, device, stream);
+        detail::launch_prefill_sm90<sm90_kernel>(p, detail::prefill_max_q_len(a), device, stream);
         return;
       }
     }

@@ -71,9 +71,7 @@ class prefill_sm90 {
   static std::size_t workspace_size(const arguments&) { return 0; }
 
   static dim3 grid(const arguments& a) {
-    const std::int32_t max_q = a.q.layout.indptr ? a.max_q_len : a.q.layout.len;
-    return dim3(unsigned((max_q + Tile::block_q - 1) / Tile::block_q), unsigned(a.q.layout.heads),
-                unsigned(a.q.layout.batch));
+    return detail::prefill_grid(a.q.layout, detail::prefill_max_q_len(a), Tile::block_q);
   }
 
   static void run(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
@@ -87,20 +85,8 @@ class prefill_sm90 {
     KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported,
                    "prefill_sm90: this binary has no sm_90a code for device ", device,
                    " (build with CUDA architecture 90a)");
-    typename kernel_t::params p{};
-    p.q = a.q.data;
-    p.k = a.kv.k;
-    p.v = a.kv.v;
-    p.o = a.o.data;
-    p.lse = a.lse;
-    p.q_layout = a.q.layout;
-    p.kv_layout = a.kv.layout;
-    p.o_layout = a.o.layout;
-    p.mask = a.mask_params;
-    const float scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(HeadDim));
-    p.scale_log2 = scale * log2e;
-    p.group = a.q.layout.heads / a.kv.layout.heads;
-    detail::launch_prefill_sm90<kernel_t>(p, a.q.layout.indptr ? a.max_q_len : a.q.layout.len, device, stream);
+    detail::launch_prefill_sm90<kernel_t>(detail::make_prefill_params<T, Mask, HeadDim>(a), detail::prefill_max_q_len(a),
+                                          device, stream);
   }
 };
 

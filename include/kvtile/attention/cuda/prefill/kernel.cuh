@@ -12,8 +12,11 @@
 // one ex2. The mask policy is asked per tile (classify) and per element only on partial tiles.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+
+#include <cuda_runtime.h>
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
@@ -53,6 +56,38 @@ struct prefill_params {
   float scale_log2;    // softmax scale * log2(e)
   std::int32_t group;  // query heads per KV head
 };
+
+// The parameters both prefill kernels take, from cuda::prefill's arguments (`Args`).
+template <class T, class Mask, int HeadDim, class Args>
+prefill_params<T, Mask> make_prefill_params(const Args& a) {
+  prefill_params<T, Mask> p{};
+  p.q = a.q.data;
+  p.k = a.kv.k;
+  p.v = a.kv.v;
+  p.o = a.o.data;
+  p.lse = a.lse;
+  p.q_layout = a.q.layout;
+  p.kv_layout = a.kv.layout;
+  p.o_layout = a.o.layout;
+  p.mask = a.mask_params;
+  const float scale = a.scale > 0.f ? a.scale : 1.f / std::sqrt(float(HeadDim));
+  p.scale_log2 = scale * log2e;
+  p.group = a.q.layout.heads / a.kv.layout.heads;
+  return p;
+}
+
+// The longest query length of cuda::prefill's arguments: the fixed length, or the bound the
+// caller gives for varlen batches.
+template <class Args>
+std::int32_t prefill_max_q_len(const Args& a) {
+  return a.q.layout.indptr ? a.max_q_len : a.q.layout.len;
+}
+
+// The grid of a prefill kernel with `block_q` query rows per CTA: (query tiles, query heads,
+// sequences).
+inline dim3 prefill_grid(const ragged_layout& q, std::int32_t max_q_len, int block_q) {
+  return dim3(unsigned((max_q_len + block_q - 1) / block_q), unsigned(q.heads), unsigned(q.batch));
+}
 
 // Compile-time geometry of one instantiation; every divisibility rule is checked here.
 template <class T, int D, class Tile>

@@ -567,8 +567,7 @@ void launch_prefill_sm90(const typename Kernel::params& p, std::int32_t max_q_le
   KVTILE_REQUIRE(G::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
                  G::block_kv, ", ", G::warps, ", ", G::stages, "> needs ", G::smem_bytes,
                  " bytes of shared memory, device ", device, " allows ", smem_optin);
-  const dim3 g(unsigned((max_q_len + G::block_q - 1) / G::block_q), unsigned(p.q_layout.heads),
-               unsigned(p.q_layout.batch));
+  const dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
   if (g.x == 0 || g.y == 0 || g.z == 0) return;
   auto* fn = &prefill_sm90_entry<Kernel>;
   KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
