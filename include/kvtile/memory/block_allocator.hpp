@@ -46,7 +46,10 @@ concept block_allocator = std::constructible_from<A, std::int32_t> &&
     };
 
 namespace detail {
-// What both allocators share: the free bitmap (for double-free detection) and the counters.
+// What both allocators share: the checked allocate / free (all or nothing, double-free and
+// range detection), the free bitmap and the counters. The policy `Derived` supplies the order:
+// take() hands out one free id (the count was checked), put_back(b) returns a freed one.
+template <class Derived>
 class allocator_accounting {
  public:
   explicit allocator_accounting(std::int32_t capacity) : capacity_(capacity), free_count_(capacity) {
@@ -58,7 +61,23 @@ class allocator_accounting {
   bool is_free(block_id b) const { return b >= 0 && b < capacity_ && is_free_[std::size_t(b)] != 0; }
   allocator_stats stats() const { return {capacity_, free_count_, capacity_ - free_count_, high_water_}; }
 
- protected:
+  block_id allocate() {
+    require_available(1);
+    return take_one();
+  }
+  // All or nothing: either every entry of `out` gets a block or none is taken.
+  void allocate(std::span<block_id> out) {
+    require_available(std::int64_t(out.size()));
+    for (auto& b : out) b = take_one();
+  }
+  void free(block_id b) {
+    require_freeable(b);
+    is_free_[std::size_t(b)] = 1;
+    ++free_count_;
+    static_cast<Derived*>(this)->put_back(b);
+  }
+
+ private:
   void require_available(std::int64_t n) const {
     KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot allocate a negative number of blocks: ", n);
     KVTILE_REQUIRE(n <= free_count_, errc::out_of_blocks, "asked for ", n, " blocks, ", free_count_, " of ",
@@ -69,17 +88,14 @@ class allocator_accounting {
                    capacity_, ")");
     KVTILE_REQUIRE(!is_free_[std::size_t(b)], errc::double_free, "block ", b, " is already free");
   }
-  void mark_used(block_id b) {
+  block_id take_one() {
+    const block_id b = static_cast<Derived*>(this)->take();
     is_free_[std::size_t(b)] = 0;
     --free_count_;
     if (capacity_ - free_count_ > high_water_) high_water_ = capacity_ - free_count_;
-  }
-  void mark_free(block_id b) {
-    is_free_[std::size_t(b)] = 1;
-    ++free_count_;
+    return b;
   }
 
- private:
   std::vector<unsigned char> is_free_;  // [capacity]
   std::int32_t capacity_ = 0;
   std::int32_t free_count_ = 0;

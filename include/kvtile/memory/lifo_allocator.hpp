@@ -12,35 +12,21 @@
 KVTILE_NAMESPACE_BEGIN
 namespace memory {
 
-class lifo_allocator : public detail::allocator_accounting {
+class lifo_allocator : public detail::allocator_accounting<lifo_allocator> {
  public:
   explicit lifo_allocator(std::int32_t capacity) : allocator_accounting(capacity) {
     stack_.reserve(std::size_t(capacity));
     for (std::int32_t b = capacity - 1; b >= 0; --b) stack_.push_back(b);
   }
 
-  block_id allocate() {
-    require_available(1);
-    return take();
-  }
-  // All or nothing: either every entry of `out` gets a block or none is taken.
-  void allocate(std::span<block_id> out) {
-    require_available(std::int64_t(out.size()));
-    for (auto& b : out) b = take();
-  }
-  void free(block_id b) {
-    require_freeable(b);
-    mark_free(b);
-    stack_.push_back(b);  // capacity reserved: never reallocates
-  }
-
  private:
+  friend allocator_accounting;
   block_id take() {
     const block_id b = stack_.back();
     stack_.pop_back();
-    mark_used(b);
     return b;
   }
+  void put_back(block_id b) { stack_.push_back(b); }  // capacity reserved: never reallocates
   std::vector<block_id> stack_;  // free ids; top = next to hand out
 };
 

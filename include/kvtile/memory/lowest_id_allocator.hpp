@@ -17,7 +17,7 @@
 KVTILE_NAMESPACE_BEGIN
 namespace memory {
 
-class lowest_id_allocator : public detail::allocator_accounting {
+class lowest_id_allocator : public detail::allocator_accounting<lowest_id_allocator> {
  public:
   explicit lowest_id_allocator(std::int32_t capacity) : allocator_accounting(capacity) {
     std::int64_t n = capacity;
@@ -30,17 +30,9 @@ class lowest_id_allocator : public detail::allocator_accounting {
     } while (n > 1);
   }
 
-  block_id allocate() {
-    require_available(1);
-    return take();
-  }
-  void allocate(std::span<block_id> out) {
-    require_available(std::int64_t(out.size()));
-    for (auto& b : out) b = take();
-  }
-  void free(block_id b) {
-    require_freeable(b);
-    mark_free(b);
+ private:
+  friend allocator_accounting;
+  void put_back(block_id b) {
     std::int64_t i = b;
     for (auto& level : levels_) {
       auto& word = level[std::size_t(i / 64)];
@@ -50,8 +42,6 @@ class lowest_id_allocator : public detail::allocator_accounting {
       i /= 64;
     }
   }
-
- private:
   block_id take() {
     // Walk down from the root, taking the lowest set bit at each level.
     std::int64_t i = 0;
@@ -64,7 +54,6 @@ class lowest_id_allocator : public detail::allocator_accounting {
       if (word != 0) break;
       i /= 64;
     }
-    mark_used(b);
     return b;
   }
   std::vector<std::vector<std::uint64_t>> levels_;  // levels_[0]: one bit per block
