@@ -170,12 +170,14 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
   if (plan.shape.kind == paged_kernel_kind::append_sm90) {
-    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for the sm_90a append kernel, but device ",
-                   device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported,
+                   "plan is for the sm_90a append kernel, but device ", device,
+                   " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
     const std::int64_t in_block = std::int64_t(kv.pool.page_size - 1) * kv.pool.stride_token +
                                   std::int64_t(kv.pool.num_kv_heads - 1) * kv.pool.stride_head + HeadDim;
-    KVTILE_REQUIRE(in_block < (std::int64_t(1) << 31), errc::unsupported, "the sm_90a append kernel keeps offsets inside a block in 32 bits; this pool's span ",
-                   in_block, " is larger (plan with plan_options::use_wgmma = false)");
+    KVTILE_REQUIRE(in_block < (std::int64_t(1) << 31), errc::unsupported,
+                   "the sm_90a append kernel keeps offsets inside a block in 32 bits; this pool's span ", in_block,
+                   " is larger (plan with plan_options::use_wgmma = false)");
     if constexpr (append_sm90_head_dim(HeadDim))
       paged::launch_append_sm90<T, HeadDim>(plan, params, device, stream);
     else

@@ -115,7 +115,8 @@ struct row_share {
 
 // One thread's share of copying a Rows-row tile of rows `stride` elements apart, global -> an
 // SW128 tile in shared memory, with 16-byte cp.async; rows at or past `valid_rows` are
-// zero-filled (nothing is read).
+// zero-filled (nothing is read). Kept apart from copy_rows_sw128 below on purpose: written as
+// per-row offsets, this strided walk cost the dense kernel ~15% (docs/perf-log/prefill.md, v4).
 template <class T, class G, int Rows>
 KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile_sw128(std::uint32_t smem, const T* gmem, std::int64_t stride,
                                                       int valid_rows, int tid) {
