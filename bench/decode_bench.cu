@@ -186,9 +186,11 @@ void time_graph(benchmark::State& st, paged_setup& p, double& seconds) {
   KVTILE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
-// graph: replayed from a CUDA graph (impl "kvtile_graph"); hnd: K/V pool in HND layout.
-void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph = false, bool hnd = false) {
-  paged_setup p(batch, 1, len, page, true, hnd ? kv_layout::hnd : kv_layout::nhd);
+// graph: replayed from a CUDA graph (impl "kvtile_graph"); hnd: K/V pool in HND layout;
+// portable: the cp.async (sm_80) decode kernel also where the sm_90a TMA one runs (impl
+// "kvtile_portable").
+void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable) {
+  paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd);
   double seconds = 0;
   if (graph)
     time_graph(st, p, seconds);
@@ -197,7 +199,8 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph = 
   const double tbps = (p.kv_bytes + p.other_bytes) * double(st.iterations()) / seconds / 1e12;
   char shape[128];
   std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d%s", batch, len, page, hnd ? " hnd" : "");
-  st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" + (graph ? "kvtile_graph" : "kvtile") + ";unit=TB/s");
+  st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" +
+              (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + ";unit=TB/s");
   st.counters["value"] = tbps;
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
   st.counters["ctas"] = double(p.plan.work.size());
@@ -221,24 +224,30 @@ const int registered = [] {
   const int grid[][2] = {{1, 4096}, {1, 32768}, {16, 4096}, {64, 2048}, {64, 8192}, {128, 4096}, {32, 32768}};
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, false)
+                                 bm_decode, g[0], g[1], 16, false, false, false)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (int page : {1, 64, 256})
     benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page,
-                                 false, false)
+                                 false, false, false)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // The GPU's own time (graph replay) at the small shapes, where the host's launch cost shows.
   for (const auto& g : {std::array<int, 2>{1, 4096}, std::array<int, 2>{1, 32768}, std::array<int, 2>{16, 4096}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_graph").c_str(),
-                                 bm_decode, g[0], g[1], 16, true, false)
+                                 bm_decode, g[0], g[1], 16, true, false, false)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // HND pools (each page of a head contiguous) at the large shapes.
   for (const auto& g : {std::array<int, 2>{16, 4096}, std::array<int, 2>{128, 4096}, std::array<int, 2>{32, 32768}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_hnd").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, true)
+                                 bm_decode, g[0], g[1], 16, false, true, false)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  // The cp.async kernel on the same grid (what sm_80 runs, and page sizes without a TMA box).
+  for (const auto& g : grid)
+    benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_portable").c_str(),
+                                 bm_decode, g[0], g[1], 16, false, false, true)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (bool wgmma : {true, false})

@@ -41,6 +41,20 @@ TEST_CASE("decode: every group size and page size, NHD and HND, bf16 D=128 causa
     }
 }
 
+TEST_CASE("decode: the planner picks the TMA kernel where the device runs sm_90a code") {
+  spec s;
+  s.kv_lens = {100, 2000};
+  s.q_lens = {1, 2};
+  std::mt19937_64 rng(1);
+  const problem<bfloat16, 128> pr(s, rng);
+  const auto kind = pr.plan<causal_mask>({}, limits()).shape.kind;
+  CHECK((kind == kc::paged_kernel_kind::decode_sm90) == limits().wgmma);
+  spec s1 = s;
+  s1.page_size = 4;  // boxes of 4 rows: below the swizzle's 8, so the cp.async kernel
+  const problem<bfloat16, 128> pr1(s1, rng);
+  CHECK(pr1.plan<causal_mask>({}, limits()).shape.kind == kc::paged_kernel_kind::decode);
+}
+
 TEST_CASE("decode: split-KV equals unsplit on long sequences") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

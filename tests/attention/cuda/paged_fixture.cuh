@@ -202,7 +202,13 @@ inline kc::device_limits limits() {
 }
 
 inline const char* kernel_name(kc::paged_kernel_kind k) {
-  return k == kc::paged_kernel_kind::decode ? "decode" : k == kc::paged_kernel_kind::append ? "append" : "append_sm90";
+  switch (k) {
+    case kc::paged_kernel_kind::decode: return "decode";
+    case kc::paged_kernel_kind::append: return "append";
+    case kc::paged_kernel_kind::append_sm90: return "append_sm90";
+    case kc::paged_kernel_kind::decode_sm90: return "decode_sm90";
+  }
+  return "?";
 }
 
 // Plan, run (poisoned outputs), check; optionally also unsplit == split.
@@ -258,12 +264,12 @@ void run_and_check(const spec& sp, typename Mask::params mp, std::uint64_t seed,
   std::mt19937_64 rng(seed);
   const problem<T, D> pr(sp, rng);
   check_problem<T, D, Mask>(pr, mp, compare_unsplit);
-  // Where the planner picked the sm_90a append kernel, the portable append kernel is checked on
-  // the same data too.
-  if (pr.template plan<Mask>(mp, limits()).shape.kind == kc::paged_kernel_kind::append_sm90) {
+  // Where the planner picked an sm_90a kernel, the portable kernel is checked on the same data too.
+  const auto kind = pr.template plan<Mask>(mp, limits()).shape.kind;
+  if (kind == kc::paged_kernel_kind::append_sm90 || kind == kc::paged_kernel_kind::decode_sm90) {
     problem<T, D> portable = pr;
     portable.s.opt.use_wgmma = false;
-    INFO("portable append kernel");
+    INFO("portable kernel");
     check_problem<T, D, Mask>(portable, mp, compare_unsplit);
   }
 }

@@ -66,7 +66,11 @@ void check_partition(const kc::paged_plan& plan, typename Mask::params mp) {
         REQUIRE(!rs.empty());
         std::sort(rs.begin(), rs.end());
         const int t0 = row0 / group, t1 = (std::min(row0 + bm, rows) - 1) / group + 1;
-        CHECK(rs.front().first == std::max(0, mask.kv_begin(t0, t1)));
+        // The TMA decode kernel's items start at a multiple of the tile (keys before the mask's
+        // first visible one are masked in the kernel).
+        const int kb = std::max(0, mask.kv_begin(t0, t1));
+        const int bn = plan.shape.block_n;
+        CHECK(rs.front().first == (plan.shape.kind == kc::paged_kernel_kind::decode_sm90 ? kb - kb % bn : kb));
         CHECK(rs.back().second == std::min(plan.kv_len[b], std::max(rs.front().first, mask.kv_end(t0, t1))));
         for (std::size_t i = 1; i < rs.size(); ++i) CHECK(rs[i].first == rs[i - 1].second);
         CHECK((rs.size() == 1) == partials[{b, h, row0}].empty());
@@ -173,12 +177,26 @@ TEST_CASE("plan: the sm_90a append kernel where the device runs it, for head dim
     CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper, portable).shape.kind ==
           kc::paged_kernel_kind::append);
   }
-  // Decodes stay on the decode kernel; a device without sm_90a code never gets the kernel.
+  // Decodes take the TMA decode kernel where D is a multiple of 64 and gcd(page, 64) >= 8, the
+  // cp.async one elsewhere; a device without sm_90a code never gets either sm_90a kernel.
   const kc::paged_problem pr{32, 8, 128, 16, 20000, 2};
   const auto dq = indptr_of({1, 1, 1});
+  for (int d : {64, 96, 128, 256})
+    for (int page : {1, 4, 8, 16, 24, 40, 256}) {
+      host_csr tp({4608, 900, 40}, page, 20000, rng);
+      const kc::paged_problem pp{32, 8, d, page, 20000, 2};
+      const auto plan = kc::plan_paged_attention<sliding_window_mask>(dq.data(), tp.table(), pp, {700, 3}, hopper);
+      INFO("head_dim " << d << " page " << page);
+      const bool tma = d % 64 == 0 && (page % 8 == 0);
+      CHECK(plan.shape.kind == (tma ? kc::paged_kernel_kind::decode_sm90 : kc::paged_kernel_kind::decode));
+      CHECK(plan.shape.smem_bytes(d, 2) <= hopper.smem_per_cta);
+      check_partition<sliding_window_mask>(plan, {700, 3});
+      for (const auto& w : plan.work)
+        if (tma) CHECK(w.kv_begin % plan.shape.block_n == 0);
+    }
+  hopper.wgmma = false;
   CHECK(kc::plan_paged_attention<causal_mask>(dq.data(), t.table(), pr, {}, hopper).shape.kind ==
         kc::paged_kernel_kind::decode);
-  hopper.wgmma = false;
   CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper).shape.kind ==
         kc::paged_kernel_kind::append);
 }

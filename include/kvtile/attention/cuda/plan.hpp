@@ -35,8 +35,10 @@ namespace attention::cuda {
 // Which kernel shape runs the batch. decode: 16 packed rows per CTA, four warps splitting each
 // key tile (few rows, many keys); append: 128 packed rows per CTA, one warp per 32 rows (64 rows,
 // 16 per warp, for head dims above 128); append_sm90: the Hopper wgmma kernel (head dims 64 and
-// 128, binaries with sm_90a code), 64 packed rows per warpgroup.
-enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90 };
+// 128, binaries with sm_90a code), 64 packed rows per warpgroup; decode_sm90: the decode shape
+// with K/V pages copied by the Tensor Memory Accelerator (decode_sm90_supported: head dims 64,
+// 128, 192, 256 and page sizes sharing a factor of 8 with the 64-key tile; sm_90a binaries).
+enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90, decode_sm90 };
 
 struct paged_kernel_shape {
   paged_kernel_kind kind;
@@ -53,9 +55,12 @@ struct paged_kernel_shape {
     if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
       return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 3 * 8 * std::size_t(stages);
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
-    const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
+    if (kind == paged_kernel_kind::decode_sm90)  // aligned base; swizzled K/V stages, padded Q, mbarriers
+      return 1024 + std::max(2 * std::size_t(stages) * block_n * head_dim * elem_bytes + block_m * row + 8 * std::size_t(stages),
+                             reduce);
+    const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
     // The 32-rows-per-warp append kernel also keeps two rings of block_n key row offsets.
     const std::size_t offsets = block_m / warps_m >= 32 ? 2 * std::size_t(block_n) * 8 : 0;
     return std::max(tiles + offsets, reduce);
@@ -67,7 +72,8 @@ struct paged_kernel_shape {
 constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim) {
   // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
   // three stages would exceed sm_80's 163 KB per CTA.
-  if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
+  if (kind == paged_kernel_kind::decode || kind == paged_kernel_kind::decode_sm90)
+    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
   // Hopper: the dense prefill's default tiles (prefill_sm90/kernel.cuh), 3 stages.
   if (kind == paged_kernel_kind::append_sm90) return head_dim <= 64 ? paged_kernel_shape{kind, 192, 128, 12, 1, 3}
                                                                     : paged_kernel_shape{kind, 128, 128, 8, 1, 3};
@@ -90,11 +96,28 @@ struct plan_options {
   bool split_kv = true;    // allow splitting a row tile's keys over several CTAs
   int max_splits = 128;    // at most this many partial states per row tile
   bool force_append = false;  // use the append shape even when every request is a decode
-  bool use_wgmma = true;      // append on the sm_90a kernel where device_limits::wgmma (D 64, 128)
+  bool use_wgmma = true;      // the sm_90a kernels where device_limits::wgmma: wgmma append (D 64,
+                              // 128) and TMA decode (decode_sm90_supported)
 };
 
 // Head dims the sm_90a append kernel is built for.
 constexpr bool append_sm90_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// Problems the sm_90a decode kernel takes: head dims of whole 128-byte swizzled panels, and page
+// sizes whose every 64-key tile splits into TMA boxes of at least 8 rows (1 KB, the swizzle's
+// period) that never cross a page: gcd(page_size, 64) >= 8.
+constexpr int decode_sm90_box_rows(int page_size) {
+  int a = page_size, b = 64;
+  while (b != 0) {
+    const int t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+constexpr bool decode_sm90_supported(int head_dim, int page_size) {
+  return head_dim % 64 == 0 && head_dim <= 256 && page_size >= 1 && decode_sm90_box_rows(page_size) >= 8;
+}
 
 // The attention problem, as the planner sees it.
 struct paged_problem {
@@ -232,10 +255,12 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
                  ") exceed 2^30");
-  const paged_kernel_kind kind = (!opt.force_append && max_rows <= 16) ? paged_kernel_kind::decode
-                                 : (opt.use_wgmma && dev.wgmma && append_sm90_head_dim(pr.head_dim))
-                                     ? paged_kernel_kind::append_sm90
-                                     : paged_kernel_kind::append;
+  const bool sm90 = opt.use_wgmma && dev.wgmma;
+  const paged_kernel_kind kind =
+      (!opt.force_append && max_rows <= 16)
+          ? (sm90 && decode_sm90_supported(pr.head_dim, pr.page_size) ? paged_kernel_kind::decode_sm90 : paged_kernel_kind::decode)
+          : (sm90 && append_sm90_head_dim(pr.head_dim)) ? paged_kernel_kind::append_sm90
+                                                         : paged_kernel_kind::append;
   plan.shape = paged_shape_for(kind, pr.head_dim);
   const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
@@ -256,7 +281,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     const Mask mask(mask_params, ql, kl);
     for (std::int32_t row0 = 0; row0 < rows; row0 += bm) {
       const std::int32_t t0 = row0 / group, t1 = (std::min(row0 + bm, rows) - 1) / group + 1;
-      const std::int32_t kb = std::max(0, mask.kv_begin(t0, t1));
+      std::int32_t kb = std::max(0, mask.kv_begin(t0, t1));
+      // TMA boxes never cross a page when tiles start at multiples of the tile; the keys before
+      // the mask's first visible one are masked in the first tile.
+      if (kind == paged_kernel_kind::decode_sm90) kb -= kb % bn;
       const std::int32_t ke = std::max(kb, std::min(kl, mask.kv_end(t0, t1)));
       const std::int64_t tiles = detail::ceil_div(ke - kb, bn);
       max_tiles = std::max(max_tiles, tiles);

@@ -6,29 +6,20 @@
 // request, read page by page through the page table. Per key tile:
 //
 //   cp.async K, V tile (16-byte chunks, one page lookup per row)  -- ST-stage pipeline
-//   S = Q K^T          mma.m16n8k16, Q fragments held in registers for the whole item
-//   mask               only on tiles the mask policy classifies as partial, and the last tile
-//   online softmax     running max / sum per row (softmax_state's rescale_factor, exp_base)
-//   O += P V           P re-packed from the S accumulators, V through ldmatrix.trans
+//   S = Q K^T, mask, online softmax, O += P V                      -- decode_warp.cuh
 //
 // Warps: WM along rows (16 rows each) x WN along the keys of a tile. The WN partial states of a
-// row are merged at the end through shared memory with softmax_state::merge, then the row is
-// normalised and written to O (+ LSE), or, for a split item, to the fp32 partial buffers that
-// merge_partials_kernel folds with merge_state_step.
+// row are merged at the end (finish_rows), then the row is normalised and written to O (+ LSE),
+// or, for a split item, to the fp32 partial buffers that merge_partials_kernel folds with
+// merge_state_step.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
-#include "kvtile/attention/cuda/arch/mma.cuh"
-#include "kvtile/attention/cuda/merge.cuh"
-#include "kvtile/attention/cuda/plan.hpp"
-#include "kvtile/attention/dense_view.hpp"
-#include "kvtile/attention/mask.hpp"
-#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/core/fast_divmod.hpp"
-#include "kvtile/paging/paged_view.hpp"
 
 // 1: the 16-row kernel waits once per key tile (see one_barrier below). Measured in
 // docs/perf-log/decode.md v5.
@@ -38,30 +29,6 @@
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
-
-template <class T, class Table, class Mask>
-struct kernel_params {
-  dense_tensor<T> q;                // [batch, q_len(b), num_qo_heads, D]
-  dense_tensor<T> o;                // same shape as q
-  paging::paged_kv<T, Table> kv;    // num_kv_heads heads
-  float* lse;                       // [rows, num_qo_heads] natural log, or null
-  typename Mask::params mask;
-  float scale_log2;                 // softmax scale * log2(e)
-  std::int32_t group;               // query heads per KV head
-  std::int32_t num_qo_heads;
-  const paged_work_item* work;
-  const paged_merge_item* merges;
-  float* partial_o;                 // [num_partials, BM, D]
-  float* partial_lse;               // [num_partials, BM]
-};
-
-// The physical block ids of request b, in logical order.
-KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::csr_page_table& t, std::int32_t b) {
-  return t.indices + t.indptr[b];
-}
-KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::padded_page_table& t, std::int32_t b) {
-  return t.block_table + std::int64_t(b) * t.max_blocks;
-}
 
 template <paged_kernel_kind Kind, int D>
 struct kernel_config {
@@ -84,7 +51,6 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   constexpr int LD = D + 8;     // shared-memory row stride (elements): 16-byte pad, no bank conflicts
   constexpr int CPR = D / 8;    // 16-byte chunks per row
   constexpr int TPW = BN / WN;  // keys per warp per tile
-  constexpr int RLD = D + 4;    // fp32 reduction row stride
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
@@ -177,10 +143,8 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   };
 
   // ---- state ---------------------------------------------------------------------------------
-  float o_acc[D / 8][4];
-  KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-  float m_row[2] = {neg_inf, neg_inf}, l_row[2] = {0.f, 0.f};
+  warp_rows<T, D, TPW> st;
+  st.init();
   // Query token of this thread's two rows (for the mask).
   int t_row[2];
   KVTILE_PRAGMA_UNROLL
@@ -202,10 +166,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   arch::cp_async_wait<ST - 1>();  // the Q group has landed
   __syncthreads();
 
-  std::uint32_t q_frag[D / 16][4];
-  KVTILE_PRAGMA_UNROLL
-  for (int kk = 0; kk < D / 16; ++kk)
-    arch::ldmatrix_x4(q_frag[kk], arch::smem_addr(q_s + (16 * wm + lane % 16) * LD + kk * 16 + (lane / 16) * 8));
+  st.load_q(q_s, 16 * wm, lane);
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
@@ -226,81 +187,15 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
       __syncthreads();
     }
 
-    const T* ks = k_s + stage_r * BN * LD + wn * TPW * LD;
-    const T* vs = v_s + stage_r * BN * LD + wn * TPW * LD;
+    const T* ks = k_s + stage_r * BN * LD;
+    const T* vs = v_s + stage_r * BN * LD;
     float s[TPW / 8][4];
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    KVTILE_PRAGMA_UNROLL
-    for (int kk = 0; kk < D / 16; ++kk) {
-      KVTILE_PRAGMA_UNROLL
-      for (int np = 0; np < TPW / 16; ++np) {
-        std::uint32_t kf[4];
-        const int mi = lane / 8;
-        arch::ldmatrix_x4(kf, arch::smem_addr(ks + (np * 16 + (mi / 2) * 8 + lane % 8) * LD + kk * 16 + (mi % 2) * 8));
-        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        arch::mma_16816<T>(s[2 * np], q_frag[kk], b0);
-        arch::mma_16816<T>(s[2 * np + 1], q_frag[kk], b1);
-      }
-    }
-
+    st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane);
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     const bool partial = k1 - k0 < BN || visibility(cur) != tile_visibility::full;
-    KVTILE_PRAGMA_UNROLL
-    for (int nt = 0; nt < TPW / 8; ++nt)
-      KVTILE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * p.scale_log2;
-        if (partial) {
-          const int j = k0 + wn * TPW + nt * 8 + 2 * tq + (e & 1);
-          if (j >= k1 || !mask.visible(t_row[e / 2], j)) x = neg_inf;
-        }
-        s[nt][e] = x;
-      }
-
-    // Online softmax, two rows per thread (g and g + 8), four lanes per row.
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      float mx = neg_inf;
-      KVTILE_PRAGMA_UNROLL
-      for (int nt = 0; nt < TPW / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_row[i], mx);
-      const float a = rescale_factor(m_row[i], m_new);
-      const float base = exp_base(m_new);
-      m_row[i] = m_new;
-      float sum = 0.f;
-      KVTILE_PRAGMA_UNROLL
-      for (int nt = 0; nt < TPW / 8; ++nt) {
-        s[nt][2 * i] = arch::fast_exp2(s[nt][2 * i] - base);
-        s[nt][2 * i + 1] = arch::fast_exp2(s[nt][2 * i + 1] - base);
-        sum += s[nt][2 * i] + s[nt][2 * i + 1];
-      }
-      l_row[i] = l_row[i] * a + sum;
-      KVTILE_PRAGMA_UNROLL
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o_acc[dt][2 * i] *= a;
-        o_acc[dt][2 * i + 1] *= a;
-      }
-    }
-
-    // O += P V.
-    KVTILE_PRAGMA_UNROLL
-    for (int kj = 0; kj < TPW / 16; ++kj) {
-      const std::uint32_t pa[4] = {arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]), arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]),
-                                   arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
-                                   arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
-      KVTILE_PRAGMA_UNROLL
-      for (int dp = 0; dp < D / 16; ++dp) {
-        std::uint32_t vf[4];
-        const int mi = lane / 8;
-        arch::ldmatrix_x4_trans(vf, arch::smem_addr(vs + (kj * 16 + (mi % 2) * 8 + lane % 8) * LD + dp * 16 + (mi / 2) * 8));
-        const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        arch::mma_16816<T>(o_acc[2 * dp], pa, b0);
-        arch::mma_16816<T>(o_acc[2 * dp + 1], pa, b1);
-      }
-    }
+    st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
+    st.softmax(s);
+    st.template accumulate<padded_tile<D>>(s, vs, wn * TPW, lane);
     if constexpr (!one_barrier) __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
     cur = next_tile(cur + 1);
@@ -309,55 +204,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   // ---- epilogue: merge the WN warps of each row, normalise, write ----------------------------
   arch::cp_async_wait<0>();
   __syncthreads();
-  float* red_o = reinterpret_cast<float*>(smem_raw);  // [warps][16][RLD]
-  float* red_ml = red_o + (NT / 32) * 16 * RLD;       // [warps][16][2]
-  KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 1);
-    l_row[i] += __shfl_xor_sync(0xffffffffu, l_row[i], 2);
-  }
-  KVTILE_PRAGMA_UNROLL
-  for (int dt = 0; dt < D / 8; ++dt)
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < 2; ++i)
-      *reinterpret_cast<float2*>(red_o + (warp * 16 + g + 8 * i) * RLD + dt * 8 + 2 * tq) =
-          make_float2(o_acc[dt][2 * i], o_acc[dt][2 * i + 1]);
-  if (tq == 0)
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      red_ml[(warp * 16 + g + 8 * i) * 2] = m_row[i];
-      red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = l_row[i];
-    }
-  __syncthreads();
-
-  for (int idx = tid; idx < BM * (D / 4); idx += NT) {
-    const int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
-    const int pr = row0 + r;
-    if (pr >= rows) continue;
-    softmax_state<4> acc;
-    acc.init();
-    KVTILE_PRAGMA_UNROLL
-    for (int j = 0; j < WN; ++j) {
-      const int src = ((r / 16) * WN + j) * 16 + r % 16;
-      const float4 v = *reinterpret_cast<const float4*>(red_o + src * RLD + c);
-      softmax_state<4> x;
-      x.o[0] = v.x, x.o[1] = v.y, x.o[2] = v.z, x.o[3] = v.w;
-      x.m = red_ml[src * 2];
-      x.l = red_ml[src * 2 + 1];
-      acc.merge(x);
-    }
-    const float lse = acc.lse();
-    acc.normalize();
-    if (w.partial < 0) {
-      const int t = pr / group, h = kvh * group + pr % group;
-      cuda::detail::store4(p.o.at(b, t, h) + c, acc.o);
-      if (c == 0 && p.lse) p.lse[p.q.layout.row(b, t) * p.num_qo_heads + h] = lse;
-    } else {
-      const std::int64_t prow = std::int64_t(w.partial) * BM + r;
-      *reinterpret_cast<float4*>(p.partial_o + prow * D + c) = make_float4(acc.o[0], acc.o[1], acc.o[2], acc.o[3]);
-      if (c == 0) p.partial_lse[prow] = lse;
-    }
-  }
+  finish_rows<BM, NT, WN>(p, w, rows, st, smem_raw);
 }
 
 // Folds the split partial states of one row tile into O and LSE. Grid: (merge items, row

@@ -13,6 +13,7 @@
 
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
+#include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/tile_shape.hpp"
@@ -66,27 +67,35 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
   KVTILE_CUDA_CHECK_LAUNCH();
 }
 
-template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
-void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
-  // Append at D <= 128: the 32-rows-per-warp kernel (append_kernel.cuh); otherwise kernel.cuh.
-  using C = std::conditional_t<uses_wide_append<Kind, D>, append_config<D>, kernel_config<Kind, D>>;
-  const std::size_t smem = C::shape.smem_bytes(D, int(sizeof(T)));
-  auto kernel = [] {
-    if constexpr (uses_wide_append<Kind, D>)
-      return paged_append_kernel<T, D, Mask, Table>;
-    else
-      return paged_attention_kernel<T, D, Kind, Mask, Table>;
-  }();
+// plan.work.size() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
+// merges of a split plan. `extra`: kernel arguments after the parameters (tensor maps).
+template <auto Kernel, int D, int BM, class T, class Table, class Mask, class... Extra>
+void launch_items(const paged_plan& plan, int threads, std::size_t smem, int device, cudaStream_t stream,
+                  const kernel_params<T, Table, Mask>& params, const Extra&... extra) {
   // Once per device (not a stream operation: legal while a stream is being captured).
   static std::atomic<std::uint64_t> smem_set{0};
   kvtile::detail::once_per_device(smem_set, device, [&] {
-    KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    KVTILE_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   });
   if (!plan.work.empty()) {
-    kernel<<<unsigned(plan.work.size()), C::threads, smem, stream>>>(params);
+    Kernel<<<unsigned(plan.work.size()), threads, smem, stream>>>(params, extra...);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
-  launch_merges<T, D, C::bm>(plan, params, stream);
+  launch_merges<T, D, BM>(plan, params, stream);
+}
+
+// The mma.sync kernels: decode (kernel.cuh) and append (append_kernel.cuh at D <= 128).
+template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
+void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
+  if constexpr (uses_wide_append<Kind, D>) {
+    using C = append_config<D>;
+    launch_items<paged_append_kernel<T, D, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))),
+                                                                  device, stream, params);
+  } else {
+    using C = kernel_config<Kind, D>;
+    launch_items<paged_attention_kernel<T, D, Kind, Mask, Table>, D, C::bm>(
+        plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))), device, stream, params);
+  }
 }
 
 // The sm_90a append kernel (append_sm90_kernel.cuh); head dims 64 and 128.
@@ -94,16 +103,18 @@ template <class T, int D, class Mask, class Table>
 void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
                         cudaStream_t stream) {
   using G = typename append_sm90_source<T, D, Mask, Table>::G;
-  auto* kernel = &paged_append_sm90_kernel<T, D, Mask, Table>;
-  static std::atomic<std::uint64_t> smem_set{0};
-  kvtile::detail::once_per_device(smem_set, device, [&] {
-    KVTILE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
-  });
-  if (!plan.work.empty()) {
-    kernel<<<unsigned(plan.work.size()), G::threads, G::smem_bytes, stream>>>(params);
-    KVTILE_CUDA_CHECK_LAUNCH();
-  }
-  launch_merges<T, D, G::block_q>(plan, params, stream);
+  launch_items<paged_append_sm90_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device, stream,
+                                                                          params);
+}
+
+// The sm_90a TMA decode kernel (decode_sm90_kernel.cuh); head dims multiple of 64.
+template <class T, int D, class Mask, class Table>
+void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
+                        cudaStream_t stream) {
+  using C = decode_sm90_config<D>;
+  const tma_pool pool = make_tma_pool(params.kv.pool);
+  launch_items<paged_decode_sm90_kernel<T, D, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))),
+                                                                      device, stream, params, pool);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -169,10 +180,16 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.merges = reinterpret_cast<const paged_merge_item*>(base + plan.merge_offset());
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
-  if (plan.shape.kind == paged_kernel_kind::append_sm90) {
-    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported,
-                   "plan is for the sm_90a append kernel, but device ", device,
-                   " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+  const bool sm90_kind = plan.shape.kind == paged_kernel_kind::append_sm90 || plan.shape.kind == paged_kernel_kind::decode_sm90;
+  if (sm90_kind)
+    KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for an sm_90a kernel, but device ",
+                   device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+  if (plan.shape.kind == paged_kernel_kind::decode_sm90) {
+    if constexpr (HeadDim % 64 == 0)
+      paged::launch_decode_sm90<T, HeadDim>(plan, params, device, stream);
+    else
+      KVTILE_FAIL(errc::invalid_argument, "plan is for the sm_90a decode kernel, which has no head_dim ", HeadDim);
+  } else if (plan.shape.kind == paged_kernel_kind::append_sm90) {
     const std::int64_t in_block = std::int64_t(kv.pool.page_size - 1) * kv.pool.stride_token +
                                   std::int64_t(kv.pool.num_kv_heads - 1) * kv.pool.stride_head + HeadDim;
     KVTILE_REQUIRE(in_block < (std::int64_t(1) << 31), errc::unsupported,

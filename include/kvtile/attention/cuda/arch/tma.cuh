@@ -1,0 +1,76 @@
+// kvtile/attention/cuda/arch/tma.cuh: the Tensor Memory Accelerator (sm_90): tiled copies of a
+// box of a tensor map into shared memory, completed on an mbarrier by transaction bytes; and
+// the host side, the encoding of a tensor map (through the driver's entry point, so nothing
+// links against libcuda).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda.h>  // CUtensorMap and its enums (types only)
+#include <cuda_runtime.h>
+
+#include "kvtile/core/config.hpp"
+#include "kvtile/core/error.hpp"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define KVTILE_TMA_AVAILABLE 1
+#else
+#define KVTILE_TMA_AVAILABLE 0
+#endif
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::arch {
+
+// Makes the mbarrier initialisations of this thread visible to the async proxy (the copies).
+KVTILE_DEVICE KVTILE_FORCEINLINE void fence_barrier_init() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// One arrival on `bar` that also expects `bytes` more transaction bytes in the current phase.
+KVTILE_DEVICE KVTILE_FORCEINLINE void mbarrier_arrive_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+
+// Copy the box at coordinates (c0, c1, c2, c3) (innermost first) of `map` to shared memory at
+// `dst`; its bytes complete a transaction on `bar`.
+KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_4d(std::uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                                  std::uint32_t bar) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(
+          dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+#endif
+}
+
+}  // namespace attention::cuda::arch
+
+namespace attention::cuda::detail {
+
+using tensor_map_encode_fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                          const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                          CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled, looked up once.
+inline tensor_map_encode_fn tensor_map_encoder() {
+  static const tensor_map_encode_fn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<tensor_map_encode_fn>(p);
+  }();
+  KVTILE_REQUIRE(fn != nullptr, errc::unsupported, "the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12 or newer)");
+  return fn;
+}
+
+}  // namespace attention::cuda::detail
+KVTILE_NAMESPACE_END

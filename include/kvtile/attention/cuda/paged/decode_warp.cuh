@@ -1,0 +1,237 @@
+// kvtile/attention/cuda/paged/decode_warp.cuh: the arithmetic of the 16-row paged kernels,
+// shared by the cp.async kernel (kernel.cuh, sm_80+) and the TMA kernel (decode_sm90_kernel.cuh).
+//
+// One warp owns 16 packed query rows and TPW keys of each key tile:
+//   scores      S = Q K^T    mma.m16n8k16, Q fragments in registers, K through ldmatrix
+//   scale_mask  S * scale * log2(e); keys past the tile's end or hidden by the mask -> -inf
+//   softmax     running max / sum per row (softmax_state's rescale_factor, exp_base)
+//   accumulate  O += P V     P re-packed from the S accumulators, V through ldmatrix.trans
+// and the CTA's epilogue merges the WN warps that share rows, normalises and writes O and LSE
+// (or a split item's fp32 partial state). Shared-memory tiles are read through a layout policy:
+// padded rows (cp.async) or 128-byte swizzled column panels (TMA).
+#pragma once
+
+#include <cstdint>
+
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/merge.cuh"
+#include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/dense_view.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/paging/paged_view.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::paged {
+
+template <class T, class Table, class Mask>
+struct kernel_params {
+  dense_tensor<T> q;                // [batch, q_len(b), num_qo_heads, D]
+  dense_tensor<T> o;                // same shape as q
+  paging::paged_kv<T, Table> kv;    // num_kv_heads heads
+  float* lse;                       // [rows, num_qo_heads] natural log, or null
+  typename Mask::params mask;
+  float scale_log2;                 // softmax scale * log2(e)
+  std::int32_t group;               // query heads per KV head
+  std::int32_t num_qo_heads;
+  const paged_work_item* work;
+  const paged_merge_item* merges;
+  float* partial_o;                 // [num_partials, BM, D]
+  float* partial_lse;               // [num_partials, BM]
+};
+
+// The physical block ids of request b, in logical order.
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::csr_page_table& t, std::int32_t b) {
+  return t.indices + t.indptr[b];
+}
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::padded_page_table& t, std::int32_t b) {
+  return t.block_table + std::int64_t(b) * t.max_blocks;
+}
+
+// Element offset of (row, col) in a shared-memory tile of D columns; col is a multiple of 8
+// (one 16-byte chunk), which is all ldmatrix asks for.
+template <int D>
+struct padded_tile {  // rows D + 8 elements apart: ldmatrix without bank conflicts
+  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return row * (D + 8) + col; }
+};
+template <int D, int Rows>
+struct swizzled_tile {  // D / 64 panels of [Rows][64]; the 16-byte chunk index is XORed with row % 8
+  static_assert(D % 64 == 0, "swizzled_tile: D must be a multiple of 64");
+  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) {
+    return (col / 64) * (Rows * 64) + row * 64 + ((((col % 64) / 8) ^ (row % 8)) * 8);
+  }
+};
+
+// The state of one warp's 16 packed rows (two per thread: g and g + 8) against TPW keys per tile.
+template <class T, int D, int TPW>
+struct warp_rows {
+  static_assert(TPW % 16 == 0, "warp_rows: keys per warp per tile must be a multiple of 16");
+  std::uint32_t q[D / 16][4];
+  float o[D / 8][4];
+  float m[2], l[2];
+
+  KVTILE_DEVICE KVTILE_FORCEINLINE void init() {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    m[0] = m[1] = neg_inf;
+    l[0] = l[1] = 0.f;
+  }
+
+  // Q fragments of rows [row0, row0 + 16) of a padded tile.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(const T* q_s, int row0, int lane) {
+    KVTILE_PRAGMA_UNROLL
+    for (int kk = 0; kk < D / 16; ++kk)
+      arch::ldmatrix_x4(q[kk], arch::smem_addr(q_s + padded_tile<D>::at(row0 + lane % 16, kk * 16 + (lane / 16) * 8)));
+  }
+
+  // s = Q K^T over keys [key0, key0 + TPW) of the tile at ks.
+  template <class Layout>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane) const {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const int mi = lane / 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int kk = 0; kk < D / 16; ++kk) {
+      KVTILE_PRAGMA_UNROLL
+      for (int np = 0; np < TPW / 16; ++np) {
+        std::uint32_t kf[4];
+        arch::ldmatrix_x4(kf, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8)));
+        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        arch::mma_16816<T>(s[2 * np], q[kk], b0);
+        arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+      }
+    }
+  }
+
+  // Scale to base 2; when `partial`, keys at or past k1 or hidden from the row's query token
+  // (t_row) are -inf. j0: the key position of this warp's first key in the tile.
+  template <class Mask>
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_mask(float (&s)[TPW / 8][4], float scale_log2, bool partial, int j0,
+                                                          int k1, const Mask& mask, const int (&t_row)[2], int tq) {
+    KVTILE_PRAGMA_UNROLL
+    for (int nt = 0; nt < TPW / 8; ++nt)
+      KVTILE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * scale_log2;
+        if (partial) {
+          const int j = j0 + nt * 8 + 2 * tq + (e & 1);
+          if (j >= k1 || !mask.visible(t_row[e / 2], j)) x = neg_inf;
+        }
+        s[nt][e] = x;
+      }
+  }
+
+  // Online softmax over the tile's scores (four lanes per row): s becomes P, O is rescaled.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(float (&s)[TPW / 8][4]) {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      float mx = neg_inf;
+      KVTILE_PRAGMA_UNROLL
+      for (int nt = 0; nt < TPW / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx);
+      const float a = rescale_factor(m[i], m_new);
+      const float base = exp_base(m_new);
+      m[i] = m_new;
+      float sum = 0.f;
+      KVTILE_PRAGMA_UNROLL
+      for (int nt = 0; nt < TPW / 8; ++nt) {
+        s[nt][2 * i] = arch::fast_exp2(s[nt][2 * i] - base);
+        s[nt][2 * i + 1] = arch::fast_exp2(s[nt][2 * i + 1] - base);
+        sum += s[nt][2 * i] + s[nt][2 * i + 1];
+      }
+      l[i] = l[i] * a + sum;
+      KVTILE_PRAGMA_UNROLL
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][2 * i] *= a;
+        o[dt][2 * i + 1] *= a;
+      }
+    }
+  }
+
+  // O += P V over keys [key0, key0 + TPW) of the tile at vs.
+  template <class Layout>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate(const float (&s)[TPW / 8][4], const T* vs, int key0, int lane) {
+    const int mi = lane / 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int kj = 0; kj < TPW / 16; ++kj) {
+      const std::uint32_t pa[4] = {arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]), arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]),
+                                   arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
+                                   arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
+      KVTILE_PRAGMA_UNROLL
+      for (int dp = 0; dp < D / 16; ++dp) {
+        std::uint32_t vf[4];
+        arch::ldmatrix_x4_trans(vf, arch::smem_addr(vs + Layout::at(key0 + kj * 16 + (mi % 2) * 8 + lane % 8, dp * 16 + (mi / 2) * 8)));
+        const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        arch::mma_16816<T>(o[2 * dp], pa, b0);
+        arch::mma_16816<T>(o[2 * dp + 1], pa, b1);
+      }
+    }
+  }
+};
+
+// The epilogue of a 16-row-per-warp CTA of NT threads, WN warps per row group: the warps'
+// partial states meet in shared memory (smem, free by now: every copy has landed and every
+// warp is past its last tile), are merged with softmax_state::merge, normalised and written
+// to O and LSE, or for a split item to the fp32 partial buffers that merge_partials_kernel folds.
+template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask>
+KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask>& p, const paged_work_item& w, int rows,
+                                                  warp_rows<T, D, TPW>& st, unsigned char* smem) {
+  constexpr int RLD = D + 4;  // fp32 reduction row stride
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, tq = lane % 4;
+  float* red_o = reinterpret_cast<float*>(smem);  // [warps][16][RLD]
+  float* red_ml = red_o + (NT / 32) * 16 * RLD;   // [warps][16][2]
+  KVTILE_PRAGMA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
+  }
+  KVTILE_PRAGMA_UNROLL
+  for (int dt = 0; dt < D / 8; ++dt)
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < 2; ++i)
+      *reinterpret_cast<float2*>(red_o + (warp * 16 + g + 8 * i) * RLD + dt * 8 + 2 * tq) =
+          make_float2(st.o[dt][2 * i], st.o[dt][2 * i + 1]);
+  if (tq == 0)
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      red_ml[(warp * 16 + g + 8 * i) * 2] = st.m[i];
+      red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = st.l[i];
+    }
+  __syncthreads();
+
+  const int b = w.batch, kvh = w.kv_head, row0 = w.row0, group = p.group;
+  for (int idx = tid; idx < BM * (D / 4); idx += NT) {
+    const int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
+    const int pr = row0 + r;
+    if (pr >= rows) continue;
+    softmax_state<4> acc;
+    acc.init();
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < WN; ++j) {
+      const int src = ((r / 16) * WN + j) * 16 + r % 16;
+      const float4 v = *reinterpret_cast<const float4*>(red_o + src * RLD + c);
+      softmax_state<4> x;
+      x.o[0] = v.x, x.o[1] = v.y, x.o[2] = v.z, x.o[3] = v.w;
+      x.m = red_ml[src * 2];
+      x.l = red_ml[src * 2 + 1];
+      acc.merge(x);
+    }
+    const float lse = acc.lse();
+    acc.normalize();
+    if (w.partial < 0) {
+      const int t = pr / group, h = kvh * group + pr % group;
+      cuda::detail::store4(p.o.at(b, t, h) + c, acc.o);
+      if (c == 0 && p.lse) p.lse[p.q.layout.row(b, t) * p.num_qo_heads + h] = lse;
+    } else {
+      const std::int64_t prow = std::int64_t(w.partial) * BM + r;
+      *reinterpret_cast<float4*>(p.partial_o + prow * D + c) = make_float4(acc.o[0], acc.o[1], acc.o[2], acc.o[3]);
+      if (c == 0) p.partial_lse[prow] = lse;
+    }
+  }
+}
+
+}  // namespace attention::cuda::paged
+KVTILE_NAMESPACE_END
