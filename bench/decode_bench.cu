@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <numeric>
@@ -128,6 +129,7 @@ struct paged_setup {
 };
 
 // Median-free Google Benchmark loop: each iteration times `reps` runs between CUDA events.
+// Counter host_us: the host's time to issue one run (checks and launches).
 void time_runs(benchmark::State& st, paged_setup& p, double& seconds) {
   constexpr int reps = 20;
   cudaEvent_t a, b;
@@ -136,9 +138,12 @@ void time_runs(benchmark::State& st, paged_setup& p, double& seconds) {
   for (int i = 0; i < 3; ++i) p.run(i % p.copies, nullptr);
   int copy = 0;
   seconds = 0;
+  double host = 0;
   for (auto _ : st) {
     KVTILE_CUDA_CHECK(cudaEventRecord(a));
+    const auto t0 = std::chrono::steady_clock::now();
     for (int r = 0; r < reps; ++r) p.run(copy++ % p.copies, nullptr);
+    host += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
     KVTILE_CUDA_CHECK(cudaEventRecord(b));
     KVTILE_CUDA_CHECK(cudaEventSynchronize(b));
     float ms = 0;
@@ -147,6 +152,7 @@ void time_runs(benchmark::State& st, paged_setup& p, double& seconds) {
     st.SetIterationTime(s);
     seconds += s;
   }
+  st.counters["host_us"] = st.iterations() ? host / double(st.iterations()) * 1e6 : 0.0;
   KVTILE_CUDA_CHECK(cudaEventDestroy(a));
   KVTILE_CUDA_CHECK(cudaEventDestroy(b));
 }

@@ -131,6 +131,9 @@ struct paged_problem {
 
 struct paged_work_item {
   std::int32_t batch, kv_head, row0, kv_begin, kv_end, partial;  // partial < 0: write O directly
+  // The request's lengths and (CSR tables) the offset of its page row, as planned: a CTA starts
+  // its page-table reads without first reading the table's lengths.
+  std::int32_t q_len, kv_len, page_base;
 };
 struct paged_merge_item {
   std::int32_t batch, kv_head, row0, first, count;
@@ -147,6 +150,7 @@ struct paged_plan {
   std::vector<paged_work_item> work;
   std::vector<paged_merge_item> merges;
   std::int32_t num_partials = 0;
+  std::int32_t merge_rows = 0;  // the most packed rows of any merge item (the merge grid's extent)
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split)
 
@@ -167,6 +171,9 @@ struct paged_plan {
 namespace detail {
 
 inline std::int32_t table_blocks(const paging::csr_page_table& t, std::int32_t b, std::int32_t) { return t.num_blocks(b); }
+// Where request b's page row starts in the table's id array (padded tables: computed on the GPU).
+inline std::int32_t table_page_base(const paging::csr_page_table& t, std::int32_t b) { return t.indptr[b]; }
+inline std::int32_t table_page_base(const paging::padded_page_table&, std::int32_t) { return 0; }
 inline std::int32_t table_blocks(const paging::padded_page_table& t, std::int32_t b, std::int32_t page_size) {
   return t.num_blocks(b, page_size);
 }
@@ -323,16 +330,18 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
 
   for (const auto& t : tasks) {
     const std::int64_t n = std::max<std::int64_t>(1, detail::ceil_div(t.tiles, chunk));
+    const std::int32_t ql = plan.q_len[t.b], kl = plan.kv_len[t.b], base = detail::table_page_base(table, t.b);
     if (n == 1) {
-      plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1});
+      plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1, ql, kl, base});
       continue;
     }
     plan.merges.push_back({t.b, t.kvh, t.row0, plan.num_partials, std::int32_t(n)});
+    plan.merge_rows = std::max(plan.merge_rows, std::min(bm, ql * group - t.row0));
     for (std::int64_t k = 0; k < n; ++k) {
       const std::int64_t a = k * t.tiles / n, e = (k + 1) * t.tiles / n;
       const std::int32_t kb = std::int32_t(t.kv_begin + a * bn);
       const std::int32_t ke = std::int32_t(std::min<std::int64_t>(t.kv_end, t.kv_begin + e * bn));
-      plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, plan.num_partials++});
+      plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, plan.num_partials++, ql, kl, base});
     }
   }
   KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),

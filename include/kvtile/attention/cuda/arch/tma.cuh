@@ -1,7 +1,8 @@
 // kvtile/attention/cuda/arch/tma.cuh: the Tensor Memory Accelerator (sm_90): tiled copies of a
-// box of a tensor map into shared memory, completed on an mbarrier by transaction bytes; and
-// the host side, the encoding of a tensor map (through the driver's entry point, so nothing
-// links against libcuda).
+// box of a tensor map into shared memory, completed on an mbarrier by transaction bytes; the
+// host side, the encoding of a tensor map (through the driver's entry point, so nothing links
+// against libcuda); and programmatic dependent launch, the sm_90 overlap of a grid's start with
+// the end of the grid before it.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +46,21 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_4d(std::uint32_t dst, const CUten
           dst),
       "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90): let the grid launched after this one on the stream with
+// programmatic serialisation start now (it waits in wait_primary_grid before reading our output).
+KVTILE_DEVICE KVTILE_FORCEINLINE void launch_dependents() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Wait until the grid this one depends on has completed and its memory is visible; a no-op for
+// a grid launched without programmatic serialisation.
+KVTILE_DEVICE KVTILE_FORCEINLINE void wait_primary_grid() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 

@@ -70,6 +70,7 @@ struct append_config {
 template <class T, int D, class Mask, class Table>
 KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
     paged_append_kernel(const kernel_params<T, Table, Mask> p) {
+  if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   using C = append_config<D>;
   constexpr int BM = C::bm, BN = C::bn, ST = C::stages, NT = C::threads, P = C::pitch, CH = C::chunks;
   constexpr int MT = C::m_tiles, RPW = C::rows_per_warp;
@@ -86,7 +87,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
 
   const paged_work_item w = p.work[blockIdx.x];
   const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = p.q.layout.len_of(b), kv_len = p.kv.kv_len(b);
+  const int q_len = w.q_len, kv_len = w.kv_len;
   const int group = p.group;
   const int rows = q_len * group;
   const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
@@ -94,7 +95,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   const int kv_begin = w.kv_begin, kv_end = w.kv_end;
   const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
 
-  const std::int32_t* pages = page_row(p.kv.table, b);
+  const std::int32_t* pages = page_row(p.kv.table, w);
   const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
   const T* kg = p.kv.k_base();
   const T* vg = p.kv.v_base();

@@ -56,9 +56,9 @@ struct append_sm90_source {
 
   KVTILE_DEVICE explicit append_sm90_source(const kernel_params<T, Table, Mask>& pp)
       : p(pp), w(pp.work[blockIdx.x]), page(pp.kv.pool.page_size),
-        mask(pp.mask, pp.q.layout.len_of(w.batch), pp.kv.kv_len(w.batch)) {
+        mask(pp.mask, w.q_len, w.kv_len) {
     group = p.group;
-    rows = min_i(G::block_q, p.q.layout.len_of(w.batch) * group - w.row0);
+    rows = min_i(G::block_q, w.q_len * group - w.row0);
     kv_lo = w.kv_begin;
     kv_hi = w.kv_end;
     kv_limit = w.kv_end;  // a split chunk ends on a tile boundary, the hull at or before kv_len
@@ -72,7 +72,7 @@ struct append_sm90_source {
     k = p.kv.k_base();
     v = p.kv.v_base();
     scale_log2 = p.scale_log2;
-    pages = page_row(p.kv.table, w.batch);
+    pages = page_row(p.kv.table, w);
   }
 
   KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return (w.row0 + r) / group; }
@@ -140,6 +140,7 @@ template <class T, int D, class Mask, class Table>
 KVTILE_KERNEL void __launch_bounds__(append_sm90_source<T, D, Mask, Table>::G::threads, 1)
     paged_append_sm90_kernel(const kernel_params<T, Table, Mask> p) {
 #if KVTILE_WGMMA_AVAILABLE
+  if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   extern __shared__ __align__(16) unsigned char append_sm90_smem[];
   using S = append_sm90_source<T, D, Mask, Table>;
   S src(p);

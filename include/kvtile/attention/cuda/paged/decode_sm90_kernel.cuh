@@ -19,6 +19,8 @@
 // zeroed, since a page's unwritten slots may hold anything.
 #pragma once
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -83,10 +85,37 @@ tma_pool make_tma_pool(const paging::kv_pool_view<T>& pool) {
   return m;
 }
 
+// The tensor maps of a pool, from a small per-thread cache of the pools run on lately (a serving
+// step runs every layer's pool; encoding costs host time on every run otherwise).
+template <class T>
+const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
+  struct entry {
+    paging::kv_pool_view<T> key;
+    tma_pool maps;
+    bool used = false;
+  };
+  auto same = [](const paging::kv_pool_view<T>& a, const paging::kv_pool_view<T>& b) {
+    return a.k == b.k && a.v == b.v && a.stride_block == b.stride_block && a.stride_token == b.stride_token &&
+           a.stride_head == b.stride_head && a.num_blocks == b.num_blocks && a.page_size == b.page_size &&
+           a.num_kv_heads == b.num_kv_heads && a.head_dim == b.head_dim;
+  };
+  thread_local std::array<entry, 64> cache{};
+  thread_local std::size_t next = 0;
+  for (const entry& e : cache)
+    if (e.used && same(e.key, pool)) return e.maps;
+  const tma_pool maps = make_tma_pool(pool);  // throws before the cache changes
+  entry& e = cache[next++ % cache.size()];
+  e.key = pool;
+  e.maps = maps;
+  e.used = true;
+  return e.maps;
+}
+
 template <class T, int D, class Mask, class Table>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     paged_decode_sm90_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
 #if KVTILE_WGMMA_AVAILABLE
+  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   using C = decode_sm90_config<D>;
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::threads;
   constexpr int TPW = BN / WN;  // keys per warp per tile
@@ -108,7 +137,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
 
   const paged_work_item w = p.work[blockIdx.x];
   const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = p.q.layout.len_of(b), kv_len = p.kv.kv_len(b);
+  const int q_len = w.q_len, kv_len = w.kv_len;
   const int group = p.group;
   const int rows = q_len * group;
   const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
@@ -141,7 +170,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
 
   // Warp 0 issues the copies: lane i owns box i of a tile (BN / box_rows <= 8 boxes).
   const int box = pool.box_rows;
-  const std::int32_t* pages = page_row(p.kv.table, b);
+  const std::int32_t* pages = page_row(p.kv.table, w);
   const fast_divmod page(p.kv.pool.page_size);
   std::int32_t blk = 0, slot = 0;  // this lane's box of the next tile to fetch
   auto fetch_blocks = [&](int tile) {
@@ -221,6 +250,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     cur = next_tile(cur + 1);
   }
 
+  if constexpr (merge_early == 2) arch::launch_dependents();
   finish_rows<BM, NT, WN>(p, w, rows, st, smem);
 #else
   (void)p;

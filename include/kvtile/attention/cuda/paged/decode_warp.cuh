@@ -21,8 +21,17 @@
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/paging/paged_view.hpp"
 
+// When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
+// attention grid (no early launch), 1 as soon as every attention CTA has started, 2 once every
+// decode CTA is past its key loop. Measured in docs/perf-log/decode.md v11.
+#ifndef KVTILE_PAGED_MERGE_EARLY
+#define KVTILE_PAGED_MERGE_EARLY 2
+#endif
+
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
+
+inline constexpr int merge_early = KVTILE_PAGED_MERGE_EARLY;
 
 template <class T, class Table, class Mask>
 struct kernel_params {
@@ -40,12 +49,13 @@ struct kernel_params {
   float* partial_lse;               // [num_partials, BM]
 };
 
-// The physical block ids of request b, in logical order.
-KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::csr_page_table& t, std::int32_t b) {
-  return t.indices + t.indptr[b];
+// The physical block ids of a work item's request, in logical order (CSR: from the offset the
+// planner stored in the item, so no read of indptr sits before the first page lookup).
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::csr_page_table& t, const paged_work_item& w) {
+  return t.indices + w.page_base;
 }
-KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::padded_page_table& t, std::int32_t b) {
-  return t.block_table + std::int64_t(b) * t.max_blocks;
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging::padded_page_table& t, const paged_work_item& w) {
+  return t.block_table + std::int64_t(w.batch) * t.max_blocks;
 }
 
 // Element offset of (row, col) in a shared-memory tile of D columns; col is a multiple of 8

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/tma.cuh"
 #include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/core/fast_divmod.hpp"
 
@@ -46,6 +47,7 @@ struct kernel_config {
 template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
 KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_config<Kind, D>::min_blocks)
     paged_attention_kernel(const kernel_params<T, Table, Mask> p) {
+  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   using C = kernel_config<Kind, D>;
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::threads;
   constexpr int LD = D + 8;     // shared-memory row stride (elements): 16-byte pad, no bank conflicts
@@ -63,7 +65,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 
   const paged_work_item w = p.work[blockIdx.x];
   const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = p.q.layout.len_of(b), kv_len = p.kv.kv_len(b);
+  const int q_len = w.q_len, kv_len = w.kv_len;
   const int group = p.group;
   const int rows = q_len * group;
   const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
@@ -90,7 +92,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   // The request's row of physical block ids, looked up once (CSR and padded tables); block ids
   // of the next tile are prefetched into registers one tile ahead, so the page-table lookup
   // never sits between a tile's wait and the next tile's loads.
-  const std::int32_t* pages = page_row(p.kv.table, b);
+  const std::int32_t* pages = page_row(p.kv.table, w);
   const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
   constexpr bool fast_map = NT % CPR == 0 && BN % (NT / CPR) == 0;
   constexpr int RPP = fast_map ? NT / CPR : 1;  // rows per pass of the CTA
@@ -204,17 +206,21 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   // ---- epilogue: merge the WN warps of each row, normalise, write ----------------------------
   arch::cp_async_wait<0>();
   __syncthreads();
+  if constexpr (merge_early == 2) arch::launch_dependents();
   finish_rows<BM, NT, WN>(p, w, rows, st, smem_raw);
 }
 
 // Folds the split partial states of one row tile into O and LSE. Grid: (merge items, row
-// chunks); one thread per (row, 4 values). Partials are loaded in batches of 8 independent
+// chunks); one thread per (row, 4 values). Partials are loaded in batches of 16 independent
 // loads before they are folded, so a long split is not a chain of dependent memory latencies.
+// On sm_90 the kernel is launched while the attention grid runs (programmatic dependent
+// launch) and waits for it here, so the launch's latency is hidden.
 inline constexpr int merge_threads = 128;
 
 template <class T, int D, int BM, class Table, class Mask>
 KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
-  constexpr int batch = 8;
+  constexpr int batch = 16;
+  arch::wait_primary_grid();
   const paged_merge_item mi = p.merges[blockIdx.x];
   const int idx = blockIdx.y * merge_threads + threadIdx.x;
   if (idx >= BM * (D / 4)) return;

@@ -59,12 +59,24 @@ inline void upload_plan(const paged_plan& plan, void* workspace, cudaStream_t st
 namespace paged {
 
 // The merge CTAs of a split plan whose partial states hold BM rows each.
+// On compute capability 9+ they are launched with programmatic stream serialisation: they start
+// while the attention grid finishes and wait for it on the device (merge_partials_kernel).
 template <class T, int D, int BM, class Mask, class Table>
-void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, cudaStream_t stream) {
+void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
   if (plan.merges.empty()) return;
-  const dim3 grid(unsigned(plan.merges.size()), unsigned((BM * (D / 4) + merge_threads - 1) / merge_threads));
-  merge_partials_kernel<T, D, BM, Table, Mask><<<grid, merge_threads, 0, stream>>>(params);
-  KVTILE_CUDA_CHECK_LAUNCH();
+  cudaLaunchConfig_t cfg{};
+  // Rows past plan.merge_rows hold no query in any merge item: no CTAs for them.
+  cfg.gridDim = dim3(unsigned(plan.merges.size()), unsigned((plan.merge_rows * (D / 4) + merge_threads - 1) / merge_threads));
+  cfg.blockDim = dim3(merge_threads);
+  cfg.stream = stream;
+  cudaLaunchAttribute early{};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  if (merge_early != 0 && kvtile::detail::compute_capability_major(device) >= 9) {
+    cfg.attrs = &early;
+    cfg.numAttrs = 1;
+  }
+  KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_partials_kernel<T, D, BM, Table, Mask>, params));
 }
 
 // plan.work.size() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
@@ -81,7 +93,7 @@ void launch_items(const paged_plan& plan, int threads, std::size_t smem, int dev
     Kernel<<<unsigned(plan.work.size()), threads, smem, stream>>>(params, extra...);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
-  launch_merges<T, D, BM>(plan, params, stream);
+  launch_merges<T, D, BM>(plan, params, device, stream);
 }
 
 // The mma.sync kernels: decode (kernel.cuh) and append (append_kernel.cuh at D <= 128).
@@ -112,7 +124,7 @@ template <class T, int D, class Mask, class Table>
 void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
                         cudaStream_t stream) {
   using C = decode_sm90_config<D>;
-  const tma_pool pool = make_tma_pool(params.kv.pool);
+  const tma_pool& pool = cached_tma_pool(params.kv.pool);
   launch_items<paged_decode_sm90_kernel<T, D, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))),
                                                                       device, stream, params, pool);
 }
