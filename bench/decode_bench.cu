@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -104,6 +105,8 @@ struct paged_setup {
     kc::plan_options opt;
     opt.split_kv = q_len == 1 || KVTILE_BENCH_APPEND_SPLIT;
     opt.use_wgmma = wgmma;
+    // KVTILE_BENCH_MAX_SPLITS: cap the planner's split count (to compare split choices).
+    if (const char* e = std::getenv("KVTILE_BENCH_MAX_SPLITS")) opt.max_splits = std::atoi(e);
     plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);

@@ -302,7 +302,12 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   // Split-KV: choose keys-per-chunk c (in tiles) minimising the estimated makespan
   // ceil(items(c) / slots) * (c + overhead), where a CTA's fixed cost (Q load, pipeline fill,
   // partial write and merge) is counted as `overhead` tiles; ties keep fewer splits.
-  const std::int64_t slots = std::int64_t(dev.num_sms) * plan.ctas_per_sm;
+  // The TMA decode kernel keeps three 32 KB stages in flight per CTA: one CTA per SM already
+  // streams at the card's rate, so a wave is one CTA per SM. Measured on H100: 16 x 4k unsplit
+  // (128 CTAs) 2.77 TB/s against 2.57 split in two; 1 x 32k in 16 splits 2.39 against 2.21 in 32
+  // (docs/perf-log/decode.md v12).
+  const int wave_ctas = kind == paged_kernel_kind::decode_sm90 ? 1 : plan.ctas_per_sm;
+  const std::int64_t slots = std::int64_t(dev.num_sms) * wave_ctas;
   std::int64_t chunk = std::max<std::int64_t>(max_tiles, 1);
   if (opt.split_kv && max_tiles > 1 && std::int64_t(tasks.size()) < 4 * slots) {
     const double overhead = 2.0;
