@@ -85,15 +85,11 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
 
-  const paged_work_item w = p.work[blockIdx.x];
-  const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = w.q_len, kv_len = w.kv_len;
-  const int group = p.group;
-  const int rows = q_len * group;
-  const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
-  const Mask mask(p.mask, q_len, kv_len);
-  const int kv_begin = w.kv_begin, kv_end = w.kv_end;
-  const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
+  const item_tiles<BM, BN, Mask> it(p);
+  const paged_work_item& w = it.w;
+  const int b = w.batch, kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
+  const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;
+  const Mask& mask = it.mask;
 
   const std::int32_t* pages = page_row(p.kv.table, w);
   const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
@@ -101,13 +97,10 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   const T* vg = p.kv.v_base();
 
   // ---- loads -------------------------------------------------------------------------------
-  for (int idx = tid; idx < BM * CH; idx += NT) {
-    const int r = idx / CH, c = idx % CH;
-    const int pr = row0 + r;
-    const bool valid = pr < rows;
-    const T* src = valid ? p.q.at(b, pr / group, kvh * group + pr % group) + c * 8 : p.q.data;
+  static_assert(CH == D / 8, "paged append kernel: one Q chunk per 8 columns");
+  it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
     arch::cp_async_16_to(q_base + (r * P + c * 8) * sizeof(T), src, valid);
-  }
+  });
   arch::cp_async_commit();
 
   // Key row offsets (elements, -1: not loaded) of the next tile to fetch, in a ring of two in
@@ -154,17 +147,8 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
     issue(ks, kg);
     issue(vs, vg);
   };
-  auto next_tile = [&](int tile) {
-    while (tile < n_tiles) {
-      const int k0 = kv_begin + tile * BN;
-      if (mask.classify(t_lo, t_hi, k0, min_i(k0 + BN, kv_end)) != tile_visibility::empty) break;
-      ++tile;
-    }
-    return tile;
-  };
-
   // fetch: the next tile to fetch (its row offsets in slot `slot`); fetch2: the one after.
-  int fetch = next_tile(0), fetch2 = next_tile(fetch + 1);
+  int fetch = it.next_tile(0), fetch2 = it.next_tile(fetch + 1);
   if (tid < BN) {
     off_s[tid] = row_offset(fetch, row_block(fetch));
     off_s[BN + tid] = row_offset(fetch2, row_block(fetch2));
@@ -172,7 +156,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   __syncthreads();
   fetch_tile(fetch, 0, 0);
   fetch = fetch2;
-  fetch2 = next_tile(fetch2 + 1);
+  fetch2 = it.next_tile(fetch2 + 1);
   int slot = 1;
 
   // ---- state ---------------------------------------------------------------------------------
@@ -215,7 +199,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   // ---- main loop -----------------------------------------------------------------------------
   const float scale_log2 = p.scale_log2;
   int stage = 0, refill = ST - 1;
-  for (int cur = next_tile(0); cur < n_tiles; cur = next_tile(cur + 1)) {
+  for (int cur = it.next_tile(0); cur < n_tiles; cur = it.next_tile(cur + 1)) {
     // The tile's K (and V without split_wait) landed and is visible to every warp; every warp
     // is done with the stage refilled now.
     if constexpr (C::split_wait)
@@ -228,7 +212,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
     // Block ids of the tile after: loaded now, turned into offsets at the end of the iteration.
     const int pend_tile = fetch2, pend_blk = row_block(fetch2);
     fetch = fetch2;
-    fetch2 = next_tile(fetch2 + 1);
+    fetch2 = it.next_tile(fetch2 + 1);
 
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     tile_visibility vis = warp_rows ? mask.classify(wt0, wt1, k0, k1) : tile_visibility::empty;

@@ -135,23 +135,15 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
   const int wn = warp;
   const int g = lane / 4, tq = lane % 4;
 
-  const paged_work_item w = p.work[blockIdx.x];
-  const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = w.q_len, kv_len = w.kv_len;
-  const int group = p.group;
-  const int rows = q_len * group;
-  const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
-  const Mask mask(p.mask, q_len, kv_len);
-  const int kv_begin = w.kv_begin, kv_end = w.kv_end;
-  const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
+  const item_tiles<BM, BN, Mask> it(p);
+  const paged_work_item& w = it.w;
+  const int kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
+  const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;
+  const Mask& mask = it.mask;
 
-  for (int idx = tid; idx < BM * CPR; idx += NT) {
-    const int r = idx / CPR, c = idx % CPR;
-    const int pr = row0 + r;
-    const bool valid = pr < rows;
-    const T* src = valid ? p.q.at(b, pr / group, kvh * group + pr % group) + c * 8 : p.q.data;
+  it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
     arch::cp_async_16(q_s + padded_tile<D>::at(r, c * 8), src, valid);
-  }
+  });
   arch::cp_async_commit();
   if (tid == 0) {
     KVTILE_PRAGMA_UNROLL
@@ -159,14 +151,6 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     arch::fence_barrier_init();
   }
 
-  auto visibility = [&](int tile) {
-    const int k0 = kv_begin + tile * BN;
-    return mask.classify(t_lo, t_hi, k0, min_i(k0 + BN, kv_end));
-  };
-  auto next_tile = [&](int tile) {
-    while (tile < n_tiles && visibility(tile) == tile_visibility::empty) ++tile;
-    return tile;
-  };
 
   // Warp 0 issues the copies: lane i owns box i of a tile (BN / box_rows <= 8 boxes).
   const int box = pool.box_rows;
@@ -203,7 +187,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + g + 8 * i) / group;
 
-  int cur = next_tile(0);
+  int cur = it.next_tile(0);
   int fetch = cur;
   __syncthreads();  // barriers initialised
   if (warp == 0) {
@@ -212,7 +196,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     for (int s = 0; s < ST; ++s)
       if (fetch < n_tiles) {
         issue(s, fetch);
-        fetch = next_tile(fetch + 1);
+        fetch = it.next_tile(fetch + 1);
         fetch_blocks(fetch);
       }
   }
@@ -237,17 +221,17 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     }
     float s[TPW / 8][4];
     st.template scores<Layout>(s, ks, wn * TPW, lane);
-    const bool partial = k1 - k0 < BN || visibility(cur) != tile_visibility::full;
+    const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.softmax(s);
     st.template accumulate<Layout>(s, vs, wn * TPW, lane);
     __syncthreads();  // every warp is done with this stage
     if (warp == 0 && fetch < n_tiles) {
       issue(stage, fetch);
-      fetch = next_tile(fetch + 1);
+      fetch = it.next_tile(fetch + 1);
       fetch_blocks(fetch);
     }
-    cur = next_tile(cur + 1);
+    cur = it.next_tile(cur + 1);
   }
 
   if constexpr (merge_early == 2) arch::launch_dependents();

@@ -58,6 +58,49 @@ KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging:
   return t.block_table + std::int64_t(w.batch) * t.max_blocks;
 }
 
+// A CTA's view of its work item: the request's lengths as planned, the packed query rows, the
+// mask, and the key tiles [kv_begin, kv_end) in steps of BN (tiles the mask hides are skipped).
+template <int BM, int BN, class Mask>
+struct item_tiles {
+  paged_work_item w;
+  int rows;        // packed query rows of the request (q_len x group)
+  int t_lo, t_hi;  // the query tokens of this CTA's rows: [t_lo, t_hi)
+  int n_tiles;
+  Mask mask;
+
+  template <class T, class Table>
+  KVTILE_DEVICE explicit item_tiles(const kernel_params<T, Table, Mask>& p)
+      : w(p.work[blockIdx.x]),
+        rows(w.q_len * p.group),
+        t_lo(w.row0 / p.group),
+        t_hi((min_i(w.row0 + BM, rows) - 1) / p.group + 1),
+        n_tiles((w.kv_end - w.kv_begin + BN - 1) / BN),
+        mask(p.mask, w.q_len, w.kv_len) {}
+
+  KVTILE_DEVICE KVTILE_FORCEINLINE int key0(int tile) const { return w.kv_begin + tile * BN; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int key1(int tile) const { return min_i(key0(tile) + BN, w.kv_end); }
+  KVTILE_DEVICE KVTILE_FORCEINLINE tile_visibility visibility(int tile) const {
+    return mask.classify(t_lo, t_hi, key0(tile), key1(tile));
+  }
+  // The first tile at or after `tile` that the mask does not hide entirely (n_tiles: none).
+  KVTILE_DEVICE KVTILE_FORCEINLINE int next_tile(int tile) const {
+    while (tile < n_tiles && visibility(tile) == tile_visibility::empty) ++tile;
+    return tile;
+  }
+  // The BM packed query rows as 16-byte chunks, one call copy(r, c, src, valid) per chunk c of
+  // row r (valid false past the request's rows, src then a harmless address), over NT threads.
+  template <int D, class T, class Table, class Copy>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void q_chunks(const kernel_params<T, Table, Mask>& p, int tid, int nt, Copy&& copy) const {
+    constexpr int CPR = D / 8;
+    for (int idx = tid; idx < BM * CPR; idx += nt) {
+      const int r = idx / CPR, c = idx % CPR;
+      const int pr = w.row0 + r;
+      const bool valid = pr < rows;
+      copy(r, c, valid ? p.q.at(w.batch, pr / p.group, w.kv_head * p.group + pr % p.group) + c * 8 : p.q.data, valid);
+    }
+  }
+};
+
 // Element offset of (row, col) in a shared-memory tile of D columns; col is a multiple of 8
 // (one 16-byte chunk), which is all ldmatrix asks for.
 template <int D>

@@ -63,15 +63,11 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   const int wm = warp / WN, wn = warp % WN;
   const int g = lane / 4, tq = lane % 4;
 
-  const paged_work_item w = p.work[blockIdx.x];
-  const int b = w.batch, kvh = w.kv_head, row0 = w.row0;
-  const int q_len = w.q_len, kv_len = w.kv_len;
-  const int group = p.group;
-  const int rows = q_len * group;
-  const int t_lo = row0 / group, t_hi = (min_i(row0 + BM, rows) - 1) / group + 1;
-  const Mask mask(p.mask, q_len, kv_len);
-  const int kv_begin = w.kv_begin, kv_end = w.kv_end;
-  const int n_tiles = (kv_end - kv_begin + BN - 1) / BN;
+  const item_tiles<BM, BN, Mask> it(p);
+  const paged_work_item& w = it.w;
+  const int kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
+  const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;
+  const Mask& mask = it.mask;
   // One barrier per tile (wait, barrier, then refill the stage freed by the previous tile)
   // instead of two (refill, wait, barrier, compute, barrier); an experiment for decode.
   constexpr bool one_barrier = KVTILE_PAGED_ONE_BARRIER != 0 && ST >= 3;
@@ -80,13 +76,9 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   const T* vbase = p.kv.v_base();
 
   // ---- loads -------------------------------------------------------------------------------
-  for (int idx = tid; idx < BM * CPR; idx += NT) {
-    const int r = idx / CPR, c = idx % CPR;
-    const int pr = row0 + r;
-    const bool valid = pr < rows;
-    const T* src = valid ? p.q.at(b, pr / group, kvh * group + pr % group) + c * 8 : p.q.data;
+  it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
     arch::cp_async_16(q_s + r * LD + c * 8, src, valid);
-  }
+  });
   arch::cp_async_commit();
 
   // The request's row of physical block ids, looked up once (CSR and padded tables); block ids
@@ -135,14 +127,6 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
       }
     }
   };
-  auto visibility = [&](int tile) {
-    const int k0 = kv_begin + tile * BN;
-    return mask.classify(t_lo, t_hi, k0, min_i(k0 + BN, kv_end));
-  };
-  auto next_tile = [&](int tile) {
-    while (tile < n_tiles && visibility(tile) == tile_visibility::empty) ++tile;
-    return tile;
-  };
 
   // ---- state ---------------------------------------------------------------------------------
   warp_rows<T, D, TPW> st;
@@ -152,14 +136,14 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + 16 * wm + g + 8 * i) / group;
 
-  int cur = next_tile(0);
+  int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
   fetch_blocks(fetch);
   KVTILE_PRAGMA_UNROLL
   for (int s = 0; s < ST - 1; ++s) {
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
-      fetch = next_tile(fetch + 1);
+      fetch = it.next_tile(fetch + 1);
       fetch_blocks(fetch);
     }
     arch::cp_async_commit();
@@ -179,7 +163,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     }
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
-      fetch = next_tile(fetch + 1);
+      fetch = it.next_tile(fetch + 1);
       fetch_blocks(fetch);
     }
     arch::cp_async_commit();
@@ -194,13 +178,13 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     float s[TPW / 8][4];
     st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane);
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
-    const bool partial = k1 - k0 < BN || visibility(cur) != tile_visibility::full;
+    const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.softmax(s);
     st.template accumulate<padded_tile<D>>(s, vs, wn * TPW, lane);
     if constexpr (!one_barrier) __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
-    cur = next_tile(cur + 1);
+    cur = it.next_tile(cur + 1);
   }
 
   // ---- epilogue: merge the WN warps of each row, normalise, write ----------------------------
