@@ -23,7 +23,8 @@
 
 // When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
 // attention grid (no early launch), 1 as soon as every attention CTA has started, 2 once every
-// decode CTA is past its key loop. Measured in docs/perf-log/decode.md v11.
+// decode CTA is past its key loop (the append kernels allow it at their start for 1 and 2).
+// Measured in docs/perf-log/decode.md v11.
 #ifndef KVTILE_PAGED_MERGE_EARLY
 #define KVTILE_PAGED_MERGE_EARLY 2
 #endif
