@@ -70,7 +70,7 @@ int main() {
   KVTILE_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes()));
   kc::upload_plan(plan, workspace);
   std::printf("plan: %zu CTAs (%s kernel), %d split partial states\n", plan.work.size(),
-              plan.shape.kind == kc::paged_kernel_kind::decode ? "decode" : "append", plan.num_partials);
+              kc::to_string(plan.shape.kind), plan.num_partials);
 
   // 3. K/V of every token (the cached ones stand for earlier steps' writes), into the pool.
   const auto pool_h = paging::kv_pool_view<T>::make(nullptr, nullptr, kv_layout::nhd, kPoolBlocks, kPage, kKvHeads, kHeadDim);

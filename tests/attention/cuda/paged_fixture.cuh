@@ -201,16 +201,6 @@ inline kc::device_limits limits() {
   return d;
 }
 
-inline const char* kernel_name(kc::paged_kernel_kind k) {
-  switch (k) {
-    case kc::paged_kernel_kind::decode: return "decode";
-    case kc::paged_kernel_kind::append: return "append";
-    case kc::paged_kernel_kind::append_sm90: return "append_sm90";
-    case kc::paged_kernel_kind::decode_sm90: return "decode_sm90";
-  }
-  return "?";
-}
-
 // Plan, run (poisoned outputs), check; optionally also unsplit == split.
 template <class T, int D, class Mask>
 void check_problem(const problem<T, D>& pr, typename Mask::params mp, bool compare_unsplit) {
@@ -218,7 +208,7 @@ void check_problem(const problem<T, D>& pr, typename Mask::params mp, bool compa
   const float scale = default_scale(D);
   device_problem<T, D> dp(pr);
   const auto plan = pr.template plan<Mask>(mp, limits());
-  INFO("kernel " << kernel_name(plan.shape.kind) << ", work items "
+  INFO("kernel " << kc::to_string(plan.shape.kind) << ", work items "
                  << plan.work.size() << ", split chunks of " << plan.chunk_tiles << " tiles, partials "
                  << plan.num_partials);
   dp.prepare(plan);

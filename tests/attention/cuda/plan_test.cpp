@@ -7,6 +7,7 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -197,6 +198,8 @@ TEST_CASE("plan: the sm_90a append kernel where the device runs it, for head dim
   hopper.wgmma = false;
   CHECK(kc::plan_paged_attention<causal_mask>(dq.data(), t.table(), pr, {}, hopper).shape.kind ==
         kc::paged_kernel_kind::decode);
+  CHECK(std::string(kc::to_string(kc::paged_kernel_kind::decode_sm90)) == "decode_sm90");
+  CHECK(std::string(kc::to_string(kc::paged_kernel_kind::append)) == "append");
   CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper).shape.kind ==
         kc::paged_kernel_kind::append);
 }

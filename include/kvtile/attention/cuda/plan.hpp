@@ -40,6 +40,16 @@ namespace attention::cuda {
 // 128, 192, 256 and page sizes sharing a factor of 8 with the 64-key tile; sm_90a binaries).
 enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90, decode_sm90 };
 
+constexpr const char* to_string(paged_kernel_kind k) {
+  switch (k) {
+    case paged_kernel_kind::decode: return "decode";
+    case paged_kernel_kind::append: return "append";
+    case paged_kernel_kind::append_sm90: return "append_sm90";
+    case paged_kernel_kind::decode_sm90: return "decode_sm90";
+  }
+  return "unknown";
+}
+
 struct paged_kernel_shape {
   paged_kernel_kind kind;
   int block_m;  // packed query rows per CTA
