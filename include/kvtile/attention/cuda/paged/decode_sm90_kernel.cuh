@@ -151,7 +151,6 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
     arch::fence_barrier_init();
   }
 
-
   // Warp 0 issues the copies: lane i owns box i of a tile (BN / box_rows <= 8 boxes).
   const int box = pool.box_rows;
   const std::int32_t* pages = page_row(p.kv.table, w);
