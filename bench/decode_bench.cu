@@ -107,6 +107,8 @@ struct paged_setup {
     opt.use_wgmma = wgmma;
     // KVTILE_BENCH_MAX_SPLITS: cap the planner's split count (to compare split choices).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_SPLITS")) opt.max_splits = std::atoi(e);
+    // KVTILE_BENCH_MAX_CTAS: cap the TMA decode kernel's persistent CTAs (small batches).
+    if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
     plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);
@@ -212,7 +214,7 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
               (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + ";unit=TB/s");
   st.counters["value"] = tbps;
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
-  st.counters["ctas"] = double(p.plan.work.size());
+  st.counters["ctas"] = double(p.plan.ctas());
 }
 
 // wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
@@ -225,7 +227,7 @@ void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma) {
   st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
               ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
-  st.counters["ctas"] = double(p.plan.work.size());
+  st.counters["ctas"] = double(p.plan.ctas());
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
 }
 

@@ -69,7 +69,7 @@ int main() {
   void* workspace = nullptr;
   KVTILE_CUDA_CHECK(cudaMalloc(&workspace, plan.workspace_bytes()));
   kc::upload_plan(plan, workspace);
-  std::printf("plan: %zu CTAs (%s kernel), %d split partial states\n", plan.work.size(),
+  std::printf("plan: %zu CTAs, %zu work items (%s kernel), %d split partial states\n", plan.ctas(), plan.work.size(),
               kc::to_string(plan.shape.kind), plan.num_partials);
 
   // 3. K/V of every token (the cached ones stand for earlier steps' writes), into the pool.

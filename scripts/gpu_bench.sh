@@ -24,7 +24,7 @@ summary=()
 sanitize_cases() {
   case "$1" in
     *prefill*) echo '-tc=*sanitizer*' ;;
-    *decode_test) echo '-tc=*split*,*graph*,*window*' ;;
+    *decode_test) echo '-tc=*split*,*graph*,*window*,*few CTAs*' ;;
     *append_test) echo '-tc=*window*,*fp16 D=64*' ;;
     *) echo '' ;;
   esac

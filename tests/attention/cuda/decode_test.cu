@@ -71,6 +71,26 @@ TEST_CASE("decode: split-KV equals unsplit on long sequences") {
   }
 }
 
+TEST_CASE("decode: few CTAs, each running many items across requests and heads, cut mid-sequence") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int sms : {1, 3, 7}) {
+    spec s;
+    s.hkv = 3;
+    s.hq = 12;
+    s.page_size = sms == 3 ? 8 : 16;
+    s.num_sms = sms;
+    s.kv_lens = random_lens(rng, 5, 1, 1500);
+    s.kv_lens[2] = 64;  // exactly one tile
+    s.q_lens = random_lens(rng, 5, 1, 4);
+    for (int b = 0; b < 5; ++b) s.q_lens[b] = std::min(s.q_lens[b], s.kv_lens[b]);
+    INFO(sms << " SMs");
+    run_and_check<bfloat16, 128, causal_mask>(s, {}, rng(), /*compare_unsplit=*/true);
+    run_and_check<bfloat16, 128, sliding_window_mask>(s, {200, 5}, rng(), /*compare_unsplit=*/true);
+  }
+}
+
 TEST_CASE("decode: sliding window with sinks, bf16 D=128") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

@@ -87,6 +87,18 @@ void check_partition(const kc::paged_plan& plan, typename Mask::params mp) {
     merged += m.count;
   }
   CHECK(merged == std::size_t(plan.num_partials));
+  // TMA decode of small batches: every work item belongs to exactly one CTA's run, in order.
+  if (!plan.cta_items.empty()) {
+    CHECK(plan.shape.kind == kc::paged_kernel_kind::decode_sm90);
+    REQUIRE(plan.cta_items.size() >= 2);
+    CHECK(plan.ctas() == plan.cta_items.size() - 1);
+    CHECK(plan.cta_items.front() == 0);
+    CHECK(plan.cta_items.back() == std::int32_t(plan.work.size()));
+    for (std::size_t c = 1; c < plan.cta_items.size(); ++c) CHECK(plan.cta_items[c] > plan.cta_items[c - 1]);
+    CHECK(plan.cta_items_offset() % 256 == 0);
+  } else {
+    CHECK(plan.ctas() == plan.work.size());
+  }
   CHECK(plan.work_offset() % 256 == 0);
   CHECK(plan.merge_offset() % 256 == 0);
   CHECK(plan.partial_o_offset() % 256 == 0);
@@ -202,6 +214,108 @@ TEST_CASE("plan: the sm_90a append kernel where the device runs it, for head dim
   CHECK(std::string(kc::to_string(kc::paged_kernel_kind::append)) == "append");
   CHECK(kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper).shape.kind ==
         kc::paged_kernel_kind::append);
+}
+
+// Visible key tiles of a work item (what the TMA decode kernel runs): tiles from kv_begin in
+// steps of block_n that the mask does not hide.
+template <class Mask>
+int visible_tiles(const kc::paged_plan& plan, const kc::paged_work_item& w, typename Mask::params mp) {
+  const int group = plan.group(), bn = plan.shape.block_n, rows = w.q_len * group;
+  const int t0 = w.row0 / group, t1 = (std::min(w.row0 + plan.shape.block_m, rows) - 1) / group + 1;
+  const Mask mask(mp, w.q_len, w.kv_len);
+  int n = 0;
+  for (int k0 = w.kv_begin; k0 < w.kv_end; k0 += bn)
+    n += mask.classify(t0, t1, k0, std::min(k0 + bn, w.kv_end)) != tile_visibility::empty;
+  return n;
+}
+
+TEST_CASE("plan: TMA decode: a CTA per row tile for large batches; for small ones, one CTA per SM running an even share") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  kc::device_limits hopper{132, 228 * 1024, 227 * 1024, 32};
+  hopper.wgmma = true;
+  const kc::paged_problem pr{32, 8, 128, 16, 300000, 2};
+  struct shape {
+    int batch, len;
+    std::size_t ctas;
+    bool runs;
+  };
+  // 1 x 4k: 512 tiles, 128 CTAs of 4; 1 x 32k: 128 CTAs of 32 (one piece each, rather than 132
+  // of 31 with a cut in most); from 16 x 4k (128 row tiles) on, a CTA per row tile.
+  for (const shape s : {shape{1, 4096, 128, true}, shape{1, 32768, 128, true}, shape{13, 4096, 132, true},
+                        shape{16, 4096, 128, false}, shape{64, 2048, 512, false}, shape{128, 4096, 1024, false},
+                        shape{3, 100, 12, true}}) {
+    host_csr t(std::vector<std::int32_t>(s.batch, s.len), 16, 300000, rng);
+    const auto q = indptr_of(std::vector<std::int32_t>(s.batch, 1));
+    const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper);
+    INFO("batch " << s.batch << " len " << s.len << ": " << plan.ctas() << " CTAs, " << plan.work.size() << " items");
+    REQUIRE(plan.shape.kind == kc::paged_kernel_kind::decode_sm90);
+    check_partition<causal_mask>(plan, {});
+    CHECK(plan.ctas() == s.ctas);
+    CHECK(plan.cta_items.empty() == !s.runs);
+    if (!s.runs) {
+      CHECK(plan.ctas_per_sm == 2);
+      CHECK(plan.num_partials == 0);
+      continue;
+    }
+    const int total = 8 * s.batch * ((s.len + 63) / 64);
+    for (std::size_t c = 0; c + 1 < plan.cta_items.size(); ++c) {
+      int n = 0;
+      for (int i = plan.cta_items[c]; i < plan.cta_items[c + 1]; ++i) n += visible_tiles<causal_mask>(plan, plan.work[i], {});
+      CHECK(n >= total / int(plan.ctas()));
+      CHECK(n <= (total + int(plan.ctas()) - 1) / int(plan.ctas()));
+    }
+  }
+  // Windows with sinks: the hidden middle counts for nothing; every piece of a cut row tile
+  // starts at a tile boundary and runs at least one visible tile.
+  for (const auto [window, sinks] : {std::pair{700, 3}, std::pair{1000, 64}, std::pair{64, 1}}) {
+    const std::vector<std::int32_t> kl = {30000, 900, 40, 7000, 5000};
+    host_csr t(kl, 16, 300000, rng);
+    const auto q = indptr_of({1, 1, 1, 1, 1});
+    const sliding_window_mask::params wp{window, sinks};
+    const auto plan = kc::plan_paged_attention<sliding_window_mask>(q.data(), t.table(), pr, wp, hopper);
+    INFO("window " << window << " sinks " << sinks);
+    check_partition<sliding_window_mask>(plan, wp);
+    int total = 0, most = 0, least = 1 << 30;
+    for (std::size_t c = 0; c + 1 < plan.cta_items.size(); ++c) {
+      int n = 0;
+      for (int i = plan.cta_items[c]; i < plan.cta_items[c + 1]; ++i) {
+        const int v = visible_tiles<sliding_window_mask>(plan, plan.work[i], wp);
+        CHECK(plan.work[i].kv_begin % 64 == 0);
+        if (plan.work[i].partial >= 0) CHECK(v >= 1);
+        n += v;
+      }
+      total += n;
+      most = std::max(most, n);
+      least = std::min(least, n);
+    }
+    CHECK(most - least <= 1);
+    CHECK(total >= int(plan.ctas()) * 4);
+  }
+  // Splitting off, or capped: cuts move to row-tile ends.
+  host_csr t(std::vector<std::int32_t>(12, 4096), 16, 300000, rng);
+  const auto q = indptr_of(std::vector<std::int32_t>(12, 1));
+  kc::plan_options no_split;
+  no_split.split_kv = false;
+  const auto whole = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper, no_split);
+  check_partition<causal_mask>(whole, {});
+  CHECK(whole.num_partials == 0);
+  CHECK(whole.merges.empty());
+  CHECK(whole.ctas() == 96);  // one row tile each: the cuts moved to row-tile ends
+  host_csr t1({32768}, 16, 300000, rng);
+  const auto q1 = indptr_of({1});
+  kc::plan_options capped;
+  capped.max_splits = 8;
+  const auto few = kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, hopper, capped);
+  check_partition<causal_mask>(few, {});
+  CHECK(few.ctas() >= 8 * 7);
+  for (const auto& m : few.merges) CHECK(m.count <= 8);
+  kc::plan_options narrow;
+  narrow.max_ctas = 100;
+  const auto narrowed = kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, hopper, narrow);
+  CHECK(narrowed.ctas() <= 100);
+  CHECK(narrowed.ctas() == 96);  // 12 per row tile: no CTA holds a cut
 }
 
 TEST_CASE("plan: bad input is rejected with the offending value, before any work") {

@@ -12,7 +12,8 @@
 // query head kv_head * group + r % group, so one CTA reads each K/V page once for every query
 // head of its group and every query token of its tile.
 //
-// The run (decode.cuh / append.cuh) launches exactly plan.work.size() CTAs and, when split,
+// The run (decode.cuh / append.cuh) launches plan.ctas() CTAs (one per work item, or for the TMA
+// decode kernel one per SM, each running a contiguous run of items) and, when split,
 // plan.merges.size() merge CTAs, reading the lists from a caller-owned device workspace that
 // upload_plan fills. Nothing in the run allocates, synchronises or depends on host data, so a
 // run can be captured in a CUDA graph and replayed as long as the lengths stay those planned.
@@ -28,6 +29,11 @@
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/paging/paged_view.hpp"
+
+// K/V pipeline stages of the TMA decode kernel at head dims up to 128.
+#ifndef KVTILE_DECODE_SM90_STAGES
+#define KVTILE_DECODE_SM90_STAGES 3
+#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
@@ -59,6 +65,16 @@ struct paged_kernel_shape {
   int stages;   // K/V pipeline depth
 
   constexpr int threads() const { return 32 * warps_m * warps_n; }
+  // The TMA decode kernel: aligned base, swizzled K/V stages, padded Q tile(s), the reduction
+  // area, full and empty mbarriers. CTAs that run several items (`runs`) keep two Q tiles and a
+  // reduction area of their own (the next item's tiles are in flight meanwhile); a CTA of one
+  // item reduces in its stages, free by then.
+  constexpr std::size_t decode_sm90_smem_bytes(int head_dim, int elem_bytes, bool runs) const {
+    const std::size_t stage_bytes = 2 * std::size_t(stages) * block_n * head_dim * elem_bytes;
+    const std::size_t q_tile = std::size_t(block_m) * (head_dim + 8) * elem_bytes;
+    const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
+    return 1024 + (runs ? stage_bytes + 2 * q_tile + reduce : std::max(stage_bytes, reduce) + q_tile) + 16 * std::size_t(stages);
+  }
   // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
@@ -67,9 +83,7 @@ struct paged_kernel_shape {
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
-    if (kind == paged_kernel_kind::decode_sm90)  // aligned base; swizzled K/V stages, padded Q, mbarriers
-      return 1024 + std::max(2 * std::size_t(stages) * block_n * head_dim * elem_bytes + block_m * row + 8 * std::size_t(stages),
-                             reduce);
+    if (kind == paged_kernel_kind::decode_sm90) return decode_sm90_smem_bytes(head_dim, elem_bytes, true);
     const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
     // The 32-rows-per-warp append kernel also keeps two rings of block_n key row offsets.
     const std::size_t offsets = block_m / warps_m >= 32 ? 2 * std::size_t(block_n) * 8 : 0;
@@ -82,8 +96,11 @@ struct paged_kernel_shape {
 constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim) {
   // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
   // three stages would exceed sm_80's 163 KB per CTA.
-  if (kind == paged_kernel_kind::decode || kind == paged_kernel_kind::decode_sm90)
-    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
+  if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
+  // TMA decode: one persistent CTA per SM (227 KB); D = 256 fits two stages beside the
+  // reduction area.
+  if (kind == paged_kernel_kind::decode_sm90)
+    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : KVTILE_DECODE_SM90_STAGES};
   // Hopper: the dense prefill's default tiles (prefill_sm90/kernel.cuh), 3 stages.
   if (kind == paged_kernel_kind::append_sm90) return head_dim <= 64 ? paged_kernel_shape{kind, 192, 128, 12, 1, 3}
                                                                     : paged_kernel_shape{kind, 128, 128, 8, 1, 3};
@@ -108,6 +125,7 @@ struct plan_options {
   bool force_append = false;  // use the append shape even when every request is a decode
   bool use_wgmma = true;      // the sm_90a kernels where device_limits::wgmma: wgmma append (D 64,
                               // 128) and TMA decode (decode_sm90_supported)
+  int max_ctas = 0;           // TMA decode of small batches: at most this many CTAs (0: one per SM)
 };
 
 // Head dims the sm_90a append kernel is built for.
@@ -159,15 +177,22 @@ struct paged_plan {
   std::vector<std::int32_t> kv_len;
   std::vector<paged_work_item> work;
   std::vector<paged_merge_item> merges;
+  // TMA decode of small batches: CTA c runs work items [cta_items[c], cta_items[c + 1]) in order
+  // (empty otherwise: CTA c runs work item c).
+  std::vector<std::int32_t> cta_items;
   std::int32_t num_partials = 0;
   std::int32_t merge_rows = 0;  // the most packed rows of any merge item (the merge grid's extent)
   int ctas_per_sm = 1;
-  int chunk_tiles = 0;  // key tiles per split chunk (0: no split)
+  int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
 
-  // Device workspace layout: [work items][merge items][partial O fp32][partial LSE fp32].
+  // CTAs of the attention grid.
+  std::size_t ctas() const { return cta_items.empty() ? work.size() : cta_items.size() - 1; }
+
+  // Device workspace layout: [work items][CTA item offsets][merge items][partial O fp32][partial LSE fp32].
   static constexpr std::size_t align(std::size_t n) { return (n + 255) / 256 * 256; }
   std::size_t work_offset() const { return 0; }
-  std::size_t merge_offset() const { return align(work.size() * sizeof(paged_work_item)); }
+  std::size_t cta_items_offset() const { return align(work.size() * sizeof(paged_work_item)); }
+  std::size_t merge_offset() const { return cta_items_offset() + align(cta_items.size() * sizeof(std::int32_t)); }
   std::size_t partial_o_offset() const { return merge_offset() + align(merges.size() * sizeof(paged_merge_item)); }
   std::size_t partial_lse_offset() const {
     return partial_o_offset() + align(std::size_t(num_partials) * shape.block_m * problem.head_dim * sizeof(float));
@@ -292,6 +317,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   };
   std::vector<tile_task> tasks;
   std::int64_t max_tiles = 0;
+  // TMA decode: the key tiles of each task the mask leaves visible, what the even cut counts:
+  // vis_count[i] of them, hull tile indices vis[vis_first[i] ...] (vis_first -1: all hull tiles).
+  std::vector<std::int32_t> vis;
+  std::vector<std::int64_t> vis_first, vis_count;
   for (std::int32_t b = 0; b < table.batch; ++b) {
     const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
     const std::int32_t rows = ql * group;
@@ -305,19 +334,135 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
       const std::int32_t ke = std::max(kb, std::min(kl, mask.kv_end(t0, t1)));
       const std::int64_t tiles = detail::ceil_div(ke - kb, bn);
       max_tiles = std::max(max_tiles, tiles);
+      if (kind == paged_kernel_kind::decode_sm90) {
+        const std::size_t first = vis.size();
+        for (std::int64_t i = 0; i < tiles; ++i) {
+          const std::int32_t k0 = std::int32_t(kb + i * bn), k1 = std::min(ke, std::int32_t(k0 + bn));
+          if (mask.classify(t0, t1, k0, k1) != tile_visibility::empty) vis.push_back(std::int32_t(i));
+        }
+        const std::int64_t n = std::int64_t(vis.size() - first);
+        if (n == tiles) vis.resize(first);
+        for (std::int32_t h = 0; h < pr.num_kv_heads; ++h) {
+          vis_first.push_back(n == tiles ? -1 : std::int64_t(first));
+          vis_count.push_back(n);
+        }
+      }
       for (std::int32_t h = 0; h < pr.num_kv_heads; ++h) tasks.push_back({b, h, row0, kb, ke, tiles});
     }
+  }
+
+  if (kind == paged_kernel_kind::decode_sm90) {
+    // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
+    // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for
+    // merges (decode.md v13: 16 x 4k 2.82 TB/s unsplit, 2.57 cut evenly over 132 CTAs).
+    if (std::int64_t(tasks.size()) * 10 >= std::int64_t(dev.num_sms) * 9) {
+      plan.ctas_per_sm = std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
+      for (const auto& t : tasks)
+        plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1, plan.q_len[t.b], plan.kv_len[t.b],
+                             detail::table_page_base(table, t.b)});
+      return plan;
+    }
+    // Smaller batches: one persistent CTA per SM (one CTA's pipeline streams at the card's
+    // rate: decode.md v12), each running a contiguous run of the visible key tiles of all row
+    // tiles in order; a row tile cut between CTAs becomes split items and a merge. No CTA gets
+    // fewer than min_tiles_per_cta tiles (1 x 4k: 128 CTAs of 4 tiles, the best split in v12).
+    constexpr std::int64_t min_tiles_per_cta = 4;
+    plan.ctas_per_sm = 1;
+    const std::vector<std::int64_t>& count = vis_count;
+    std::int64_t total = 0;  // a task with no visible tile still writes its rows: it counts one
+    for (const std::int64_t n : count) total += std::max<std::int64_t>(n, 1);
+    const std::int64_t max_ctas = opt.max_ctas > 0 ? std::min(opt.max_ctas, dev.num_sms) : dev.num_sms;
+    std::int64_t n_ctas = std::clamp<std::int64_t>(detail::ceil_div(total, min_tiles_per_cta), 1, max_ctas);
+    // At most max_splits pieces per task: shares of at least 1 / (max_splits - 1) of the largest.
+    std::int64_t largest = 1;
+    for (const std::int64_t n : count) largest = std::max(largest, n);
+    if (opt.split_kv && opt.max_splits >= 2)
+      n_ctas = std::clamp<std::int64_t>(total * (opt.max_splits - 1) / largest, 1, n_ctas);
+    // A CTA whose run holds a cut costs about switch_tiles more than its tiles (an epilogue, a
+    // partial state, a longer merge): 1 x 32k ran 9% faster as 128 CTAs of 32 tiles, one piece
+    // each, than as 132 CTAs of 31, most holding two pieces (decode.md v13). From half the
+    // CTAs up, take the count whose longest run, so counted, is shortest (ties: more CTAs).
+    if (opt.split_kv) {
+      constexpr std::int64_t switch_tiles = 4;
+      std::vector<std::int64_t> ends;  // task ends in the flat order
+      std::int64_t at = 0;
+      for (const std::int64_t n : count) ends.push_back(at += std::max<std::int64_t>(n, 1));
+      auto longest = [&](std::int64_t n) {
+        std::int64_t worst = 0;
+        std::size_t e = 0;
+        for (std::int64_t c = 0; c < n; ++c) {
+          const std::int64_t lo = c * total / n, hi = (c + 1) * total / n;
+          while (ends[e] <= lo) ++e;
+          std::int64_t items = 1;
+          for (std::size_t f = e; ends[f] < hi; ++f) ++items;
+          worst = std::max(worst, hi - lo + switch_tiles * (items - 1));
+        }
+        return worst;
+      };
+      std::int64_t best_n = n_ctas, best = longest(n_ctas);
+      for (std::int64_t n = n_ctas - 1; n >= std::max<std::int64_t>(1, (n_ctas + 1) / 2); --n) {
+        const std::int64_t l = longest(n);
+        if (l < best) best = l, best_n = n;
+      }
+      n_ctas = best_n;
+    }
+    // CTA boundaries in the flat tile order, increasing, the last one `total`: CTA c runs flat
+    // tiles [cut[c - 1], cut[c]). A task that may not be cut (split_kv off, or more pieces than
+    // max_splits) moves the cuts inside it to its end.
+    std::vector<std::int64_t> cut;
+    for (std::int64_t c = 1; c <= n_ctas; ++c) cut.push_back(c * total / n_ctas);
+    plan.cta_items.push_back(0);
+    std::size_t next_cut = 0;  // the first cut past the current task's start
+    std::int64_t pos = 0, most = 0, cta_start = 0;
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      const tile_task& t = tasks[i];
+      const std::int64_t cost = std::max<std::int64_t>(count[i], 1), end = pos + cost;
+      std::size_t last = next_cut;  // cuts [next_cut, last) fall inside the task
+      while (cut[last] < end) ++last;
+      if (last > next_cut && (!opt.split_kv || std::int64_t(last - next_cut) + 1 > std::max(1, opt.max_splits))) {
+        // The first inside cut moves to the task's end, the others go.
+        cut.erase(cut.begin() + std::ptrdiff_t(next_cut) + (cut[last] == end ? 0 : 1), cut.begin() + std::ptrdiff_t(last));
+        if (cut[next_cut] != end) cut[next_cut] = end;
+        last = next_cut;
+      }
+      const std::int32_t ql = plan.q_len[t.b], kl = plan.kv_len[t.b], base = detail::table_page_base(table, t.b);
+      // The hull key where visible tile v of this task starts (v == count: the hull's end).
+      auto key_at = [&](std::int64_t v) {
+        if (v >= count[i]) return t.kv_end;
+        return std::int32_t(t.kv_begin + (vis_first[i] < 0 ? v : vis[std::size_t(vis_first[i] + v)]) * bn);
+      };
+      std::int32_t partial = -1;
+      if (last > next_cut) {
+        const std::int32_t pieces = std::int32_t(last - next_cut) + 1;
+        plan.merges.push_back({t.b, t.kvh, t.row0, plan.num_partials, pieces});
+        plan.merge_rows = std::max(plan.merge_rows, std::min(bm, ql * group - t.row0));
+        partial = plan.num_partials;
+        plan.num_partials += pieces;
+      }
+      for (std::int64_t a = pos; a < end;) {
+        const std::int64_t e = std::min(end, cut[next_cut]);
+        const std::int32_t kb = a == pos ? t.kv_begin : key_at(a - pos), ke = key_at(e - pos);
+        plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, partial < 0 ? -1 : partial++, ql, kl, base});
+        if (e == cut[next_cut]) {  // the CTA's run ends here
+          plan.cta_items.push_back(std::int32_t(plan.work.size()));
+          most = std::max(most, e - cta_start);
+          cta_start = e;
+          ++next_cut;
+        }
+        a = e;
+      }
+      pos = end;
+    }
+    plan.chunk_tiles = plan.merges.empty() ? 0 : int(most);
+    KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
+                   " work items (more than 2^31)");
+    return plan;
   }
 
   // Split-KV: choose keys-per-chunk c (in tiles) minimising the estimated makespan
   // ceil(items(c) / slots) * (c + overhead), where a CTA's fixed cost (Q load, pipeline fill,
   // partial write and merge) is counted as `overhead` tiles; ties keep fewer splits.
-  // The TMA decode kernel keeps three 32 KB stages in flight per CTA: one CTA per SM already
-  // streams at the card's rate, so a wave is one CTA per SM. Measured on H100: 16 x 4k unsplit
-  // (128 CTAs) 2.77 TB/s against 2.57 split in two; 1 x 32k in 16 splits 2.39 against 2.21 in 32
-  // (docs/perf-log/decode.md v12).
-  const int wave_ctas = kind == paged_kernel_kind::decode_sm90 ? 1 : plan.ctas_per_sm;
-  const std::int64_t slots = std::int64_t(dev.num_sms) * wave_ctas;
+  const std::int64_t slots = std::int64_t(dev.num_sms) * plan.ctas_per_sm;
   std::int64_t chunk = std::max<std::int64_t>(max_tiles, 1);
   if (opt.split_kv && max_tiles > 1 && std::int64_t(tasks.size()) < 4 * slots) {
     const double overhead = 2.0;

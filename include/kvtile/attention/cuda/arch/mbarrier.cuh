@@ -1,6 +1,6 @@
 // kvtile/attention/cuda/arch/mbarrier.cuh: shared-memory mbarriers (sm_80+) for pipelines
 // whose producers are cp.async copies: init, arrive, the cp.async completion arrive, and the
-// parity wait. Addresses are 32-bit shared-window byte addresses (8-byte aligned).
+// parity wait; named barriers. Addresses are 32-bit shared-window byte addresses (8-byte aligned).
 #pragma once
 
 #include <cstdint>
@@ -34,6 +34,12 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void mbarrier_wait(std::uint32_t bar, std::uint
         : "r"(bar), "r"(parity)
         : "memory");
   } while (done == 0);
+}
+
+// Named CTA barrier `id` (1-15; 0 is __syncthreads') among `threads` threads, a multiple of 32:
+// a subset of the CTA's warps meets without the others.
+KVTILE_DEVICE KVTILE_FORCEINLINE void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace attention::cuda::arch

@@ -85,7 +85,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
 
-  const item_tiles<BM, BN, Mask> it(p);
+  const item_tiles<BM, BN, Mask> it(p, blockIdx.x);
   const paged_work_item& w = it.w;
   const int b = w.batch, kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
   const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;

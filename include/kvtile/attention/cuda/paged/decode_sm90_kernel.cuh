@@ -2,7 +2,7 @@
 // by the Tensor Memory Accelerator (TMA).
 //
 // The decode shape of kernel.cuh (16 packed query rows per CTA, four warps splitting each 64-key
-// tile, the same warp arithmetic: decode_warp.cuh), with one change: the loads. Each K and V
+// tile, the same warp arithmetic: decode_warp.cuh); what differs is the loads. Each K and V
 // pool is a 4-D tensor map (head_dim, heads, slots, blocks) -- (head_dim, slots, heads, blocks)
 // for HND pools -- and a tile is a handful of box copies, each `box_rows` slots of one page
 // (gcd(page_size, 64) rows, at least 8) x 64 columns, 128-byte swizzled. One lane per box issues
@@ -11,12 +11,18 @@
 // ones: on H100 a pure read of scattered 16-token pages ran at 3.05 TB/s this way against
 // 2.89 with cp.async (docs/perf-log/decode.md, v10).
 //
-// Pipeline (ST stages): warp 0 fills all stages, then per tile every warp waits on the tile's
-// barrier, computes, and meets at one __syncthreads, after which warp 0 refills the stage just
-// consumed. Block ids of the next tile to fetch are loaded a tile ahead into warp 0's registers.
+// Warps: four consumer warps share each 64-key tile (the decode shape's arithmetic) and one
+// producer warp issues the copies into an ST-stage ring: per stage a `full` mbarrier (the copies'
+// transaction bytes) and an `empty` one (one arrival per consumer warp); no CTA-wide barrier per
+// tile. Block ids of the next tile are loaded while the producer waits for a free stage.
 // Tiles start at multiples of 64 keys (the planner aligns each item's first key), so a box never
 // crosses a page; keys past the item's end that a box brings in are masked, and their V rows
 // zeroed, since a page's unwritten slots may hold anything.
+//
+// Two grid shapes (the planner picks): a CTA per work item, two per SM (large batches), or one
+// CTA per SM running a contiguous run of items (small batches, keys cut evenly over the SMs):
+// the producer then runs on into the next item while the consumers finish the current one, the
+// next item's Q loads meanwhile, and the epilogue reduces in shared memory of its own.
 #pragma once
 
 #include <array>
@@ -27,6 +33,7 @@
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/mbarrier.cuh"
 #include "kvtile/attention/cuda/arch/tma.cuh"
+#include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/core/fast_divmod.hpp"
 
@@ -44,7 +51,8 @@ template <int D>
 struct decode_sm90_config {
   static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::decode_sm90, D);
   static constexpr int bm = shape.block_m, bn = shape.block_n, wn = shape.warps_n, stages = shape.stages;
-  static constexpr int threads = shape.threads();
+  static constexpr int consumers = shape.threads();  // the warps that compute
+  static constexpr int threads = consumers + 32;     // and one producer warp issuing the copies
   static constexpr int panel = 64;  // columns per swizzled panel (128 bytes of 2-byte elements)
   static_assert(D % panel == 0 && D <= 256, "decode_sm90: head_dim must be a multiple of 64 up to 256");
   static_assert(bm == 16 && shape.warps_m == 1 && bn % (16 * wn) == 0, "decode_sm90: one row group of 16, 16-key warp slices");
@@ -111,130 +119,170 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
   return e.maps;
 }
 
-template <class T, int D, class Mask, class Table>
-KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, 2)
+// Runs: CTA c runs the items [p.cta_items[c], p.cta_items[c + 1]) (one CTA per SM); otherwise
+// CTA c runs item c, two CTAs per SM.
+template <class T, int D, class Mask, class Table, bool Runs>
+KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 2)
     paged_decode_sm90_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
 #if KVTILE_WGMMA_AVAILABLE
   if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   using C = decode_sm90_config<D>;
-  constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::threads;
+  constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::consumers;
   constexpr int TPW = BN / WN;  // keys per warp per tile
   constexpr int CPR = D / 8;    // 16-byte chunks per Q row
   constexpr int PANELS = D / C::panel;
+  constexpr int Q_TILE = BM * (D + 8);                    // elements of one padded Q tile
+  constexpr int RED_BYTES = WN * 16 * ((D + 4) * 4 + 8);  // finish_rows' reduction area
+  constexpr int CONSUMER_BAR = 1;                         // named barrier of the NT consumer threads
   using Layout = swizzled_tile<D, BN>;
+  using View = item_tiles<BM, BN, Mask>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // 128-byte swizzled boxes land on 1024-byte boundaries.
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
   T* k_s = reinterpret_cast<T*>(smem);
   T* v_s = k_s + ST * BN * D;
-  T* q_s = v_s + ST * BN * D;  // padded rows
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(q_s + BM * (D + 8));
+  // Runs: two padded Q tiles (this item's and the next one's) and a reduction area of its own;
+  // one item: one Q tile, and the epilogue reduces in the stages (every copy has landed by then).
+  constexpr std::size_t STAGE_BYTES = std::size_t(2) * ST * BN * D * sizeof(T);
+  constexpr std::size_t RED_OVER_STAGES = RED_BYTES > STAGE_BYTES ? RED_BYTES - STAGE_BYTES : 0;
+  T* q_s = reinterpret_cast<T*>(smem + STAGE_BYTES + (Runs ? 0 : RED_OVER_STAGES));
+  unsigned char* red = Runs ? reinterpret_cast<unsigned char*>(q_s + 2 * Q_TILE) : smem;
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(Runs ? red + RED_BYTES : reinterpret_cast<unsigned char*>(q_s + Q_TILE));
+  std::uint64_t* empty = full + ST;  // full: a stage's copies have landed; empty: every consumer warp is done with it
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wn = warp;
-  const int g = lane / 4, tq = lane % 4;
-
-  const item_tiles<BM, BN, Mask> it(p);
-  const paged_work_item& w = it.w;
-  const int kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
-  const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;
-  const Mask& mask = it.mask;
-
-  it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
-    arch::cp_async_16(q_s + padded_tile<D>::at(r, c * 8), src, valid);
-  });
-  arch::cp_async_commit();
+  const int item_begin = Runs ? p.cta_items[blockIdx.x] : int(blockIdx.x);
+  const int item_end = Runs ? p.cta_items[blockIdx.x + 1] : item_begin + 1;
   if (tid == 0) {
     KVTILE_PRAGMA_UNROLL
-    for (int s = 0; s < ST; ++s) arch::mbarrier_init(arch::smem_addr(full + s), 1);
+    for (int s = 0; s < ST; ++s) {
+      arch::mbarrier_init(arch::smem_addr(full + s), 1);
+      arch::mbarrier_init(arch::smem_addr(empty + s), WN);
+    }
     arch::fence_barrier_init();
   }
-
-  // Warp 0 issues the copies: lane i owns box i of a tile (BN / box_rows <= 8 boxes).
-  const int box = pool.box_rows;
-  const std::int32_t* pages = page_row(p.kv.table, w);
-  const fast_divmod page(p.kv.pool.page_size);
-  std::int32_t blk = 0, slot = 0;  // this lane's box of the next tile to fetch
-  auto fetch_blocks = [&](int tile) {
-    const int k0 = kv_begin + tile * BN, tok = k0 + lane * box;
-    if (tile < n_tiles && tok < min_i(k0 + BN, kv_end)) {
-      blk = pages[page.div(tok)];
-      slot = page.mod(tok);
-    }
-  };
-  auto issue = [&](int stage, int tile) {
-    const int k0 = kv_begin + tile * BN, n = min_i(BN, kv_end - k0);
-    const int boxes = (n + box - 1) / box;
-    const std::uint32_t bar = arch::smem_addr(full + stage);
-    if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * D * sizeof(T) * 2);
-    __syncwarp();
-    if (lane < boxes) {
-      const int c1 = pool.head_outer ? slot : kvh, c2 = pool.head_outer ? kvh : slot;
-      KVTILE_PRAGMA_UNROLL
-      for (int pn = 0; pn < PANELS; ++pn) {
-        const int off = stage * BN * D + pn * BN * C::panel + lane * box * C::panel;
-        arch::tma_load_4d(arch::smem_addr(k_s + off), &pool.k, pn * C::panel, c1, c2, blk, bar);
-        arch::tma_load_4d(arch::smem_addr(v_s + off), &pool.v, pn * C::panel, c1, c2, blk, bar);
-      }
-    }
-  };
-
-  warp_rows<T, D, TPW> st;
-  st.init();
-  int t_row[2];
-  KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < 2; ++i) t_row[i] = (row0 + g + 8 * i) / group;
-
-  int cur = it.next_tile(0);
-  int fetch = cur;
   __syncthreads();  // barriers initialised
-  if (warp == 0) {
-    fetch_blocks(fetch);
+
+  if (warp == WN) {
+    // The producer warp walks the CTA's items tile by tile, ST stages ahead of the consumers at
+    // most: lane i issues box i of a tile (BN / box_rows <= 8 boxes); its block id and slot are
+    // loaded for the next tile right after a tile is issued, while the warp waits for a stage.
+    const int box = pool.box_rows;
+    const fast_divmod page(p.kv.pool.page_size);
+    int item = item_begin;
+    View fv(p, item);
+    int tile = fv.next_tile(0);
+    auto seek = [&] {  // past items with no tile left
+      while (tile >= fv.n_tiles && item + 1 < item_end) {
+        fv = View(p, ++item);
+        tile = fv.next_tile(0);
+      }
+    };
+    std::int32_t blk = 0, slot = 0;
+    auto fetch_blocks = [&] {
+      const int tok = fv.key0(tile) + lane * box;
+      if (tile < fv.n_tiles && tok < fv.key1(tile)) {
+        blk = page_row(p.kv.table, fv.w)[page.div(tok)];
+        slot = page.mod(tok);
+      }
+    };
+    seek();
+    fetch_blocks();
+    for (int j = 0; tile < fv.n_tiles; ++j) {
+      const int stage = j % ST;
+      if (j >= ST) arch::mbarrier_wait(arch::smem_addr(empty + stage), ((j / ST) - 1) & 1);
+      const int boxes = (fv.key1(tile) - fv.key0(tile) + box - 1) / box;
+      const std::uint32_t bar = arch::smem_addr(full + stage);
+      if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * D * sizeof(T) * 2);
+      __syncwarp();
+      if (lane < boxes) {
+        const int kvh = fv.w.kv_head;
+        const int c1 = pool.head_outer ? slot : kvh, c2 = pool.head_outer ? kvh : slot;
+        KVTILE_PRAGMA_UNROLL
+        for (int pn = 0; pn < PANELS; ++pn) {
+          const int off = stage * BN * D + pn * BN * C::panel + lane * box * C::panel;
+          arch::tma_load_4d(arch::smem_addr(k_s + off), &pool.k, pn * C::panel, c1, c2, blk, bar);
+          arch::tma_load_4d(arch::smem_addr(v_s + off), &pool.v, pn * C::panel, c1, c2, blk, bar);
+        }
+      }
+      tile = fv.next_tile(tile + 1);
+      seek();
+      fetch_blocks();
+    }
+    if constexpr (merge_early == 2) arch::launch_dependents();
+    return;
+  }
+
+  // The consumer warps: each computes TPW keys of every tile for the item's 16 rows.
+  const int wn = warp;
+  const int g = lane / 4, tq = lane % 4;
+  auto consumers_sync = [] { arch::named_barrier_sync(CONSUMER_BAR, NT); };
+  // The packed query rows of an item into Q tile `buf`, as one cp.async group.
+  auto load_q = [&](int item, int buf) {
+    View(p, item).template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
+      arch::cp_async_16(q_s + buf * Q_TILE + padded_tile<D>::at(r, c * 8), src, valid);
+    });
+    arch::cp_async_commit();
+  };
+  load_q(item_begin, 0);
+
+  int i = 0;  // tiles consumed: stage i % ST, barrier phase (i / ST) & 1
+  for (int item = item_begin; item < item_end; ++item) {
+    const int buf = (item - item_begin) & 1;
+    // The next item's Q goes into the other tile (its last reader, the previous item, is past
+    // a barrier) while this item runs.
+    if (item + 1 < item_end) {
+      load_q(item + 1, buf ^ 1);
+      arch::cp_async_wait<1>();
+    } else {
+      arch::cp_async_wait<0>();
+    }
+    consumers_sync();  // this item's Q has landed; the previous item's epilogue is done with `red`
+    const View it(p, item);
+    const Mask& mask = it.mask;
+    warp_rows<T, D, TPW> st;
+    st.init();
+    st.load_q(q_s + buf * Q_TILE, 0, lane);
+    int t_row[2];
     KVTILE_PRAGMA_UNROLL
-    for (int s = 0; s < ST; ++s)
-      if (fetch < n_tiles) {
-        issue(s, fetch);
-        fetch = it.next_tile(fetch + 1);
-        fetch_blocks(fetch);
-      }
-  }
-  arch::cp_async_wait<0>();
-  __syncthreads();  // Q has landed
-  st.load_q(q_s, 0, lane);
+    for (int r = 0; r < 2; ++r) t_row[r] = (it.w.row0 + g + 8 * r) / p.group;
 
-  for (int i = 0; cur < n_tiles; ++i) {
-    const int stage = i % ST;
-    arch::mbarrier_wait(arch::smem_addr(full + stage), (i / ST) & 1);
-    const T* ks = k_s + stage * BN * D;
-    T* vs = v_s + stage * BN * D;
-    const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
-    if (k1 - k0 < BN) {
-      // The last tile: V rows past the end (a box's unwritten slots, or a stage's older rows)
-      // become zeros, so that P = 0 times them stays 0.
-      for (int idx = tid; idx < (BN - (k1 - k0)) * CPR; idx += NT) {
-        const int r = k1 - k0 + idx / CPR, c = (idx % CPR) * 8;
-        *reinterpret_cast<uint4*>(vs + Layout::at(r, c)) = make_uint4(0, 0, 0, 0);
+    for (int cur = it.next_tile(0); cur < it.n_tiles; cur = it.next_tile(cur + 1), ++i) {
+      const int stage = i % ST;
+      arch::mbarrier_wait(arch::smem_addr(full + stage), (i / ST) & 1);
+      const T* ks = k_s + stage * BN * D;
+      T* vs = v_s + stage * BN * D;
+      const int k0 = it.key0(cur), k1 = it.key1(cur);
+      if (k1 - k0 < BN) {
+        // The item's last tile: V rows past its end (a box's unwritten slots, or a stage's older
+        // rows) become zeros, so that P = 0 times them stays 0. The consumers meet first (their
+        // reads of this stage's previous tile are ordered through the mbarriers already, but
+        // not visibly to a race checker); the copies that refill the stage are ordered after
+        // these writes by the proxy fence and the empty barrier.
+        consumers_sync();
+        for (int idx = tid; idx < (BN - (k1 - k0)) * CPR; idx += NT) {
+          const int r = k1 - k0 + idx / CPR, c = (idx % CPR) * 8;
+          *reinterpret_cast<uint4*>(vs + Layout::at(r, c)) = make_uint4(0, 0, 0, 0);
+        }
+        arch::fence_proxy_async_shared();
+        consumers_sync();
       }
-      __syncthreads();
+      float s[TPW / 8][4];
+      st.template scores<Layout>(s, ks, wn * TPW, lane);
+      const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
+      st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
+      st.softmax(s);
+      st.template accumulate<Layout>(s, vs, wn * TPW, lane);
+      __syncwarp();
+      if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
     }
-    float s[TPW / 8][4];
-    st.template scores<Layout>(s, ks, wn * TPW, lane);
-    const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-    st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
-    st.softmax(s);
-    st.template accumulate<Layout>(s, vs, wn * TPW, lane);
-    __syncthreads();  // every warp is done with this stage
-    if (warp == 0 && fetch < n_tiles) {
-      issue(stage, fetch);
-      fetch = it.next_tile(fetch + 1);
-      fetch_blocks(fetch);
-    }
-    cur = it.next_tile(cur + 1);
-  }
 
-  if constexpr (merge_early == 2) arch::launch_dependents();
-  finish_rows<BM, NT, WN>(p, w, rows, st, smem);
+    if constexpr (merge_early == 2)
+      if (item + 1 == item_end) arch::launch_dependents();
+    if constexpr (!Runs) consumers_sync();  // the reduction area overlays the stages: every warp is past its last tile
+    finish_rows<BM, NT, WN>(p, it.w, it.rows, st, red, consumers_sync);
+  }
 #else
   (void)p;
   (void)pool;

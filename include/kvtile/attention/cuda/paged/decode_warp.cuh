@@ -45,6 +45,7 @@ struct kernel_params {
   std::int32_t group;               // query heads per KV head
   std::int32_t num_qo_heads;
   const paged_work_item* work;
+  const std::int32_t* cta_items;    // TMA decode: CTA c runs items [cta_items[c], cta_items[c + 1])
   const paged_merge_item* merges;
   float* partial_o;                 // [num_partials, BM, D]
   float* partial_lse;               // [num_partials, BM]
@@ -59,7 +60,7 @@ KVTILE_HOST_DEVICE KVTILE_FORCEINLINE const std::int32_t* page_row(const paging:
   return t.block_table + std::int64_t(w.batch) * t.max_blocks;
 }
 
-// A CTA's view of its work item: the request's lengths as planned, the packed query rows, the
+// A CTA's view of a work item: the request's lengths as planned, the packed query rows, the
 // mask, and the key tiles [kv_begin, kv_end) in steps of BN (tiles the mask hides are skipped).
 template <int BM, int BN, class Mask>
 struct item_tiles {
@@ -70,8 +71,8 @@ struct item_tiles {
   Mask mask;
 
   template <class T, class Table>
-  KVTILE_DEVICE explicit item_tiles(const kernel_params<T, Table, Mask>& p)
-      : w(p.work[blockIdx.x]),
+  KVTILE_DEVICE item_tiles(const kernel_params<T, Table, Mask>& p, int item)
+      : w(p.work[item]),
         rows(w.q_len * p.group),
         t_lo(w.row0 / p.group),
         t_hi((min_i(w.row0 + BM, rows) - 1) / p.group + 1),
@@ -226,12 +227,17 @@ struct warp_rows {
 };
 
 // The epilogue of a 16-row-per-warp CTA of NT threads, WN warps per row group: the warps'
-// partial states meet in shared memory (smem, free by now: every copy has landed and every
-// warp is past its last tile), are merged with softmax_state::merge, normalised and written
+// partial states meet in shared memory (smem: WN * 16 * ((D + 4) * 4 + 8) bytes that no copy in
+// flight writes), are merged with softmax_state::merge, normalised and written
 // to O and LSE, or for a split item to the fp32 partial buffers that merge_partials_kernel folds.
-template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask>
+// `sync` joins the NT threads (__syncthreads by default; a named barrier where other warps of the
+// CTA do other work).
+struct cta_sync {
+  KVTILE_DEVICE KVTILE_FORCEINLINE void operator()() const { __syncthreads(); }
+};
+template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask, class Sync = cta_sync>
 KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask>& p, const paged_work_item& w, int rows,
-                                                  warp_rows<T, D, TPW>& st, unsigned char* smem) {
+                                                  warp_rows<T, D, TPW>& st, unsigned char* smem, Sync sync = {}) {
   constexpr int RLD = D + 4;  // fp32 reduction row stride
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, tq = lane % 4;
@@ -254,7 +260,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, 
       red_ml[(warp * 16 + g + 8 * i) * 2] = st.m[i];
       red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = st.l[i];
     }
-  __syncthreads();
+  sync();
 
   const int b = w.batch, kvh = w.kv_head, row0 = w.row0, group = p.group;
   for (int idx = tid; idx < BM * (D / 4); idx += NT) {

@@ -63,7 +63,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   const int wm = warp / WN, wn = warp % WN;
   const int g = lane / 4, tq = lane % 4;
 
-  const item_tiles<BM, BN, Mask> it(p);
+  const item_tiles<BM, BN, Mask> it(p, blockIdx.x);
   const paged_work_item& w = it.w;
   const int kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
   const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;

@@ -1,7 +1,7 @@
 // kvtile/attention/cuda/paged/launch.cuh: plan upload and the run of a paged_plan.
 //
 // run_paged_attention is CUDA-graph safe: it checks its arguments against the plan (host
-// values only), then launches plan.work.size() attention CTAs and, for split plans,
+// values only), then launches plan.ctas() attention CTAs and, for split plans,
 // plan.merges.size() merge CTAs on `stream`. No allocation, no synchronisation.
 #pragma once
 
@@ -51,6 +51,9 @@ inline void upload_plan(const paged_plan& plan, void* workspace, cudaStream_t st
   if (!plan.work.empty())
     KVTILE_CUDA_CHECK(cudaMemcpyAsync(base + plan.work_offset(), plan.work.data(), plan.work.size() * sizeof(paged_work_item),
                                       cudaMemcpyHostToDevice, stream));
+  if (!plan.cta_items.empty())
+    KVTILE_CUDA_CHECK(cudaMemcpyAsync(base + plan.cta_items_offset(), plan.cta_items.data(),
+                                      plan.cta_items.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice, stream));
   if (!plan.merges.empty())
     KVTILE_CUDA_CHECK(cudaMemcpyAsync(base + plan.merge_offset(), plan.merges.data(),
                                       plan.merges.size() * sizeof(paged_merge_item), cudaMemcpyHostToDevice, stream));
@@ -79,7 +82,7 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
   KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_partials_kernel<T, D, BM, Table, Mask>, params));
 }
 
-// plan.work.size() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
+// plan.ctas() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
 // merges of a split plan. `extra`: kernel arguments after the parameters (tensor maps).
 template <auto Kernel, int D, int BM, class T, class Table, class Mask, class... Extra>
 void launch_items(const paged_plan& plan, int threads, std::size_t smem, int device, cudaStream_t stream,
@@ -90,7 +93,7 @@ void launch_items(const paged_plan& plan, int threads, std::size_t smem, int dev
     KVTILE_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   });
   if (!plan.work.empty()) {
-    Kernel<<<unsigned(plan.work.size()), threads, smem, stream>>>(params, extra...);
+    Kernel<<<unsigned(plan.ctas()), threads, smem, stream>>>(params, extra...);
     KVTILE_CUDA_CHECK_LAUNCH();
   }
   launch_merges<T, D, BM>(plan, params, device, stream);
@@ -125,8 +128,12 @@ void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Ma
                         cudaStream_t stream) {
   using C = decode_sm90_config<D>;
   const tma_pool& pool = cached_tma_pool(params.kv.pool);
-  launch_items<paged_decode_sm90_kernel<T, D, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))),
-                                                                      device, stream, params, pool);
+  const bool runs = !plan.cta_items.empty();
+  const std::size_t smem = C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), runs);
+  if (runs)
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm>(plan, C::threads, smem, device, stream, params, pool);
+  else
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm>(plan, C::threads, smem, device, stream, params, pool);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -189,6 +196,7 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.group = plan.group();
   params.num_qo_heads = pr.num_qo_heads;
   params.work = reinterpret_cast<const paged_work_item*>(base + plan.work_offset());
+  params.cta_items = reinterpret_cast<const std::int32_t*>(base + plan.cta_items_offset());
   params.merges = reinterpret_cast<const paged_merge_item*>(base + plan.merge_offset());
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
