@@ -37,7 +37,7 @@ for t in "$bin"/test.*; do
   if [ "${KVTILE_SANITIZE:-1}" = 1 ] && [[ "$name" =~ ${KVTILE_SANITIZE_ONLY:-.} ]]; then
     cases=$(sanitize_cases "$name")
     if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" $cases >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m=ERRORS; fi
-    if [[ "$name" == *prefill* || "$name" == *append* ]]; then
+    if [[ "$name" == *prefill* || "$name" == *append* || "$name" == *decode* ]]; then
       if compute-sanitizer --tool racecheck --error-exitcode 9 "$t" $cases >"$raw/$name.racecheck.log" 2>&1; then r=clean; else r=ERRORS; fi
     fi
   fi

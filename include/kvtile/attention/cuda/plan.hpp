@@ -317,10 +317,6 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   };
   std::vector<tile_task> tasks;
   std::int64_t max_tiles = 0;
-  // TMA decode: the key tiles of each task the mask leaves visible, what the even cut counts:
-  // vis_count[i] of them, hull tile indices vis[vis_first[i] ...] (vis_first -1: all hull tiles).
-  std::vector<std::int32_t> vis;
-  std::vector<std::int64_t> vis_first, vis_count;
   for (std::int32_t b = 0; b < table.batch; ++b) {
     const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
     const std::int32_t rows = ql * group;
@@ -334,19 +330,6 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
       const std::int32_t ke = std::max(kb, std::min(kl, mask.kv_end(t0, t1)));
       const std::int64_t tiles = detail::ceil_div(ke - kb, bn);
       max_tiles = std::max(max_tiles, tiles);
-      if (kind == paged_kernel_kind::decode_sm90) {
-        const std::size_t first = vis.size();
-        for (std::int64_t i = 0; i < tiles; ++i) {
-          const std::int32_t k0 = std::int32_t(kb + i * bn), k1 = std::min(ke, std::int32_t(k0 + bn));
-          if (mask.classify(t0, t1, k0, k1) != tile_visibility::empty) vis.push_back(std::int32_t(i));
-        }
-        const std::int64_t n = std::int64_t(vis.size() - first);
-        if (n == tiles) vis.resize(first);
-        for (std::int32_t h = 0; h < pr.num_kv_heads; ++h) {
-          vis_first.push_back(n == tiles ? -1 : std::int64_t(first));
-          vis_count.push_back(n);
-        }
-      }
       for (std::int32_t h = 0; h < pr.num_kv_heads; ++h) tasks.push_back({b, h, row0, kb, ke, tiles});
     }
   }
@@ -368,7 +351,31 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     // fewer than min_tiles_per_cta tiles (1 x 4k: 128 CTAs of 4 tiles, the best split in v12).
     constexpr std::int64_t min_tiles_per_cta = 4;
     plan.ctas_per_sm = 1;
-    const std::vector<std::int64_t>& count = vis_count;
+    // The key tiles of each task the mask leaves visible, what the cut counts: count[i] of them,
+    // hull tile indices vis[vis_first[i] ...] (vis_first -1: all hull tiles). The KV heads of a
+    // row tile follow each other and share the list.
+    std::vector<std::int32_t> vis;
+    std::vector<std::int64_t> vis_first, count;
+    for (std::size_t i = 0; i < tasks.size(); ++i) {
+      const tile_task& t = tasks[i];
+      if (i > 0 && t.b == tasks[i - 1].b && t.row0 == tasks[i - 1].row0) {
+        vis_first.push_back(vis_first.back());
+        count.push_back(count.back());
+        continue;
+      }
+      const std::int32_t ql = plan.q_len[t.b], rows = ql * group;
+      const std::int32_t t0 = t.row0 / group, t1 = (std::min(t.row0 + bm, rows) - 1) / group + 1;
+      const Mask mask(mask_params, ql, plan.kv_len[t.b]);
+      const std::size_t first = vis.size();
+      for (std::int64_t k = 0; k < t.tiles; ++k) {
+        const std::int32_t k0 = std::int32_t(t.kv_begin + k * bn), k1 = std::min(t.kv_end, std::int32_t(k0 + bn));
+        if (mask.classify(t0, t1, k0, k1) != tile_visibility::empty) vis.push_back(std::int32_t(k));
+      }
+      const std::int64_t n = std::int64_t(vis.size() - first);
+      if (n == t.tiles) vis.resize(first);
+      vis_first.push_back(n == t.tiles ? -1 : std::int64_t(first));
+      count.push_back(n);
+    }
     std::int64_t total = 0;  // a task with no visible tile still writes its rows: it counts one
     for (const std::int64_t n : count) total += std::max<std::int64_t>(n, 1);
     const std::int64_t max_ctas = opt.max_ctas > 0 ? std::min(opt.max_ctas, dev.num_sms) : dev.num_sms;

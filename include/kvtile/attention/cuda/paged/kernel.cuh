@@ -195,15 +195,17 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 }
 
 // Folds the split partial states of one row tile into O and LSE. Grid: (merge items, row
-// chunks); one thread per (row, 4 values). Partials are loaded in batches of 16 independent
-// loads before they are folded, so a long split is not a chain of dependent memory latencies.
+// chunks); one thread per (row, 4 values). Partials are loaded in batches of 8 independent
+// loads before they are folded, so a long split is not a chain of dependent memory latencies
+// (batches of 16 cost the portable append's 2-way merge 14% of its run and gained decode
+// nothing: docs/perf-log/decode.md v13).
 // On sm_90 the kernel is launched while the attention grid runs (programmatic dependent
 // launch) and waits for it here, so the launch's latency is hidden.
 inline constexpr int merge_threads = 128;
 
 template <class T, int D, int BM, class Table, class Mask>
 KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
-  constexpr int batch = 16;
+  constexpr int batch = 8;
   arch::wait_primary_grid();
   const paged_merge_item mi = p.merges[blockIdx.x];
   const int idx = blockIdx.y * merge_threads + threadIdx.x;
