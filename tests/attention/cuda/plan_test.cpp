@@ -39,6 +39,13 @@ struct host_csr {
   }
 };
 
+// H100 as query_device_limits() describes it to a binary with sm_90a code.
+kc::device_limits h100_sm90() {
+  kc::device_limits d{132, 228 * 1024, 227 * 1024, 32};
+  d.wgmma = true;
+  return d;
+}
+
 std::vector<std::int32_t> indptr_of(const std::vector<std::int32_t>& lens) {
   std::vector<std::int32_t> p{0};
   for (auto l : lens) p.push_back(p.back() + l);
@@ -167,8 +174,7 @@ TEST_CASE("plan: the sm_90a append kernel where the device runs it, for head dim
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  kc::device_limits hopper{132, 228 * 1024, 227 * 1024, 32};
-  hopper.wgmma = true;
+  kc::device_limits hopper = h100_sm90();
   const std::vector<std::int32_t> ql = {512, 1, 40};
   const std::vector<std::int32_t> kl = {4608, 900, 40};
   host_csr t(kl, 16, 20000, rng);
@@ -233,8 +239,7 @@ TEST_CASE("plan: TMA decode: a CTA per row tile for large batches; for small one
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  kc::device_limits hopper{132, 228 * 1024, 227 * 1024, 32};
-  hopper.wgmma = true;
+  const kc::device_limits hopper = h100_sm90();
   const kc::paged_problem pr{32, 8, 128, 16, 300000, 2};
   struct shape {
     int batch, len;
