@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvtile/attention/mask.hpp"
@@ -213,6 +214,12 @@ inline std::int32_t table_blocks(const paging::padded_page_table& t, std::int32_
   return t.num_blocks(b, page_size);
 }
 
+// Request b's block ids, in logical order.
+inline const std::int32_t* table_row(const paging::csr_page_table& t, std::int32_t b) { return t.indices + t.indptr[b]; }
+inline const std::int32_t* table_row(const paging::padded_page_table& t, std::int32_t b) {
+  return t.block_table + std::int64_t(b) * t.max_blocks;
+}
+
 // Lengths and block ids of a HOST page table, checked against the pool before any work.
 template <class Table>
 void check_page_table(const Table& t, const paged_problem& pr) {
@@ -229,12 +236,17 @@ void check_page_table(const Table& t, const paged_problem& pr) {
       KVTILE_REQUIRE(t.num_blocks(b, ps) <= t.max_blocks, errc::invalid_argument, "request ", b, " has kv length ",
                      t.kv_lens[b], " needing ", t.num_blocks(b, ps), " pages but its block-table row holds ", t.max_blocks);
     }
+    // One branch-free pass over the row (a serving step checks every page of the batch), then the
+    // offending page found only if there is one.
     const std::int32_t n = table_blocks(t, b, ps);
-    for (std::int32_t i = 0; i < n; ++i) {
-      const std::int32_t blk = t.block(b, i);
-      KVTILE_REQUIRE(blk >= 0 && blk < pr.pool_blocks, errc::out_of_range, "page ", i, " of request ", b,
-                     " is block ", blk, ", outside the pool [0, ", pr.pool_blocks, ")");
-    }
+    const std::int32_t* row = table_row(t, b);
+    const auto pool = std::uint32_t(pr.pool_blocks);
+    std::uint32_t outside = 0;
+    for (std::int32_t i = 0; i < n; ++i) outside |= std::uint32_t(row[i]) >= pool ? 1u : 0u;
+    if (outside == 0) continue;
+    for (std::int32_t i = 0; i < n; ++i)
+      KVTILE_REQUIRE(row[i] >= 0 && row[i] < pr.pool_blocks, errc::out_of_range, "page ", i, " of request ", b,
+                     " is block ", row[i], ", outside the pool [0, ", pr.pool_blocks, ")");
   }
 }
 
@@ -406,8 +418,9 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
         }
         return worst;
       };
+      // No run is shorter than ceil(total / n), which only grows as n shrinks: stop there.
       std::int64_t best_n = n_ctas, best = longest(n_ctas);
-      for (std::int64_t n = n_ctas - 1; n >= std::max<std::int64_t>(1, (n_ctas + 1) / 2); --n) {
+      for (std::int64_t n = n_ctas - 1; n >= std::max<std::int64_t>(1, (n_ctas + 1) / 2) && detail::ceil_div(total, n) < best; --n) {
         const std::int64_t l = longest(n);
         if (l < best) best = l, best_n = n;
       }
@@ -473,9 +486,19 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   std::int64_t chunk = std::max<std::int64_t>(max_tiles, 1);
   if (opt.split_kv && max_tiles > 1 && std::int64_t(tasks.size()) < 4 * slots) {
     const double overhead = 2.0;
+    // Row tiles by key-tile count (a batch has few distinct lengths): (tiles, how many).
+    std::vector<std::pair<std::int64_t, std::int64_t>> lengths;
+    for (const auto& t : tasks) lengths.push_back({t.tiles, 1});
+    std::sort(lengths.begin(), lengths.end());
+    std::size_t distinct = 0;
+    for (std::size_t i = 0; i < lengths.size(); ++i) {
+      if (distinct > 0 && lengths[distinct - 1].first == lengths[i].first) ++lengths[distinct - 1].second;
+      else lengths[distinct++] = lengths[i];
+    }
+    lengths.resize(distinct);
     auto items_for = [&](std::int64_t c) {
       std::int64_t n = 0;
-      for (const auto& t : tasks) n += std::max<std::int64_t>(1, detail::ceil_div(t.tiles, c));
+      for (const auto& [tiles, many] : lengths) n += many * std::max<std::int64_t>(1, detail::ceil_div(tiles, c));
       return n;
     };
     // Measured on H100 (docs/perf-log/decode.md): splitting 128 x 4k three ways ran at 2.77 TB/s,
