@@ -75,18 +75,28 @@ TEST_CASE("decode: few CTAs, each running many items across requests and heads, 
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  for (int sms : {1, 3, 7}) {
+  for (int ctas : {1, 3, 7}) {
     spec s;
     s.hkv = 3;
     s.hq = 12;
-    s.page_size = sms == 3 ? 8 : 16;
-    s.num_sms = sms;
+    s.page_size = ctas == 3 ? 8 : 16;
+    s.opt.max_ctas = ctas;  // a small batch: persistent runs, here over 1, 3 or 7 CTAs
     s.kv_lens = random_lens(rng, 5, 1, 1500);
     s.kv_lens[2] = 64;  // exactly one tile
     s.q_lens = random_lens(rng, 5, 1, 4);
     for (int b = 0; b < 5; ++b) s.q_lens[b] = std::min(s.q_lens[b], s.kv_lens[b]);
-    INFO(sms << " SMs");
-    run_and_check<bfloat16, 128, causal_mask>(s, {}, rng(), /*compare_unsplit=*/true);
+    INFO(ctas << " CTAs");
+    const std::uint64_t seed_causal = rng();
+    {
+      std::mt19937_64 r(seed_causal);
+      const problem<bfloat16, 128> pr(s, r);
+      const auto plan = pr.plan<causal_mask>({}, limits());
+      if (plan.shape.kind == kc::paged_kernel_kind::decode_sm90) {
+        CHECK(!plan.cta_items.empty());
+        CHECK(plan.ctas() <= std::size_t(ctas));
+      }
+    }
+    run_and_check<bfloat16, 128, causal_mask>(s, {}, seed_causal, /*compare_unsplit=*/true);
     run_and_check<bfloat16, 128, sliding_window_mask>(s, {200, 5}, rng(), /*compare_unsplit=*/true);
   }
 }

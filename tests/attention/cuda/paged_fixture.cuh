@@ -37,7 +37,6 @@ struct spec {
   bool padded = false;      // vLLM-style block table instead of CSR
   bool contiguous = false;  // blocks of each request consecutive and in order (dense memory)
   kc::plan_options opt{};
-  int num_sms = 0;  // > 0: plan for this many SMs (few CTAs with long runs of items)
 };
 
 // Host-side problem: pool, page table, queries; and what one run produced.
@@ -98,8 +97,7 @@ struct problem {
   kc::paged_problem kernel_problem() const { return {s.hq, s.hkv, D, s.page_size, num_blocks, 2}; }
 
   template <class Mask>
-  kc::paged_plan plan(typename Mask::params mp, kc::device_limits dev) const {
-    if (s.num_sms > 0) dev.num_sms = s.num_sms;
+  kc::paged_plan plan(typename Mask::params mp, const kc::device_limits& dev) const {
     if (s.padded) {
       paging::padded_page_table t{block_table.data(), s.kv_lens.data(), batch, std::max(1, max_blocks)};
       return kc::plan_append<Mask>(q_indptr.data(), t, kernel_problem(), mp, dev, s.opt);
