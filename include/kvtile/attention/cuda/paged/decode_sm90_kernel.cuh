@@ -120,7 +120,7 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 }
 
 // Runs: CTA c runs the items [p.cta_items[c], p.cta_items[c + 1]) (one CTA per SM); otherwise
-// CTA c runs item c, two CTAs per SM.
+// CTA c runs item c (two CTAs per SM up to D = 128).
 template <class T, int D, class Mask, class Table, bool Runs>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 2)
     paged_decode_sm90_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
