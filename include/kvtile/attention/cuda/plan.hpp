@@ -252,6 +252,12 @@ void check_page_table(const Table& t, const paged_problem& pr) {
 
 constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
+// A packed query-row tile of one KV head and the hull of keys its rows see, in key tiles.
+struct tile_task {
+  std::int32_t b, kvh, row0, kv_begin, kv_end;
+  std::int64_t tiles;
+};
+
 }  // namespace detail
 
 // How many CTAs of `shape` fit on one SM, judged by shared memory and a register budget of
@@ -265,6 +271,143 @@ inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_pro
   const int by_regs = 65536 / (regs_per_thread * shape.threads());
   return std::max(1, std::min({by_smem, by_regs, dev.max_ctas_per_sm}));
 }
+
+namespace detail {
+
+// How many persistent CTAs share `total` flat tiles (count: each row tile's visible tiles).
+inline std::int64_t run_ctas(const std::vector<std::int64_t>& count, std::int64_t total, const device_limits& dev,
+                             const plan_options& opt) {
+  // No CTA gets fewer than min_tiles_per_cta tiles (1 x 4k: 128 CTAs of 4 tiles, the best
+  // split in v12).
+  constexpr std::int64_t min_tiles_per_cta = 4;
+  const std::int64_t max_ctas = opt.max_ctas > 0 ? std::min(opt.max_ctas, dev.num_sms) : dev.num_sms;
+  std::int64_t n_ctas = std::clamp<std::int64_t>(ceil_div(total, min_tiles_per_cta), 1, max_ctas);
+  // At most max_splits pieces per task: shares of at least 1 / (max_splits - 1) of the largest.
+  std::int64_t largest = 1;
+  for (const std::int64_t n : count) largest = std::max(largest, n);
+  if (opt.split_kv && opt.max_splits >= 2)
+    n_ctas = std::clamp<std::int64_t>(total * (opt.max_splits - 1) / largest, 1, n_ctas);
+  // A CTA whose run holds a cut costs about switch_tiles more than its tiles (an epilogue, a
+  // partial state, a longer merge): 1 x 32k ran 9% faster as 128 CTAs of 32 tiles, one piece
+  // each, than as 132 CTAs of 31, most holding two pieces (decode.md v13). From half the
+  // CTAs up, take the count whose longest run, so counted, is shortest (ties: more CTAs).
+  if (opt.split_kv) {
+    constexpr std::int64_t switch_tiles = 4;
+    std::vector<std::int64_t> ends;  // task ends in the flat order
+    std::int64_t at = 0;
+    for (const std::int64_t n : count) ends.push_back(at += std::max<std::int64_t>(n, 1));
+    auto longest = [&](std::int64_t n) {
+      std::int64_t worst = 0;
+      std::size_t e = 0;
+      for (std::int64_t c = 0; c < n; ++c) {
+        const std::int64_t lo = c * total / n, hi = (c + 1) * total / n;
+        while (ends[e] <= lo) ++e;
+        std::int64_t items = 1;
+        for (std::size_t f = e; ends[f] < hi; ++f) ++items;
+        worst = std::max(worst, hi - lo + switch_tiles * (items - 1));
+      }
+      return worst;
+    };
+    // No run is shorter than ceil(total / n), which only grows as n shrinks: stop there.
+    std::int64_t best_n = n_ctas, best = longest(n_ctas);
+    for (std::int64_t n = n_ctas - 1; n >= std::max<std::int64_t>(1, (n_ctas + 1) / 2) && ceil_div(total, n) < best; --n) {
+      const std::int64_t l = longest(n);
+      if (l < best) best = l, best_n = n;
+    }
+    n_ctas = best_n;
+  }
+  return n_ctas;
+}
+
+// The TMA decode kernel's plan for a small batch (fewer row tiles than ~0.9 per SM): one
+// persistent CTA per SM (one CTA's pipeline streams at the card's rate: decode.md v12), each
+// running a contiguous run of the visible key tiles of all row tiles in order; a row tile cut
+// between CTAs becomes split items and a merge. Fills plan.work, cta_items, merges.
+template <mask_policy Mask, class Table>
+void plan_decode_runs(paged_plan& plan, const std::vector<tile_task>& tasks, const Table& table,
+                      typename Mask::params mask_params, const device_limits& dev, const plan_options& opt) {
+  const std::int32_t group = plan.group();
+  const int bm = plan.shape.block_m, bn = plan.shape.block_n;
+  plan.ctas_per_sm = 1;
+  // The key tiles of each task the mask leaves visible, what the cut counts: count[i] of them,
+  // hull tile indices vis[vis_first[i] ...] (vis_first -1: all hull tiles). The KV heads of a
+  // row tile follow each other and share the list.
+  std::vector<std::int32_t> vis;
+  std::vector<std::int64_t> vis_first, count;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const tile_task& t = tasks[i];
+    if (i > 0 && t.b == tasks[i - 1].b && t.row0 == tasks[i - 1].row0) {
+      vis_first.push_back(vis_first.back());
+      count.push_back(count.back());
+      continue;
+    }
+    const std::int32_t ql = plan.q_len[t.b], rows = ql * group;
+    const std::int32_t t0 = t.row0 / group, t1 = (std::min(t.row0 + bm, rows) - 1) / group + 1;
+    const Mask mask(mask_params, ql, plan.kv_len[t.b]);
+    const std::size_t first = vis.size();
+    for (std::int64_t k = 0; k < t.tiles; ++k) {
+      const std::int32_t k0 = std::int32_t(t.kv_begin + k * bn), k1 = std::min(t.kv_end, std::int32_t(k0 + bn));
+      if (mask.classify(t0, t1, k0, k1) != tile_visibility::empty) vis.push_back(std::int32_t(k));
+    }
+    const std::int64_t n = std::int64_t(vis.size() - first);
+    if (n == t.tiles) vis.resize(first);
+    vis_first.push_back(n == t.tiles ? -1 : std::int64_t(first));
+    count.push_back(n);
+  }
+  std::int64_t total = 0;  // a task with no visible tile still writes its rows: it counts one
+  for (const std::int64_t n : count) total += std::max<std::int64_t>(n, 1);
+  const std::int64_t n_ctas = run_ctas(count, total, dev, opt);
+  // CTA boundaries in the flat tile order, increasing, the last one `total`: CTA c runs flat
+  // tiles [cut[c - 1], cut[c]). A task that may not be cut (split_kv off, or more pieces than
+  // max_splits) moves the cuts inside it to its end.
+  std::vector<std::int64_t> cut;
+  for (std::int64_t c = 1; c <= n_ctas; ++c) cut.push_back(c * total / n_ctas);
+  plan.cta_items.push_back(0);
+  std::size_t next_cut = 0;  // the first cut past the current task's start
+  std::int64_t pos = 0, most = 0, cta_start = 0;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const tile_task& t = tasks[i];
+    const std::int64_t cost = std::max<std::int64_t>(count[i], 1), end = pos + cost;
+    std::size_t last = next_cut;  // cuts [next_cut, last) fall inside the task
+    while (cut[last] < end) ++last;
+    if (last > next_cut && (!opt.split_kv || std::int64_t(last - next_cut) + 1 > std::max(1, opt.max_splits))) {
+      // The first inside cut moves to the task's end, the others go.
+      cut.erase(cut.begin() + std::ptrdiff_t(next_cut) + (cut[last] == end ? 0 : 1), cut.begin() + std::ptrdiff_t(last));
+      if (cut[next_cut] != end) cut[next_cut] = end;
+      last = next_cut;
+    }
+    const std::int32_t ql = plan.q_len[t.b], kl = plan.kv_len[t.b], base = table_page_base(table, t.b);
+    // The hull key where visible tile v of this task starts (v == count: the hull's end).
+    auto key_at = [&](std::int64_t v) {
+      if (v >= count[i]) return t.kv_end;
+      return std::int32_t(t.kv_begin + (vis_first[i] < 0 ? v : vis[std::size_t(vis_first[i] + v)]) * bn);
+    };
+    std::int32_t partial = -1;
+    if (last > next_cut) {
+      const std::int32_t pieces = std::int32_t(last - next_cut) + 1;
+      plan.merges.push_back({t.b, t.kvh, t.row0, plan.num_partials, pieces});
+      plan.merge_rows = std::max(plan.merge_rows, std::min(bm, ql * group - t.row0));
+      partial = plan.num_partials;
+      plan.num_partials += pieces;
+    }
+    for (std::int64_t a = pos; a < end;) {
+      const std::int64_t e = std::min(end, cut[next_cut]);
+      const std::int32_t kb = a == pos ? t.kv_begin : key_at(a - pos), ke = key_at(e - pos);
+      plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, partial < 0 ? -1 : partial++, ql, kl, base});
+      if (e == cut[next_cut]) {  // the CTA's run ends here
+        plan.cta_items.push_back(std::int32_t(plan.work.size()));
+        most = std::max(most, e - cta_start);
+        cta_start = e;
+        ++next_cut;
+      }
+      a = e;
+    }
+    pos = end;
+  }
+  plan.chunk_tiles = plan.merges.empty() ? 0 : int(most);
+}
+
+}  // namespace detail
 
 // Plan attention of ragged query chunks against paged K/V. q_indptr [batch+1] and the page
 // table are HOST arrays (the host mirror of what the run reads on the device). Query token t of
@@ -323,11 +466,7 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   const int bm = plan.shape.block_m, bn = plan.shape.block_n;
 
   // Row tiles and the key hull each one needs.
-  struct tile_task {
-    std::int32_t b, kvh, row0, kv_begin, kv_end;
-    std::int64_t tiles;
-  };
-  std::vector<tile_task> tasks;
+  std::vector<detail::tile_task> tasks;
   std::int64_t max_tiles = 0;
   for (std::int32_t b = 0; b < table.batch; ++b) {
     const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
@@ -357,123 +496,7 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
                              detail::table_page_base(table, t.b)});
       return plan;
     }
-    // Smaller batches: one persistent CTA per SM (one CTA's pipeline streams at the card's
-    // rate: decode.md v12), each running a contiguous run of the visible key tiles of all row
-    // tiles in order; a row tile cut between CTAs becomes split items and a merge. No CTA gets
-    // fewer than min_tiles_per_cta tiles (1 x 4k: 128 CTAs of 4 tiles, the best split in v12).
-    constexpr std::int64_t min_tiles_per_cta = 4;
-    plan.ctas_per_sm = 1;
-    // The key tiles of each task the mask leaves visible, what the cut counts: count[i] of them,
-    // hull tile indices vis[vis_first[i] ...] (vis_first -1: all hull tiles). The KV heads of a
-    // row tile follow each other and share the list.
-    std::vector<std::int32_t> vis;
-    std::vector<std::int64_t> vis_first, count;
-    for (std::size_t i = 0; i < tasks.size(); ++i) {
-      const tile_task& t = tasks[i];
-      if (i > 0 && t.b == tasks[i - 1].b && t.row0 == tasks[i - 1].row0) {
-        vis_first.push_back(vis_first.back());
-        count.push_back(count.back());
-        continue;
-      }
-      const std::int32_t ql = plan.q_len[t.b], rows = ql * group;
-      const std::int32_t t0 = t.row0 / group, t1 = (std::min(t.row0 + bm, rows) - 1) / group + 1;
-      const Mask mask(mask_params, ql, plan.kv_len[t.b]);
-      const std::size_t first = vis.size();
-      for (std::int64_t k = 0; k < t.tiles; ++k) {
-        const std::int32_t k0 = std::int32_t(t.kv_begin + k * bn), k1 = std::min(t.kv_end, std::int32_t(k0 + bn));
-        if (mask.classify(t0, t1, k0, k1) != tile_visibility::empty) vis.push_back(std::int32_t(k));
-      }
-      const std::int64_t n = std::int64_t(vis.size() - first);
-      if (n == t.tiles) vis.resize(first);
-      vis_first.push_back(n == t.tiles ? -1 : std::int64_t(first));
-      count.push_back(n);
-    }
-    std::int64_t total = 0;  // a task with no visible tile still writes its rows: it counts one
-    for (const std::int64_t n : count) total += std::max<std::int64_t>(n, 1);
-    const std::int64_t max_ctas = opt.max_ctas > 0 ? std::min(opt.max_ctas, dev.num_sms) : dev.num_sms;
-    std::int64_t n_ctas = std::clamp<std::int64_t>(detail::ceil_div(total, min_tiles_per_cta), 1, max_ctas);
-    // At most max_splits pieces per task: shares of at least 1 / (max_splits - 1) of the largest.
-    std::int64_t largest = 1;
-    for (const std::int64_t n : count) largest = std::max(largest, n);
-    if (opt.split_kv && opt.max_splits >= 2)
-      n_ctas = std::clamp<std::int64_t>(total * (opt.max_splits - 1) / largest, 1, n_ctas);
-    // A CTA whose run holds a cut costs about switch_tiles more than its tiles (an epilogue, a
-    // partial state, a longer merge): 1 x 32k ran 9% faster as 128 CTAs of 32 tiles, one piece
-    // each, than as 132 CTAs of 31, most holding two pieces (decode.md v13). From half the
-    // CTAs up, take the count whose longest run, so counted, is shortest (ties: more CTAs).
-    if (opt.split_kv) {
-      constexpr std::int64_t switch_tiles = 4;
-      std::vector<std::int64_t> ends;  // task ends in the flat order
-      std::int64_t at = 0;
-      for (const std::int64_t n : count) ends.push_back(at += std::max<std::int64_t>(n, 1));
-      auto longest = [&](std::int64_t n) {
-        std::int64_t worst = 0;
-        std::size_t e = 0;
-        for (std::int64_t c = 0; c < n; ++c) {
-          const std::int64_t lo = c * total / n, hi = (c + 1) * total / n;
-          while (ends[e] <= lo) ++e;
-          std::int64_t items = 1;
-          for (std::size_t f = e; ends[f] < hi; ++f) ++items;
-          worst = std::max(worst, hi - lo + switch_tiles * (items - 1));
-        }
-        return worst;
-      };
-      // No run is shorter than ceil(total / n), which only grows as n shrinks: stop there.
-      std::int64_t best_n = n_ctas, best = longest(n_ctas);
-      for (std::int64_t n = n_ctas - 1; n >= std::max<std::int64_t>(1, (n_ctas + 1) / 2) && detail::ceil_div(total, n) < best; --n) {
-        const std::int64_t l = longest(n);
-        if (l < best) best = l, best_n = n;
-      }
-      n_ctas = best_n;
-    }
-    // CTA boundaries in the flat tile order, increasing, the last one `total`: CTA c runs flat
-    // tiles [cut[c - 1], cut[c]). A task that may not be cut (split_kv off, or more pieces than
-    // max_splits) moves the cuts inside it to its end.
-    std::vector<std::int64_t> cut;
-    for (std::int64_t c = 1; c <= n_ctas; ++c) cut.push_back(c * total / n_ctas);
-    plan.cta_items.push_back(0);
-    std::size_t next_cut = 0;  // the first cut past the current task's start
-    std::int64_t pos = 0, most = 0, cta_start = 0;
-    for (std::size_t i = 0; i < tasks.size(); ++i) {
-      const tile_task& t = tasks[i];
-      const std::int64_t cost = std::max<std::int64_t>(count[i], 1), end = pos + cost;
-      std::size_t last = next_cut;  // cuts [next_cut, last) fall inside the task
-      while (cut[last] < end) ++last;
-      if (last > next_cut && (!opt.split_kv || std::int64_t(last - next_cut) + 1 > std::max(1, opt.max_splits))) {
-        // The first inside cut moves to the task's end, the others go.
-        cut.erase(cut.begin() + std::ptrdiff_t(next_cut) + (cut[last] == end ? 0 : 1), cut.begin() + std::ptrdiff_t(last));
-        if (cut[next_cut] != end) cut[next_cut] = end;
-        last = next_cut;
-      }
-      const std::int32_t ql = plan.q_len[t.b], kl = plan.kv_len[t.b], base = detail::table_page_base(table, t.b);
-      // The hull key where visible tile v of this task starts (v == count: the hull's end).
-      auto key_at = [&](std::int64_t v) {
-        if (v >= count[i]) return t.kv_end;
-        return std::int32_t(t.kv_begin + (vis_first[i] < 0 ? v : vis[std::size_t(vis_first[i] + v)]) * bn);
-      };
-      std::int32_t partial = -1;
-      if (last > next_cut) {
-        const std::int32_t pieces = std::int32_t(last - next_cut) + 1;
-        plan.merges.push_back({t.b, t.kvh, t.row0, plan.num_partials, pieces});
-        plan.merge_rows = std::max(plan.merge_rows, std::min(bm, ql * group - t.row0));
-        partial = plan.num_partials;
-        plan.num_partials += pieces;
-      }
-      for (std::int64_t a = pos; a < end;) {
-        const std::int64_t e = std::min(end, cut[next_cut]);
-        const std::int32_t kb = a == pos ? t.kv_begin : key_at(a - pos), ke = key_at(e - pos);
-        plan.work.push_back({t.b, t.kvh, t.row0, kb, ke, partial < 0 ? -1 : partial++, ql, kl, base});
-        if (e == cut[next_cut]) {  // the CTA's run ends here
-          plan.cta_items.push_back(std::int32_t(plan.work.size()));
-          most = std::max(most, e - cta_start);
-          cta_start = e;
-          ++next_cut;
-        }
-        a = e;
-      }
-      pos = end;
-    }
-    plan.chunk_tiles = plan.merges.empty() ? 0 : int(most);
+    detail::plan_decode_runs<Mask>(plan, tasks, table, mask_params, dev, opt);
     KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
                    " work items (more than 2^31)");
     return plan;
