@@ -124,6 +124,15 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 template <class T, int D, class Mask, class Table, bool Runs>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 2)
     paged_decode_sm90_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
+  {  // The layout below fits what the launch gives (paged_kernel_shape::decode_sm90_smem_bytes).
+    using C = decode_sm90_config<D>;
+    constexpr std::size_t stages = std::size_t(2) * C::stages * C::bn * D * sizeof(T);
+    constexpr std::size_t q_tile = std::size_t(C::bm) * (D + 8) * sizeof(T);
+    constexpr std::size_t reduce = std::size_t(C::wn) * 16 * ((D + 4) * 4 + 8);
+    constexpr std::size_t end = 1024 + (Runs ? stages + 2 * q_tile + reduce : (reduce > stages ? reduce : stages) + q_tile) +
+                                16 * std::size_t(C::stages);
+    static_assert(end <= C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), Runs), "decode_sm90: layout exceeds its shared memory");
+  }
 #if KVTILE_WGMMA_AVAILABLE
   if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   using C = decode_sm90_config<D>;
