@@ -109,6 +109,8 @@ struct paged_setup {
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_SPLITS")) opt.max_splits = std::atoi(e);
     // KVTILE_BENCH_MAX_CTAS: cap the TMA decode kernel's persistent CTAs (small batches).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
+    // KVTILE_BENCH_EARLY_LAUNCH=0: launch the TMA decode grid without programmatic serialisation.
+    if (const char* e = std::getenv("KVTILE_BENCH_EARLY_LAUNCH")) opt.early_launch = std::atoi(e) != 0;
     plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);

@@ -16,6 +16,42 @@ std::vector<std::int32_t> random_lens(std::mt19937_64& rng, int n, int lo, int h
   return v;
 }
 
+// 32-bit words from src to dst.
+struct word_copy {
+  const std::uint32_t* src;
+  std::uint32_t* dst;
+  std::size_t n;
+};
+
+// A kernel that lets the grid after it on the stream start at once (programmatic dependent
+// launch), then spins for `ns` nanoseconds before writing: its copies, then all-ones bits (NaN in
+// bf16 and fp32) over `nan_o` and `nan_lse`. A grid launched early that read or wrote those
+// buffers before this one completed gets stale inputs or loses its outputs.
+__global__ void late_writer(word_copy a, word_copy b, word_copy nan_o, word_copy nan_lse, unsigned long long ns) {
+  kc::arch::launch_dependents();
+  if (threadIdx.x == 0) {
+    unsigned long long t0 = 0, t = 0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    while (t - t0 < ns);
+  }
+  __syncthreads();
+  auto copy = [](const word_copy& c) {
+    for (std::size_t i = threadIdx.x; i < c.n; i += blockDim.x) c.dst[i] = c.src ? c.src[i] : ~0u;
+  };
+  copy(a);
+  copy(b);
+  copy(nan_o);
+  copy(nan_lse);
+}
+
+template <class T>
+word_copy words(const device_buffer<T>* src, device_buffer<T>& dst) {
+  static_assert(sizeof(T) * 2 == 4 || sizeof(T) == 4);
+  const std::size_t n = dst.n * sizeof(T) / 4;
+  return {src ? reinterpret_cast<const std::uint32_t*>(src->ptr) : nullptr, reinterpret_cast<std::uint32_t*>(dst.ptr), n};
+}
+
 }  // namespace
 
 TEST_CASE("decode: every group size and page size, NHD and HND, bf16 D=128 causal") {
@@ -239,6 +275,41 @@ TEST_CASE("decode: a captured CUDA graph replays with new queries") {
   KVTILE_CUDA_CHECK(cudaGraphExecDestroy(exec));
   KVTILE_CUDA_CHECK(cudaGraphDestroy(graph));
   KVTILE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("decode: a run launched early waits for the kernel before it (queries, page table, outputs)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int batch : {2, 16}) {  // persistent runs with merges; one CTA per row tile (on a large GPU)
+    spec s;
+    s.hkv = 8;
+    s.hq = 32;
+    s.kv_lens = batch == 2 ? std::vector<std::int32_t>{3000, 45} : random_lens(rng, batch, 150, 400);
+    s.q_lens = random_lens(rng, batch, 1, 2);
+    const problem<bfloat16, 128> pr(s, rng);
+    const auto plan = pr.plan<causal_mask>({}, limits());
+    INFO("batch " << batch << ", kernel " << kc::to_string(plan.shape.kind) << ", CTAs " << plan.ctas() << ", partials "
+                  << plan.num_partials);
+    CHECK(plan.early_launch == (plan.shape.kind == kc::paged_kernel_kind::decode_sm90));
+    device_problem<bfloat16, 128> dp(pr);
+    dp.prepare(plan);
+    // What the run finds before the writer is done: other queries, the page ids in reverse.
+    dp.q.upload(kvtile_test::random_vector<bfloat16>(pr.q.size(), rng));
+    dp.indices.upload(std::vector<std::int32_t>(pr.indices.rbegin(), pr.indices.rend()));
+    const device_buffer<bfloat16> fresh_q(pr.q);
+    const device_buffer<std::int32_t> fresh_indices(pr.indices);
+    cudaStream_t stream;
+    KVTILE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    dp.run<causal_mask>(plan, {}, default_scale(128), stream);  // on the stale data
+    late_writer<<<1, 256, 0, stream>>>(words(&fresh_q, dp.q), words(&fresh_indices, dp.indices),
+                                        words<bfloat16>(nullptr, dp.o), words<float>(nullptr, dp.lse), 200'000);
+    KVTILE_CUDA_CHECK(cudaGetLastError());
+    dp.run<causal_mask>(plan, {}, default_scale(128), stream);
+    KVTILE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    check_against_reference<bfloat16, 128, causal_mask>(pr, {}, default_scale(128), dp.o.download(), dp.lse.download());
+    KVTILE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
 }
 
 TEST_CASE("decode: argument checks name the offending value") {

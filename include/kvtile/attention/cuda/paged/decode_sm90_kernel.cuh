@@ -188,6 +188,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
         tile = fv.next_tile(0);
       }
     };
+    seek();  // work items: the plan's, not written by the grid before this one
+    arch::wait_primary_grid();  // launched early: the page table, Q and K/V may be that grid's output
     std::int32_t blk = 0, slot = 0;
     auto fetch_blocks = [&] {
       const int tok = fv.key0(tile) + lane * box;
@@ -196,7 +198,6 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
         slot = page.mod(tok);
       }
     };
-    seek();
     fetch_blocks();
     for (int j = 0; tile < fv.n_tiles; ++j) {
       const int stage = j % ST;
@@ -228,13 +229,17 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
   const int g = lane / 4, tq = lane % 4;
   auto consumers_sync = [] { arch::named_barrier_sync(CONSUMER_BAR, NT); };
   // The packed query rows of an item into Q tile `buf`, as one cp.async group.
-  auto load_q = [&](int item, int buf) {
-    View(p, item).template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
+  auto load_q = [&](const View& it, int buf) {
+    it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
       arch::cp_async_16(q_s + buf * Q_TILE + padded_tile<D>::at(r, c * 8), src, valid);
     });
     arch::cp_async_commit();
   };
-  load_q(item_begin, 0);
+  {
+    const View first(p, item_begin);
+    arch::wait_primary_grid();  // as in the producer: Q, and O / LSE / partials written below
+    load_q(first, 0);
+  }
 
   int i = 0;  // tiles consumed: stage i % ST, barrier phase (i / ST) & 1
   for (int item = item_begin; item < item_end; ++item) {
@@ -242,7 +247,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     // The next item's Q goes into the other tile (its last reader, the previous item, is past
     // a barrier) while this item runs.
     if (item + 1 < item_end) {
-      load_q(item + 1, buf ^ 1);
+      load_q(View(p, item + 1), buf ^ 1);
       arch::cp_async_wait<1>();
     } else {
       arch::cp_async_wait<0>();

@@ -207,6 +207,7 @@ template <class T, int D, int BM, class Table, class Mask>
 KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
   constexpr int batch = 8;
   arch::wait_primary_grid();
+  arch::launch_dependents();  // an early-launched attention grid after this one may be placed now
   const paged_merge_item mi = p.merges[blockIdx.x];
   const int idx = blockIdx.y * merge_threads + threadIdx.x;
   if (idx >= BM * (D / 4)) return;

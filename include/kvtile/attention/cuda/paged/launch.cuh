@@ -84,7 +84,10 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
 
 // plan.ctas() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
 // merges of a split plan. `extra`: kernel arguments after the parameters (tensor maps).
-template <auto Kernel, int D, int BM, class T, class Table, class Mask, class... Extra>
+// `Early`: the kernel waits for the grid before it on the device (arch::wait_primary_grid)
+// before touching memory that grid may write, so it may be launched with programmatic stream
+// serialisation where the plan asks for it.
+template <auto Kernel, int D, int BM, bool Early = false, class T, class Table, class Mask, class... Extra>
 void launch_items(const paged_plan& plan, int threads, std::size_t smem, int device, cudaStream_t stream,
                   const kernel_params<T, Table, Mask>& params, const Extra&... extra) {
   // Once per device (not a stream operation: legal while a stream is being captured).
@@ -93,8 +96,19 @@ void launch_items(const paged_plan& plan, int threads, std::size_t smem, int dev
     KVTILE_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   });
   if (!plan.work.empty()) {
-    Kernel<<<unsigned(plan.ctas()), threads, smem, stream>>>(params, extra...);
-    KVTILE_CUDA_CHECK_LAUNCH();
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(plan.ctas()));
+    cfg.blockDim = dim3(unsigned(threads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute early{};
+    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early.val.programmaticStreamSerializationAllowed = 1;
+    if (Early && plan.early_launch && kvtile::detail::compute_capability_major(device) >= 9) {
+      cfg.attrs = &early;
+      cfg.numAttrs = 1;
+    }
+    KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, Kernel, params, extra...));
   }
   launch_merges<T, D, BM>(plan, params, device, stream);
 }
@@ -131,9 +145,11 @@ void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Ma
   const bool runs = !plan.cta_items.empty();
   const std::size_t smem = C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), runs);
   if (runs)
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm>(plan, C::threads, smem, device, stream, params, pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm, true>(plan, C::threads, smem, device, stream,
+                                                                                    params, pool);
   else
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm>(plan, C::threads, smem, device, stream, params, pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm, true>(plan, C::threads, smem, device, stream,
+                                                                                     params, pool);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
