@@ -49,6 +49,16 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_4d(std::uint32_t dst, const CUten
 #endif
 }
 
+// Prefetch the box at (c0, c1, c2, c3) of `map` into L2: no shared memory, no barrier, no
+// fault (a box outside the tensor is not fetched).
+KVTILE_DEVICE KVTILE_FORCEINLINE void tma_prefetch_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(map), "r"(c0), "r"(c1),
+               "r"(c2), "r"(c3)
+               : "memory");
+#endif
+}
+
 // Programmatic dependent launch (sm_90): let the grid launched after this one on the stream with
 // programmatic serialisation start now (it waits in wait_primary_grid before reading our output).
 KVTILE_DEVICE KVTILE_FORCEINLINE void launch_dependents() {

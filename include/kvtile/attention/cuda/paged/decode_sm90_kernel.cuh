@@ -189,7 +189,26 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
       }
     };
     seek();  // work items: the plan's, not written by the grid before this one
-    arch::wait_primary_grid();  // launched early: the page table, Q and K/V may be that grid's output
+    // Launched early, the grid before this one may still be writing the page table, Q and K/V:
+    // copies wait for it. Meanwhile the first stages' boxes are prefetched into L2, from page ids
+    // read around L1; a stale id costs a wasted prefetch only, since that grid's writes land in
+    // L2 and only copies issued after the wait reach shared memory.
+    if (p.early) {
+      int t = tile;
+      for (int j = 0; j < ST && t < fv.n_tiles; ++j, t = fv.next_tile(t + 1)) {
+        const int tok = fv.key0(t) + lane * box;
+        if (tok < fv.key1(t)) {
+          const std::int32_t b = __ldcg(page_row(p.kv.table, fv.w) + page.div(tok)), s = page.mod(tok);
+          const int c1 = pool.head_outer ? s : fv.w.kv_head, c2 = pool.head_outer ? fv.w.kv_head : s;
+          KVTILE_PRAGMA_UNROLL
+          for (int pn = 0; pn < PANELS; ++pn) {
+            arch::tma_prefetch_4d(&pool.k, pn * C::panel, c1, c2, b);
+            arch::tma_prefetch_4d(&pool.v, pn * C::panel, c1, c2, b);
+          }
+        }
+      }
+    }
+    arch::wait_primary_grid();
     std::int32_t blk = 0, slot = 0;
     auto fetch_blocks = [&] {
       const int tok = fv.key0(tile) + lane * box;

@@ -49,6 +49,7 @@ struct kernel_params {
   const paged_merge_item* merges;
   float* partial_o;                 // [num_partials, BM, D]
   float* partial_lse;               // [num_partials, BM]
+  std::int32_t early = 0;           // launched early (programmatic serialisation): may work before its wait
 };
 
 // The physical block ids of a work item's request, in logical order (CSR: from the offset the

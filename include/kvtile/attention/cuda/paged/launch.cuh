@@ -82,6 +82,11 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
   KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_partials_kernel<T, D, BM, Table, Mask>, params));
 }
 
+// Whether a kernel that waits on the device (see launch_items) is launched early for `plan`.
+inline bool launches_early(const paged_plan& plan, int device) {
+  return plan.early_launch && kvtile::detail::compute_capability_major(device) >= 9;
+}
+
 // plan.ctas() CTAs of `Kernel` (its shared-memory limit raised once per device), then the
 // merges of a split plan. `extra`: kernel arguments after the parameters (tensor maps).
 // `Early`: the kernel waits for the grid before it on the device (arch::wait_primary_grid)
@@ -104,7 +109,7 @@ void launch_items(const paged_plan& plan, int threads, std::size_t smem, int dev
     cudaLaunchAttribute early{};
     early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     early.val.programmaticStreamSerializationAllowed = 1;
-    if (Early && plan.early_launch && kvtile::detail::compute_capability_major(device) >= 9) {
+    if (Early && launches_early(plan, device)) {
       cfg.attrs = &early;
       cfg.numAttrs = 1;
     }
@@ -144,12 +149,14 @@ void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Ma
   const tma_pool& pool = cached_tma_pool(params.kv.pool);
   const bool runs = !plan.cta_items.empty();
   const std::size_t smem = C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), runs);
+  kernel_params<T, Table, Mask> p = params;
+  p.early = launches_early(plan, device) ? 1 : 0;
   if (runs)
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm, true>(plan, C::threads, smem, device, stream,
-                                                                                    params, pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm, true>(plan, C::threads, smem, device, stream, p,
+                                                                                    pool);
   else
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm, true>(plan, C::threads, smem, device, stream,
-                                                                                     params, pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm, true>(plan, C::threads, smem, device, stream, p,
+                                                                                     pool);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
