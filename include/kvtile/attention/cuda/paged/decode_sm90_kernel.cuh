@@ -190,10 +190,12 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     };
     seek();  // work items: the plan's, not written by the grid before this one
     // Launched early, the grid before this one may still be writing the page table, Q and K/V:
-    // copies wait for it. Meanwhile the first stages' boxes are prefetched into L2, from page ids
-    // read around L1; a stale id costs a wasted prefetch only, since that grid's writes land in
-    // L2 and only copies issued after the wait reach shared memory.
-    if (p.early) {
+    // copies wait for it. Meanwhile a persistent CTA prefetches its first stages' boxes into L2,
+    // from page ids read around L1; a stale id costs a wasted prefetch only, since that grid's
+    // writes land in L2 and only copies issued after the wait reach shared memory. (One-item
+    // CTAs skip it: most start long after the grid before has finished, where the second
+    // page-id read only delays them; decode.md v15.)
+    if (Runs && p.early) {
       int t = tile;
       for (int j = 0; j < ST && t < fv.n_tiles; ++j, t = fv.next_tile(t + 1)) {
         const int tok = fv.key0(t) + lane * box;
