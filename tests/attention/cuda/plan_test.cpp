@@ -259,6 +259,7 @@ TEST_CASE("plan: TMA decode: a CTA per row tile for large batches; for small one
     check_partition<causal_mask>(plan, {});
     CHECK(plan.ctas() == s.ctas);
     CHECK(plan.cta_items.empty() == !s.runs);
+    CHECK(plan.early_launch == s.runs);  // persistent runs launch early; one-item CTAs plainly
     if (!s.runs) {
       CHECK(plan.ctas_per_sm == 2);
       CHECK(plan.num_partials == 0);
@@ -321,6 +322,12 @@ TEST_CASE("plan: TMA decode: a CTA per row tile for large batches; for small one
   const auto narrowed = kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, hopper, narrow);
   CHECK(narrowed.ctas() <= 100);
   CHECK(narrowed.ctas() == 96);  // 12 per row tile: no CTA holds a cut
+  kc::plan_options plain;
+  plain.early_launch = false;
+  CHECK_FALSE(kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, hopper, plain).early_launch);
+  kc::device_limits portable = hopper;  // no sm_90a code: the mma.sync kernels, never launched early
+  portable.wgmma = false;
+  CHECK_FALSE(kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, portable).early_launch);
 }
 
 TEST_CASE("plan: bad input is rejected with the offending value, before any work") {

@@ -127,10 +127,13 @@ struct plan_options {
   bool use_wgmma = true;      // the sm_90a kernels where device_limits::wgmma: wgmma append (D 64,
                               // 128) and TMA decode (decode_sm90_supported)
   int max_ctas = 0;           // TMA decode of small batches: at most this many CTAs (0: one per SM)
-  // TMA decode on compute capability 9+: launch the attention grid with programmatic stream
-  // serialisation, so that its CTAs are placed and set up (barriers, work items) while the kernel
-  // before it on the stream finishes; they wait for that kernel on the device before reading Q,
-  // the page table or K/V and before writing anything.
+  // TMA decode of small batches (persistent runs) on compute capability 9+: launch the attention
+  // grid with programmatic stream serialisation, so that its CTAs are placed and set up
+  // (barriers, work items, L2 prefetch of their first copies) while the kernel before it on the
+  // stream finishes; they wait for that kernel on the device before reading Q, the page table
+  // or K/V through shared memory and before writing anything. Plans of one CTA per row tile
+  // (larger batches) launch plainly: early, 16 x 4k read 7% slower at pages of 64 and 256
+  // (docs/perf-log/decode.md v15).
   bool early_launch = true;
 };
 
@@ -190,7 +193,7 @@ struct paged_plan {
   std::int32_t merge_rows = 0;  // the most packed rows of any merge item (the merge grid's extent)
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
-  bool early_launch = false;  // plan_options::early_launch, for a kernel that waits on the device
+  bool early_launch = false;  // launch with programmatic serialisation (plan_options::early_launch)
 
   // CTAs of the attention grid.
   std::size_t ctas() const { return cta_items.empty() ? work.size() : cta_items.size() - 1; }
@@ -492,7 +495,6 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
 
   if (kind == paged_kernel_kind::decode_sm90) {
-    plan.early_launch = opt.early_launch;
     // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
     // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for
     // merges (decode.md v13: 16 x 4k 2.82 TB/s unsplit, 2.57 cut evenly over 132 CTAs).
@@ -504,6 +506,7 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
       return plan;
     }
     detail::plan_decode_runs<Mask>(plan, tasks, table, mask_params, dev, opt);
+    plan.early_launch = opt.early_launch;
     KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
                    " work items (more than 2^31)");
     return plan;
