@@ -26,15 +26,10 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/core/fast_divmod.hpp"
-
-// Largest head dim whose key tiles take one barrier (K and V waited together); above it V is
-// waited for separately, with a second barrier.
-#ifndef KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D
-#define KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D 64
-#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -61,7 +56,7 @@ struct append_config {
   // Shared memory: Q, K and V stages, then two rings of BN key row offsets (int64).
   static constexpr std::size_t tile_bytes = std::size_t(bm + 2 * stages * bn) * pitch * 2;  // 2-byte elements
   static_assert(stages == 2, "paged append kernel: the row-offset ring assumes two K/V stages");
-  static constexpr bool split_wait = D > KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D;
+  static constexpr bool split_wait = D > tuning::paged_append_single_barrier_max_d;
   static_assert(shape.warps_n == 1 && bm % (16 * warps) == 0 && rows_per_warp == 32,
                 "paged append kernel: each warp owns 32 rows");
   static_assert(bn % 16 == 0 && stages >= 2 && D % 16 == 0 && D <= 128, "paged append kernel: shape");

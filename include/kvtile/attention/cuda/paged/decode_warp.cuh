@@ -16,23 +16,16 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/merge.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/paging/paged_view.hpp"
 
-// When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
-// attention grid (no early launch), 1 as soon as every attention CTA has started, 2 once every
-// decode CTA is past its key loop (the append kernels allow it at their start for 1 and 2).
-// Measured in docs/perf-log/decode.md v11.
-#ifndef KVTILE_PAGED_MERGE_EARLY
-#define KVTILE_PAGED_MERGE_EARLY 2
-#endif
-
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
 
-inline constexpr int merge_early = KVTILE_PAGED_MERGE_EARLY;
+inline constexpr int merge_early = tuning::paged_merge_early;
 
 template <class T, class Table, class Mask>
 struct kernel_params {

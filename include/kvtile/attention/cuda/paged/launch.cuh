@@ -11,6 +11,7 @@
 
 #include <cuda_runtime.h>
 
+#include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
@@ -207,6 +208,8 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   const int major = kvtile::detail::compute_capability_major(device);
   KVTILE_REQUIRE(major >= 8, errc::unsupported, "paged attention needs compute capability 8.0 or newer, device ", device,
                  " has ", major, ".x");
+
+  if (dispatch_log_enabled()) log_dispatch({"cuda::run_paged_attention", plan.kernel(), plan.reason});
 
   auto* base = static_cast<unsigned char*>(workspace);
   paged::kernel_params<T, Table, Mask> params;
