@@ -14,9 +14,11 @@
 
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill.cuh"
+#include "attention/cuda/paged_fixture.cuh"
 #include "attention/cuda/prefill_fixture.cuh"
 
-namespace {
+// Outside an anonymous namespace: a kernel instantiated on it keeps external linkage.
+namespace dispatch_test {
 
 using namespace prefill_test;
 namespace kc = kvtile::attention::cuda;
@@ -44,6 +46,12 @@ struct prefix_lm_mask {
   }
 };
 static_assert(attention::mask_policy<prefix_lm_mask>);
+
+}  // namespace dispatch_test
+
+namespace {
+
+using namespace dispatch_test;
 
 using user_mask_128 = kc::prefill<bfloat16, 128, prefix_lm_mask>;
 using user_mask_64 = kc::prefill<bfloat16, 64, prefix_lm_mask>;
@@ -121,4 +129,23 @@ TEST_CASE("a configuration only the portable kernel takes says why, and run_port
   kc::set_dispatch_log(nullptr);
   REQUIRE(!heard.empty());
   CHECK(heard.front().find("head dims 64 and 128, not 96") != std::string::npos);
+}
+
+TEST_CASE("a mask defined outside the library runs on the paged kernels (sm_90a where the device has it)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int group : {1, 5, 8}) {
+    paged_test::spec s;
+    s.hkv = 2;
+    s.hq = 2 * group;
+    s.page_size = group == 5 ? 16 : 64;
+    s.q_lens = {200, 1, 37, 3};
+    s.kv_lens = {700, 900, 37, 301};
+    INFO("append, group " << group);
+    paged_test::run_and_check<bfloat16, 128, prefix_lm_mask>(s, {100}, rng());
+    s.q_lens = {1, 1, 2, 1};
+    INFO("decode, group " << group);
+    paged_test::run_and_check<bfloat16, 128, prefix_lm_mask>(s, {100}, rng());
+  }
 }

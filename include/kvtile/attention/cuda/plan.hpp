@@ -30,6 +30,7 @@
 
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/paging/paged_view.hpp"
 
@@ -499,6 +500,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
                  ") exceed 2^30");
+  if constexpr (has_rotary<Mask>)
+    KVTILE_REQUIRE(max_rows <= 16 && !opt.force_append, errc::unsupported, "rotary variant ", Mask::name,
+                   ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
+                   "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
   const detail::kernel_pick pick = detail::pick_paged_kernel(pr, max_rows, dev, opt);
   const paged_kernel_kind kind = pick.kind;
   plan.reason = pick.reason;

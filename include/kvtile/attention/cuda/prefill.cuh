@@ -36,6 +36,7 @@
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/tile_shape.hpp"
@@ -60,6 +61,10 @@ class prefill {
   using mask = Mask;
   using tile = Tile;
   static constexpr int head_dim = HeadDim;
+
+  static_assert(cuda_variant_supported<Mask>,
+                "cuda::prefill: rotary variants run on the CPU backend for now (the CUDA kernels apply masks and "
+                "logit transforms such as softcap); rotate Q and K before the call, or use attention::cpu");
 
  private:
   static constexpr bool default_tile = std::is_same_v<Tile, default_prefill_tile_t<HeadDim>>;
@@ -146,6 +151,7 @@ class prefill {
                      l->stride_batch);
     KVTILE_REQUIRE(std::isfinite(a.scale) && a.scale >= 0.f, errc::invalid_argument,
                    "prefill: softmax scale must be finite and positive (0 = 1/sqrt(D)), got ", a.scale);
+    check_variant<Mask>(a.mask_params, HeadDim);
   }
 
   static bool can_implement(const arguments& a) noexcept {

@@ -26,6 +26,7 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
@@ -192,7 +193,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   }
 
   // ---- main loop -----------------------------------------------------------------------------
-  const float scale_log2 = p.scale_log2;
+  const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
   int stage = 0, refill = ST - 1;
   for (int cur = it.next_tile(0); cur < n_tiles; cur = it.next_tile(cur + 1)) {
     // The tile's K (and V without split_wait) landed and is visible to every warp; every warp
@@ -245,6 +246,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
         }
       }
 
+      apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
       if (vis == tile_visibility::partial) {
         KVTILE_PRAGMA_UNROLL
         for (int mt = 0; mt < MT; ++mt)

@@ -144,6 +144,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   __syncthreads();
 
   st.load_q(q_s, 16 * wm, lane);
+  st.rotate_q(mask, t_row, lane);
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
@@ -160,8 +161,8 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     const T* ks = k_s + stage_r * BN * LD;
     const T* vs = v_s + stage_r * BN * LD;
     float s[TPW / 8][4];
-    st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane);
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
+    st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane, mask, k0);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.softmax(s);

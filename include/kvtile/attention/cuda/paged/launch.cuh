@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "kvtile/attention/cuda/dispatch.hpp"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
@@ -195,6 +196,11 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
     KVTILE_REQUIRE(plan.batch == 0 || (q.layout.len == plan.max_q_len && std::int64_t(q.layout.len) * plan.batch == plan.total_q),
                    errc::invalid_argument, "fixed-length q of ", q.layout.len, " tokens per request does not match the plan");
   KVTILE_REQUIRE(scale > 0.f, errc::invalid_argument, "softmax scale must be positive, got ", scale);
+  check_variant<Mask>(mask_params, HeadDim);
+  check_cuda_rotary<Mask>(mask_params, HeadDim);
+  if constexpr (has_rotary<Mask>)
+    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
+                   errc::unsupported, "rotary variants run on the paged decode kernels; the plan is for ", plan.kernel());
   KVTILE_REQUIRE(workspace != nullptr || plan.work.empty(), errc::invalid_argument, "run: null workspace");
   const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
                         paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&

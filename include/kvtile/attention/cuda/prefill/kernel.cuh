@@ -21,6 +21,7 @@
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
@@ -280,7 +281,7 @@ struct prefill_kernel {
     }
 
     const int wq0 = q0 + warp_row0, wq1 = min_i(wq0 + G::rows_per_warp, q_len);
-    const float scale_log2 = p.scale_log2;
+    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
       // Barrier: the tile's K (and V, unless split_wait) landed and is visible to every warp,
@@ -334,6 +335,7 @@ struct prefill_kernel {
           }
         }
 
+        apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
         // The mask, asked per element only where the tile is partial (or runs past kv_len).
         if (vis == tile_visibility::partial) {
           KVTILE_PRAGMA_UNROLL

@@ -29,6 +29,7 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
@@ -197,7 +198,7 @@ struct sm90_attention_core {
     const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
     const int row_local = wr0 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
     const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
-    const float scale_log2 = src.scale_log2;
+    const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
     // Q descriptor base of this warpgroup: its 64 rows inside each column block.
     const std::uint32_t q_wg = q_base + wg * 64 * 128;
     constexpr std::uint32_t sbo = 1024;
@@ -247,6 +248,7 @@ struct sm90_attention_core {
       arch::fence_operands(s);
       arch::fence_operands(o);
 
+      apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
       if (vis == tile_visibility::partial) {
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < G::block_kv / 8; ++j)
