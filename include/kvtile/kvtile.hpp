@@ -30,6 +30,7 @@
 #include "kvtile/attention/reference_backward.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/attention/variant.hpp"
 
 #include "kvtile/attention/cpu/backward.hpp"
 #include "kvtile/attention/cpu/checks.hpp"
