@@ -237,6 +237,13 @@ void register_all() {
       reg(std::string("fwd/bf16/64x64/") + s.name,
           [&s](benchmark::State& st) { forward_bench<tile_shape<64, 64>, Mask, D, bfloat16>(st, s, "bf16"); });
     });
+    // RoPE on the fly (attention/variant.hpp: Q rotated once per item, K per loaded tile), beside
+    // the bf16 row above: the same kernel, tile and data, only the transform added.
+    with_shape(s, [&]<class Mask, int D>() {
+      reg(std::string("fwd/bf16-rotary/64x64/") + s.name, [&s](benchmark::State& st) {
+        forward_bench<tile_shape<64, 64>, rotary<Mask>, D, bfloat16>(st, s, "bf16 rotary");
+      });
+    });
     if (s.d == 128 && s.q_len > 1)
       reg(std::string("fwd/fp16/64x64/") + s.name, [&s](benchmark::State& st) {
         with_mask<128>(s, [&]<class Mask, int D>() { forward_bench<tile_shape<64, 64>, Mask, D, half>(st, s, "fp16"); });
