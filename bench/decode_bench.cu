@@ -230,7 +230,7 @@ void time_graph(benchmark::State& st, paged_setup& p, double& seconds) {
 // portable: the cp.async (sm_80) decode kernel also where the sm_90a TMA one runs (impl
 // "kvtile_portable").
 void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable,
-               variant_kind var = variant_kind::none) {
+               variant_kind var) {
   paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd, var);
   double seconds = 0;
   if (graph)
@@ -265,30 +265,30 @@ const int registered = [] {
   const int grid[][2] = {{1, 4096}, {1, 32768}, {16, 4096}, {64, 2048}, {64, 8192}, {128, 4096}, {32, 32768}};
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, false, false)
+                                 bm_decode, g[0], g[1], 16, false, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (int page : {1, 64, 256})
     benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page,
-                                 false, false, false)
+                                 false, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // The GPU's own time (graph replay) at the small shapes, where the host's launch cost shows.
   for (const auto& g : {std::array<int, 2>{1, 4096}, std::array<int, 2>{1, 32768}, std::array<int, 2>{16, 4096}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_graph").c_str(),
-                                 bm_decode, g[0], g[1], 16, true, false, false)
+                                 bm_decode, g[0], g[1], 16, true, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // HND pools (each page of a head contiguous) at the large shapes.
   for (const auto& g : {std::array<int, 2>{16, 4096}, std::array<int, 2>{128, 4096}, std::array<int, 2>{32, 32768}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_hnd").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, true, false)
+                                 bm_decode, g[0], g[1], 16, false, true, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // The cp.async kernel on the same grid (what sm_80 runs, and page sizes without a TMA box).
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_portable").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, false, true)
+                                 bm_decode, g[0], g[1], 16, false, false, true, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // Variants at a few shapes, on both decode kernels: rotary embeddings applied to Q and K in
