@@ -87,7 +87,7 @@ TEST_CASE("a mask defined outside the library runs on the sm_90a kernel and matc
   heard.clear();
   kc::set_dispatch_log(&record);
   check_prefill<user_mask_128>({{1000}, {1000}, false, 4, 1}, {300}, rng);
-  check_prefill<user_mask_128>({{17, 200}, {700, 200}, false, 5, 2}, {64}, rng);
+  check_prefill<user_mask_128>({{17, 200}, {700, 200}, true, 10, 2}, {64}, rng);
   check_prefill<user_mask_128>({{50, 1, 333}, {50, 900, 400}, true, 8, 1}, {129}, rng);
   check_prefill<user_mask_64>({{4097}, {4097}, false, 1, 1}, {1000}, rng);
   kc::set_dispatch_log(nullptr);
@@ -107,7 +107,7 @@ TEST_CASE("a user's sm_90a tile runs on the sm_90a kernel; dispatch() names kern
   int device = 0;
   REQUIRE(cudaGetDevice(&device) == cudaSuccess);
   check_prefill<user_tile_128>({{1000}, {1000}, false, 4, 1}, {}, rng);
-  check_prefill<user_tile_128>({{1, 300}, {4097, 300}, false, 2, 2}, {}, rng);
+  check_prefill<user_tile_128>({{1, 300}, {4097, 300}, true, 2, 2}, {}, rng);
   const kc::kernel_choice c = user_tile_128::dispatch({});
   INFO(c.kernel << ": " << c.reason);
   if (hopper_with_sm90(device)) {
