@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine, over binaries gathered by scripts/build_gpu.sh: every GPU test (and
 # compute-sanitizer memcheck on them), every GPU benchmark (JSON), and every peer script in
-# bench/peers/ (PyTorch). Raw outputs go to $OUT/raw.tar.gz; bench/collect.py turns them into
+# bench/peers/ (PyTorch; FlashInfer). Raw outputs go to $OUT/raw.tar.gz; bench/collect.py turns them into
 # bench/results/<card>.json (copied to the output folder with docs/results.md). A short table
 # is printed last.
 # usage: scripts/gpu_bench.sh [bin=gpu-bin] [out=$OUT]
@@ -60,9 +60,15 @@ for b in "$bin"/*_bench; do
   summary+=("$(printf '%-40s rc=%s' "$name" "$?")")
 done
 
+# FlashInfer (bench/peers/flashinfer.py) comes from its wheels in carry/flashinfer/ (a copy of
+# ../shared/peers/flashinfer), unless KVTILE_FLASHINFER_DIR names another folder.
+if [ -z "${KVTILE_FLASHINFER_DIR:-}" ] && [ -d carry/flashinfer ]; then
+  export KVTILE_FLASHINFER_DIR=$PWD/carry/flashinfer
+fi
 for p in bench/peers/*.py; do
   [ -f "$p" ] || continue
   name=$(basename "$p" .py)
+  [[ "$name" == _* ]] && continue  # shared helpers, not peers
   [[ "$name" =~ ${KVTILE_PEER_ONLY:-.} ]] || continue
   python3 "$p" >"$raw/peer_$name.jsonl" 2>"$raw/peer_$name.log"
   summary+=("$(printf '%-40s rc=%s' "peer $name" "$?")")
