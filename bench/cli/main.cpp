@@ -365,9 +365,12 @@ std::string capture(const std::string& cmd, int* rc = nullptr) {
   return out;
 }
 
+// KVTILE_PEERS_DIR, else the source tree this binary was built from, else ./bench/peers (a
+// binary copied to another machine and run from a checkout there).
 std::string peers_dir() {
   if (const char* d = std::getenv("KVTILE_PEERS_DIR")) return d;
-  return KVTILE_BENCH_PEERS_DIR;
+  if (access(KVTILE_BENCH_PEERS_DIR, R_OK) == 0) return KVTILE_BENCH_PEERS_DIR;
+  return "bench/peers";
 }
 
 std::vector<std::string> peer_scripts(const config& c) {
