@@ -54,6 +54,7 @@ done
 for b in "$bin"/*_bench; do
   [ -x "$b" ] || continue
   name=$(basename "$b")
+  [ "$name" = kvtile_bench ] && continue  # the CLI: run below on its own shapes
   [[ "$name" =~ ${KVTILE_BENCH_ONLY:-.} ]] || continue
   "$b" --benchmark_format=json --benchmark_out="$raw/$name.json" --benchmark_out_format=json \
     --benchmark_min_time=0.2 --benchmark_filter="${KVTILE_BENCH_FILTER:-.}" >"$raw/$name.log" 2>&1
@@ -73,6 +74,20 @@ for p in bench/peers/*.py; do
   python3 "$p" >"$raw/peer_$name.jsonl" 2>"$raw/peer_$name.log"
   summary+=("$(printf '%-40s rc=%s' "peer $name" "$?")")
 done
+
+# The configuration CLI, with every peer on the same shapes (KVTILE_CLI=0: skip): its tables
+# go to raw/kvtile_bench_<kernel>.log, its Google Benchmark JSON to raw/cli_<kernel>.json.
+if [ "${KVTILE_CLI:-1}" = 1 ] && [ -x "$bin/kvtile_bench" ]; then
+  export KVTILE_PEERS_DIR=$PWD/bench/peers
+  for spec in "decode --shape 1x4096,16x4096,64x2048 --heads 32/8 --page 16" \
+              "append --shape 1x4096,1x16384 --q-len 512 --heads 32/8 --page 16" \
+              "prefill --shape 8x2048,1x16384 --heads 16/16 --mask causal"; do
+    kernel=${spec%% *}
+    "$bin/kvtile_bench" --device cuda --kernel $spec --benchmark_out="$raw/cli_$kernel.json" \
+      >"$raw/kvtile_bench_$kernel.log" 2>&1
+    summary+=("$(printf '%-40s rc=%s' "kvtile_bench $kernel" "$?")")
+  done
+fi
 
 # The per-card results file and its rendered table, from this run's measurements.
 if python3 bench/collect.py --card "$card" "$raw"/*_bench.json "$raw"/peer_*.jsonl 2>"$raw/collect.log"; then
