@@ -5,6 +5,8 @@ drawn (read bandwidth for decode, copy bandwidth for block copies, dense bf16 pe
 append). Figures go to docs/figures/<card>-<suite>.svg, which docs/results.md shows.
 
 usage: plot.py [RESULTS.json ...]   (default: every bench/results/*.json)
+       plot.py [--card NAME] ROWS.jsonl   (kvtile_bench --results, peer outputs: figures
+                                           ROWS-<suite>.svg beside the file; NAME picks the ceilings)
 Needs matplotlib (pip install matplotlib). collect.py calls render() itself when it can.
 """
 import glob
@@ -65,7 +67,7 @@ def impl_order(rows):
     return impls
 
 
-def plot_suite(plt, card, date, commit, suite, rows):
+def plot_suite(plt, card, date, commit, suite, rows, path=None):
     impls = impl_order(rows)
     unit = rows[0]["unit"]
     n, k = len(rows), len(impls)
@@ -92,18 +94,34 @@ def plot_suite(plt, card, date, commit, suite, rows):
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_xlim(0, top * 1.12)
     ax.set_xlabel(f"{unit} (higher is better)")
-    ax.set_title(f"{suite} on {card} ({date}, {commit})", fontsize=9)
+    ax.set_title(f"{suite} on {card} ({', '.join(x for x in (date, commit) if x)})", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    os.makedirs(FIGURES, exist_ok=True)
-    path = figure_path(card, suite)
+    path = path or figure_path(card, suite)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, metadata={"Date": None})
     plt.close(fig)
     return path
 
 
-def render(files=None):
+def doc_from_lines(path, card):
+    """A results document from JSON lines of the results protocol (one row per suite and shape)."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            if r.get("value") is None or "unit" not in r:
+                continue
+            row = rows.setdefault((r["suite"], r["shape"]), {"suite": r["suite"], "shape": r["shape"], "unit": r["unit"]})
+            row[r["impl"]] = r["value"]
+    return {"card": card or "this machine", "date": "", "commit": os.path.basename(path), "rows": list(rows.values())}
+
+
+def render(files=None, card=None):
     """Writes the figures of the given results files (default all); returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
@@ -113,24 +131,34 @@ def render(files=None):
     files = files or sorted(glob.glob(os.path.join(HERE, "results", "*.json")))
     out = []
     for path in files:
-        with open(path) as f:
-            doc = json.load(f)
+        lines = path.endswith(".jsonl")
+        if lines:
+            doc = doc_from_lines(path, card)
+        else:
+            with open(path) as f:
+                doc = json.load(f)
         suites = {}
         for r in doc["rows"]:
             suites.setdefault(r["suite"], []).append(r)
         for suite, rows in suites.items():
-            out.append(plot_suite(plt, doc["card"], doc.get("date", ""), doc.get("commit", ""), suite, rows))
+            where = os.path.splitext(path)[0] + f"-{slug(suite)}.svg" if lines else None
+            out.append(plot_suite(plt, doc["card"], doc.get("date", ""), doc.get("commit", ""), suite, rows, where))
     return out
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--card", default=None, help="card name for the ceilings of JSON-lines input")
+    ap.add_argument("files", nargs="*")
+    a = ap.parse_args()
     try:
-        paths = render(sys.argv[1:])
+        paths = render(a.files, a.card)
     except ImportError:
         print("plot.py needs matplotlib: python3 -m pip install matplotlib", file=sys.stderr)
         return 1
     for p in paths:
-        print(os.path.relpath(p, ROOT))
+        print(os.path.relpath(p))
     return 0
 
 

@@ -58,6 +58,9 @@ const char* usage_text = R"(usage: kvtile_bench [options] [--benchmark_* flags]
   --ab OTHER_BINARY                A/B: run this build (A) and OTHER (B) alternately on the same
                                    shapes, --ab-rounds times (default 5) x --reps (default 3), and
                                    report medians, B / A and a Mann-Whitney U test
+  --results FILE                   also write the rows (kvtile and peers) as JSON lines in the
+                                   results protocol: bench/plot.py FILE draws them, collect.py
+                                   merges them into a card's results file
   --list                           print the configurations compiled in
   --machine                        one tab-separated line per run (for --ab)
 )";
@@ -70,7 +73,7 @@ struct options {
   kv_layout layout = kv_layout::nhd;
   std::string peers = "auto";
   int reps = 0;
-  std::string ab;
+  std::string ab, results;
   int ab_rounds = 5;
   bool list = false, machine = false;
   std::vector<std::string> passthrough;  // --benchmark_* flags
@@ -118,7 +121,7 @@ options parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) usage_error("unknown option or missing value: " + a);
     const std::string v = argv[++i];
-    if (a != "--ab" && a != "--ab-rounds" && a != "--reps") o.forwarded.insert(o.forwarded.end(), {a, v});
+    if (a != "--ab" && a != "--ab-rounds" && a != "--reps" && a != "--results") o.forwarded.insert(o.forwarded.end(), {a, v});
     if (a == "--kernel") {
       if (v == "prefill") o.want.kernel = kernel_kind::prefill;
       else if (v == "decode") o.want.kernel = kernel_kind::decode;
@@ -163,6 +166,8 @@ options parse(int argc, char** argv) {
       o.reps = to_int(a, v);
     } else if (a == "--ab") {
       o.ab = v;
+    } else if (a == "--results") {
+      o.results = v;
     } else if (a == "--ab-rounds") {
       o.ab_rounds = to_int(a, v);
     } else {
@@ -455,6 +460,46 @@ void print_table(const config& c, const std::vector<problem>& ps, const std::vec
   }
 }
 
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+// The rows as JSON lines of the results protocol (bench/README.md): kvtile's medians and the
+// peers' values in the same unit.
+void write_results(const std::string& path, const config& c, const std::vector<std::string>& labels,
+                   const std::map<std::string, measured>& kv, const std::map<std::string, std::vector<peer_row>>& peers,
+                   const std::string& unit) {
+  FILE* f = std::fopen(path.c_str(), "w");
+  KVTILE_REQUIRE(f != nullptr, kvtile::errc::invalid_argument, "--results: cannot write '", path, "'");
+  const std::string suite = to_string(c.kernel);
+  auto line = [&](const std::string& shape, const std::string& impl, double value, const std::string& extra) {
+    std::fprintf(f, "{\"suite\": %s, \"shape\": %s, \"impl\": %s, \"unit\": %s, \"value\": %.6g%s}\n",
+                 json_string(suite).c_str(), json_string(shape).c_str(), json_string(impl).c_str(),
+                 json_string(unit).c_str(), value, extra.c_str());
+  };
+  for (const auto& label : labels) {
+    const auto it = kv.find(label);
+    if (it != kv.end() && !it->second.runs.empty()) {
+      std::vector<double> vals;
+      for (const sample& s : it->second.runs) vals.push_back(s.value);
+      line(label, "kvtile", median(vals),
+           ", \"config\": " + json_string(c.name()) + ", \"kernel\": " + json_string(it->second.kernel));
+    }
+    const auto pit = peers.find(label);
+    if (pit == peers.end()) continue;
+    for (const peer_row& r : pit->second)
+      if (r.skip.empty() && r.value > 0) line(label, r.impl, in_unit(r.value, r.unit, unit), "");
+  }
+  std::fclose(f);
+  std::fprintf(stderr, "kvtile_bench: rows written to %s (python3 bench/plot.py %s draws them)\n", path.c_str(),
+               path.c_str());
+}
+
 // ---- A/B: this binary (A) and another build (B), alternately, on the same shapes. ----
 
 std::string self_path() {
@@ -549,6 +594,7 @@ int main(int argc, char** argv) {
       }
     }
     print_table(e.cfg, ps, labels, kv, peers, unit_of(ps.front(), e.cfg.device));
+    if (!o.results.empty()) write_results(o.results, e.cfg, labels, kv, peers, unit_of(ps.front(), e.cfg.device));
     for (const auto& [label, m] : kv)
       if (m.runs.empty()) return 1;
     return 0;
