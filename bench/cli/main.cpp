@@ -289,7 +289,7 @@ class progress_reporter : public benchmark::BenchmarkReporter {
 };
 
 std::map<std::string, measured> run_kvtile(const options& o, const entry& e, const std::vector<problem>& ps,
-                                           std::vector<std::string>& labels, int argc0, char* argv0) {
+                                           std::vector<std::string>& labels, char* argv0) {
   const std::string unit = unit_of(ps.front(), e.cfg.device);
   for (const problem& p : ps) {
     const std::string label = p.label(e.cfg.dtype);
@@ -322,7 +322,6 @@ std::map<std::string, measured> run_kvtile(const options& o, const entry& e, con
   for (auto& a : args) cargs.push_back(a.data());
   int n = int(cargs.size());
   benchmark::Initialize(&n, cargs.data());
-  (void)argc0;
   std::map<std::string, measured> out;
   progress_reporter rep(out, labels, unit, o.machine);
   benchmark::RunSpecifiedBenchmarks(&rep);
@@ -518,7 +517,6 @@ int run_ab(const options& o) {
   std::map<std::string, std::array<std::vector<double>, 2>> secs;
   std::map<std::string, std::array<std::string, 2>> kernels;
   std::vector<std::string> order;
-  std::string unit;
   for (int round = 0; round < o.ab_rounds; ++round) {
     for (int side = 0; side < 2; ++side) {
       const std::string& bin = side == 0 ? a : b;
@@ -536,7 +534,6 @@ int run_ab(const options& o) {
         if (!secs.count(f[1])) order.push_back(f[1]);
         secs[f[1]][side].push_back(std::atof(f[2].c_str()));
         kernels[f[1]][side] = f[5];
-        unit = f[4];
         ++got;
       }
       if (rc != 0 || got == 0) {
@@ -561,7 +558,6 @@ int run_ab(const options& o) {
   const std::size_t n = std::size_t(o.ab_rounds) * std::size_t(reps);
   std::printf("Mann-Whitney U, two-sided, normal approximation with tie and continuity corrections, %zu samples per side%s\n",
               n, n < 9 ? " (fewer than 9: the p-value is rough; raise --ab-rounds or --reps)" : "");
-  (void)unit;
   return 0;
 }
 
@@ -583,7 +579,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "kvtile_bench %s: %s on %zu shape(s)\n", std::string(version_string).c_str(), e.cfg.name().c_str(),
                    ps.size());
     std::vector<std::string> labels;
-    const auto kv = run_kvtile(o, e, ps, labels, argc, argv[0]);
+    const auto kv = run_kvtile(o, e, ps, labels, argv[0]);
     if (o.machine) return 0;
     std::map<std::string, std::vector<peer_row>> peers;
     if (o.peers == "auto") {
