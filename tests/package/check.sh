@@ -2,7 +2,7 @@
 # Builds a tiny consumer three ways against the kvtile tree in $1 (work folder $2):
 # find_package after cmake --install, add_subdirectory, and FetchContent from a local path.
 # The two subproject modes also check that a CXX-only parent gets no CUDA (language, cudart)
-# and no kvtile install rules.
+# and no kvtile install rules, and a parent that enables CUDA gets kvtile's CUDA requirements.
 set -euo pipefail
 src=$(cd "$1" && pwd)
 work=$(mkdir -p "$2" && cd "$2" && pwd)
@@ -34,3 +34,12 @@ for mode in find_package add_subdirectory fetchcontent; do
   fi
   echo "package: $mode ok"
 done
+
+# 2. a parent that enables CUDA itself: kvtile as a subproject follows it (when nvcc is here)
+if command -v nvcc >/dev/null; then
+  run cmake -S "$here/consumer" -B "$work/parent_cuda" -DMODE=add_subdirectory -DPARENT_CUDA=ON \
+    -DKVTILE_SOURCE="$src" -DEXPECTED_VERSION="$version" -DCMAKE_CUDA_ARCHITECTURES=80
+  run cmake --build "$work/parent_cuda" -j 2
+  run "$work/parent_cuda/consumer"
+  echo "package: add_subdirectory under a CUDA parent ok"
+fi
