@@ -69,7 +69,10 @@ def load_flashinfer():
         if not os.path.exists(marker):
             os.makedirs(dest, exist_ok=True)
             with tarfile.open(tarball) as t:
-                t.extractall(dest)
+                try:
+                    t.extractall(dest, filter="data")  # plain files only (Python >= 3.12, backports)
+                except TypeError:
+                    t.extractall(dest)
             open(marker, "w").close()
             _common.warn(f"flashinfer: unpacked {os.path.basename(tarball)} into {dest}")
     return flashinfer
