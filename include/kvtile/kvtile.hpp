@@ -4,6 +4,7 @@
 #include "kvtile/core/config.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
+#include "kvtile/core/version.hpp"
 
 #include "kvtile/memory/block_allocator.hpp"
 #include "kvtile/memory/block_copy.hpp"
