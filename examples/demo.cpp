@@ -291,7 +291,8 @@ bool run_attention(const Cache& cache, const std::vector<sequence_id>& samples, 
     // Outputs are averages of K/V values of magnitude <= 125 stored in bf16 (8 bits of mantissa).
     const bool ok = max_diff <= 1.0;
     std::printf("GPU paged decode (kernel: %s, %zu CTAs): %.0f tokens/s (%.1f us per step, host launches included)\n",
-                kc::to_string(plan.shape.kind), plan.ctas(), gpu_steps * batch / gpu_s, gpu_s / gpu_steps * 1e6);
+                plan.kernel(), plan.ctas(), gpu_steps * batch / gpu_s, gpu_s / gpu_steps * 1e6);
+    std::printf("  why this kernel: %s\n", plan.reason.c_str());
     std::printf("CPU backend on the same pages:   %.0f tokens/s; GPU and CPU outputs differ by at most %.3g: %s\n\n",
                 steps * batch / cpu_s, max_diff, ok ? "agree" : "MISMATCH");
     return ok;

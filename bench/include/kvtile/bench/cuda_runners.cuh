@@ -116,11 +116,8 @@ void run_cuda_prefill(benchmark::State& st, const problem& p) {
   args.o = {buf.alloc<T>(std::size_t(elems)), args.q.layout};
   args.lse = buf.alloc<float>(std::size_t(p.batch) * p.kv_len * p.qo_heads);
   kernel::check(args);
-  int device = 0, major = 0;
-  KVTILE_CUDA_CHECK(cudaGetDevice(&device));
-  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  // What run() does on this device: its sm_90a dispatch, or the portable mma.sync kernel.
-  kernel_note() = kernel::sm90_dispatch && major == 9 ? "prefill_sm90 (if the binary has sm_90a code)" : "prefill mma.sync";
+  // The kernel run() takes on this device, as the dispatch itself reports it.
+  kernel_note() = kernel::dispatch(args).kernel;
   time_cuda(st, p, [&](int) { kernel::run(args); });
 }
 
@@ -157,7 +154,7 @@ void run_cuda_paged(benchmark::State& st, const problem& p) {
   void* ws = buf.alloc<unsigned char>(plan.workspace_bytes());
   kc::upload_plan(plan, ws);
   KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
-  kernel_note() = kc::to_string(plan.shape.kind);
+  kernel_note() = plan.kernel();
   const auto ql = attention::ragged_layout::varlen(q_indptr, p.batch, p.qo_heads, HeadDim);
   const float scale = 1.f / std::sqrt(float(HeadDim));
   time_cuda(st, p, [&](int i) {
