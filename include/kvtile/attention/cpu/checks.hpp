@@ -75,6 +75,15 @@ void check_kv_source(const paging::paged_kv<T, Table>& kv, std::int32_t num_kv_h
   KVTILE_REQUIRE(pool.head_dim == head_dim, errc::invalid_argument, "paged K/V head_dim ", pool.head_dim,
                  " differs from the kernel's head dim ", head_dim);
   KVTILE_REQUIRE(kv.batch() >= 0, errc::invalid_argument, "paged K/V: batch must be >= 0, got ", kv.batch());
+  // CSR: the whole indptr first, so no page id is read past indices[indptr[batch]] (the array's
+  // length) before a later, decreasing entry is seen.
+  if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
+    if (kv.batch() > 0)
+      for (std::int32_t b = 0; b <= kv.batch(); ++b)
+        KVTILE_REQUIRE(kv.table.indptr[b] >= 0 && (b == 0 || kv.table.indptr[b] >= kv.table.indptr[b - 1]),
+                       errc::invalid_argument, "paged K/V: indptr[", b, "] = ", kv.table.indptr[b],
+                       " (negative or decreasing)");
+  }
   for (std::int32_t b = 0; b < kv.batch(); ++b) {
     // Lengths and page counts in 64 bits: len + page_size - 1 passes 2^31 for a sequence near
     // 2^31 tokens, and a wrapped page count would skip the page-id checks below.
