@@ -413,3 +413,14 @@ TEST_CASE("plan: indptr checked whole before any page id; lengths from int32 arr
   CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), long_t, big, {}, dev),
                        doctest::Contains("kv length 2147483648"), kvtile::error);
 }
+
+TEST_CASE("plan: the number of work items is checked before any is stored") {
+  const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};
+  // 2^20 query rows per head in tiles of 128, times 2^20 KV heads: 2^33 tiles, refused up front
+  // (it was a 200 GB vector before).
+  const kc::paged_problem pr{1 << 20, 1 << 20, 128, 16, 4, 2};
+  const std::vector<std::int32_t> q{0, 1 << 20}, indptr{0, 1}, indices{0}, last{16};
+  const paging::csr_page_table t{indptr.data(), indices.data(), last.data(), 1};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), t, pr, {}, dev),
+                       doctest::Contains("8589934592 row tiles x KV heads"), kvtile::error);
+}

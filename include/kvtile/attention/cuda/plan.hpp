@@ -495,8 +495,15 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
   const int bm = plan.shape.block_m, bn = plan.shape.block_n;
 
-  // Row tiles and the key hull each one needs.
+  // Row tiles and the key hull each one needs. Their number is checked before any is stored:
+  // a plan holds fewer than 2^31 work items (a grid's and the items' int32 indices).
+  std::int64_t num_tasks = 0;
+  for (std::int32_t b = 0; b < table.batch; ++b)
+    num_tasks += detail::ceil_div(std::int64_t(plan.q_len[b]) * group, bm) * pr.num_kv_heads;
+  KVTILE_REQUIRE(num_tasks < (std::int64_t(1) << 31), errc::unsupported, "the batch has ", num_tasks,
+                 " row tiles x KV heads (a plan holds fewer than 2^31 work items)");
   std::vector<detail::tile_task> tasks;
+  tasks.reserve(std::size_t(num_tasks));
   std::int64_t max_tiles = 0;
   for (std::int32_t b = 0; b < table.batch; ++b) {
     const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
