@@ -194,7 +194,8 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
     KVTILE_REQUIRE(plan.batch == 0 || (q.layout.len == plan.max_q_len && std::int64_t(q.layout.len) * plan.batch == plan.total_q),
                    errc::invalid_argument, "fixed-length q of ", q.layout.len, " tokens per request does not match the plan");
   KVTILE_REQUIRE(scale > 0.f, errc::invalid_argument, "softmax scale must be positive, got ", scale);
-  KVTILE_REQUIRE(workspace != nullptr || plan.work.empty(), errc::invalid_argument, "run: null workspace");
+  if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
+  KVTILE_REQUIRE(workspace != nullptr, errc::invalid_argument, "run: null workspace");
   const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
                         paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&
                         q.layout.stride_batch % 8 == 0 && o.layout.stride_token % 4 == 0 && o.layout.stride_head % 4 == 0 &&
