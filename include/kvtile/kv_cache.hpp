@@ -17,16 +17,30 @@
 //
 // Every operation checks all of its input and the pool's capacity before it changes anything:
 // an error (a kvtile::error naming the value) leaves the cache exactly as it was.
+//
+// A step that appends to many sequences asks can_append(requests) whether it fits, or runs
+// append_batch(requests): every append of the batch, or (an error) none of them. A watermark
+// keeps that many blocks free after the step (room for the next decode steps).
+//
+// Sequence ids are (generation << 32) | slot. A freed id is never valid again: when a slot's
+// generation would pass its 2^GenerationBits - 1 limit (after 2^32 create / free cycles of
+// that slot by default), the slot is retired instead of reused.
+//
+// Copies of a manager are independent. A moved-from manager or cache is empty (no blocks, no
+// sequences) and refuses create(); every other call is an error naming the id, or a no-op.
 // Cost: O(1) per block touched. fork costs one reference-count increment per block of the
 // sequence plus a copy of its block list (no allocation of blocks, no per-block hashing).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "kvtile/core/checked.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/memory/block_allocator.hpp"
 #include "kvtile/memory/block_storage.hpp"
@@ -42,18 +56,61 @@ KVTILE_NAMESPACE_BEGIN
 // (generation << 32) | slot: a freed sequence's id is never valid again.
 using sequence_id = std::uint64_t;
 
+// One append of a step: num_tokens new tokens at the end of sequence id.
+struct append_request {
+  sequence_id id = 0;
+  std::int64_t num_tokens = 0;
+};
+
+// GenerationBits (1..32): width of the generation part of an id; below 32 only to test the
+// slot retirement without 2^32 cycles.
 template <memory::block_allocator Allocator = memory::lifo_allocator,
-          sharing::sharing_policy Sharing = sharing::copy_on_write>
+          sharing::sharing_policy Sharing = sharing::copy_on_write, unsigned GenerationBits = 32>
 class kv_block_manager {
+  static_assert(GenerationBits >= 1 && GenerationBits <= 32, "GenerationBits must be in [1, 32]");
+
  public:
   using allocator_type = Allocator;
   using sharing_type = Sharing;
   using block_id = memory::block_id;
+  // The last generation a slot hands out; freeing it retires the slot.
+  static constexpr std::uint64_t max_generation = (std::uint64_t(1) << GenerationBits) - 1;
 
   kv_block_manager(std::int32_t num_blocks, std::int32_t page_size) : allocator_(num_blocks), page_size_(page_size) {
     KVTILE_REQUIRE(page_size > 0, errc::invalid_argument, "page_size must be positive, got ", page_size);
     sharing_.reset(num_blocks);
     scratch_.resize(std::size_t(num_blocks) + 1);
+  }
+  // Copies reserve what no-throw paths rely on (a vector copy keeps no spare capacity).
+  kv_block_manager(const kv_block_manager& o)
+      : allocator_(o.allocator_), sharing_(o.sharing_), seqs_(o.seqs_), scratch_(o.scratch_), page_size_(o.page_size_),
+        live_(o.live_), moved_from_(o.moved_from_) {
+    free_slots_.reserve(seqs_.size());
+    free_slots_.assign(o.free_slots_.begin(), o.free_slots_.end());
+  }
+  kv_block_manager& operator=(const kv_block_manager& o) {
+    if (this != &o) *this = kv_block_manager(o);
+    return *this;
+  }
+  kv_block_manager(kv_block_manager&& o) noexcept
+      : allocator_(std::move(o.allocator_)), sharing_(std::move(o.sharing_)), seqs_(std::move(o.seqs_)),
+        free_slots_(std::move(o.free_slots_)), scratch_(std::move(o.scratch_)), page_size_(o.page_size_),
+        live_(o.live_), moved_from_(o.moved_from_) {
+    o.become_moved_from();
+  }
+  kv_block_manager& operator=(kv_block_manager&& o) noexcept {
+    if (this != &o) {
+      allocator_ = std::move(o.allocator_);
+      sharing_ = std::move(o.sharing_);
+      seqs_ = std::move(o.seqs_);
+      free_slots_ = std::move(o.free_slots_);
+      scratch_ = std::move(o.scratch_);
+      page_size_ = o.page_size_;
+      live_ = o.live_;
+      moved_from_ = o.moved_from_;
+      o.become_moved_from();
+    }
+    return *this;
   }
 
   std::int32_t page_size() const { return page_size_; }
@@ -70,6 +127,7 @@ class kv_block_manager {
 
   // ---- sequences -------------------------------------------------------------------------
   sequence_id create() {
+    KVTILE_REQUIRE(!moved_from_, errc::invalid_argument, "create() on a moved-from cache (it holds no blocks)");
     if (free_slots_.empty()) {
       KVTILE_REQUIRE(seqs_.size() < 0xffffffffu, errc::out_of_range, "too many sequences: ", seqs_.size());
       free_slots_.reserve(seqs_.size() + 1);  // free() never allocates
@@ -100,43 +158,71 @@ class kv_block_manager {
   // shared and partly filled, the sequence gets a private copy first (one pending copy).
   void append(sequence_id id, std::int64_t n, std::span<std::int64_t> slots) {
     entry& e = lookup(id, "append to");
-    paging::page_table& t = e.table;
-    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot append ", n, " tokens to sequence ", id);
     KVTILE_REQUIRE(std::int64_t(slots.size()) >= n, errc::invalid_argument, "slot mapping of ", slots.size(),
                    " entries cannot hold ", n, " new tokens");
-    if (n == 0) return;
-    const std::int64_t len = t.num_tokens();
-    const std::int32_t nb = t.num_blocks();
-    const std::int64_t new_blocks = t.blocks_for(len + n) - nb;
-    bool cow = false;
-    if constexpr (Sharing::can_fork) cow = t.tail_room() > 0 && sharing_.is_shared(t.last_block());
-    const std::int64_t needed = new_blocks + (cow ? 1 : 0);
-    KVTILE_REQUIRE(needed <= allocator_.num_free(), errc::out_of_blocks, "appending ", n, " tokens to sequence ", id,
-                   " needs ", needed, " blocks, ", allocator_.num_free(), " are free");
-    t.reserve(std::size_t(nb + new_blocks));  // may throw; nothing changed yet
-    const std::span<block_id> fresh(scratch_.data(), std::size_t(needed));
-    allocator_.allocate(fresh);
-    // From here on nothing throws.
-    std::size_t k = 0;
-    if constexpr (Sharing::can_fork) {
-      if (cow) {
-        const block_id dst = fresh[k++];
-        sharing_.on_allocate(dst);
-        sharing_.record_copy(t.last_block(), dst, t.last_page_len());
-        t.set_block(nb - 1, dst);
-      }
-    }
-    for (; k < fresh.size(); ++k) {
-      sharing_.on_allocate(fresh[k]);
-      t.push_block(fresh[k]);
-    }
-    t.set_num_tokens(len + n);
-    for (std::int64_t i = 0; i < n; ++i) slots[std::size_t(i)] = t.slot(len + i);
+    const append_plan p = plan_append(e, id, n, /*shared_dropped=*/0);
+    KVTILE_REQUIRE(p.needed() <= allocator_.num_free(), errc::out_of_blocks, "appending ", n, " tokens to sequence ", id,
+                   " needs ", p.needed(), " blocks, ", allocator_.num_free(), " are free");
+    e.table.reserve(std::size_t(e.table.num_blocks() + p.new_blocks));  // may throw; nothing changed yet
+    commit_append(e, p, n, slots.data());
   }
+  // The pool is checked before the slot mapping is allocated: a request too large for the pool
+  // is out_of_blocks, whatever its size.
   std::vector<std::int64_t> append(sequence_id id, std::int64_t n) {
-    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot append ", n, " tokens to sequence ", id);
+    const append_plan p = plan_append(lookup(id, "append to"), id, n, 0);
+    KVTILE_REQUIRE(p.needed() <= allocator_.num_free(), errc::out_of_blocks, "appending ", n, " tokens to sequence ", id,
+                   " needs ", p.needed(), " blocks, ", allocator_.num_free(), " are free");
     std::vector<std::int64_t> slots(static_cast<std::size_t>(n));
     append(id, n, slots);
+    return slots;
+  }
+
+  // ---- steps: many appends, all or nothing -------------------------------------------------
+  // Blocks the batch would allocate, run in order (a copy-on-write counted once per shared block
+  // it really copies). Checks every request: known id, num_tokens >= 0, no sequence twice.
+  std::int64_t blocks_needed(std::span<const append_request> reqs) const {
+    std::vector<block_dropped> dropped;
+    return plan_batch(reqs, dropped, nullptr);
+  }
+  // Whether append_batch(reqs, slots, watermark) would succeed: the batch's blocks fit and
+  // `watermark` blocks stay free after it. Throws for a malformed request.
+  bool can_append(std::span<const append_request> reqs, std::int32_t watermark = 0) const {
+    KVTILE_REQUIRE(watermark >= 0, errc::invalid_argument, "watermark must be >= 0, got ", watermark);
+    return blocks_needed(reqs) <= std::int64_t(allocator_.num_free()) - watermark;
+  }
+  // Append to every sequence of the batch, in order; slots receives the requests' slot mappings
+  // one after the other (sum of num_tokens entries). On any error (a bad request, too few free
+  // blocks above the watermark) nothing has changed.
+  void append_batch(std::span<const append_request> reqs, std::span<std::int64_t> slots, std::int32_t watermark = 0) {
+    KVTILE_REQUIRE(watermark >= 0, errc::invalid_argument, "watermark must be >= 0, got ", watermark);
+    std::vector<block_dropped> dropped;
+    std::vector<append_plan> plans(reqs.size());
+    std::int64_t tokens = 0;
+    const std::int64_t needed = plan_batch(reqs, dropped, plans.data(), &tokens);
+    KVTILE_REQUIRE(needed <= std::int64_t(allocator_.num_free()) - watermark, errc::out_of_blocks, "the batch of ",
+                   reqs.size(), " appends needs ", needed, " blocks, ", allocator_.num_free(), " are free, watermark ",
+                   watermark);
+    KVTILE_REQUIRE(std::int64_t(slots.size()) >= tokens, errc::invalid_argument, "slot mapping of ", slots.size(),
+                   " entries cannot hold the batch's ", tokens, " new tokens");
+    for (std::size_t r = 0; r < reqs.size(); ++r) {  // may throw; nothing changed yet
+      entry& e = seqs_[slot_of(reqs[r].id)];
+      e.table.reserve(std::size_t(e.table.num_blocks() + plans[r].new_blocks));
+    }
+    std::int64_t at = 0;
+    for (std::size_t r = 0; r < reqs.size(); ++r) {  // nothing throws: blocks and capacity are there
+      // The plans ran the batch in order (a tail shared by two requests' sequences is copied
+      // by the first only), so they match what each append finds.
+      commit_append(seqs_[slot_of(reqs[r].id)], plans[r], reqs[r].num_tokens, slots.data() + at);
+      at += reqs[r].num_tokens;
+    }
+  }
+  std::vector<std::int64_t> append_batch(std::span<const append_request> reqs, std::int32_t watermark = 0) {
+    KVTILE_REQUIRE(can_append(reqs, watermark), errc::out_of_blocks, "the batch of ", reqs.size(), " appends needs ",
+                   blocks_needed(reqs), " blocks, ", allocator_.num_free(), " are free, watermark ", watermark);
+    std::int64_t tokens = 0;
+    for (const auto& r : reqs) tokens += r.num_tokens;  // each checked >= 0; the sum fits (the pool holds them)
+    std::vector<std::int64_t> slots(static_cast<std::size_t>(tokens));
+    append_batch(reqs, slots, watermark);
     return slots;
   }
 
@@ -178,7 +264,14 @@ class kv_block_manager {
     e.live = false;
     ++e.generation;
     --live_;
-    free_slots_.push_back(slot);  // capacity reserved in create()
+    // A slot past its last generation is retired: every id it ever had stays stale.
+    if (e.generation <= max_generation) free_slots_.push_back(slot);  // capacity reserved in create()
+  }
+  // Slots retired after their last generation (each cost one entry, never reused).
+  std::int64_t num_retired_slots() const {
+    std::int64_t n = 0;
+    for (const auto& e : seqs_) n += e.generation > max_generation;
+    return n;
   }
 
   // ---- copy-on-write -----------------------------------------------------------------------
@@ -251,12 +344,104 @@ class kv_block_manager {
  private:
   struct entry {
     paging::page_table table;
-    std::uint32_t generation = 0;
+    std::uint64_t generation = 0;  // max_generation + 1: retired
     bool live = false;
   };
-  static sequence_id make_id(std::uint32_t slot, std::uint32_t gen) { return (sequence_id(gen) << 32) | slot; }
+  static sequence_id make_id(std::uint32_t slot, std::uint64_t gen) { return (sequence_id(gen) << 32) | slot; }
   static std::uint32_t slot_of(sequence_id id) { return std::uint32_t(id & 0xffffffffu); }
-  static std::uint32_t generation_of(sequence_id id) { return std::uint32_t(id >> 32); }
+  static std::uint64_t generation_of(sequence_id id) { return id >> 32; }
+
+  // What one append allocates: new_blocks at the end, plus one private copy of a shared tail.
+  struct append_plan {
+    std::int64_t n = 0;
+    std::int64_t new_blocks = 0;
+    bool cow = false;
+    std::int64_t needed() const { return new_blocks + (cow ? 1 : 0); }
+  };
+  // A shared block and how many of its holders an earlier request of the batch copied away.
+  struct block_dropped {
+    block_id block;
+    std::int64_t count;
+  };
+
+  // Checks n and the length it gives; `shared_dropped` holders of the tail block have already
+  // copied it away (earlier requests of a batch).
+  append_plan plan_append(const entry& e, sequence_id id, std::int64_t n, std::int64_t shared_dropped) const {
+    KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "cannot append ", n, " tokens to sequence ", id);
+    const paging::page_table& t = e.table;
+    append_plan p;
+    p.n = n;
+    if (n == 0) return p;
+    const std::int64_t len = checked_add(t.num_tokens(), n, "sequence length after append");
+    p.new_blocks = t.blocks_for(len) - t.num_blocks();
+    if constexpr (Sharing::can_fork)
+      p.cow = t.tail_room() > 0 && std::int64_t(sharing_.refcount(t.last_block())) - shared_dropped > 1;
+    return p;
+  }
+  // The blocks are free and the table has room: nothing here throws.
+  void commit_append(entry& e, const append_plan& p, std::int64_t n, std::int64_t* slots) noexcept {
+    if (n == 0) return;
+    paging::page_table& t = e.table;
+    const std::int64_t len = t.num_tokens();
+    const std::int32_t nb = t.num_blocks();
+    const std::span<block_id> fresh(scratch_.data(), std::size_t(p.needed()));
+    allocator_.allocate(fresh);
+    std::size_t k = 0;
+    if constexpr (Sharing::can_fork) {
+      if (p.cow) {
+        const block_id dst = fresh[k++];
+        sharing_.on_allocate(dst);
+        sharing_.record_copy(t.last_block(), dst, t.last_page_len());
+        t.set_block(nb - 1, dst);
+      }
+    }
+    for (; k < fresh.size(); ++k) {
+      sharing_.on_allocate(fresh[k]);
+      t.push_block(fresh[k]);
+    }
+    t.set_num_tokens(len + n);
+    for (std::int64_t i = 0; i < n; ++i) slots[i] = t.slot(len + i);
+  }
+  // Plans every request of a batch in order; returns the blocks it needs. plans (when not null)
+  // receives each request's plan, tokens (when not null) the sum of num_tokens.
+  std::int64_t plan_batch(std::span<const append_request> reqs, std::vector<block_dropped>& dropped, append_plan* plans,
+                          std::int64_t* tokens = nullptr) const {
+    std::vector<std::uint32_t> slots;
+    slots.reserve(reqs.size());
+    std::int64_t needed = 0, sum = 0;
+    for (std::size_t r = 0; r < reqs.size(); ++r) {
+      const entry& e = lookup(reqs[r].id, "append to");
+      slots.push_back(slot_of(reqs[r].id));
+      std::int64_t already = 0;
+      if constexpr (Sharing::can_fork)
+        if (e.table.num_blocks() > 0)
+          for (const auto& d : dropped)
+            if (d.block == e.table.last_block()) already = d.count;
+      const append_plan p = plan_append(e, reqs[r].id, reqs[r].num_tokens, already);
+      if (p.cow) {
+        auto it = std::find_if(dropped.begin(), dropped.end(), [&](const block_dropped& d) { return d.block == e.table.last_block(); });
+        if (it == dropped.end()) dropped.push_back({e.table.last_block(), 1});
+        else ++it->count;
+      }
+      if (plans) plans[r] = p;
+      // Saturating sums: a batch too large to count is out of blocks, like one merely too large.
+      if (__builtin_add_overflow(needed, p.needed(), &needed)) needed = std::numeric_limits<std::int64_t>::max();
+      if (__builtin_add_overflow(sum, p.n, &sum)) sum = std::numeric_limits<std::int64_t>::max();
+    }
+    std::sort(slots.begin(), slots.end());
+    const auto dup = std::adjacent_find(slots.begin(), slots.end());
+    KVTILE_REQUIRE(dup == slots.end(), errc::invalid_argument, "the batch appends to sequence slot ", dup == slots.end() ? 0 : *dup,
+                   " more than once");
+    if (tokens) *tokens = sum;
+    return needed;
+  }
+  void become_moved_from() noexcept {
+    seqs_.clear();
+    free_slots_.clear();
+    scratch_.clear();
+    live_ = 0;
+    moved_from_ = true;
+  }
 
   const entry* find(sequence_id id) const {
     const std::uint32_t slot = slot_of(id);
@@ -297,6 +482,7 @@ class kv_block_manager {
   std::vector<block_id> scratch_;  // [num_blocks + 1]: fresh blocks of one append
   std::int32_t page_size_;
   std::int64_t live_ = 0;
+  bool moved_from_ = false;
 };
 
 // The bookkeeping plus the K/V pools of every layer. T is the stored element type.
@@ -321,8 +507,10 @@ class paged_kv_cache {
   template <class U>
   using with_element = paged_kv_cache<U, Layout, Allocator, Sharing, Memory>;
 
+  // The shape and the pools' byte sizes are checked before anything (the block manager's
+  // per-block arrays, the pools) is allocated.
   explicit paged_kv_cache(memory::kv_shape shape, Memory memory = {})
-      : blocks_((shape.check(), shape.num_blocks), shape.page_size), storage_(shape, Layout, std::move(memory)) {}
+      : blocks_((shape.check(sizeof(T)), shape.num_blocks), shape.page_size), storage_(shape, Layout, std::move(memory)) {}
 
   const memory::kv_shape& shape() const { return storage_.shape(); }
   manager_type& blocks() { return blocks_; }
@@ -334,6 +522,15 @@ class paged_kv_cache {
   sequence_id create() { return blocks_.create(); }
   void append(sequence_id id, std::int64_t n, std::span<std::int64_t> slots) { blocks_.append(id, n, slots); }
   std::vector<std::int64_t> append(sequence_id id, std::int64_t n) { return blocks_.append(id, n); }
+  bool can_append(std::span<const append_request> reqs, std::int32_t watermark = 0) const {
+    return blocks_.can_append(reqs, watermark);
+  }
+  void append_batch(std::span<const append_request> reqs, std::span<std::int64_t> slots, std::int32_t watermark = 0) {
+    blocks_.append_batch(reqs, slots, watermark);
+  }
+  std::vector<std::int64_t> append_batch(std::span<const append_request> reqs, std::int32_t watermark = 0) {
+    return blocks_.append_batch(reqs, watermark);
+  }
   sequence_id fork(sequence_id id) { return blocks_.fork(id); }
   void truncate(sequence_id id, std::int64_t n) { blocks_.truncate(id, n); }
   void free(sequence_id id) { blocks_.free(id); }

@@ -34,7 +34,7 @@ TEST_CASE("fast_divmod: equals / and % for divisors 1..4096 and large ones, nume
         if (n >= 0 && n <= INT32_MAX) one(std::int32_t(n));
       }
     for (int i = 0; i < 200; ++i) one(any(rng));
-    for (std::int32_t n = 0; n < 3 * d && n < 5000; ++n) one(n);
+    for (std::int32_t n = 0; n < 3 * dd && n < 5000; ++n) one(n);  // 3 * d in 64 bits: d may be near 2^31
   };
   for (std::int32_t d = 1; d <= 4096; ++d) check(d);
   for (std::int32_t d : {4097, 65535, 65536, 65537, 1 << 20, (1 << 30) - 1, 1 << 30, (1 << 30) + 1, INT32_MAX - 1, INT32_MAX})

@@ -157,3 +157,57 @@ TEST_CASE_TEMPLATE("random allocate / free against a reference set", A, lifo_all
   for (block_id b : held) a.free(b);
   CHECK(a.num_free() == cap);
 }
+
+TEST_CASE_TEMPLATE("copies are independent pools; a moved-from allocator is an empty, valid pool", A, lifo_allocator,
+                   lowest_id_allocator) {
+  A a(8);
+  const block_id x = a.allocate();
+  std::vector<block_id> two(2);
+  a.allocate(two);
+  A copy(a);
+  CHECK(copy.stats().used == 3);
+  copy.free(x);
+  CHECK(!a.is_free(x));  // the original still holds it
+  CHECK(copy.is_free(x));
+  CHECK(a.stats().used == 3);
+  // The copy runs on its own: free everything, allocate everything, in order.
+  for (block_id b : two) copy.free(b);
+  std::vector<block_id> all(8);
+  copy.allocate(all);
+  CHECK(copy.num_free() == 0);
+  for (block_id b : all) copy.free(b);
+  CHECK(copy.num_free() == 8);
+  A assigned(1);
+  assigned = a;
+  CHECK(assigned.stats().used == 3);
+  CHECK(!assigned.is_free(x));
+
+  A moved(std::move(a));
+  CHECK(moved.stats().used == 3);
+  CHECK(!moved.is_free(x));
+  CHECK(a.capacity() == 0);
+  CHECK(a.num_free() == 0);
+  CHECK(a.stats().used == 0);
+  CHECK(!a.is_free(0));
+  try {
+    a.allocate();
+    FAIL("a moved-from allocator handed out a block");
+  } catch (const kvtile::error& e) {
+    CHECK(e.code() == errc::out_of_blocks);
+  }
+  try {
+    a.free(x);
+    FAIL("a moved-from allocator took a block back");
+  } catch (const kvtile::error& e) {
+    CHECK(e.code() == errc::out_of_range);
+  }
+  std::vector<block_id> none;
+  a.allocate(none);  // nothing asked, nothing done
+  CHECK(a.capacity() == 0);
+  a = std::move(moved);  // a moved-from allocator takes a pool again
+  CHECK(a.capacity() == 8);
+  CHECK(a.num_free() == 5);
+  CHECK(moved.capacity() == 0);
+  a.free(x);
+  CHECK(a.allocate() == x);
+}

@@ -3,6 +3,9 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <span>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kvtile/memory/block_storage.hpp"
@@ -118,4 +121,62 @@ TEST_CASE("host K/V write through a slot mapping") {
     CHECK(std::memcmp(before.data(), p.k, before.size() * 2) == 0);  // nothing written
     CHECK_THROWS_AS(s.memory().write_kv(p, k.data(), v.data(), 9, slots.data(), 1), kvtile::error);
   }
+}
+
+TEST_CASE("pool sizes that overflow are errors naming the operands, before anything is allocated") {
+  // 65536^4 x 4 bytes wraps to 0 in 64 bits: the pool was once allocated as 1 byte.
+  const kv_shape huge{65536, 65536, 65536, 65536, 1};
+  try {
+    block_storage<float> s(huge, kv_layout::nhd);
+    FAIL("a wrapped pool size was accepted");
+  } catch (const kvtile::error& e) {
+    CHECK(e.code() == errc::invalid_argument);
+    CHECK(std::string(e.what()).find("overflows") != std::string::npos);
+  }
+  CHECK_THROWS_AS(huge.check(sizeof(float)), kvtile::error);
+  CHECK_THROWS_AS(kv_shape({1, 1, 1 << 30, 1 << 30, 1 << 30}).block_elems(), kvtile::error);
+  CHECK_THROWS_AS(kv_shape({1 << 30, 1, 1, 1 << 30, 1 << 30}).bytes_per_token(8), kvtile::error);
+  // Just below the limit the arithmetic is exact (nothing allocated: only the sizes).
+  const kv_shape big{64, 1 << 20, 16, 8, 128};
+  CHECK(big.pool_bytes(2) == std::int64_t(64) * (1 << 20) * 16 * 8 * 128 * 2);
+  CHECK_NOTHROW(big.check(2));
+}
+
+TEST_CASE("pools().head_bytes is not truncated to 32 bits") {
+  // head_dim 2^30 floats is 2^32 bytes per head; zero blocks keep the pool itself empty.
+  block_storage<float> s(kv_shape{1, 0, 1, 1, 1 << 30}, kv_layout::hnd);
+  static_assert(std::is_same_v<decltype(s.pools().head_bytes), std::int64_t>);
+  CHECK(s.pools().head_bytes == std::int64_t(1) << 32);
+  CHECK(s.pools().segment_bytes(1) == std::int64_t(1) << 32);
+}
+
+TEST_CASE("a moved-from storage holds no blocks and stays usable; move assignment releases the old pools") {
+  const kv_shape shape{2, 3, 4, 1, 8};
+  block_storage<float> a(shape, kv_layout::nhd);
+  a.k_data()[5] = 7.f;
+  float* const k = a.k_data();
+  block_storage<float> b(std::move(a));
+  CHECK(b.k_data() == k);
+  CHECK(b.k_data()[5] == 7.f);
+  CHECK(b.shape().num_blocks == 3);
+  CHECK(a.k_data() == nullptr);
+  CHECK(a.v_data() == nullptr);
+  CHECK(a.shape().num_blocks == 0);
+  CHECK(a.bytes_per_pool() == 0);
+  const auto moved = a.layer(1);  // a view of zero blocks: nothing a kernel could read
+  CHECK(moved.num_blocks == 0);
+  CHECK(moved.k == nullptr);
+  CHECK(a.pools().num_blocks == 0);
+  // Copies into a moved-from pool name a block outside it.
+  const memory::block_copy c{0, 1, 1};
+  CHECK_THROWS_AS(memory::copy_blocks_host(a.pools(), std::span(&c, 1)), kvtile::error);
+
+  block_storage<float> d(kv_shape{1, 1, 1, 1, 4}, kv_layout::hnd);
+  d = std::move(b);
+  CHECK(d.k_data() == k);
+  CHECK(d.layout() == kv_layout::nhd);
+  CHECK(b.shape().num_blocks == 0);
+  a = std::move(d);  // into a moved-from one
+  CHECK(a.k_data() == k);
+  CHECK(a.k_data()[5] == 7.f);
 }

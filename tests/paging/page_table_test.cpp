@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -113,4 +114,42 @@ TEST_CASE("mismatched views are errors naming the values") {
   CHECK_THROWS_AS(to_csr(mixed), kvtile::error);
   CHECK(to_padded(ptrs, 5).max_blocks == 5);
   CHECK(to_csr({}).batch() == 0);
+}
+
+TEST_CASE("page tables: copies are independent, a moved-from table is empty") {
+  paging::page_table t(4);
+  t.reserve(3);
+  for (memory::block_id b : {5, 2, 9}) t.push_block(b);
+  t.set_num_tokens(10);
+  paging::page_table c(t);
+  c.pop_block();
+  c.set_num_tokens(8);
+  CHECK(t.num_blocks() == 3);
+  CHECK(t.num_tokens() == 10);
+  paging::page_table m(std::move(t));
+  CHECK(m.num_blocks() == 3);
+  CHECK(m.num_tokens() == 10);
+  CHECK(m.slot(9) == 9 * 4 + 1);
+  CHECK(t.num_blocks() == 0);
+  CHECK(t.num_tokens() == 0);  // not 10 tokens in no blocks
+  CHECK(t.last_page_len() == 0);
+  CHECK(t.tail_room() == 0);
+  t = std::move(c);
+  CHECK(t.num_tokens() == 8);
+  CHECK(c.num_tokens() == 0);
+  CHECK(c.num_blocks() == 0);
+  // Lengths near 2^63 do not overflow the block count.
+  CHECK(m.blocks_for(std::numeric_limits<std::int64_t>::max()) == std::numeric_limits<std::int64_t>::max() / 4 + 1);
+}
+
+TEST_CASE("padded views: page counts near 2^31 tokens do not wrap") {
+  const std::int32_t lens[] = {std::numeric_limits<std::int32_t>::max()};
+  const std::int32_t rows[] = {0};
+  const paging::padded_page_table p{rows, lens, 1, 1};
+  CHECK(p.num_blocks(0, 16) == (std::int64_t(1) << 27));
+  CHECK(p.num_blocks(0, 1 << 30) == 2);
+  const std::int32_t indptr[] = {0, 2};
+  const std::int32_t last[] = {(1 << 30) - 1};
+  const paging::csr_page_table c{indptr, rows, last, 1};
+  CHECK(c.kv_len(0, 1 << 30) == std::numeric_limits<std::int32_t>::max());
 }

@@ -81,3 +81,37 @@ TEST_CASE("no_sharing costs nothing and always frees") {
   CHECK_FALSE(s.is_shared(4));
   CHECK(s.pending().empty());
 }
+
+TEST_CASE("copy_on_write: copies are independent, a moved-from policy holds nothing") {
+  copy_on_write a;
+  a.reset(4);
+  a.on_allocate(0);
+  a.share(0);
+  a.on_allocate(1);
+  a.record_copy(0, 1, 3);
+  copy_on_write c(a);
+  std::vector<block_id> freed;
+  c.finish_pending([&](block_id b) { freed.push_back(b); });
+  CHECK(c.pending().empty());
+  CHECK(a.pending().size() == 1);  // the original's copy is still pending
+  CHECK(a.pins(0) == 1);
+  CHECK(c.pins(0) == 0);
+  // The copy can record as many copies as it has blocks without reallocating.
+  c.on_allocate(2);
+  c.on_allocate(3);
+  c.share(2);
+  c.record_copy(2, 3, 1);
+  CHECK(c.pending().size() == 1);
+
+  copy_on_write m(std::move(a));
+  CHECK(m.pending().size() == 1);
+  CHECK(m.refcount(0) == 1);
+  CHECK(a.pending().empty());
+  CHECK(!a.has_pending());
+  a.reset(2);  // usable again
+  a.on_allocate(1);
+  CHECK(a.refcount(1) == 1);
+  a = std::move(m);
+  CHECK(a.pending().size() == 1);
+  CHECK(m.pending().empty());
+}

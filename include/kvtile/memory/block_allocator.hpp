@@ -12,6 +12,7 @@
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvtile/core/config.hpp"
@@ -55,6 +56,25 @@ class allocator_accounting {
   explicit allocator_accounting(std::int32_t capacity) : capacity_(capacity), free_count_(capacity) {
     KVTILE_REQUIRE(capacity >= 0, errc::invalid_argument, "block pool capacity must be >= 0, got ", capacity);
     is_free_.assign(std::size_t(capacity), 1);
+  }
+  // Copies are independent pools. A moved-from allocator is an empty pool (capacity 0): every
+  // allocate is out_of_blocks, every free out_of_range.
+  allocator_accounting(const allocator_accounting&) = default;
+  allocator_accounting& operator=(const allocator_accounting&) = default;
+  allocator_accounting(allocator_accounting&& o) noexcept
+      : is_free_(std::move(o.is_free_)), capacity_(std::exchange(o.capacity_, 0)),
+        free_count_(std::exchange(o.free_count_, 0)), high_water_(std::exchange(o.high_water_, 0)) {
+    o.is_free_.clear();
+  }
+  allocator_accounting& operator=(allocator_accounting&& o) noexcept {
+    if (this != &o) {
+      is_free_ = std::move(o.is_free_);
+      o.is_free_.clear();
+      capacity_ = std::exchange(o.capacity_, 0);
+      free_count_ = std::exchange(o.free_count_, 0);
+      high_water_ = std::exchange(o.high_water_, 0);
+    }
+    return *this;
   }
   std::int32_t capacity() const { return capacity_; }
   std::int32_t num_free() const { return free_count_; }

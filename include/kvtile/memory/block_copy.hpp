@@ -40,7 +40,7 @@ struct kv_pool_set {
   std::int32_t num_blocks = 0;
   std::int32_t page_size = 0;
   std::int32_t num_kv_heads = 0;
-  std::int32_t head_bytes = 0;
+  std::int64_t head_bytes = 0;  // 64-bit: head_dim * sizeof(T) may pass 2^31
   kv_layout layout = kv_layout::nhd;
 
   // The filled part of a block with n tokens is `segments` runs of `segment_bytes` each,

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kvtile/core/checked.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/memory/memory_policy.hpp"
 #include "kvtile/memory/pool_view.hpp"
@@ -26,17 +27,30 @@ struct kv_shape {
   std::int32_t num_kv_heads = 1;
   std::int32_t head_dim = 128;
 
-  std::int64_t block_elems() const { return std::int64_t(page_size) * num_kv_heads * head_dim; }
+  // page_size * num_kv_heads fits 62 bits (two int32); the third factor is checked.
+  std::int64_t block_elems() const { return checked_mul(std::int64_t(page_size) * num_kv_heads, std::int64_t(head_dim), "block elements"); }
   // K and V of one token in every layer, in bytes.
   std::int64_t bytes_per_token(std::size_t elem_bytes) const {
-    return 2 * std::int64_t(num_layers) * num_kv_heads * head_dim * std::int64_t(elem_bytes);
+    const std::int64_t per_layer = checked_mul(2 * std::int64_t(num_kv_heads) * head_dim, std::int64_t(elem_bytes),
+                                               "bytes per token");
+    return checked_mul(per_layer, std::int64_t(num_layers), "bytes per token");
   }
-  void check() const {
+  // One pool (K, or V) of every layer, in bytes; an error naming the operands when it does not
+  // fit 64-bit offsets. Checked before anything is allocated.
+  std::int64_t pool_bytes(std::size_t elem_bytes) const {
+    const std::int64_t per_block = checked_mul(block_elems(), checked_cast<std::int64_t>(elem_bytes, "element size"),
+                                               "pool bytes (block elements x element size)");
+    const std::int64_t per_layer = checked_mul(per_block, std::int64_t(num_blocks), "pool bytes (x num_blocks)");
+    return checked_mul(per_layer, std::int64_t(num_layers), "pool bytes (x num_layers)");
+  }
+  // Every field in range, and the pools' sizes (for elem_bytes-byte elements) fit 64 bits.
+  void check(std::size_t elem_bytes = 1) const {
     KVTILE_REQUIRE(num_layers > 0, errc::invalid_argument, "num_layers must be positive, got ", num_layers);
     KVTILE_REQUIRE(num_blocks >= 0, errc::invalid_argument, "num_blocks must be >= 0, got ", num_blocks);
     KVTILE_REQUIRE(page_size > 0, errc::invalid_argument, "page_size must be positive, got ", page_size);
     KVTILE_REQUIRE(num_kv_heads > 0, errc::invalid_argument, "num_kv_heads must be positive, got ", num_kv_heads);
     KVTILE_REQUIRE(head_dim > 0, errc::invalid_argument, "head_dim must be positive, got ", head_dim);
+    (void)pool_bytes(elem_bytes);
   }
 };
 
@@ -49,11 +63,8 @@ class block_storage {
   using memory_type = Memory;
 
   block_storage(kv_shape shape, kv_layout layout, Memory memory = {}) : memory_(std::move(memory)), shape_(shape), layout_(layout) {
-    shape.check();
-    const std::int64_t elems = std::int64_t(shape.num_layers) * shape.num_blocks * shape.block_elems();
-    KVTILE_REQUIRE(elems <= std::numeric_limits<std::int64_t>::max() / std::int64_t(sizeof(T)), errc::invalid_argument,
-                   "pool of ", elems, " elements overflows 64-bit byte offsets");
-    bytes_ = std::size_t(elems) * sizeof(T);
+    shape.check(sizeof(T));
+    bytes_ = checked_cast<std::size_t>(shape.pool_bytes(sizeof(T)), "pool bytes");
     k_ = static_cast<T*>(memory_.allocate(bytes_));
     try {
       v_ = static_cast<T*>(memory_.allocate(bytes_));
@@ -67,18 +78,22 @@ class block_storage {
   }
   block_storage(const block_storage&) = delete;
   block_storage& operator=(const block_storage&) = delete;
+  // A moved-from storage holds no blocks (num_blocks 0, null pools) and stays usable.
   block_storage(block_storage&& o) noexcept
-      : memory_(std::move(o.memory_)), shape_(o.shape_), layout_(o.layout_), bytes_(o.bytes_),
-        k_(std::exchange(o.k_, nullptr)), v_(std::exchange(o.v_, nullptr)) {}
+      : memory_(std::move(o.memory_)), shape_(o.shape_), layout_(o.layout_), bytes_(std::exchange(o.bytes_, 0)),
+        k_(std::exchange(o.k_, nullptr)), v_(std::exchange(o.v_, nullptr)) {
+    o.shape_.num_blocks = 0;
+  }
   block_storage& operator=(block_storage&& o) noexcept {
     if (this != &o) {
       release();
       memory_ = std::move(o.memory_);
       shape_ = o.shape_;
       layout_ = o.layout_;
-      bytes_ = o.bytes_;
+      bytes_ = std::exchange(o.bytes_, 0);
       k_ = std::exchange(o.k_, nullptr);
       v_ = std::exchange(o.v_, nullptr);
+      o.shape_.num_blocks = 0;
     }
     return *this;
   }
@@ -116,7 +131,7 @@ class block_storage {
     p.num_blocks = shape_.num_blocks;
     p.page_size = shape_.page_size;
     p.num_kv_heads = shape_.num_kv_heads;
-    p.head_bytes = std::int32_t(std::int64_t(shape_.head_dim) * e);
+    p.head_bytes = std::int64_t(shape_.head_dim) * e;
     p.layout = layout_;
     return p;
   }

@@ -10,6 +10,7 @@
 #include <bit>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvtile/memory/block_allocator.hpp"
@@ -28,6 +29,20 @@ class lowest_id_allocator : public detail::allocator_accounting<lowest_id_alloca
       levels_.push_back(std::move(level));
       n = words;
     } while (n > 1);
+  }
+  lowest_id_allocator(const lowest_id_allocator&) = default;
+  lowest_id_allocator& operator=(const lowest_id_allocator&) = default;
+  // Moved from: an empty pool (the base's counters are zero, so take() is never reached).
+  lowest_id_allocator(lowest_id_allocator&& o) noexcept : allocator_accounting(std::move(o)), levels_(std::move(o.levels_)) {
+    o.levels_.clear();
+  }
+  lowest_id_allocator& operator=(lowest_id_allocator&& o) noexcept {
+    allocator_accounting::operator=(std::move(o));
+    if (this != &o) {
+      levels_ = std::move(o.levels_);
+      o.levels_.clear();
+    }
+    return *this;
   }
 
  private:

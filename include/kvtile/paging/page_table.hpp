@@ -8,8 +8,10 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
+#include "kvtile/core/checked.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/memory/block_allocator.hpp"
 
@@ -25,6 +27,23 @@ class page_table {
     KVTILE_REQUIRE(page_size > 0, errc::invalid_argument, "page_size must be positive, got ", page_size);
   }
 
+  page_table(const page_table&) = default;
+  page_table& operator=(const page_table&) = default;
+  // A moved-from table is empty (no blocks, no tokens), not a length without blocks.
+  page_table(page_table&& o) noexcept
+      : blocks_(std::move(o.blocks_)), num_tokens_(std::exchange(o.num_tokens_, 0)), page_size_(o.page_size_) {
+    o.blocks_.clear();
+  }
+  page_table& operator=(page_table&& o) noexcept {
+    if (this != &o) {
+      blocks_ = std::move(o.blocks_);
+      o.blocks_.clear();
+      num_tokens_ = std::exchange(o.num_tokens_, 0);
+      page_size_ = o.page_size_;
+    }
+    return *this;
+  }
+
   std::int32_t page_size() const { return page_size_; }
   std::int64_t num_tokens() const { return num_tokens_; }
   std::int32_t num_blocks() const { return std::int32_t(blocks_.size()); }
@@ -37,8 +56,8 @@ class page_table {
   }
   // Free slots left in the last block.
   std::int32_t tail_room() const { return std::int32_t(std::int64_t(blocks_.size()) * page_size_ - num_tokens_); }
-  // Blocks needed to hold n tokens.
-  std::int64_t blocks_for(std::int64_t n) const { return (n + page_size_ - 1) / page_size_; }
+  // Blocks needed to hold n >= 0 tokens (no n + page_size - 1: n may be near 2^63).
+  std::int64_t blocks_for(std::int64_t n) const { return ceil_div_nonneg(n, std::int64_t(page_size_)); }
   std::int64_t slot(std::int64_t t) const {
     return std::int64_t(blocks_[std::size_t(t / page_size_)]) * page_size_ + t % page_size_;
   }

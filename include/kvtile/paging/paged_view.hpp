@@ -33,8 +33,9 @@ struct csr_page_table {
   KVTILE_HOST_DEVICE std::int32_t num_blocks(std::int32_t b) const { return indptr[b + 1] - indptr[b]; }
   KVTILE_HOST_DEVICE std::int32_t block(std::int32_t b, std::int32_t i) const { return indices[indptr[b] + i]; }
   KVTILE_HOST_DEVICE std::int32_t kv_len(std::int32_t b, std::int32_t page_size) const {
+    // Callers check that the length fits int32 (see attention/cpu/checks.hpp); the product is 64-bit.
     const std::int32_t n = num_blocks(b);
-    return n == 0 ? 0 : (n - 1) * page_size + last_page_len[b];
+    return n == 0 ? 0 : std::int32_t(std::int64_t(n - 1) * page_size + last_page_len[b]);
   }
 };
 
@@ -45,7 +46,7 @@ struct padded_page_table {
   std::int32_t max_blocks = 0;
 
   KVTILE_HOST_DEVICE std::int32_t num_blocks(std::int32_t b, std::int32_t page_size) const {
-    return (kv_lens[b] + page_size - 1) / page_size;
+    return std::int32_t((std::int64_t(kv_lens[b]) + page_size - 1) / page_size);  // 64-bit: no wrap near 2^31
   }
   KVTILE_HOST_DEVICE std::int32_t block(std::int32_t b, std::int32_t i) const {
     return block_table[std::int64_t(b) * max_blocks + i];

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "kvtile/sharing/sharing_policy.hpp"
@@ -27,6 +28,34 @@ class copy_on_write {
  public:
   static constexpr bool can_fork = true;
   static constexpr bool counts_references = true;
+
+  copy_on_write() = default;
+  // A copy reserves pending_ again (a vector copy does not), so record_copy never allocates.
+  copy_on_write(const copy_on_write& o)
+      : refcount_(o.refcount_), pins_(o.pins_), pending_of_dst_(o.pending_of_dst_) {
+    pending_.reserve(refcount_.size());
+    pending_.assign(o.pending_.begin(), o.pending_.end());
+  }
+  copy_on_write& operator=(const copy_on_write& o) {
+    if (this != &o) *this = copy_on_write(o);
+    return *this;
+  }
+  // Moved from: no blocks, nothing pending.
+  copy_on_write(copy_on_write&& o) noexcept
+      : refcount_(std::move(o.refcount_)), pins_(std::move(o.pins_)), pending_of_dst_(std::move(o.pending_of_dst_)),
+        pending_(std::move(o.pending_)) {
+    o.clear();
+  }
+  copy_on_write& operator=(copy_on_write&& o) noexcept {
+    if (this != &o) {
+      refcount_ = std::move(o.refcount_);
+      pins_ = std::move(o.pins_);
+      pending_of_dst_ = std::move(o.pending_of_dst_);
+      pending_ = std::move(o.pending_);
+      o.clear();
+    }
+    return *this;
+  }
 
   void reset(std::int32_t num_blocks) {
     refcount_.assign(std::size_t(num_blocks), 0);
@@ -75,6 +104,12 @@ class copy_on_write {
   }
 
  private:
+  void clear() noexcept {
+    refcount_.clear();
+    pins_.clear();
+    pending_of_dst_.clear();
+    pending_.clear();
+  }
   // Remove pending copy i (its destination was freed): swap with the last, unpin the source.
   block_id cancel(std::int32_t i) noexcept {
     const block_copy c = pending_[std::size_t(i)];

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -140,4 +141,36 @@ TEST_CASE("thread pool: every item once, exceptions propagate, nested loops run 
   pool.parallel_for(4, [&](std::int64_t) { pool.parallel_for(5, [&](std::int64_t) { inner++; }); });
   CHECK(inner.load() == 20);
   CHECK_THROWS_AS(cpu::thread_pool(-1), kvtile::error);
+}
+
+TEST_CASE("paged checks: lengths near 2^31 tokens neither wrap nor skip the page-id check") {
+  // One block of page_size 2^30 in the pool; a sequence of 2^31 - 1 tokens needs two pages, and
+  // names block 5 for the second. len + page_size - 1 once wrapped int32 and skipped the check.
+  float dummy[1] = {};
+  const auto pool = paging::kv_pool_view<float>::make(dummy, dummy, kv_layout::nhd, 1, 1 << 30, 1, 64);
+  auto message = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const kvtile::error& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  const std::int32_t row[] = {0, 5};
+  const std::int32_t lens[] = {std::numeric_limits<std::int32_t>::max()};
+  const paging::paged_kv<float, paging::padded_page_table> padded{pool, {row, lens, 1, 2}};
+  CHECK(message([&] { cpu::detail::check_kv_source(padded, 1, 64); }).find("page 1 is block 5, outside the pool [0, 1)") !=
+        std::string::npos);
+  const std::int32_t indptr[] = {0, 2};
+  std::int32_t last[] = {(1 << 30) - 1};
+  const paging::paged_kv<float, paging::csr_page_table> csr{pool, {indptr, row, last, 1}};
+  CHECK(message([&] { cpu::detail::check_kv_source(csr, 1, 64); }).find("page 1 is block 5, outside the pool [0, 1)") !=
+        std::string::npos);
+  last[0] = 1 << 30;  // 2^31 tokens: past what a kernel view can hold
+  CHECK(message([&] { cpu::detail::check_kv_source(csr, 1, 64); }).find("has length 2147483648, outside [0, 2^31)") !=
+        std::string::npos);
+  // indptr entries whose int32 difference wraps are refused, not read.
+  const std::int32_t wild[] = {-2147483647, 2147483647};
+  const paging::paged_kv<float, paging::csr_page_table> bad{pool, {wild, row, last, 1}};
+  CHECK(message([&] { cpu::detail::check_kv_source(bad, 1, 64); }).find("negative or decreasing") != std::string::npos);
 }

@@ -401,3 +401,53 @@ TEST_CASE("the paged planner says which kernel it chose and why") {
   CHECK(std::string(a.kernel()) == "append_sm90");
   CHECK(a.reason.find("packs 400 query rows") != std::string::npos);
 }
+
+// Found by fuzz/plan_fuzz.cpp (regressions in fuzz/regressions/plan).
+TEST_CASE("plan: an empty batch is an empty plan, for every kernel shape") {
+  const kc::paged_problem pr{8, 2, 128, 16, 100, 2};
+  const std::vector<std::int32_t> q{0}, indptr{0};
+  const paging::csr_page_table t{indptr.data(), nullptr, nullptr, 0};
+  for (const kc::device_limits& dev : {kc::device_limits{132, 228 * 1024, 227 * 1024, 32}, h100_sm90()}) {
+    const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t, pr, {}, dev);  // once read past an empty list
+    CHECK(plan.batch == 0);
+    CHECK(plan.work.empty());
+    CHECK(plan.merges.empty());
+    CHECK(plan.ctas() == 0);
+    CHECK(plan.num_partials == 0);
+  }
+}
+
+TEST_CASE("plan: indptr checked whole before any page id; lengths from int32 arrays do not wrap") {
+  const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};
+  const kc::paged_problem pr{8, 2, 128, 16, 100, 2};
+  // indptr[1] claims 50 pages, but indptr[2] says the array has 3: nothing past 3 may be read.
+  const std::vector<std::int32_t> indptr{0, 50, 3}, indices{0, 1, 2}, last{16, 16};
+  const paging::csr_page_table t{indptr.data(), indices.data(), last.data(), 2};
+  const std::vector<std::int32_t> q{0, 1, 2};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), t, pr, {}, dev),
+                       doctest::Contains("indptr[2] = 3 is negative or decreasing"), kvtile::error);
+  // Query lengths whose int32 difference wraps.
+  const std::vector<std::int32_t> ok_indptr{0, 1}, ok_indices{0}, ok_last{4};
+  const paging::csr_page_table one{ok_indptr.data(), ok_indices.data(), ok_last.data(), 1};
+  const std::vector<std::int32_t> q_wrap{0, -2147483647 - 1};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q_wrap.data(), one, pr, {}, dev),
+                       doctest::Contains("query length -2147483648"), kvtile::error);
+  // A CSR length past 2^31 - 1: 2^27 + 1 pages of 16 tokens (ids never read: the length is refused first).
+  kc::paged_problem big = pr;
+  big.page_size = 1 << 30;
+  const std::vector<std::int32_t> two_pages{0, 2}, ids{0, 1}, full{1 << 30};
+  const paging::csr_page_table long_t{two_pages.data(), ids.data(), full.data(), 1};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), long_t, big, {}, dev),
+                       doctest::Contains("kv length 2147483648"), kvtile::error);
+}
+
+TEST_CASE("plan: the number of work items is checked before any is stored") {
+  const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};
+  // 2^20 query rows per head in tiles of 128, times 2^20 KV heads: 2^33 tiles, refused up front
+  // (it was a 200 GB vector before).
+  const kc::paged_problem pr{1 << 20, 1 << 20, 128, 16, 4, 2};
+  const std::vector<std::int32_t> q{0, 1 << 20}, indptr{0, 1}, indices{0}, last{16};
+  const paging::csr_page_table t{indptr.data(), indices.data(), last.data(), 1};
+  CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), t, pr, {}, dev),
+                       doctest::Contains("8589934592 row tiles x KV heads"), kvtile::error);
+}

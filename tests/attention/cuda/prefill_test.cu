@@ -176,3 +176,24 @@ TEST_CASE("prefill argument errors name the offending value") {
   a.q.layout.head_dim = 32;
   CHECK_THROWS_AS(K::run(a), kvtile::error);
 }
+
+TEST_CASE("prefill: nothing to compute is a no-op, null pointers allowed (zero-element tensors)") {
+  using K = k64_causal;
+  K::arguments empty;
+  empty.q = {nullptr, ragged_layout::fixed(0, 8, 4, 64)};
+  empty.kv = {nullptr, nullptr, ragged_layout::fixed(0, 8, 2, 64)};
+  empty.o = {nullptr, ragged_layout::fixed(0, 8, 4, 64)};
+  CHECK(K::can_implement(empty));
+  K::run(empty);  // empty batch
+  empty.q.layout = empty.o.layout = ragged_layout::fixed(3, 0, 4, 64);
+  empty.kv.layout = ragged_layout::fixed(3, 5, 2, 64);
+  K::run(empty);  // three requests of zero query tokens
+  static const std::int32_t indptr[1] = {0};
+  empty.q.layout = empty.o.layout = ragged_layout::varlen(indptr, 0, 4, 64);
+  empty.kv.layout = ragged_layout::varlen(indptr, 0, 2, 64);
+  K::run(empty);  // varlen, empty batch (max_q_len 0 is fine here)
+  CHECK(cudaDeviceSynchronize() == cudaSuccess);
+  // Shapes are still checked when there is nothing to compute.
+  empty.q.layout.head_dim = 80;
+  CHECK_THROWS_AS(K::run(empty), kvtile::error);
+}

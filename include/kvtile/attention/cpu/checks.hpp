@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "kvtile/attention/dense_view.hpp"
@@ -74,25 +75,42 @@ void check_kv_source(const paging::paged_kv<T, Table>& kv, std::int32_t num_kv_h
   KVTILE_REQUIRE(pool.head_dim == head_dim, errc::invalid_argument, "paged K/V head_dim ", pool.head_dim,
                  " differs from the kernel's head dim ", head_dim);
   KVTILE_REQUIRE(kv.batch() >= 0, errc::invalid_argument, "paged K/V: batch must be >= 0, got ", kv.batch());
+  // CSR: the whole indptr first, so no page id is read past indices[indptr[batch]] (the array's
+  // length) before a later, decreasing entry is seen.
+  if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
+    if (kv.batch() > 0)
+      for (std::int32_t b = 0; b <= kv.batch(); ++b)
+        KVTILE_REQUIRE(kv.table.indptr[b] >= 0 && (b == 0 || kv.table.indptr[b] >= kv.table.indptr[b - 1]),
+                       errc::invalid_argument, "paged K/V: indptr[", b, "] = ", kv.table.indptr[b],
+                       " (negative or decreasing)");
+  }
   for (std::int32_t b = 0; b < kv.batch(); ++b) {
+    // Lengths and page counts in 64 bits: len + page_size - 1 passes 2^31 for a sequence near
+    // 2^31 tokens, and a wrapped page count would skip the page-id checks below.
+    std::int64_t len = 0;
     if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
-      const std::int32_t n = kv.table.num_blocks(b);
-      KVTILE_REQUIRE(n >= 0, errc::invalid_argument, "paged K/V: indptr decreases at sequence ", b);
+      // 64-bit difference: indptr entries are untrusted, their int32 difference may wrap.
+      const std::int64_t n = std::int64_t(kv.table.indptr[b + 1]) - kv.table.indptr[b];
+      KVTILE_REQUIRE(kv.table.indptr[b] >= 0 && n >= 0, errc::invalid_argument, "paged K/V: indptr[", b, "] = ",
+                     kv.table.indptr[b], ", indptr[", b + 1, "] = ", kv.table.indptr[b + 1], " (negative or decreasing)");
       if (n > 0)
         KVTILE_REQUIRE(kv.table.last_page_len[b] >= 1 && kv.table.last_page_len[b] <= pool.page_size,
                        errc::invalid_argument, "paged K/V: last_page_len[", b, "] = ", kv.table.last_page_len[b],
                        " outside [1, page_size = ", pool.page_size, "]");
+      len = n == 0 ? 0 : (n - 1) * pool.page_size + kv.table.last_page_len[b];
+    } else {
+      len = kv.kv_len(b);
     }
     if constexpr (std::is_same_v<Table, paging::padded_page_table>)
       KVTILE_REQUIRE(kv.table.kv_lens[b] >= 0 && std::int64_t(kv.table.kv_lens[b]) <=
                                                      std::int64_t(kv.table.max_blocks) * pool.page_size,
                      errc::invalid_argument, "paged K/V: kv_lens[", b, "] = ", kv.table.kv_lens[b],
                      " does not fit max_blocks = ", kv.table.max_blocks, " pages of ", pool.page_size);
-    const std::int32_t len = kv.kv_len(b);
-    KVTILE_REQUIRE(len >= 0, errc::invalid_argument, "paged K/V: sequence ", b, " has negative length ", len);
-    const std::int32_t pages = (len + pool.page_size - 1) / pool.page_size;
-    for (std::int32_t i = 0; i < pages; ++i) {
-      const std::int32_t block = kv.table.block(b, i);
+    KVTILE_REQUIRE(len >= 0 && len <= std::numeric_limits<std::int32_t>::max(), errc::invalid_argument,
+                   "paged K/V: sequence ", b, " has length ", len, ", outside [0, 2^31)");
+    const std::int64_t pages = (len + pool.page_size - 1) / pool.page_size;
+    for (std::int64_t i = 0; i < pages; ++i) {
+      const std::int32_t block = kv.table.block(b, std::int32_t(i));
       KVTILE_REQUIRE(block >= 0 && block < pool.num_blocks, errc::out_of_range, "paged K/V: sequence ", b, " page ", i,
                      " is block ", block, ", outside the pool [0, ", pool.num_blocks, ")");
     }

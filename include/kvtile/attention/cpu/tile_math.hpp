@@ -26,6 +26,7 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define KVTILE_CPU_DISPATCH_AVX2 1
 #define KVTILE_CPU_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define KVTILE_CPU_DISPATCH_AVX2 0
@@ -55,8 +56,11 @@ static_assert(isa_generic::rows % micro_m == 0 && isa_avx2::rows % micro_m == 0)
 
 inline bool cpu_has_avx2_fma() {
 #if KVTILE_CPU_DISPATCH_AVX2
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  // F16C from CPUID leaf 1 (ECX bit 29): clang before 15 has no "f16c" for __builtin_cpu_supports.
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+  }();
   return has;
 #else
   return false;

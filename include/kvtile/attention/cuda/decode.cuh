@@ -28,7 +28,7 @@ paged_plan plan_decode(const std::int32_t* q_indptr, const Table& host_table, co
                        typename Mask::params mask_params, const device_limits& dev, const plan_options& opt = {}) {
   KVTILE_REQUIRE(q_indptr != nullptr, errc::invalid_argument, "plan_decode: null q_indptr");
   for (std::int32_t b = 0; b < host_table.batch; ++b) {
-    const std::int32_t ql = q_indptr[b + 1] - q_indptr[b];
+    const std::int64_t ql = std::int64_t(q_indptr[b + 1]) - q_indptr[b];  // 64-bit: untrusted entries may wrap
     KVTILE_REQUIRE(ql >= 1 && ql <= max_decode_q_len, errc::invalid_argument, "decode request ", b, " has ", ql,
                    " query tokens; decode takes 1 to ", max_decode_q_len, " (use plan_append for longer chunks)");
   }

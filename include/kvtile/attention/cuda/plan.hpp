@@ -230,6 +230,9 @@ inline std::int32_t table_blocks(const paging::padded_page_table& t, std::int32_
   return t.num_blocks(b, page_size);
 }
 
+inline std::int32_t last_page_len(const paging::csr_page_table& t, std::int32_t b) { return t.last_page_len[b]; }
+inline std::int32_t last_page_len(const paging::padded_page_table&, std::int32_t) { return 0; }
+
 // Request b's block ids, in logical order.
 inline const std::int32_t* table_row(const paging::csr_page_table& t, std::int32_t b) { return t.indices + t.indptr[b]; }
 inline const std::int32_t* table_row(const paging::padded_page_table& t, std::int32_t b) {
@@ -240,6 +243,14 @@ inline const std::int32_t* table_row(const paging::padded_page_table& t, std::in
 template <class Table>
 void check_page_table(const Table& t, const paged_problem& pr) {
   const std::int32_t ps = pr.page_size;
+  // CSR: the whole indptr before any page id, so nothing past indices[indptr[batch]] (the
+  // array's length) is read before a later, decreasing entry is seen.
+  if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
+    if (t.batch > 0)
+      for (std::int32_t b = 0; b <= t.batch; ++b)
+        KVTILE_REQUIRE(t.indptr[b] >= 0 && (b == 0 || t.indptr[b] >= t.indptr[b - 1]), errc::invalid_argument,
+                       "page table indptr[", b, "] = ", t.indptr[b], " is negative or decreasing");
+  }
   for (std::int32_t b = 0; b < t.batch; ++b) {
     if constexpr (std::is_same_v<Table, paging::csr_page_table>) {
       KVTILE_REQUIRE(t.indptr[b + 1] >= t.indptr[b], errc::invalid_argument, "page table indptr decreases at request ", b,
@@ -484,9 +495,19 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   const std::int32_t group = pr.num_qo_heads / pr.num_kv_heads;
   std::int64_t max_rows = 0;
   for (std::int32_t b = 0; b < table.batch; ++b) {
-    const std::int32_t ql = q_indptr[b + 1] - q_indptr[b];
-    const std::int32_t kl = table.kv_len(b, pr.page_size);
-    KVTILE_REQUIRE(ql >= 1, errc::invalid_argument, "request ", b, " has query length ", ql, " (needs >= 1)");
+    // Lengths from untrusted int32 arrays, in 64 bits: their differences and products may wrap.
+    const std::int64_t ql64 = std::int64_t(q_indptr[b + 1]) - q_indptr[b];
+    const std::int64_t kl64 = std::is_same_v<Table, paging::csr_page_table>
+                                  ? (detail::table_blocks(table, b, pr.page_size) == 0
+                                         ? 0
+                                         : std::int64_t(detail::table_blocks(table, b, pr.page_size) - 1) * pr.page_size +
+                                               detail::last_page_len(table, b))
+                                  : std::int64_t(table.kv_len(b, pr.page_size));
+    KVTILE_REQUIRE(ql64 >= 1 && ql64 <= std::numeric_limits<std::int32_t>::max(), errc::invalid_argument, "request ", b,
+                   " has query length ", ql64, " (needs >= 1)");
+    KVTILE_REQUIRE(kl64 <= std::numeric_limits<std::int32_t>::max(), errc::invalid_argument, "request ", b,
+                   " has kv length ", kl64, " (at most 2^31 - 1)");
+    const std::int32_t ql = std::int32_t(ql64), kl = std::int32_t(kl64);
     // With a mask, the chunk must be the cache's tail; without one (a cascade level of shared
     // keys, say), any number of queries may attend to the keys.
     if constexpr (!std::is_same_v<Mask, no_mask>)
@@ -514,8 +535,15 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
   const int bm = plan.shape.block_m, bn = plan.shape.block_n;
 
-  // Row tiles and the key hull each one needs.
+  // Row tiles and the key hull each one needs. Their number is checked before any is stored:
+  // a plan holds fewer than 2^31 work items (a grid's and the items' int32 indices).
+  std::int64_t num_tasks = 0;
+  for (std::int32_t b = 0; b < table.batch; ++b)
+    num_tasks += detail::ceil_div(std::int64_t(plan.q_len[b]) * group, bm) * pr.num_kv_heads;
+  KVTILE_REQUIRE(num_tasks < (std::int64_t(1) << 31), errc::unsupported, "the batch has ", num_tasks,
+                 " row tiles x KV heads (a plan holds fewer than 2^31 work items)");
   std::vector<detail::tile_task> tasks;
+  tasks.reserve(std::size_t(num_tasks));
   std::int64_t max_tiles = 0;
   for (std::int32_t b = 0; b < table.batch; ++b) {
     const std::int32_t ql = plan.q_len[b], kl = plan.kv_len[b];
@@ -534,6 +562,7 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     }
   }
 
+  if (tasks.empty()) return plan;  // an empty batch: nothing to compute, an empty plan (the run does nothing)
   if (kind == paged_kernel_kind::decode_sm90) {
     // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
     // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for

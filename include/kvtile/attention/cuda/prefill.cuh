@@ -134,11 +134,12 @@ class prefill {
       KVTILE_REQUIRE(ql.len >= 0, errc::invalid_argument, "prefill: q_len must be >= 0, got ", ql.len);
       KVTILE_REQUIRE(ol.len == ql.len, errc::invalid_argument, "prefill: o len ", ol.len, " differs from q_len ", ql.len);
     } else {
-      KVTILE_REQUIRE(a.max_q_len > 0, errc::invalid_argument,
+      KVTILE_REQUIRE(a.max_q_len > 0 || ql.batch == 0, errc::invalid_argument,
                      "prefill: varlen q needs max_q_len > 0 (an upper bound on every q_len), got ", a.max_q_len);
     }
     if (kl.indptr == nullptr)
       KVTILE_REQUIRE(kl.len >= 0, errc::invalid_argument, "prefill: kv_len must be >= 0, got ", kl.len);
+    if (nothing_to_compute(a)) return;  // no query token: null pointers (zero-element tensors) allowed
     KVTILE_REQUIRE(a.q.data && a.kv.k && a.kv.v && a.o.data, errc::invalid_argument,
                    "prefill: q, k, v and o must be non-null");
     KVTILE_REQUIRE(aligned16(a.q.data) && aligned16(a.kv.k) && aligned16(a.kv.v) && aligned16(a.o.data),
@@ -152,6 +153,13 @@ class prefill {
     KVTILE_REQUIRE(std::isfinite(a.scale) && a.scale >= 0.f, errc::invalid_argument,
                    "prefill: softmax scale must be finite and positive (0 = 1/sqrt(D)), got ", a.scale);
     check_variant<Mask>(a.mask_params, HeadDim);
+  }
+
+  // An empty batch, or fixed-length q of 0 tokens: run() does nothing. (A varlen batch's lengths
+  // live on the device: its q_len are not known here, so it needs pointers unless batch is 0.)
+  static bool nothing_to_compute(const arguments& a) {
+    const auto& ql = a.q.layout;
+    return ql.batch == 0 || (!ql.indptr && ql.len == 0);
   }
 
   static bool can_implement(const arguments& a) noexcept {
@@ -234,6 +242,7 @@ class prefill {
 
   static void launch(const arguments& a, cudaStream_t stream, bool allow_sm90) {
     check(a);
+    if (nothing_to_compute(a)) return;
     int device = 0, major = 0, smem_optin = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

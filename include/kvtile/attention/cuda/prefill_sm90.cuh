@@ -77,6 +77,7 @@ class prefill_sm90 {
   static void run(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
     (void)workspace;
     check(a);
+    if (portable::nothing_to_compute(a)) return;  // empty batch: no launch, null pointers allowed
     int device = 0, major = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

@@ -200,6 +200,7 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
   if constexpr (has_rotary<Mask>)
     KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
                    errc::unsupported, "rotary variants run on the paged decode kernels; the plan is for ", plan.kernel());
+  if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
   const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
                         paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&
                         q.layout.stride_batch % 8 == 0 && o.layout.stride_token % 4 == 0 && o.layout.stride_head % 4 == 0 &&
@@ -217,7 +218,8 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
                          const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o, float* lse,
                          typename Mask::params mask_params, float scale, cudaStream_t stream = nullptr) {
   check_paged_attention<Mask, HeadDim>(plan, q, kv, o, mask_params, scale);
-  KVTILE_REQUIRE(workspace != nullptr || plan.work.empty(), errc::invalid_argument, "run: null workspace");
+  if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
+  KVTILE_REQUIRE(workspace != nullptr, errc::invalid_argument, "run: null workspace");
   const paged_problem& pr = plan.problem;
   int device = 0;
   KVTILE_CUDA_CHECK(cudaGetDevice(&device));
