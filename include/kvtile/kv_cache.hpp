@@ -21,6 +21,7 @@
 // sequence plus a copy of its block list (no allocation of blocks, no per-block hashing).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <type_traits>
@@ -62,6 +63,9 @@ class kv_block_manager {
   std::int32_t num_free_blocks() const { return allocator_.num_free(); }
   std::int32_t num_sequences() const { return live_; }
   const Allocator& allocator() const { return allocator_; }
+  // For allocator policies with an index of their own (caching::prefix_caching_allocator's
+  // publish); blocks are allocated and freed through the manager only.
+  Allocator& allocator() { return allocator_; }
   const Sharing& sharing() const { return sharing_; }
   std::int64_t refcount(block_id b) const {
     check_block(b);
@@ -117,6 +121,8 @@ class kv_block_manager {
     const std::span<block_id> fresh(scratch_.data(), std::size_t(needed));
     allocator_.allocate(fresh);
     // From here on nothing throws.
+    if constexpr (requires { allocator_.on_write(block_id{}); })
+      if (!cow && t.tail_room() > 0) allocator_.on_write(t.last_block());  // written in place
     std::size_t k = 0;
     if constexpr (Sharing::can_fork) {
       if (cow) {
@@ -152,6 +158,47 @@ class kv_block_manager {
     c.table = std::move(copy);
     for (block_id b : c.table.blocks()) sharing_.share(b);
     return child;
+  }
+
+  // Append whole blocks that already hold K/V (a cached prompt prefix: caching/prefix_cache.hpp)
+  // to sequence id, whose length must be a multiple of page_size. A held block is shared
+  // (refcount + 1); a block the allocator keeps cached (held by no one) is taken back from it.
+  void attach(sequence_id id, std::span<const block_id> blocks) {
+    static_assert(Sharing::can_fork, "attach() needs a sharing policy that shares blocks (sharing::copy_on_write)");
+    entry& e = lookup(id, "attach blocks to");
+    paging::page_table& t = e.table;
+    KVTILE_REQUIRE(t.tail_room() == 0, errc::invalid_argument, "attach to sequence ", id, " of ", t.num_tokens(),
+                   " tokens: its last block is partly filled");
+    std::vector<block_id> sorted(blocks.begin(), blocks.end());  // may throw; nothing changed yet
+    std::sort(sorted.begin(), sorted.end());
+    for (std::size_t i = 0; i < sorted.size(); ++i) {
+      const block_id b = sorted[i];
+      check_block(b);
+      KVTILE_REQUIRE(i == 0 || sorted[i - 1] != b, errc::invalid_argument, "attach of block ", b, " twice");
+      if (allocator_.is_free(b)) {
+        if constexpr (requires { allocator_.is_cached(b); })
+          KVTILE_REQUIRE(allocator_.is_cached(b), errc::invalid_argument, "attach of block ", b,
+                         ": it is free (holds no K/V)");
+        else
+          KVTILE_FAIL(errc::invalid_argument, "attach of block ", b, ": it is free (holds no K/V)");
+      }
+    }
+    for (const auto& c : sharing_.pending())
+      KVTILE_REQUIRE(!std::binary_search(sorted.begin(), sorted.end(), c.dst), errc::invalid_argument,
+                     "attach of block ", c.dst, ": its copy-on-write copy has not run yet");
+    t.reserve(std::size_t(t.num_blocks()) + blocks.size());  // may throw; nothing changed yet
+    for (block_id b : blocks) {
+      if (allocator_.is_free(b)) {
+        if constexpr (requires { allocator_.take(b); }) {
+          allocator_.take(b);
+          sharing_.on_allocate(b);
+        }
+      } else {
+        sharing_.share(b);
+      }
+      t.push_block(b);
+    }
+    t.set_num_tokens(t.num_tokens() + std::int64_t(blocks.size()) * page_size_);
   }
 
   // Keep the first n tokens; blocks no longer needed are released.
@@ -335,6 +382,7 @@ class paged_kv_cache {
   void append(sequence_id id, std::int64_t n, std::span<std::int64_t> slots) { blocks_.append(id, n, slots); }
   std::vector<std::int64_t> append(sequence_id id, std::int64_t n) { return blocks_.append(id, n); }
   sequence_id fork(sequence_id id) { return blocks_.fork(id); }
+  void attach(sequence_id id, std::span<const memory::block_id> blocks) { blocks_.attach(id, blocks); }
   void truncate(sequence_id id, std::int64_t n) { blocks_.truncate(id, n); }
   void free(sequence_id id) { blocks_.free(id); }
   std::int64_t num_tokens(sequence_id id) const { return blocks_.num_tokens(id); }
