@@ -201,6 +201,23 @@ class kv_block_manager {
     t.set_num_tokens(t.num_tokens() + std::int64_t(blocks.size()) * page_size_);
   }
 
+  // Remove the full blocks [first, first + count) from the middle of sequence id's page table
+  // and release them: the blocks after them move up, the length shrinks by count * page_size.
+  // No K/V moves (eviction: caching/sink_window_eviction.hpp). The last block stays.
+  void drop_blocks(sequence_id id, std::int32_t first, std::int32_t count) {
+    entry& e = lookup(id, "drop blocks of");
+    paging::page_table& t = e.table;
+    KVTILE_REQUIRE(first >= 0 && count >= 0 && (count == 0 || std::int64_t(first) + count < t.num_blocks()),
+                   errc::out_of_range,
+                   "drop of blocks [", first, ", ", std::int64_t(first) + count, ") of sequence ", id,
+                   ": it has ", t.num_blocks(), " blocks and the last one stays");
+    if (count == 0) return;
+    for (std::int32_t i = first; i < first + count; ++i) release(t.block(i));
+    for (std::int32_t i = first; i + count < t.num_blocks(); ++i) t.set_block(i, t.block(i + count));
+    for (std::int32_t i = 0; i < count; ++i) t.pop_block();
+    t.set_num_tokens(t.num_tokens() - std::int64_t(count) * page_size_);
+  }
+
   // Keep the first n tokens; blocks no longer needed are released.
   void truncate(sequence_id id, std::int64_t n) {
     entry& e = lookup(id, "truncate");
@@ -384,6 +401,7 @@ class paged_kv_cache {
   sequence_id fork(sequence_id id) { return blocks_.fork(id); }
   void attach(sequence_id id, std::span<const memory::block_id> blocks) { blocks_.attach(id, blocks); }
   void truncate(sequence_id id, std::int64_t n) { blocks_.truncate(id, n); }
+  void drop_blocks(sequence_id id, std::int32_t first, std::int32_t count) { blocks_.drop_blocks(id, first, count); }
   void free(sequence_id id) { blocks_.free(id); }
   std::int64_t num_tokens(sequence_id id) const { return blocks_.num_tokens(id); }
   const paging::page_table& table(sequence_id id) const { return blocks_.table(id); }
