@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "kvtile/caching/prefix_cache.hpp"
 #include "kvtile/kv_cache.hpp"
 #include "kvtile/schedule/chunked_prefill.hpp"
 #include "support/test_util.hpp"
@@ -17,7 +18,8 @@ namespace {
 // What the kernels are told must agree with the cache: q_indptr over the items, the CSR table
 // of their sequences, kv_len = cached + new, every new token's slot = the table's slot of the
 // last q_len positions, the budget respected, decodes first.
-void check_batch(const manager_t& m, const schedule::step_batch& b, const schedule::scheduler_options& opt) {
+template <class Manager>
+void check_batch(const Manager& m, const schedule::step_batch& b, const schedule::scheduler_options& opt) {
   REQUIRE(b.q_indptr.size() == b.items.size() + 1);
   REQUIRE(b.table.batch() == b.batch());
   CHECK(b.num_tokens() == std::int64_t(b.slots.size()));
@@ -180,4 +182,25 @@ TEST_CASE("scheduler bad input: a clear error naming the value, nothing changed"
   CHECK(m.num_free_blocks() == 16);
   expect(errc::invalid_argument, "has finished", [&] { s.abort(r); });
   CHECK_FALSE(s.has_work());
+}
+
+TEST_CASE("with a prefix-caching allocator, admission shares the cached prefix instead of prefilling it") {
+  using pc_manager = kv_block_manager<caching::prefix_caching_allocator<>>;
+  pc_manager m(64, 4);
+  schedule::chunked_prefill_scheduler<pc_manager> s(m, {.token_budget = 16, .max_running = 4});
+  std::vector<caching::token_id> system(30);
+  for (int i = 0; i < 30; ++i) system[std::size_t(i)] = i;
+  const auto a = s.submit({.prompt_len = 30, .max_new_tokens = 40, .tokens = system});
+  while (s.state(a) == schedule::request_state::prefilling || s.state(a) == schedule::request_state::waiting) s.step();
+  caching::publish_prefix(m, s.sequence(a), system);  // its K/V are written: 7 full blocks named
+  auto other = system;
+  other.push_back(99);
+  const auto b = s.submit({.prompt_len = 31, .max_new_tokens = 2, .tokens = other});
+  const auto& batch = s.step();
+  CHECK(batch.prefix_hit_tokens == 28);
+  CHECK(batch.prefill_tokens == 3);  // 31 - 28
+  check_batch(m, batch, s.options());
+  CHECK(m.table(s.sequence(b)).block(0) == m.table(s.sequence(a)).block(0));
+  CHECK(s.state(b) == schedule::request_state::decoding);
+  m.check_invariants();
 }

@@ -34,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvtile/caching/prefix_cache.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/paging/page_table_export.hpp"
 
@@ -52,6 +53,11 @@ struct scheduler_options {
 struct request_spec {
   std::int64_t prompt_len = 0;
   std::int64_t max_new_tokens = 1;  // tokens generated (the first one by the prefill's last chunk)
+  // The prompt's token ids (prompt_len of them), optional: with a prefix-caching allocator
+  // (caching/prefix_cache.hpp) the cached prefix is shared at admission instead of prefilled.
+  // Publish the request's blocks (publish_prefix on sequence(r)) once its K/V are written.
+  std::vector<caching::token_id> tokens;
+  std::uint64_t salt = 0;
 };
 
 enum class request_state { waiting, prefilling, decoding, finished };
@@ -76,6 +82,7 @@ struct step_batch {
   std::vector<request_id> finished;        // generated their last token in this step
   std::int32_t num_decodes = 0;
   std::int64_t prefill_tokens = 0;
+  std::int64_t prefix_hit_tokens = 0;      // prompt tokens admissions found in the prefix cache
 
   std::int32_t batch() const { return std::int32_t(items.size()); }
   std::int64_t num_tokens() const { return q_indptr.empty() ? 0 : q_indptr.back(); }
@@ -96,13 +103,15 @@ class chunked_prefill_scheduler {
 
   request_id submit(request_spec spec) {
     KVTILE_REQUIRE(spec.prompt_len > 0, errc::invalid_argument, "prompt_len must be positive, got ", spec.prompt_len);
+    KVTILE_REQUIRE(spec.tokens.empty() || std::int64_t(spec.tokens.size()) == spec.prompt_len, errc::invalid_argument,
+                   "a request of prompt_len ", spec.prompt_len, " comes with ", spec.tokens.size(), " token ids");
     KVTILE_REQUIRE(spec.max_new_tokens > 0, errc::invalid_argument, "max_new_tokens must be positive, got ",
                    spec.max_new_tokens);
     const std::int64_t blocks = (spec.prompt_len + spec.max_new_tokens + m_.page_size() - 1) / m_.page_size();
     KVTILE_REQUIRE(blocks + opt_.watermark_blocks <= m_.num_blocks(), errc::out_of_blocks, "a request of ",
                    spec.prompt_len, " + ", spec.max_new_tokens, " tokens needs ", blocks,
                    " blocks, the pool has ", m_.num_blocks(), " (watermark ", opt_.watermark_blocks, ")");
-    reqs_.push_back(request{spec});
+    reqs_.push_back(request{std::move(spec)});
     const request_id id = reqs_.size() - 1;
     waiting_.push_back(id);
     return id;
@@ -169,19 +178,22 @@ class chunked_prefill_scheduler {
       const request_id r = waiting_.front();
       if (!fits_whole(r)) break;  // FCFS: nothing overtakes the head of the queue
       request& q = reqs_[r];
-      std::int64_t chunk = std::min(budget, q.target());
-      if (prefill_only) {
-        if (q.target() > budget && !batch_.items.empty()) break;  // a whole prompt, or none
-        chunk = q.target();                                        // the first prompt goes whole
-      }
-      if (chunk <= 0) break;
+      if (prefill_only && q.target() > budget && !batch_.items.empty()) break;  // a whole prompt, or none
       waiting_.pop_front();
       q.seq = m_.create();
       q.has_seq = true;
       q.state = request_state::prefilling;
+      q.done = 0;
+      // With a prefix-caching allocator, the cached part of the prompt is shared, not computed.
+      if constexpr (requires { m_.allocator().match(std::span<const caching::token_id>{}, 1, 0, 0); }) {
+        if (!q.spec.tokens.empty()) q.done = caching::admit_prefix(m_, q.seq, q.spec.tokens, q.spec.salt);
+        batch_.prefix_hit_tokens += q.done;
+      }
+      // the first prompt of a prefill-first step goes whole, beyond the budget
+      const std::int64_t chunk = prefill_only ? q.target() - q.done : std::min(budget, q.target() - q.done);
       running_.push_back(r);
       grow(r, chunk, running_.size() - 1);  // fits: checked against the whole prompt above
-      add_item(r, std::int32_t(chunk), false, chunk == q.target());
+      add_item(r, std::int32_t(chunk), false, q.done + chunk == q.target());
       budget -= chunk;
     }
     finish_batch();
