@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/caching/prefix_cache.hpp"
 #include "kvtile/kv_cache.hpp"
 #include "kvtile/schedule/chunked_prefill.hpp"
@@ -40,6 +41,18 @@ void check_batch(const Manager& m, const schedule::step_batch& b, const schedule
     CHECK(b.table.last_page_len[std::size_t(i)] == t.last_page_len());
     for (std::int32_t j = 0; j < it.q_len; ++j)
       CHECK(b.slots[std::size_t(b.q_indptr[std::size_t(i)] + j)] == t.slot(it.kv_len - it.q_len + j));
+  }
+  // The paged kernels' host planner takes the batch as it is (it checks every page id against
+  // the pool and q_len <= kv_len).
+  if (b.batch() == 0) return;
+  const attention::cuda::paged_problem pr{.num_qo_heads = 8, .num_kv_heads = 2, .head_dim = 128,
+                                          .page_size = m.page_size(), .pool_blocks = m.num_blocks()};
+  const auto plan = attention::cuda::plan_paged_attention<attention::causal_mask>(b.q_indptr.data(), b.table.view(), pr,
+                                                                                 {}, attention::cuda::device_limits{});
+  REQUIRE(plan.batch == b.batch());
+  for (std::int32_t i = 0; i < b.batch(); ++i) {
+    CHECK(plan.q_len[std::size_t(i)] == b.items[std::size_t(i)].q_len);
+    CHECK(plan.kv_len[std::size_t(i)] == b.items[std::size_t(i)].kv_len);
   }
 }
 }  // namespace
