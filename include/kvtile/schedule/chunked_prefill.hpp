@@ -192,7 +192,7 @@ class chunked_prefill_scheduler {
       // the first prompt of a prefill-first step goes whole, beyond the budget
       const std::int64_t chunk = prefill_only ? q.target() - q.done : std::min(budget, q.target() - q.done);
       running_.push_back(r);
-      grow(r, chunk, running_.size() - 1);  // fits: checked against the whole prompt above
+      if (!grow(r, chunk, running_.size() - 1)) break;  // fits (checked above); else back in the queue
       add_item(r, std::int32_t(chunk), false, q.done + chunk == q.target());
       budget -= chunk;
     }
