@@ -216,7 +216,10 @@ class kv_block_manager {
     for (std::int32_t i = first; i + count < t.num_blocks(); ++i) t.set_block(i, t.block(i + count));
     for (std::int32_t i = 0; i < count; ++i) t.pop_block();
     t.set_num_tokens(t.num_tokens() - std::int64_t(count) * page_size_);
+    e.dropped += std::int64_t(count) * page_size_;
   }
+  // Tokens drop_blocks removed from sequence id: its cache no longer holds its text contiguously.
+  std::int64_t dropped_tokens(sequence_id id) const { return lookup(id, "dropped tokens of").dropped; }
 
   // Keep the first n tokens; blocks no longer needed are released.
   void truncate(sequence_id id, std::int64_t n) {
@@ -239,6 +242,7 @@ class kv_block_manager {
     entry& e = lookup(id, "free");
     for (std::int32_t i = e.table.num_blocks(); i-- > 0;) release(e.table.block(i));
     e.table.clear();
+    e.dropped = 0;
     e.live = false;
     ++e.generation;
     --live_;
@@ -317,6 +321,7 @@ class kv_block_manager {
     paging::page_table table;
     std::uint32_t generation = 0;
     bool live = false;
+    std::int64_t dropped = 0;  // tokens drop_blocks removed from the middle
   };
   static sequence_id make_id(std::uint32_t slot, std::uint32_t gen) { return (sequence_id(gen) << 32) | slot; }
   static std::uint32_t slot_of(sequence_id id) { return std::uint32_t(id & 0xffffffffu); }

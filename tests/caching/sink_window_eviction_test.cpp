@@ -83,6 +83,16 @@ TEST_CASE("eviction composes with forks and with the prefix cache") {
   // middle and a's window blocks).
   const auto b = c.create();
   CHECK(caching::admit_prefix(c.blocks(), b, prompt) == 20);
+  // a's table now skips tokens 4..15: publishing it again would name the wrong blocks
+  const auto named = c.blocks().allocator().num_indexed();
+  try {
+    caching::publish_prefix(c.blocks(), a, std::span(prompt).first(12));
+    FAIL("publish after eviction must throw");
+  } catch (const kvtile::error& e) {
+    CHECK(std::string(e.what()).find("after 12 of its tokens were evicted") != std::string::npos);
+  }
+  CHECK(c.blocks().allocator().num_indexed() == named);
+  CHECK(c.blocks().dropped_tokens(a) == 12);
 }
 
 TEST_CASE("eviction bad input: sinks + window larger than the pool, bad ranges, unknown ids") {

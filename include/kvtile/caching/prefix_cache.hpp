@@ -28,8 +28,8 @@
 // ever copies a partial last block, and indexed blocks are full); a sequence that writes in
 // place into an indexed block (after a truncate) drops its index entry first (on_write); blocks
 // the eviction policy drops from a page table are released like any other, so the indexed ones
-// stay cached. Publish a sequence before eviction drops any of its blocks: later blocks'
-// K/V no longer depend on the whole text before them.
+// stay cached. A sequence is published before eviction drops any of its blocks (publish_prefix
+// refuses afterwards): later blocks' K/V no longer depend on the whole text before them.
 #pragma once
 
 #include <algorithm>
@@ -296,6 +296,11 @@ std::int32_t publish_prefix(Manager& m, std::uint64_t id, std::span<const token_
   const auto& t = m.table(id);
   KVTILE_REQUIRE(std::int64_t(tokens.size()) <= t.num_tokens(), errc::invalid_argument, "publish of ", tokens.size(),
                  " tokens for sequence ", id, " which holds ", t.num_tokens());
+  // After an eviction the table's blocks no longer hold tokens[0, ...) in order (and later
+  // blocks' K/V were computed without the evicted text): naming them would hand out wrong K/V.
+  if constexpr (requires { m.dropped_tokens(id); })
+    KVTILE_REQUIRE(m.dropped_tokens(id) == 0, errc::invalid_argument, "publish of sequence ", id, " after ",
+                   m.dropped_tokens(id), " of its tokens were evicted: publish before evicting");
   const std::int64_t full = std::int64_t(tokens.size()) / m.page_size();
   return m.allocator().publish(t.blocks().first(std::size_t(full)), tokens, m.page_size(), salt);
 }
