@@ -23,6 +23,14 @@
 
 #include "kvtile/kv_cache.hpp"
 
+#include "kvtile/caching/block_hash.hpp"
+#include "kvtile/caching/lru_list.hpp"
+#include "kvtile/caching/prefix_cache.hpp"
+#include "kvtile/caching/sink_window_eviction.hpp"
+
+#include "kvtile/schedule/beam_search.hpp"
+#include "kvtile/schedule/chunked_prefill.hpp"
+
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/kv_source.hpp"
