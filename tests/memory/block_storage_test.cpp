@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kvtile/memory/block_storage.hpp"
+#include "kvtile/paging/paged_view.hpp"
 #include "support/test_util.hpp"
 
 using namespace kvtile;
