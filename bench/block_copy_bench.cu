@@ -3,7 +3,9 @@
 // and pool), 1, 8 and 256 (src, dst) pairs of full blocks, NHD.
 // Bytes counted: every copied byte read once and written once (decimal TB/s).
 // impl=kvtile is memory::cuda::copy_blocks_device; impl=scalar_baseline is a per-element kernel
-// in the style of vLLM's copy_blocks (one CTA per (layer, pair), one element per thread step).
+// in the style of vLLM's copy_blocks (one CTA per (layer, pair), one element per thread step);
+// impl=kvtile_cub is memory::cuda::copy_blocks_device_cub (cub::DeviceMemcpy::Batched over the
+// same descriptors), the candidate to replace the hand-written kernel if it is faster.
 // Each timed launch uses pairs not touched by the previous few launches, so small batches are
 // not served from the 50 MB L2.
 #include <benchmark/benchmark.h>
@@ -21,10 +23,18 @@
 #include "kvtile/memory/block_allocator.hpp"
 #include "kvtile/memory/block_storage.hpp"
 #include "kvtile/memory/cuda/block_copy.cuh"
+#include "kvtile/memory/cuda/block_copy_cub.cuh"
 #include "kvtile/memory/cuda/device_memory.cuh"
 
-using namespace kvtile;
-using namespace kvtile::memory;
+// No using-directive for kvtile::memory at global scope: nvcc's generated stubs for CUB's kernels
+// name ::cuda::std unqualified, which kvtile::memory::cuda would make ambiguous.
+using kvtile::bfloat16;
+using kvtile::kv_layout;
+using kvtile::memory::block_copy;
+using kvtile::memory::block_id;
+using kvtile::memory::block_storage;
+using kvtile::memory::kv_shape;
+namespace memory = kvtile::memory;
 
 // Baseline: per-element copy, each CTA one (layer, pair), K then V, like vLLM's copy_blocks.
 template <class T>
@@ -44,7 +54,7 @@ namespace {
 constexpr kv_shape kShape{32, 2048, 16, 8, 128};  // 2048 blocks: 4 GiB of K + V
 
 struct fixture {
-  block_storage<bfloat16, cuda::device_memory> pools{kShape, kv_layout::nhd};
+  block_storage<bfloat16, memory::cuda::device_memory> pools{kShape, kv_layout::nhd};
   block_copy* d_copies = nullptr;
   std::int32_t rotations = 0;
   fixture() {}
@@ -68,21 +78,28 @@ fixture& the_fixture() {
   return f;
 }
 
-void bm_block_copy(benchmark::State& state, bool scalar) {
+enum class copier { kvtile, scalar, cub };
+
+void bm_block_copy(benchmark::State& state, copier how) {
   const auto pairs = std::int32_t(state.range(0));
   auto& f = the_fixture();
   f.make(pairs);
   const auto pools = f.pools.pools();
   const std::int64_t block_elems = kShape.block_elems();
   const std::int64_t layer_elems = block_elems * kShape.num_blocks;
+  void* cub_ws = nullptr;
+  const std::size_t cub_bytes = how == copier::cub ? memory::cuda::copy_blocks_cub_workspace(pools, pairs) : 0;
+  if (cub_bytes) KVTILE_CUDA_CHECK(cudaMalloc(&cub_ws, cub_bytes));
   auto launch = [&](std::int32_t r) {
     const block_copy* batch = f.d_copies + std::int64_t(r) * pairs;
-    if (scalar) {
+    if (how == copier::cub) {
+      memory::cuda::copy_blocks_device_cub(pools, batch, pairs, cub_ws, cub_bytes);
+    } else if (how == copier::scalar) {
       scalar_copy_kernel<bfloat16><<<dim3(kShape.num_layers, pairs), 1024>>>(f.pools.k_data(), f.pools.v_data(),
                                                                                 layer_elems, block_elems, batch);
       KVTILE_CUDA_CHECK_LAUNCH();
     } else {
-      cuda::copy_blocks_device(pools, batch, pairs);
+      memory::cuda::copy_blocks_device(pools, batch, pairs);
     }
   };
   for (int i = 0; i < 3 * f.rotations; ++i) launch(i % f.rotations);  // warm-up
@@ -107,16 +124,19 @@ void bm_block_copy(benchmark::State& state, bool scalar) {
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  cudaFree(cub_ws);
   const double bytes = 2.0 * 2.0 * double(pairs) * kShape.num_layers * double(block_elems) * sizeof(bfloat16);  // (K+V) x (read+write)
   state.counters["bytes"] = bytes;
   state.counters["value"] = iters ? bytes / (total_s / double(iters)) / 1e12 : 0.0;  // TB/s (mean time)
   state.SetLabel("suite=block_copy;shape=pairs=" + std::to_string(pairs) +
                  " layers=32 kv_heads=8 head_dim=128 page=16 dtype=bf16;impl=" +
-                 (scalar ? "scalar_baseline" : "kvtile") + ";unit=TB/s");
+                 (how == copier::scalar ? "scalar_baseline" : how == copier::cub ? "kvtile_cub" : "kvtile") +
+                 ";unit=TB/s");
 }
 }  // namespace
 
-BENCHMARK_CAPTURE(bm_block_copy, kvtile, false)->Arg(1)->Arg(8)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(bm_block_copy, scalar_baseline, true)->Arg(1)->Arg(8)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(bm_block_copy, kvtile, copier::kvtile)->Arg(1)->Arg(8)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(bm_block_copy, kvtile_cub, copier::cub)->Arg(1)->Arg(8)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(bm_block_copy, scalar_baseline, copier::scalar)->Arg(1)->Arg(8)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -4,9 +4,12 @@
 Inputs: Google Benchmark JSON files (entries labelled "suite=..;shape=..;impl=..;unit=.." with
 a `value` counter) and peer JSON-lines files ({"suite","shape","impl","unit","value"} per line).
 Rows are keyed by (suite, shape); each implementation becomes a column. Existing rows of the
-card's file are kept unless a new measurement replaces them.
+card's file are kept unless a new measurement replaces them. docs/results.md shows the figures
+bench/plot.py draws (docs/figures/<card>-<suite>.svg) under each suite's table; they are redrawn
+here when matplotlib is installed.
 
 usage: collect.py --card "NVIDIA H100 80GB HBM3" [--commit SHA] FILE...
+       collect.py --render-only     (figures and docs/results.md from the results files as they are)
 """
 import argparse
 import datetime
@@ -94,26 +97,46 @@ def render_markdown(results_dir):
                 lines.append("| " + " | ".join(cells) + " |")
             if suite in doc.get("notes", {}):
                 lines += ["", doc["notes"][suite]]
+            fig = os.path.join("figures", f"{slug(doc['card'])}-{slug(suite)}.svg")
+            if os.path.exists(os.path.join(ROOT, "docs", fig)):
+                lines += ["", f"![{suite} on {doc['card']}: kvtile and its peers per shape, with the card's ceiling]({fig})"]
             lines.append("")
     with open(os.path.join(ROOT, "docs", "results.md"), "w") as f:
         f.write("\n".join(lines))
 
 
+def redraw(files):
+    """The figures of bench/plot.py, when matplotlib is here."""
+    try:
+        import plot
+        plot.render(files)
+    except ImportError as e:
+        print(f"figures not redrawn ({e}); python3 -m pip install matplotlib", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--card", required=True)
+    ap.add_argument("--card")
+    ap.add_argument("--render-only", action="store_true",
+                    help="redraw the figures and docs/results.md from bench/results/*.json, changing no results file")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--note", action="append", default=[], metavar="SUITE=TEXT",
                     help="a remark rendered under the suite's table (replaces an earlier one)")
     ap.add_argument("files", nargs="*")
     a = ap.parse_args()
+    results_dir = os.path.join(HERE, "results")
+    if a.render_only:
+        redraw(None)
+        render_markdown(results_dir)
+        return
+    if not a.card:
+        ap.error("--card is required (or --render-only)")
     commit = a.commit
     if commit is None:
         try:
             commit = subprocess.check_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], text=True).strip()
         except Exception:
             commit = "unknown"
-    results_dir = os.path.join(HERE, "results")
     os.makedirs(results_dir, exist_ok=True)
     out = os.path.join(results_dir, slug(a.card) + ".json")
     rows, notes = {}, {}
@@ -137,6 +160,7 @@ def main():
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    redraw([out])
     render_markdown(results_dir)
     print(f"collected {n} measurements into {out}", file=sys.stderr)
 

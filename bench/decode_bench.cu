@@ -22,6 +22,7 @@
 
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
+#include "kvtile/attention/variant.hpp"
 
 // KVTILE_BENCH_APPEND_SPLIT=0 plans the append rows without split-KV (the merge's share).
 #ifndef KVTILE_BENCH_APPEND_SPLIT
@@ -59,6 +60,19 @@ U* dcopy(const std::vector<U>& h) {
   return p;
 }
 
+// The variant a row runs: the causal mask alone, or with rotary embeddings applied to Q and K
+// in the kernel (half-split, all 128 dims), or with logit soft-capping (cap 30).
+enum class variant_kind { none, rotary, softcap };
+const char* impl_suffix(variant_kind v) {
+  return v == variant_kind::rotary ? "_rotary" : v == variant_kind::softcap ? "_softcap" : "";
+}
+template <class V>
+typename V::params variant_params() {
+  typename V::params p{};
+  if constexpr (requires { p.cap; }) p.cap = 30.f;
+  return p;
+}
+
 // One paged problem: `copies` independent sets of scattered pages over one pool.
 struct paged_setup {
   int batch, q_len, kv_len, page, copies;
@@ -72,9 +86,11 @@ struct paged_setup {
   double kv_bytes = 0, other_bytes = 0, flops = 0;
 
   kv_layout layout = kv_layout::nhd;
+  variant_kind variant = variant_kind::none;
 
-  paged_setup(int b, int ql, int kl, int ps, bool wgmma = true, kv_layout lay = kv_layout::nhd)
-      : batch(b), q_len(ql), kv_len(kl), page(ps), layout(lay) {
+  paged_setup(int b, int ql, int kl, int ps, bool wgmma = true, kv_layout lay = kv_layout::nhd,
+              variant_kind var = variant_kind::none)
+      : batch(b), q_len(ql), kv_len(kl), page(ps), layout(lay), variant(var) {
     const int nb = (kv_len + page - 1) / page;
     const double one = double(batch) * kv_len * HKV * D * sizeof(T) * 2;
     copies = int(std::clamp(512e6 / one, 1.0, 32.0));
@@ -111,7 +127,7 @@ struct paged_setup {
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
     // KVTILE_BENCH_EARLY_LAUNCH=0: launch the TMA decode grid without programmatic serialisation.
     if (const char* e = std::getenv("KVTILE_BENCH_EARLY_LAUNCH")) opt.early_launch = std::atoi(e) != 0;
-    plan = kc::plan_append<causal_mask>(qi.data(), host, pr, {}, kc::query_device_limits(), opt);
+    dispatch([&]<class V>() { plan = kc::plan_append<V>(qi.data(), host, pr, variant_params<V>(), kc::query_device_limits(), opt); });
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -125,13 +141,24 @@ struct paged_setup {
         cudaFree(last), cudaFree(ws);
     for (auto* p : indices) cudaFree(p);
   }
+  // f.template operator()<V>() with the row's variant type V.
+  template <class F>
+  void dispatch(F&& f) const {
+    switch (variant) {
+      case variant_kind::rotary: f.template operator()<rotary<causal_mask>>(); break;
+      case variant_kind::softcap: f.template operator()<softcap<causal_mask>>(); break;
+      default: f.template operator()<causal_mask>();
+    }
+  }
   void run(int copy, cudaStream_t s) {
     const auto ql = ragged_layout::varlen(q_indptr, batch, HQ, D);
     const paging::csr_page_table t{kv_indptr, indices[copy], last, batch};
     const paging::paged_kv<T, paging::csr_page_table> kv{
         paging::kv_pool_view<T>::make(k, v, layout, num_blocks, page, HKV, D), t};
-    kc::run_append<causal_mask, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, {},
-                                   1.f / std::sqrt(float(D)), s);
+    dispatch([&]<class V>() {
+      kc::run_append<V, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, variant_params<V>(),
+                           1.f / std::sqrt(float(D)), s);
+    });
   }
 };
 
@@ -202,8 +229,9 @@ void time_graph(benchmark::State& st, paged_setup& p, double& seconds) {
 // graph: replayed from a CUDA graph (impl "kvtile_graph"); hnd: K/V pool in HND layout;
 // portable: the cp.async (sm_80) decode kernel also where the sm_90a TMA one runs (impl
 // "kvtile_portable").
-void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable) {
-  paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd);
+void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable,
+               variant_kind var) {
+  paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd, var);
   double seconds = 0;
   if (graph)
     time_graph(st, p, seconds);
@@ -213,7 +241,7 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
   char shape[128];
   std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d%s", batch, len, page, hnd ? " hnd" : "");
   st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" +
-              (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + ";unit=TB/s");
+              (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + impl_suffix(var) + ";unit=TB/s");
   st.counters["value"] = tbps;
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
   st.counters["ctas"] = double(p.plan.ctas());
@@ -237,32 +265,44 @@ const int registered = [] {
   const int grid[][2] = {{1, 4096}, {1, 32768}, {16, 4096}, {64, 2048}, {64, 8192}, {128, 4096}, {32, 32768}};
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, false, false)
+                                 bm_decode, g[0], g[1], 16, false, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   for (int page : {1, 64, 256})
     benchmark::RegisterBenchmark(("decode/b16_l4096_page" + std::to_string(page)).c_str(), bm_decode, 16, 4096, page,
-                                 false, false, false)
+                                 false, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // The GPU's own time (graph replay) at the small shapes, where the host's launch cost shows.
   for (const auto& g : {std::array<int, 2>{1, 4096}, std::array<int, 2>{1, 32768}, std::array<int, 2>{16, 4096}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_graph").c_str(),
-                                 bm_decode, g[0], g[1], 16, true, false, false)
+                                 bm_decode, g[0], g[1], 16, true, false, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // HND pools (each page of a head contiguous) at the large shapes.
   for (const auto& g : {std::array<int, 2>{16, 4096}, std::array<int, 2>{128, 4096}, std::array<int, 2>{32, 32768}})
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_hnd").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, true, false)
+                                 bm_decode, g[0], g[1], 16, false, true, false, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   // The cp.async kernel on the same grid (what sm_80 runs, and page sizes without a TMA box).
   for (const auto& g : grid)
     benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16_portable").c_str(),
-                                 bm_decode, g[0], g[1], 16, false, false, true)
+                                 bm_decode, g[0], g[1], 16, false, false, true, variant_kind::none)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
+  // Variants at a few shapes, on both decode kernels: rotary embeddings applied to Q and K in
+  // the kernel, and logit soft-capping, beside the plain causal rows above.
+  for (variant_kind var : {variant_kind::rotary, variant_kind::softcap})
+    for (bool portable : {false, true})
+      for (const auto& g : {std::array<int, 2>{1, 32768}, std::array<int, 2>{16, 4096}, std::array<int, 2>{64, 8192},
+                            std::array<int, 2>{128, 4096}})
+        benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16" +
+                                      (portable ? "_portable" : "") + impl_suffix(var))
+                                         .c_str(),
+                                     bm_decode, g[0], g[1], 16, false, false, portable, var)
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
   for (bool wgmma : {true, false})
     for (int prefix : {4096, 16384})
       benchmark::RegisterBenchmark(

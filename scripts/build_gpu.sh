@@ -15,6 +15,7 @@ for f in $(find tests -name '*_test.cu'); do
   rel=${f#tests/}; rel=${rel%.cu}; targets+=" test.${rel//\//.}"
 done
 for f in bench/*_bench.cu; do n=$(basename "$f" .cu); targets+=" $n"; done
+targets+=" kvtile_bench"  # the configuration CLI (bench/cli), with its CUDA configurations
 for f in examples/*.cu; do n=$(basename "$f" .cu); targets+=" example_$n"; done
 targets+=" example_demo"
 cmake --build "$build" -j "${KVTILE_JOBS:-2}" --target $targets

@@ -119,6 +119,9 @@ class kv_block_manager {
   std::int32_t num_free_blocks() const { return allocator_.num_free(); }
   std::int32_t num_sequences() const { return live_; }
   const Allocator& allocator() const { return allocator_; }
+  // For allocator policies with an index of their own (caching::prefix_caching_allocator's
+  // publish); blocks are allocated and freed through the manager only.
+  Allocator& allocator() { return allocator_; }
   const Sharing& sharing() const { return sharing_; }
   std::int64_t refcount(block_id b) const {
     check_block(b);
@@ -240,6 +243,67 @@ class kv_block_manager {
     return child;
   }
 
+  // Append whole blocks that already hold K/V (a cached prompt prefix: caching/prefix_cache.hpp)
+  // to sequence id, whose length must be a multiple of page_size. A held block is shared
+  // (refcount + 1); a block the allocator keeps cached (held by no one) is taken back from it.
+  void attach(sequence_id id, std::span<const block_id> blocks) {
+    static_assert(Sharing::can_fork, "attach() needs a sharing policy that shares blocks (sharing::copy_on_write)");
+    entry& e = lookup(id, "attach blocks to");
+    paging::page_table& t = e.table;
+    KVTILE_REQUIRE(t.tail_room() == 0, errc::invalid_argument, "attach to sequence ", id, " of ", t.num_tokens(),
+                   " tokens: its last block is partly filled");
+    std::vector<block_id> sorted(blocks.begin(), blocks.end());  // may throw; nothing changed yet
+    std::sort(sorted.begin(), sorted.end());
+    for (std::size_t i = 0; i < sorted.size(); ++i) {
+      const block_id b = sorted[i];
+      check_block(b);
+      KVTILE_REQUIRE(i == 0 || sorted[i - 1] != b, errc::invalid_argument, "attach of block ", b, " twice");
+      if (allocator_.is_free(b)) {
+        if constexpr (requires { allocator_.is_cached(b); })
+          KVTILE_REQUIRE(allocator_.is_cached(b), errc::invalid_argument, "attach of block ", b,
+                         ": it is free (holds no K/V)");
+        else
+          KVTILE_FAIL(errc::invalid_argument, "attach of block ", b, ": it is free (holds no K/V)");
+      }
+    }
+    for (const auto& c : sharing_.pending())
+      KVTILE_REQUIRE(!std::binary_search(sorted.begin(), sorted.end(), c.dst), errc::invalid_argument,
+                     "attach of block ", c.dst, ": its copy-on-write copy has not run yet");
+    t.reserve(std::size_t(t.num_blocks()) + blocks.size());  // may throw; nothing changed yet
+    for (block_id b : blocks) {
+      if (allocator_.is_free(b)) {
+        if constexpr (requires { allocator_.take(b); }) {
+          allocator_.take(b);
+          sharing_.on_allocate(b);
+        }
+      } else {
+        sharing_.share(b);
+      }
+      t.push_block(b);
+    }
+    t.set_num_tokens(t.num_tokens() + std::int64_t(blocks.size()) * page_size_);
+  }
+
+  // Remove the full blocks [first, first + count) from the middle of sequence id's page table
+  // and release them: the blocks after them move up, the length shrinks by count * page_size.
+  // No K/V moves (eviction: caching/sink_window_eviction.hpp). The last block stays.
+  void drop_blocks(sequence_id id, std::int32_t first, std::int32_t count) {
+    entry& e = lookup(id, "drop blocks of");
+    paging::page_table& t = e.table;
+    KVTILE_REQUIRE(first >= 0 && count >= 0 && (count == 0 || std::int64_t(first) + count < t.num_blocks()),
+                   errc::out_of_range,
+                   "drop of blocks [", first, ", ", std::int64_t(first) + count, ") of sequence ", id,
+                   ": it has ", t.num_blocks(), " blocks and the last one stays");
+    if (count == 0) return;
+    for (std::int32_t i = first; i < first + count; ++i) release(t.block(i));
+    for (std::int32_t i = first; i + count < t.num_blocks(); ++i) t.set_block(i, t.block(i + count));
+    for (std::int32_t i = 0; i < count; ++i) t.pop_block();
+    t.set_num_tokens(t.num_tokens() - std::int64_t(count) * page_size_);
+    e.dropped += std::int64_t(count) * page_size_;
+  }
+  // Tokens drop_blocks removed from sequence id: its cache no longer holds its text contiguously.
+  std::int64_t dropped_tokens(sequence_id id) const { return lookup(id, "dropped tokens of").dropped; }
+
   // Keep the first n tokens; blocks no longer needed are released.
   void truncate(sequence_id id, std::int64_t n) {
     entry& e = lookup(id, "truncate");
@@ -261,6 +325,7 @@ class kv_block_manager {
     entry& e = lookup(id, "free");
     for (std::int32_t i = e.table.num_blocks(); i-- > 0;) release(e.table.block(i));
     e.table.clear();
+    e.dropped = 0;
     e.live = false;
     ++e.generation;
     --live_;
@@ -346,6 +411,7 @@ class kv_block_manager {
     paging::page_table table;
     std::uint64_t generation = 0;  // max_generation + 1: retired
     bool live = false;
+    std::int64_t dropped = 0;  // tokens drop_blocks removed from the middle
   };
   static sequence_id make_id(std::uint32_t slot, std::uint64_t gen) { return (sequence_id(gen) << 32) | slot; }
   static std::uint32_t slot_of(sequence_id id) { return std::uint32_t(id & 0xffffffffu); }
@@ -386,6 +452,9 @@ class kv_block_manager {
     const std::int32_t nb = t.num_blocks();
     const std::span<block_id> fresh(scratch_.data(), std::size_t(p.needed()));
     allocator_.allocate(fresh);
+    // An allocator that caches block contents (prefix caching) hears of a block written in place.
+    if constexpr (requires { allocator_.on_write(block_id{}); })
+      if (!p.cow && t.tail_room() > 0) allocator_.on_write(t.last_block());
     std::size_t k = 0;
     if constexpr (Sharing::can_fork) {
       if (p.cow) {
@@ -532,7 +601,9 @@ class paged_kv_cache {
     return blocks_.append_batch(reqs, watermark);
   }
   sequence_id fork(sequence_id id) { return blocks_.fork(id); }
+  void attach(sequence_id id, std::span<const memory::block_id> blocks) { blocks_.attach(id, blocks); }
   void truncate(sequence_id id, std::int64_t n) { blocks_.truncate(id, n); }
+  void drop_blocks(sequence_id id, std::int32_t first, std::int32_t count) { blocks_.drop_blocks(id, first, count); }
   void free(sequence_id id) { blocks_.free(id); }
   std::int64_t num_tokens(sequence_id id) const { return blocks_.num_tokens(id); }
   const paging::page_table& table(sequence_id id) const { return blocks_.table(id); }

@@ -18,5 +18,6 @@
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/cuda/merge.cuh"
+#include "kvtile/attention/cuda/paged_attention.cuh"
 #include "kvtile/attention/cuda/prefill.cuh"
 #include "kvtile/attention/cuda/prefill_sm90.cuh"

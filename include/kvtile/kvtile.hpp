@@ -4,6 +4,7 @@
 #include "kvtile/core/config.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
+#include "kvtile/core/version.hpp"
 
 #include "kvtile/memory/block_allocator.hpp"
 #include "kvtile/memory/block_copy.hpp"
@@ -22,6 +23,14 @@
 
 #include "kvtile/kv_cache.hpp"
 
+#include "kvtile/caching/block_hash.hpp"
+#include "kvtile/caching/lru_list.hpp"
+#include "kvtile/caching/prefix_cache.hpp"
+#include "kvtile/caching/sink_window_eviction.hpp"
+
+#include "kvtile/schedule/beam_search.hpp"
+#include "kvtile/schedule/chunked_prefill.hpp"
+
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/kv_source.hpp"
@@ -30,6 +39,7 @@
 #include "kvtile/attention/reference_backward.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/attention/variant.hpp"
 
 #include "kvtile/attention/cpu/backward.hpp"
 #include "kvtile/attention/cpu/checks.hpp"

@@ -6,6 +6,10 @@
 //                         framework would compute it. FlashAttention's rule for a kernel:
 //                         max|kernel - exact| <= 2 * max|naive_lowp - exact| + slack.
 // Both materialise one row of scores at a time; they are for tests, not for speed.
+// Both apply a variant's transforms (attention/variant.hpp): Q and K rotated at their positions
+// (fp64: the rotary formula in double; low precision: in fp32 as kernels do, the rotated
+// values then rounded to T as a framework stores them), the logit transform on each scaled
+// score before the mask and softmax (in double where the variant offers it).
 //
 // Shapes: q, o are dense_tensor views [batch, q_len(b), num_qo_heads, head_dim];
 // kv is any kv_source with num_kv_heads heads; num_qo_heads % num_kv_heads == 0 (GQA: query
@@ -17,10 +21,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kvtile/attention/kv_source.hpp"
 #include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
 
@@ -38,28 +44,68 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
                  "query heads (", hq, ") must be a multiple of KV heads (", num_kv_heads, ")");
   KVTILE_REQUIRE(q.layout.batch == kv.batch(), errc::invalid_argument, "query batch ", q.layout.batch,
                  " differs from KV batch ", kv.batch());
+  check_variant<Mask>(mask_params, d);
   const std::int32_t group = hq / num_kv_heads;
   const auto* kb = kv.k_base();
   const auto* vb = kv.v_base();
   std::vector<Acc> s, acc(d);
+  // Rotary variants: the rotated query row, and the sequence's rotated keys [kv_len, hk, d].
+  [[maybe_unused]] std::vector<Acc> q_rot, k_rot;
+  [[maybe_unused]] std::vector<float> row32, inv_freq;
   for (std::int32_t b = 0; b < q.layout.batch; ++b) {
     const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
     const Mask mask(mask_params, q_len, kv_len);
     s.assign(std::size_t(kv_len), Acc(0));
+    // Rotates src[0, d) at position pos into dst (see the header comment for the precision).
+    [[maybe_unused]] auto rotate = [&](const auto* src, int pos, Acc* dst) {
+      if constexpr (has_rotary<Mask>) {
+        const int r = mask.rotary_dims(d);
+        if constexpr (std::is_same_v<Acc, double>) {
+          for (std::int32_t x = 0; x < d; ++x) dst[x] = to_double(src[x]);
+          rotary_rotate_row_f64<Mask::rotary_layout_v>(dst, r, pos, double(mask.rotary_theta()));
+        } else {
+          inv_freq.resize(std::size_t(r / 2));
+          for (int k = 0; k < r / 2; ++k) inv_freq[k] = rotary_inv_freq(k, r, mask.rotary_theta());
+          row32.resize(std::size_t(d));
+          for (std::int32_t x = 0; x < d; ++x) row32[x] = float(to_double(src[x]));
+          rotary_rotate_row<Mask::rotary_layout_v>(row32.data(), r, pos, inv_freq.data());
+          for (std::int32_t x = 0; x < d; ++x) dst[x] = round_score(row32[x]);
+        }
+      }
+    };
+    if constexpr (has_rotary<Mask>) {
+      k_rot.assign(std::size_t(kv_len) * num_kv_heads * d, Acc(0));
+      for (std::int32_t j = 0; j < kv_len; ++j)
+        for (std::int32_t hk = 0; hk < num_kv_heads; ++hk)
+          rotate(kb + kv.token_offset(b, j, hk), mask.key_position(j), &k_rot[(std::size_t(j) * num_kv_heads + hk) * d]);
+      q_rot.resize(std::size_t(d));
+    }
     for (std::int32_t t = 0; t < q_len; ++t)
       for (std::int32_t h = 0; h < hq; ++h) {
         const std::int32_t hk = h / group;
         const TQ* qr = q.at(b, t, h);
+        if constexpr (has_rotary<Mask>) rotate(qr, mask.query_position(t), q_rot.data());
         Acc mx = -std::numeric_limits<Acc>::infinity();
         for (std::int32_t j = 0; j < kv_len; ++j) {
           if (!mask.visible(t, j)) {
             s[j] = -std::numeric_limits<Acc>::infinity();
             continue;
           }
-          const auto* kr = kb + kv.token_offset(b, j, hk);
           Acc dot = 0;
-          for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
-          s[j] = round_score(dot * Acc(scale));
+          if constexpr (has_rotary<Mask>) {
+            const Acc* kr = &k_rot[(std::size_t(j) * num_kv_heads + hk) * d];
+            for (std::int32_t x = 0; x < d; ++x) dot += q_rot[x] * kr[x];
+          } else {
+            const auto* kr = kb + kv.token_offset(b, j, hk);
+            for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
+          }
+          if constexpr (has_logit_transform<Mask>) {
+            const Acc sc = round_score(dot * Acc(scale));
+            if constexpr (std::is_same_v<Acc, double> && has_logit_transform_f64<Mask>) s[j] = mask.logit(sc);
+            else s[j] = round_score(Acc(mask.logit(float(sc))));
+          } else {
+            s[j] = round_score(dot * Acc(scale));
+          }
           if (s[j] > mx) mx = s[j];
         }
         Acc sum = 0;
@@ -86,7 +132,7 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
 }  // namespace detail
 
 // Exact (fp64) attention. o: [.., num_qo_heads, head_dim] doubles; lse may be null.
-template <mask_policy Mask, class TQ, kv_source Src>
+template <attention_variant Mask, class TQ, kv_source Src>
 void reference_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
                          typename Mask::params mask_params, double scale, const dense_tensor<double>& o,
                          double* lse = nullptr) {
@@ -95,7 +141,7 @@ void reference_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t 
 }
 
 // The naive algorithm in storage precision T: the error baseline of FlashAttention's rule.
-template <mask_policy Mask, class TQ, class T, kv_source Src>
+template <attention_variant Mask, class TQ, class T, kv_source Src>
 void naive_attention_lowp(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
                           typename Mask::params mask_params, double scale, const dense_tensor<T>& o,
                           float* lse = nullptr) {

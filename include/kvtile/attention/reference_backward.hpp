@@ -20,6 +20,7 @@
 
 #include "kvtile/attention/kv_source.hpp"
 #include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
 
@@ -31,6 +32,9 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
                                   typename Mask::params mask_params, double scale, const dense_tensor<TD>& d_o,
                                   const dense_tensor<double>& dq, const dense_tensor<double>& dk,
                                   const dense_tensor<double>& dv) {
+  static_assert(!has_transforms<Mask>,
+                "reference_attention_backward: variants with transforms (rotary, logit soft-capping) have no "
+                "backward yet: pass the plain mask");
   const std::int32_t hq = q.layout.heads, d = q.layout.head_dim;
   KVTILE_REQUIRE(num_kv_heads > 0 && hq % num_kv_heads == 0, errc::invalid_argument, "query heads (", hq,
                  ") must be a multiple of KV heads (", num_kv_heads, ")");

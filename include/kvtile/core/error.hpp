@@ -66,10 +66,20 @@ KVTILE_NAMESPACE_END
 
 // KVTILE_REQUIRE(cond, code, message parts...): throw kvtile::error(code, message) when !cond.
 // The message names the offending value, e.g. KVTILE_REQUIRE(n > 0, errc::invalid_argument,
-// "n must be positive, got ", n).
+// "n must be positive, got ", n). `code` may be written bare (errc::invalid_argument) or
+// qualified (kvtile::errc::invalid_argument, ::kvtile::errc::...): the block-scope
+// using-declaration makes the bare name resolve from any namespace, and leaves qualified names
+// untouched.
 #define KVTILE_REQUIRE(cond, code, ...)                                                           \
   do {                                                                                            \
-    if (!(cond)) ::kvtile::detail::fail(::kvtile::code, __VA_ARGS__);                              \
+    if (!(cond)) {                                                                                \
+      using ::kvtile::errc;                                                                       \
+      ::kvtile::detail::fail(code, __VA_ARGS__);                                                  \
+    }                                                                                             \
   } while (0)
 
-#define KVTILE_FAIL(code, ...) ::kvtile::detail::fail(::kvtile::code, __VA_ARGS__)
+#define KVTILE_FAIL(code, ...)                                                                    \
+  do {                                                                                            \
+    using ::kvtile::errc;                                                                         \
+    ::kvtile::detail::fail(code, __VA_ARGS__);                                                    \
+  } while (0)

@@ -14,7 +14,7 @@
 
 #include "kvtile/core/config.hpp"
 #include "kvtile/core/error.hpp"
-#include "kvtile/paging/paged_view.hpp"
+#include "kvtile/memory/pool_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace memory {

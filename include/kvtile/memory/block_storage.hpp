@@ -15,7 +15,7 @@
 #include "kvtile/core/checked.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/memory/memory_policy.hpp"
-#include "kvtile/paging/paged_view.hpp"
+#include "kvtile/memory/pool_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace memory {
@@ -107,17 +107,17 @@ class block_storage {
   T* v_data() const { return v_; }
 
   // The kernel-facing view of one layer's pools.
-  paging::kv_pool_view<T> layer(std::int32_t l) const {
+  memory::kv_pool_view<T> layer(std::int32_t l) const {
     KVTILE_REQUIRE(l >= 0 && l < shape_.num_layers, errc::out_of_range, "layer ", l, " is outside [0, ",
                    shape_.num_layers, ")");
     const std::int64_t off = std::int64_t(l) * shape_.num_blocks * shape_.block_elems();
-    return paging::kv_pool_view<T>::make(k_ + off, v_ + off, layout_, shape_.num_blocks, shape_.page_size,
+    return memory::kv_pool_view<T>::make(k_ + off, v_ + off, layout_, shape_.num_blocks, shape_.page_size,
                                          shape_.num_kv_heads, shape_.head_dim);
   }
 
   // All layers, in bytes, for block copies.
   kv_pool_set pools() const {
-    const auto view = paging::kv_pool_view<T>::make(k_, v_, layout_, shape_.num_blocks, shape_.page_size,
+    const auto view = memory::kv_pool_view<T>::make(k_, v_, layout_, shape_.num_blocks, shape_.page_size,
                                                     shape_.num_kv_heads, shape_.head_dim);
     const auto e = std::int64_t(sizeof(T));
     kv_pool_set p;

@@ -10,13 +10,13 @@
 #include <cstring>
 
 #include "kvtile/core/error.hpp"
-#include "kvtile/paging/paged_view.hpp"
+#include "kvtile/memory/pool_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace memory {
 
 template <class T>
-void check_kv_write(const paging::kv_pool_view<T>& pool, std::int64_t token_stride, const std::int64_t* slots,
+void check_kv_write(const memory::kv_pool_view<T>& pool, std::int64_t token_stride, const std::int64_t* slots,
                     std::int32_t num_tokens) {
   KVTILE_REQUIRE(num_tokens >= 0, errc::invalid_argument, "num_tokens must be >= 0, got ", num_tokens);
   KVTILE_REQUIRE(token_stride >= std::int64_t(pool.num_kv_heads) * pool.head_dim, errc::invalid_argument,
@@ -27,7 +27,7 @@ void check_kv_write(const paging::kv_pool_view<T>& pool, std::int64_t token_stri
 
 // Checks every slot before writing anything: a slot outside the pool is an error naming it.
 template <class T>
-void write_kv_host(const paging::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+void write_kv_host(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
                    const std::int64_t* slots, std::int32_t num_tokens) {
   check_kv_write(pool, token_stride, slots, num_tokens);
   const std::int64_t num_slots = std::int64_t(pool.num_blocks) * pool.page_size;

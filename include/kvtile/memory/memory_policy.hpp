@@ -30,7 +30,7 @@ concept memory_policy = std::movable<M> &&
       m.deallocate(p, n);
       m.zero(p, n);
       m.copy_blocks(pools, copies);
-      m.template write_kv<float>(paging::kv_pool_view<float>{}, (const float*)nullptr, (const float*)nullptr,
+      m.template write_kv<float>(memory::kv_pool_view<float>{}, (const float*)nullptr, (const float*)nullptr,
                                  std::int64_t{}, (const std::int64_t*)nullptr, std::int32_t{});
     };
 
@@ -43,7 +43,7 @@ struct host_memory {
   void zero(void* p, std::size_t bytes) { std::memset(p, 0, bytes); }
   void copy_blocks(const kv_pool_set& pools, std::span<const block_copy> copies) { copy_blocks_host(pools, copies); }
   template <class T>
-  void write_kv(const paging::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+  void write_kv(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
                 const std::int64_t* slots, std::int32_t num_tokens) {
     write_kv_host(pool, k, v, token_stride, slots, num_tokens);
   }

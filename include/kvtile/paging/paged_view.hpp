@@ -1,8 +1,8 @@
 // kvtile/paging/paged_view.hpp: the kernel-facing, non-owning view of paged K/V.
 //
 // Kernels (CPU and CUDA) never see the bookkeeping objects; they get these trivially-copyable
-// structs by value: where a layer's K and V blocks are (kv_pool_view), and which physical
-// blocks each sequence uses, in one of two common formats:
+// structs by value: where a layer's K and V blocks are (memory::kv_pool_view, also known here as
+// paging::kv_pool_view), and which physical blocks each sequence uses, in one of two formats:
 //   csr_page_table     indptr [batch+1], indices [nnz], last_page_len [batch]  (FlashInfer style)
 //   padded_page_table  block_table [batch, max_blocks], kv_lens [batch]         (vLLM style)
 // Both answer the same three questions: kv_len(b), num_blocks(b), block(b, i).
@@ -14,56 +14,15 @@
 #include <type_traits>
 
 #include "kvtile/core/config.hpp"
+#include "kvtile/memory/pool_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 
-// Order of a block's elements: NHD = [page_size, num_kv_heads, head_dim] (token major),
-// HND = [num_kv_heads, page_size, head_dim] (head major; one head's tokens are contiguous).
-enum class kv_layout : unsigned char { nhd, hnd };
-
 namespace paging {
 
-// One layer's K and V pools: block b, slot s, head h starts at k + offset(b, s, h), and its
-// head_dim elements are contiguous.
-template <class T>
-struct kv_pool_view {
-  T* k = nullptr;
-  T* v = nullptr;
-  std::int64_t stride_block = 0;  // elements between consecutive blocks
-  std::int64_t stride_token = 0;  // elements between consecutive slots of a block
-  std::int64_t stride_head = 0;   // elements between consecutive heads
-  std::int32_t num_blocks = 0;    // blocks in the pool (valid ids are [0, num_blocks))
-  std::int32_t page_size = 0;     // tokens per block
-  std::int32_t num_kv_heads = 0;
-  std::int32_t head_dim = 0;
-
-  KVTILE_HOST_DEVICE std::int64_t offset(std::int32_t block, std::int32_t slot, std::int32_t head) const {
-    return std::int64_t(block) * stride_block + std::int64_t(slot) * stride_token + std::int64_t(head) * stride_head;
-  }
-  KVTILE_HOST_DEVICE T* k_at(std::int32_t block, std::int32_t slot, std::int32_t head) const { return k + offset(block, slot, head); }
-  KVTILE_HOST_DEVICE T* v_at(std::int32_t block, std::int32_t slot, std::int32_t head) const { return v + offset(block, slot, head); }
-
-  // Contiguous pools in either layout; `block_elems` may exceed one block's elements (padding).
-  static constexpr kv_pool_view make(T* k, T* v, kv_layout layout, std::int32_t num_blocks, std::int32_t page_size,
-                                     std::int32_t num_kv_heads, std::int32_t head_dim, std::int64_t block_elems = 0) {
-    kv_pool_view p;
-    p.k = k;
-    p.v = v;
-    p.num_blocks = num_blocks;
-    p.page_size = page_size;
-    p.num_kv_heads = num_kv_heads;
-    p.head_dim = head_dim;
-    p.stride_block = block_elems ? block_elems : std::int64_t(page_size) * num_kv_heads * head_dim;
-    if (layout == kv_layout::nhd) {
-      p.stride_token = std::int64_t(num_kv_heads) * head_dim;
-      p.stride_head = head_dim;
-    } else {
-      p.stride_token = head_dim;
-      p.stride_head = std::int64_t(page_size) * head_dim;
-    }
-    return p;
-  }
-};
+// The pool view lives in memory/ (the layer below); paging's kernel-facing views pair it with a
+// page table under the names they always had.
+using memory::kv_pool_view;
 
 struct csr_page_table {
   const std::int32_t* indptr = nullptr;         // [batch + 1]: sequence b owns indices[indptr[b] .. indptr[b+1])

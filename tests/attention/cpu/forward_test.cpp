@@ -10,6 +10,7 @@
 
 #include "attention/cpu/attention_cases.hpp"
 #include "kvtile/attention/cpu/forward.hpp"
+#include "kvtile/attention/variant.hpp"
 
 using namespace kvtile_test;
 namespace cpu = kvtile::attention::cpu;
@@ -169,6 +170,37 @@ TEST_CASE_TEMPLATE("cpu forward: paged (CSR and padded, NHD and HND, any page si
     }
   const auto exact = exact_forward<sliding_window_mask>(p, {50, 3}, 0.125);
   check_rule(od, ld, exact);
+}
+
+TEST_CASE("cpu forward: variants run paged as dense, and on the baseline ISA copy") {
+  // Keys are rotated at their index in the source, which paging does not change: paged and
+  // dense give the same bits. Few-row (decode) and GEMM paths, both compiled copies.
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  using V = softcap<rotary<sliding_window_mask, rotary_layout::interleaved>>;
+  const V::params vp{{{50, 3}, 10000.f, 0}, 4.f};
+  const auto p = make_problem<bfloat16>(rng, {1, 20, 7}, {33, 64, 300}, 8, 2, 64, 2.f);
+  const auto exact = exact_forward<V>(p, vp, 0.125);
+  struct pin {
+    ~pin() { cpu::cpu_isa_choice() = cpu::isa_choice::best; }
+  } restore;
+  for (auto isa : {cpu::isa_choice::best, cpu::isa_choice::baseline}) {
+    cpu::cpu_isa_choice() = isa;
+    INFO("isa " << (isa == cpu::isa_choice::best ? "best" : "baseline"));
+    std::vector<bfloat16> od, op;
+    std::vector<float> ld, lp;
+    run_forward<tile_32x64, 64, V>(p, p.kv_view(), vp, 0.125f, od, ld);
+    check_rule(od, ld, exact);
+    for (int page : {1, 16})
+      for (auto layout : {kv_layout::nhd, kv_layout::hnd}) {
+        INFO("page size " << page << (layout == kv_layout::nhd ? " NHD" : " HND"));
+        const auto paged = make_paged(p, page, layout, rng);
+        run_forward<tile_32x64, 64, V>(p, paged.csr(), vp, 0.125f, op, lp);
+        CHECK(std::equal(op.begin(), op.end(), od.begin(), [](auto a, auto b) { return to_float(a) == to_float(b); }));
+        CHECK(lp == ld);
+      }
+  }
 }
 
 TEST_CASE("cpu forward: the result does not depend on the thread count") {

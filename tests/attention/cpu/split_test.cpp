@@ -113,3 +113,16 @@ TEST_CASE("cpu forward split-KV: fully masked rows stay zeros with LSE -inf") {
     }
   }
 }
+
+TEST_CASE_TEMPLATE("cpu forward split-KV: variants (rotary, softcap) split as they run unsplit", T, float, bfloat16) {
+  // Each chunk rotates its own keys at their positions and caps its own scores: the chunks'
+  // states must merge to the unsplit result (and to fp64 through the variant-aware reference).
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  chunk_keys small(200);
+  using tile = tile_shape<32, 64>;
+  check_split<tile, 64, rotary<causal_mask>, T>(rng, 1, 1000, 5);
+  check_split<tile, 64, rotary<no_mask, rotary_layout::interleaved>, T>(rng, 3, 777, 8);
+  check_split<tile, 64, softcap<rotary<sliding_window_mask>>, T>(rng, 1, 1001, 1, {{{100, 4}, 10000.f, 0}, 2.f});
+}

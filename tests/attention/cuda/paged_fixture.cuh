@@ -16,6 +16,7 @@
 
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
+#include "kvtile/attention/cuda/paged_attention.cuh"
 #include "kvtile/attention/reference.hpp"
 #include "support/device_buffer.cuh"
 #include "support/test_util.hpp"
@@ -102,8 +103,11 @@ struct problem {
       paging::padded_page_table t{block_table.data(), s.kv_lens.data(), batch, std::max(1, max_blocks)};
       return kc::plan_append<Mask>(q_indptr.data(), t, kernel_problem(), mp, dev, s.opt);
     }
-    return kc::plan_append<Mask>(q_indptr.data(), csr(kv_indptr.data(), indices.data(), last_page_len.data()),
-                                 kernel_problem(), mp, dev, s.opt);
+    // CSR tables through the protocol class (padded ones through the free functions above).
+    using attn = kc::paged_attention<T, D, Mask>;
+    const typename attn::plan_arguments pa{q_indptr.data(), csr(kv_indptr.data(), indices.data(), last_page_len.data()),
+                                           kernel_problem(), dev, s.opt};
+    return attn::plan(pa, mp);
   }
 
   // fp64 reference and the naive low-precision baseline, through the same paged view.
@@ -156,9 +160,11 @@ struct device_problem {
       kc::run_append<Mask, D>(plan, ws->ptr, qv, paging::paged_kv<T, paging::padded_page_table>{pool, t}, ov, lse.ptr, mp,
                               scale, stream);
     } else {
+      using attn = kc::paged_attention<T, D, Mask>;
       const auto t = p.csr(kv_indptr.ptr, indices.ptr, last_page_len.ptr);
-      kc::run_append<Mask, D>(plan, ws->ptr, qv, paging::paged_kv<T, paging::csr_page_table>{pool, t}, ov, lse.ptr, mp, scale,
-                              stream);
+      const typename attn::arguments args{qv, paging::paged_kv<T, paging::csr_page_table>{pool, t}, ov, lse.ptr, mp, scale};
+      attn::check(plan, args);
+      attn::run(plan, args, ws->ptr, stream);
     }
   }
 };

@@ -375,6 +375,33 @@ TEST_CASE("plan: bad input is rejected with the offending value, before any work
                        doctest::Contains("needing 4 pages"), kvtile::error);
 }
 
+TEST_CASE("the paged planner says which kernel it chose and why") {
+  kc::paged_problem pr;
+  pr.num_qo_heads = 8;
+  pr.num_kv_heads = 2;
+  pr.head_dim = 128;
+  pr.page_size = 12;  // gcd(12, 64) = 4: no TMA boxes
+  pr.pool_blocks = 64;
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  const host_csr csr({115}, 12, 64, rng);
+  const paging::csr_page_table table = csr.table();
+  const std::vector<std::int32_t> q_indptr{0, 1};
+  kc::device_limits dev;
+  dev.wgmma = true;
+  const kc::paged_plan p = kc::plan_paged_attention<causal_mask>(q_indptr.data(), table, pr, {}, dev);
+  CHECK(std::string(p.kernel()) == "decode");
+  CHECK(p.reason.find("gcd(page_size, 64) >= 8") != std::string::npos);
+  kc::plan_options no_wgmma;
+  no_wgmma.use_wgmma = false;
+  const kc::paged_plan q = kc::plan_paged_attention<causal_mask>(q_indptr.data(), table, pr, {}, dev, no_wgmma);
+  CHECK(std::string(q.kernel()) == "decode");
+  CHECK(q.reason.find("use_wgmma is off") != std::string::npos);
+  const std::vector<std::int32_t> chunk{0, 100};
+  const kc::paged_plan a = kc::plan_paged_attention<causal_mask>(chunk.data(), table, pr, {}, dev);
+  CHECK(std::string(a.kernel()) == "append_sm90");
+  CHECK(a.reason.find("packs 400 query rows") != std::string::npos);
+}
+
 // Found by fuzz/plan_fuzz.cpp (regressions in fuzz/regressions/plan).
 TEST_CASE("plan: an empty batch is an empty plan, for every kernel shape") {
   const kc::paged_problem pr{8, 2, 128, 16, 100, 2};

@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -59,6 +60,10 @@ void check_prefill(const problem& pb, typename Kernel::mask::params mp, std::mt1
   const std::int64_t q_rows = q_ptr.back(), kv_rows = kv_ptr.back();
   INFO("D=" << D << " mask=" << Kernel::mask::name << " batch=" << batch << " q_len[0]=" << pb.q_lens[0]
             << " kv_len[0]=" << pb.kv_lens[0] << " hq=" << pb.hq << " hkv=" << pb.hkv << " varlen=" << varlen);
+  // A fixed-length problem has one length per side (the test's own mistake otherwise).
+  if (!varlen)
+    REQUIRE((std::adjacent_find(pb.q_lens.begin(), pb.q_lens.end(), std::not_equal_to<>()) == pb.q_lens.end() &&
+             std::adjacent_find(pb.kv_lens.begin(), pb.kv_lens.end(), std::not_equal_to<>()) == pb.kv_lens.end()));
 
   const auto q = kvtile_test::random_vector<T>(std::size_t(q_rows) * pb.hq * D, rng);
   const auto k = kvtile_test::random_vector<T>(std::size_t(kv_rows) * pb.hkv * D, rng);

@@ -179,6 +179,10 @@ void attention_backward(const dense_tensor<QT>& q, const Src& kv, std::int32_t n
                         const dense_tensor<QT>& d_o, const dense_tensor<GT>& dq, const dense_tensor<GT>& dk,
                         const dense_tensor<GT>& dv, thread_pool& pool = thread_pool::global()) {
   check_cpu_config<Tile, HeadDim>();
+  static_assert(!has_transforms<Mask>,
+                "attention_backward: variants with transforms (rotary, logit soft-capping) have no backward yet; "
+                "their gradients need the transforms' derivatives (d tanh for softcap, the inverse rotation "
+                "of dQ and dK for rotary): pass the plain mask");
   using T = std::remove_cv_t<QT>;
   static_assert(element_type<T>, "queries must be float, kvtile::half or kvtile::bfloat16");
   static_assert(std::is_same_v<kv_element_t<Src>, T>, "K/V must have the queries' element type");

@@ -24,6 +24,9 @@
 //   lse   [rows, num_qo_heads] natural-log LSE (row = q.layout.row(b, t)), or null; -inf and
 //         o = 0 for a row that sees no key
 // Scores are s = (q . k) * scale; masks follow attention/mask.hpp (bottom-right aligned).
+// Mask may be a variant (attention/variant.hpp): with rotary, each query row is rotated once
+// as its item loads it and each key as its tile is loaded; with a logit transform, every score
+// of a visited tile goes through it before the mask. Without transforms none of that is compiled.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +44,7 @@
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/numeric.hpp"
 
 KVTILE_NAMESPACE_BEGIN
@@ -138,13 +142,28 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
   auto token = [&](int i) { return (w.r0 + i) / group; };
   auto head = [&](int i) { return w.hk * group + (w.r0 + i) % group; };
 
+  const Mask mask(p.mask, q_len, kv_len);
+
+  // Rotary variants: the pairs' frequencies, once per item (they do not depend on position).
+  [[maybe_unused]] int rot_dims = 0;
+  [[maybe_unused]] float inv_freq[D / 2];
+  if constexpr (has_rotary<Mask>) {
+    rot_dims = mask.rotary_dims(D);
+    for (int k = 0; k < rot_dims / 2; ++k) inv_freq[k] = rotary_inv_freq(k, rot_dims, mask.rotary_theta());
+  }
+
   for (int i = 0; i < mr; ++i) {
-    if (i < nr) convert_row<Isa>(p.q.at(w.b, token(i), head(i)), D, p.scale_log2, sc.q[i]);
-    else std::fill_n(sc.q[i], D, 0.f);
+    if (i < nr) {
+      convert_row<Isa>(p.q.at(w.b, token(i), head(i)), D, p.scale_log2, sc.q[i]);
+      // Rotation is linear, so rotating q * scale * log2(e) equals scaling the rotated q.
+      if constexpr (has_rotary<Mask>)
+        rotary_rotate_row<Mask::rotary_layout_v>(sc.q[i], rot_dims, mask.query_position(token(i)), inv_freq);
+    } else {
+      std::fill_n(sc.q[i], D, 0.f);
+    }
     sc.row[i].init();
   }
 
-  const Mask mask(p.mask, q_len, kv_len);
   const int t0 = token(0), t1 = token(nr - 1) + 1;
   int kv_begin = mask.kv_begin(t0, t1), kv_end = mask.kv_end(t0, t1);
   if (w.partial) {  // a split-KV chunk: its tiles start on the unsplit walk's tile boundaries
@@ -162,10 +181,15 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
     for (int j = 0; j < nkp; ++j) {
       if (j < nk) {
         const std::int64_t off = p.kv.token_offset(w.b, k0 + j, w.hk);
+        // K is stored before rotation: a rotary variant rotates each key as it is loaded.
         if (few_rows) {
           convert_row<Isa>(kbase + off, D, 1.f, sc.k[j]);
+          if constexpr (has_rotary<Mask>)
+            rotary_rotate_row<Mask::rotary_layout_v>(sc.k[j], rot_dims, mask.key_position(k0 + j), inv_freq);
         } else {
           convert_row<Isa>(kbase + off, D, 1.f, sc.key_row);
+          if constexpr (has_rotary<Mask>)
+            rotary_rotate_row<Mask::rotary_layout_v>(sc.key_row, rot_dims, mask.key_position(k0 + j), inv_freq);
           for (int x = 0; x < D; ++x) sc.kt[x][j] = sc.key_row[x];
         }
         convert_row<Isa>(vbase + off, D, 1.f, sc.v[j]);
@@ -185,6 +209,8 @@ KVTILE_FORCEINLINE void forward_item(const forward_params<QT, Src, OT, Mask>& p,
       gemm_acc<Isa>(mr, nkp, D, &sc.q[0][0], D, &sc.kt[0][0], BKV, &sc.s[0][0], BKV);
     }
     for (int i = 0; i < nr; ++i) {
+      if constexpr (has_logit_transform<Mask>)
+        for (int j = 0; j < nk; ++j) sc.s[i][j] = apply_logit_base2(mask, sc.s[i][j]);
       for (int j = nk; j < nkp; ++j) sc.s[i][j] = neg_inf;
       if (vis == tile_visibility::partial)
         for (int j = 0; j < nk; ++j)
@@ -321,7 +347,7 @@ void merge_split(const forward_params<QT, Src, OT, Mask>& p, const split_plan<D>
 
 }  // namespace detail
 
-template <tile_shape_type Tile, int HeadDim, mask_policy Mask, class QT, kv_source Src, class OT>
+template <tile_shape_type Tile, int HeadDim, attention_variant Mask, class QT, kv_source Src, class OT>
 void attention_forward(const dense_tensor<QT>& q, const Src& kv, std::int32_t num_kv_heads,
                        typename Mask::params mask_params, float scale, const dense_tensor<OT>& o, float* lse = nullptr,
                        thread_pool& pool = thread_pool::global()) {
@@ -335,6 +361,7 @@ void attention_forward(const dense_tensor<QT>& q, const Src& kv, std::int32_t nu
   detail::check_like(o, q, q.layout.heads, HeadDim, "output");
   const std::int32_t group = q.layout.heads / num_kv_heads;
   detail::check_packed_rows(q.layout, group);
+  check_variant<Mask>(mask_params, HeadDim);
 
   const detail::forward_params<QT, Src, OT, Mask> params{q, kv, o, lse, mask_params, scale * log2e, q.layout.heads, group};
   auto items = detail::plan_items(q.layout, num_kv_heads, group, Tile::block_q);

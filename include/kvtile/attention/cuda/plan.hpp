@@ -23,18 +23,16 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/paging/paged_view.hpp"
-
-// K/V pipeline stages of the TMA decode kernel at head dims up to 128.
-#ifndef KVTILE_DECODE_SM90_STAGES
-#define KVTILE_DECODE_SM90_STAGES 3
-#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
@@ -101,10 +99,14 @@ constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_di
   // TMA decode: one persistent CTA per SM (227 KB); D = 256 fits two stages beside the
   // reduction area.
   if (kind == paged_kernel_kind::decode_sm90)
-    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : KVTILE_DECODE_SM90_STAGES};
+    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : tuning::decode_sm90_stages};
   // Hopper: the dense prefill's default tiles (prefill_sm90/kernel.cuh), 3 stages.
-  if (kind == paged_kernel_kind::append_sm90) return head_dim <= 64 ? paged_kernel_shape{kind, 192, 128, 12, 1, 3}
-                                                                    : paged_kernel_shape{kind, 128, 128, 8, 1, 3};
+  if (kind == paged_kernel_kind::append_sm90) {
+    using t64 = tuning::prefill_sm90_tile<64>::type;
+    using t128 = tuning::prefill_sm90_tile<128>::type;
+    return head_dim <= 64 ? paged_kernel_shape{kind, t64::block_q, t64::block_kv, t64::warps, 1, t64::stages}
+                          : paged_kernel_shape{kind, t128::block_q, t128::block_kv, t128::warps, 1, t128::stages};
+  }
   // Append: 32 rows per warp (each K/V fragment feeds two MMA row tiles), 2 CTAs per SM
   // (docs/perf-log/decode.md v5); above D = 128 the O accumulators of 32 rows do not fit.
   if (head_dim <= 128) return {kind, 128, 64, 4, 1, 2};
@@ -194,6 +196,11 @@ struct paged_plan {
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
   bool early_launch = false;  // launch with programmatic serialisation (plan_options::early_launch)
+  // Why the planner chose shape.kind (the alternatives it had and what ruled them out); the run
+  // reports it to the dispatch log (dispatch.hpp).
+  std::string reason;
+
+  const char* kernel() const { return to_string(shape.kind); }
 
   // CTAs of the attention grid.
   std::size_t ctas() const { return cta_items.empty() ? work.size() : cta_items.size() - 1; }
@@ -433,6 +440,38 @@ void plan_decode_runs(paged_plan& plan, const std::vector<tile_task>& tasks, con
 // table are HOST arrays (the host mirror of what the run reads on the device). Query token t of
 // request b sits at key position t + kv_len(b) - q_len(b) (the chunk is the cache's tail), so
 // q_len(b) <= kv_len(b) is required (except with no_mask). Throws kvtile::error before any work on bad input.
+namespace detail {
+
+struct kernel_pick {
+  paged_kernel_kind kind;
+  std::string reason;
+};
+
+// The kernel shape for a batch whose largest request packs max_rows query rows, and why.
+inline kernel_pick pick_paged_kernel(const paged_problem& pr, std::int64_t max_rows, const device_limits& dev,
+                                     const plan_options& opt) {
+  const std::string d = "head_dim " + std::to_string(pr.head_dim) + ", page_size " + std::to_string(pr.page_size);
+  std::string no_sm90;  // why the sm_90a kernels are out, if they are
+  if (!opt.use_wgmma) no_sm90 = "plan_options::use_wgmma is off";
+  else if (!dev.wgmma) no_sm90 = "the device does not run this binary's sm_90a code (device_limits::wgmma)";
+  if (!opt.force_append && max_rows <= 16) {
+    const std::string rows = "every request packs at most 16 query rows (" + std::to_string(max_rows) + "); ";
+    if (!no_sm90.empty()) return {paged_kernel_kind::decode, rows + no_sm90 + "; " + d};
+    if (!decode_sm90_supported(pr.head_dim, pr.page_size))
+      return {paged_kernel_kind::decode,
+              rows + "the TMA decode kernel needs a head_dim multiple of 64 and gcd(page_size, 64) >= 8; " + d};
+    return {paged_kernel_kind::decode_sm90, rows + d};
+  }
+  const std::string rows = opt.force_append ? std::string("plan_options::force_append; ")
+                                            : "a request packs " + std::to_string(max_rows) + " query rows (> 16); ";
+  if (!no_sm90.empty()) return {paged_kernel_kind::append, rows + no_sm90 + "; " + d};
+  if (!append_sm90_head_dim(pr.head_dim))
+    return {paged_kernel_kind::append, rows + "the sm_90a append kernel takes head_dim 64 and 128; " + d};
+  return {paged_kernel_kind::append_sm90, rows + d};
+}
+
+}  // namespace detail
+
 template <mask_policy Mask, class Table>
 paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table, const paged_problem& pr,
                                 typename Mask::params mask_params, const device_limits& dev, const plan_options& opt = {}) {
@@ -482,12 +521,13 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
                  ") exceed 2^30");
-  const bool sm90 = opt.use_wgmma && dev.wgmma;
-  const paged_kernel_kind kind =
-      (!opt.force_append && max_rows <= 16)
-          ? (sm90 && decode_sm90_supported(pr.head_dim, pr.page_size) ? paged_kernel_kind::decode_sm90 : paged_kernel_kind::decode)
-          : (sm90 && append_sm90_head_dim(pr.head_dim)) ? paged_kernel_kind::append_sm90
-                                                         : paged_kernel_kind::append;
+  if constexpr (has_rotary<Mask>)
+    KVTILE_REQUIRE(max_rows <= 16 && !opt.force_append, errc::unsupported, "rotary variant ", Mask::name,
+                   ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
+                   "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
+  const detail::kernel_pick pick = detail::pick_paged_kernel(pr, max_rows, dev, opt);
+  const paged_kernel_kind kind = pick.kind;
+  plan.reason = pick.reason;
   plan.shape = paged_shape_for(kind, pr.head_dim);
   const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,

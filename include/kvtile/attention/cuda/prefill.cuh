@@ -1,8 +1,10 @@
 // kvtile/attention/cuda/prefill.cuh: prefill (forward) attention on NVIDIA GPUs (sm_80+).
-// On Hopper (compute capability 9.x, binary with sm_90a code) run() hands head dims 64 and
-// 128 with the default tile and the no / causal / sliding-window masks to the wgmma kernel of
-// prefill_sm90.cuh (sm90_dispatch);
-// run_portable() always takes the mma.sync kernel of this file.
+// On Hopper (compute capability 9.x, binary with sm_90a code) run() hands head dims 64 and 128
+// to the wgmma kernel of prefill_sm90.cuh, with any mask policy (the library's or the user's)
+// and the user's tile where that kernel takes it (prefill_sm90_tile_ok), its own default tile
+// where the user kept the default (sm90_dispatch); everything else runs the mma.sync kernel of
+// this file, as does run_portable() always. dispatch(args) says which kernel run() takes and
+// why, and every run reports it to the dispatch log (dispatch.hpp).
 //
 //   using kernel = kvtile::attention::cuda::prefill<kvtile::bfloat16, 128, causal_mask>;
 //   kernel::arguments args{q, kv, o, lse, {}, scale};
@@ -26,12 +28,15 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <string>
 #include <type_traits>
 
 #include <cuda_runtime.h>
 
+#include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/tile_shape.hpp"
@@ -39,34 +44,12 @@
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
 
-// 1: on a compute capability 9.x device running this binary's sm_90a code, prefill with the
-// default tile and head dim 64 or 128 runs the wgmma kernel of prefill_sm90.cuh; 0: always
-// the mma.sync kernel below.
-#ifndef KVTILE_PREFILL_SM90_DISPATCH
-#define KVTILE_PREFILL_SM90_DISPATCH 1
-#endif
-
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
 
-// Default tiles per head dim, chosen by the tile sweep of bench/prefill_bench.cu on an
-// H100 80GB HBM3 (bf16, 16k tokens, hidden 2048); docs/prefill.md has the numbers.
+// Default tiles per head dim of the mma.sync kernel (tuning.hpp, with the sweep behind them).
 template <int HeadDim>
-struct default_prefill_tile {
-  using type = tile_shape<128, 64, 4, 2>;  // D 80..128
-};
-template <int HeadDim>
-  requires(HeadDim <= 64)
-struct default_prefill_tile<HeadDim> {
-  using type = tile_shape<128, 64, 4, 2>;
-};
-template <int HeadDim>
-  requires(HeadDim > 128)
-struct default_prefill_tile<HeadDim> {
-  using type = tile_shape<64, 32, 4, 2>;
-};
-template <int HeadDim>
-using default_prefill_tile_t = typename default_prefill_tile<HeadDim>::type;
+using default_prefill_tile_t = typename tuning::prefill_tile<HeadDim>::type;
 
 template <class T>
 concept prefill_element = std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>;
@@ -79,21 +62,39 @@ class prefill {
   using tile = Tile;
   static constexpr int head_dim = HeadDim;
 
+  static_assert(cuda_variant_supported<Mask>,
+                "cuda::prefill: rotary variants run on the CPU backend for now (the CUDA kernels apply masks and "
+                "logit transforms such as softcap); rotate Q and K before the call, or use attention::cpu");
+
  private:
-  using kernel_t = detail::prefill_kernel<T, HeadDim, Tile, Mask>;
+  static constexpr bool default_tile = std::is_same_v<Tile, default_prefill_tile_t<HeadDim>>;
+
+ public:
+  // Whether the mma.sync kernel (sm_80+) takes this tile.
+  static constexpr bool portable_tile = detail::prefill_tile_ok<HeadDim, Tile>;
+  // The tile the sm_90a wgmma kernel runs on Hopper: the user's where that kernel takes it, its
+  // own default where the user kept the default; void where it cannot run this configuration.
+  using sm90_tile =
+      std::conditional_t<detail::prefill_sm90_tile_ok<HeadDim, Tile>, Tile,
+                         std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128),
+                                            detail::sm90_default_tile_t<HeadDim>, void>>;
+  // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
+  // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
+  static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
+  static_assert(portable_tile || sm90_dispatch,
+                "prefill: this tile fits neither kernel. The mma.sync kernel needs BlockQ a multiple of 16 * Warps, "
+                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernel (D 64 or 128) needs Warps a multiple of "
+                "4, BlockQ = 16 * Warps, BlockKV 64 or 128 and Stages >= 2");
+
+ private:
+  // The mma.sync kernel; an sm_90a-only tile instantiates it with the default tile, never run.
+  using kernel_t = detail::prefill_kernel<T, HeadDim, std::conditional_t<portable_tile, Tile, default_prefill_tile_t<HeadDim>>, Mask>;
   using geometry = typename kernel_t::G;
 
  public:
-  // Of the mma.sync kernel (sm_80+); see sm90_dispatch.
+  // Of the mma.sync kernel (sm_80+).
   static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;
   static constexpr int threads = geometry::threads;
-  // Whether run() hands this configuration to the sm_90a wgmma kernel on Hopper (default tile,
-  // D 64 or 128, the masks verified on that kernel on a GPU: none, causal, sliding window); the mma.sync
-  // kernel stays the path for every other configuration, device and binary.
-  static constexpr bool sm90_dispatch = KVTILE_PREFILL_SM90_DISPATCH && (HeadDim == 64 || HeadDim == 128) &&
-                                        std::is_same_v<Tile, default_prefill_tile_t<HeadDim>> &&
-                                        (std::is_same_v<Mask, no_mask> || std::is_same_v<Mask, causal_mask> ||
-                                         std::is_same_v<Mask, sliding_window_mask>);
 
   struct arguments {
     dense_tensor<const T> q;  // [batch, q_len, qo_heads, HeadDim]
@@ -151,6 +152,7 @@ class prefill {
                      l->stride_batch);
     KVTILE_REQUIRE(std::isfinite(a.scale) && a.scale >= 0.f, errc::invalid_argument,
                    "prefill: softmax scale must be finite and positive (0 = 1/sqrt(D)), got ", a.scale);
+    check_variant<Mask>(a.mask_params, HeadDim);
   }
 
   // An empty batch, or fixed-length q of 0 tokens: run() does nothing. (A varlen batch's lengths
@@ -190,7 +192,54 @@ class prefill {
     launch(a, stream, false);
   }
 
+  // Which kernel run(a) launches on the current device, and why (nothing is launched).
+  static kernel_choice dispatch(const arguments& a) {
+    (void)a;
+    int device = 0;
+    KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+    return choose(device, true);
+  }
+
  private:
+  static constexpr const char* sm90_name = "prefill_sm90 (wgmma, sm_90a)";
+  static constexpr const char* portable_name = "prefill (mma.sync, sm_80+)";
+
+  template <class Tl>
+  static std::string tile_text() {
+    return "<" + std::to_string(Tl::block_q) + ", " + std::to_string(Tl::block_kv) + ", " + std::to_string(Tl::warps) +
+           ", " + std::to_string(Tl::stages) + ">";
+  }
+
+  // The kernel for `device` and the reason, as text (built only when asked or logged).
+  static kernel_choice choose(int device, bool allow_sm90) {
+    kernel_choice c;
+    c.entry = "cuda::prefill";
+    const std::string d = "D " + std::to_string(HeadDim) + ", mask " + Mask::name;
+    if constexpr (sm90_dispatch) {
+      if (!allow_sm90) {
+        c.kernel = portable_name;
+        c.reason = "run_portable asked for the mma.sync kernel; " + d;
+      } else if (kvtile::detail::compute_capability_major(device) != 9) {
+        c.kernel = portable_name;
+        c.reason = "device " + std::to_string(device) + " is not compute capability 9.x; " + d;
+      } else if (!detail::sm90_kernels_available(device)) {
+        c.kernel = portable_name;
+        c.reason = "this binary has no sm_90a code (build for CUDA architecture 90a); " + d;
+      } else {
+        c.kernel = sm90_name;
+        c.reason = d + ", tile " + tile_text<sm90_tile>() + (default_tile ? " (the default)" : " (the user's)");
+      }
+    } else {
+      c.kernel = portable_name;
+      if constexpr (HeadDim != 64 && HeadDim != 128)
+        c.reason = "the sm_90a kernel takes head dims 64 and 128, not " + std::to_string(HeadDim) + "; " + d;
+      else
+        c.reason = "tile " + tile_text<Tile>() +
+                   " is not an sm_90a tile (Warps a multiple of 4, BlockQ = 16 * Warps, BlockKV 64 or 128); " + d;
+    }
+    return c;
+  }
+
   static void launch(const arguments& a, cudaStream_t stream, bool allow_sm90) {
     check(a);
     if (nothing_to_compute(a)) return;
@@ -199,24 +248,28 @@ class prefill {
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     KVTILE_REQUIRE(major >= 8, errc::unsupported, "prefill needs compute capability 8.0 or newer, device ", device,
                    " has major ", major);
-    KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    KVTILE_REQUIRE(shared_memory_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill tile <",
-                   Tile::block_q, ", ", Tile::block_kv, ", ", Tile::warps, ", ", Tile::stages, "> with D=", HeadDim,
-                   " needs ", shared_memory_bytes, " bytes of shared memory, device ", device, " allows ", smem_optin);
     const dim3 g = grid(a);
     if (g.x == 0 || g.y == 0 || g.z == 0) return;
-    auto* fn = &detail::prefill_entry<kernel_t>;
-    if (shared_memory_bytes > 48 * 1024)
-      KVTILE_CUDA_CHECK(
-          cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_memory_bytes)));
     const typename kernel_t::params p = detail::make_prefill_params<T, Mask, HeadDim>(a);
     if constexpr (sm90_dispatch) {
       if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
-        using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, detail::sm90_default_tile_t<HeadDim>, Mask>;
+        if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90));
+        using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, sm90_tile, Mask>;
         detail::launch_prefill_sm90<sm90_kernel>(p, detail::prefill_max_q_len(a), device, stream);
         return;
       }
     }
+    KVTILE_REQUIRE(portable_tile, errc::unsupported, "prefill tile ", tile_text<Tile>(), " with D=", HeadDim,
+                   " runs only on the sm_90a kernel, and ", choose(device, allow_sm90).reason);
+    KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    KVTILE_REQUIRE(shared_memory_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill tile ", tile_text<Tile>(),
+                   " with D=", HeadDim, " needs ", shared_memory_bytes, " bytes of shared memory, device ", device,
+                   " allows ", smem_optin);
+    if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90));
+    auto* fn = &detail::prefill_entry<kernel_t>;
+    if (shared_memory_bytes > 48 * 1024)
+      KVTILE_CUDA_CHECK(
+          cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_memory_bytes)));
     fn<<<g, threads, shared_memory_bytes, stream>>>(p);
     KVTILE_CUDA_CHECK_LAUNCH();
   }

@@ -71,7 +71,7 @@ class device_memory {
   }
 
   template <class T>
-  void write_kv(const paging::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+  void write_kv(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
                 const std::int64_t* slots, std::int32_t num_tokens) {
     write_kv_device(pool, k, v, token_stride, slots, num_tokens, stream_);
   }

@@ -12,7 +12,7 @@
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/memory/kv_write.hpp"
 #include "kvtile/memory/cuda/vector_access.cuh"
-#include "kvtile/paging/paged_view.hpp"
+#include "kvtile/memory/pool_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace memory::cuda {
@@ -56,7 +56,7 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads) write_kv_kernel(detail::kv_w
 // k, v: [num_tokens, num_kv_heads, head_dim] in device memory, token_stride elements apart;
 // slots: [num_tokens] in device memory.
 template <class T>
-void write_kv_device(const paging::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+void write_kv_device(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
                      const std::int64_t* slots, std::int32_t num_tokens, cudaStream_t stream = nullptr) {
   check_kv_write(pool, token_stride, slots, num_tokens);
   if (num_tokens == 0) return;

@@ -26,15 +26,11 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/core/fast_divmod.hpp"
-
-// Largest head dim whose key tiles take one barrier (K and V waited together); above it V is
-// waited for separately, with a second barrier.
-#ifndef KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D
-#define KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D 64
-#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -61,7 +57,7 @@ struct append_config {
   // Shared memory: Q, K and V stages, then two rings of BN key row offsets (int64).
   static constexpr std::size_t tile_bytes = std::size_t(bm + 2 * stages * bn) * pitch * 2;  // 2-byte elements
   static_assert(stages == 2, "paged append kernel: the row-offset ring assumes two K/V stages");
-  static constexpr bool split_wait = D > KVTILE_PAGED_APPEND_SINGLE_BARRIER_MAX_D;
+  static constexpr bool split_wait = D > tuning::paged_append_single_barrier_max_d;
   static_assert(shape.warps_n == 1 && bm % (16 * warps) == 0 && rows_per_warp == 32,
                 "paged append kernel: each warp owns 32 rows");
   static_assert(bn % 16 == 0 && stages >= 2 && D % 16 == 0 && D <= 128, "paged append kernel: shape");
@@ -197,7 +193,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   }
 
   // ---- main loop -----------------------------------------------------------------------------
-  const float scale_log2 = p.scale_log2;
+  const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
   int stage = 0, refill = ST - 1;
   for (int cur = it.next_tile(0); cur < n_tiles; cur = it.next_tile(cur + 1)) {
     // The tile's K (and V without split_wait) landed and is visible to every warp; every warp
@@ -250,6 +246,7 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
         }
       }
 
+      apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
       if (vis == tile_visibility::partial) {
         KVTILE_PRAGMA_UNROLL
         for (int mt = 0; mt < MT; ++mt)

@@ -282,6 +282,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     int t_row[2];
     KVTILE_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) t_row[r] = (it.w.row0 + g + 8 * r) / p.group;
+    st.rotate_q(mask, t_row, lane);
 
     for (int cur = it.next_tile(0); cur < it.n_tiles; cur = it.next_tile(cur + 1), ++i) {
       const int stage = i % ST;
@@ -304,7 +305,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
         consumers_sync();
       }
       float s[TPW / 8][4];
-      st.template scores<Layout>(s, ks, wn * TPW, lane);
+      st.template scores<Layout>(s, ks, wn * TPW, lane, mask, k0);
       const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
       st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
       st.softmax(s);

@@ -3,7 +3,8 @@
 //
 // One warp owns 16 packed query rows and TPW keys of each key tile:
 //   scores      S = Q K^T    mma.m16n8k16, Q fragments in registers, K through ldmatrix
-//   scale_mask  S * scale * log2(e); keys past the tile's end or hidden by the mask -> -inf
+//   scale_mask  S * scale * log2(e) (through the variant's logit transform, if any); keys past
+//               the tile's end or hidden by the mask -> -inf
 //   softmax     running max / sum per row (softmax_state's rescale_factor, exp_base)
 //   accumulate  O += P V     P re-packed from the S accumulators, V through ldmatrix.trans
 // and the CTA's epilogue merges the WN warps that share rows, normalises and writes O and LSE
@@ -16,23 +17,18 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/merge.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/paging/paged_view.hpp"
-
-// When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
-// attention grid (no early launch), 1 as soon as every attention CTA has started, 2 once every
-// decode CTA is past its key loop (the append kernels allow it at their start for 1 and 2).
-// Measured in docs/perf-log/decode.md v11.
-#ifndef KVTILE_PAGED_MERGE_EARLY
-#define KVTILE_PAGED_MERGE_EARLY 2
-#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
 
-inline constexpr int merge_early = KVTILE_PAGED_MERGE_EARLY;
+inline constexpr int merge_early = tuning::paged_merge_early;
 
 template <class T, class Table, class Mask>
 struct kernel_params {
@@ -140,21 +136,59 @@ struct warp_rows {
       arch::ldmatrix_x4(q[kk], arch::smem_addr(q_s + padded_tile<D>::at(row0 + lane % 16, kk * 16 + (lane / 16) * 8)));
   }
 
-  // s = Q K^T over keys [key0, key0 + TPW) of the tile at ks.
-  template <class Layout>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane) const {
+  // A rotary variant: rotate the Q fragments (rows g and g + 8: query tokens t_row[0], t_row[1])
+  // at the variant's query positions, once per work item. Nothing for other variants.
+  template <class Variant>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_q(const Variant& v, const int (&t_row)[2], int lane) {
+    if constexpr (has_rotary<Variant>) {
+      const int pos[2] = {v.query_position(t_row[0]), v.query_position(t_row[1])};
+      // A fragment: a0 row g cols +0, a1 row g+8 cols +0, a2 row g cols +8, a3 row g+8 cols +8.
+      rotate_fragments<T, D>(v, q, pos, lane % 4, [](int r) { return r % 2; }, [](int r) { return (r / 2) * 8; });
+    } else {
+      (void)v, (void)t_row, (void)lane;
+    }
+  }
+
+  // s = Q K^T over keys [key0, key0 + TPW) of the tile at ks, whose first key is key k_tile of
+  // the sequence. A rotary variant's keys are rotated in registers at their positions first.
+  template <class Layout, class Variant>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane, const Variant& v,
+                                               int k_tile) const {
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     const int mi = lane / 8;
-    KVTILE_PRAGMA_UNROLL
-    for (int kk = 0; kk < D / 16; ++kk) {
+    auto k_addr = [&](int np, int kk) {
+      return arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8));
+    };
+    if constexpr (has_rotary<Variant>) {
       KVTILE_PRAGMA_UNROLL
       for (int np = 0; np < TPW / 16; ++np) {
-        std::uint32_t kf[4];
-        arch::ldmatrix_x4(kf, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8)));
-        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        arch::mma_16816<T>(s[2 * np], q[kk], b0);
-        arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+        std::uint32_t kf[D / 16][4];
+        KVTILE_PRAGMA_UNROLL
+        for (int kk = 0; kk < D / 16; ++kk) arch::ldmatrix_x4(kf[kk], k_addr(np, kk));
+        // B fragments of K: k0 key g cols +0, k1 key g cols +8, k2 key g+8 cols +0, k3 key g+8 cols +8.
+        const int j = k_tile + key0 + np * 16 + lane / 4;
+        const int pos[2] = {v.key_position(j), v.key_position(j + 8)};
+        rotate_fragments<T, D>(v, kf, pos, lane % 4, [](int r) { return r / 2; }, [](int r) { return (r % 2) * 8; });
+        KVTILE_PRAGMA_UNROLL
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const std::uint32_t b0[2] = {kf[kk][0], kf[kk][1]}, b1[2] = {kf[kk][2], kf[kk][3]};
+          arch::mma_16816<T>(s[2 * np], q[kk], b0);
+          arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+        }
+      }
+    } else {
+      (void)v, (void)k_tile;
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 0; kk < D / 16; ++kk) {
+        KVTILE_PRAGMA_UNROLL
+        for (int np = 0; np < TPW / 16; ++np) {
+          std::uint32_t kf[4];
+          arch::ldmatrix_x4(kf, k_addr(np, kk));
+          const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+          arch::mma_16816<T>(s[2 * np], q[kk], b0);
+          arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+        }
       }
     }
   }
@@ -168,7 +202,7 @@ struct warp_rows {
     for (int nt = 0; nt < TPW / 8; ++nt)
       KVTILE_PRAGMA_UNROLL
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * scale_log2;
+        float x = apply_logit_base2(mask, s[nt][e] * scale_log2);
         if (partial) {
           const int j = j0 + nt * 8 + 2 * tq + (e & 1);
           if (j >= k1 || !mask.visible(t_row[e / 2], j)) x = neg_inf;

@@ -22,12 +22,6 @@
 #include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/core/fast_divmod.hpp"
 
-// 1: the 16-row kernel waits once per key tile (see one_barrier below). Measured in
-// docs/perf-log/decode.md v5.
-#ifndef KVTILE_PAGED_ONE_BARRIER
-#define KVTILE_PAGED_ONE_BARRIER 0
-#endif
-
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
 
@@ -68,9 +62,6 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   const int kvh = w.kv_head, row0 = w.row0, group = p.group, rows = it.rows;
   const int kv_begin = w.kv_begin, kv_end = w.kv_end, n_tiles = it.n_tiles;
   const Mask& mask = it.mask;
-  // One barrier per tile (wait, barrier, then refill the stage freed by the previous tile)
-  // instead of two (refill, wait, barrier, compute, barrier); an experiment for decode.
-  constexpr bool one_barrier = KVTILE_PAGED_ONE_BARRIER != 0 && ST >= 3;
 
   const T* kbase = p.kv.k_base();
   const T* vbase = p.kv.v_base();
@@ -153,14 +144,10 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   __syncthreads();
 
   st.load_q(q_s, 16 * wm, lane);
+  st.rotate_q(mask, t_row, lane);
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
-    if constexpr (one_barrier) {
-      // Tile cur landed and every warp is done with the stage refilled below.
-      arch::cp_async_wait<ST - 2>();
-      __syncthreads();
-    }
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = it.next_tile(fetch + 1);
@@ -168,21 +155,19 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
-    if constexpr (!one_barrier) {
-      arch::cp_async_wait<ST - 1>();
-      __syncthreads();
-    }
+    arch::cp_async_wait<ST - 1>();
+    __syncthreads();
 
     const T* ks = k_s + stage_r * BN * LD;
     const T* vs = v_s + stage_r * BN * LD;
     float s[TPW / 8][4];
-    st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane);
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
+    st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane, mask, k0);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.softmax(s);
     st.template accumulate<padded_tile<D>>(s, vs, wn * TPW, lane);
-    if constexpr (!one_barrier) __syncthreads();  // this stage is refilled next
+    __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
     cur = it.next_tile(cur + 1);
   }

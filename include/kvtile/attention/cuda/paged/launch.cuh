@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+#include "kvtile/attention/cuda/dispatch.hpp"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
@@ -163,13 +165,12 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 
 }  // namespace paged
 
-// Run a plan: o (and lse, [rows, num_qo_heads], may be null) = attention of q over kv.
-// q and o: [batch, q_len(b), num_qo_heads, HeadDim] (fixed or varlen), with the lengths the
-// plan was made for; kv: the device page table and pools the plan's host table mirrors.
+// The run's checks (host values only): the tensors, pools and variant parameters against the
+// plan; throws kvtile::error naming the first value that does not fit.
 template <mask_policy Mask, int HeadDim, class T, class Table>
-void run_paged_attention(const paged_plan& plan, void* workspace, const dense_tensor<T>& q,
-                         const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o, float* lse,
-                         typename Mask::params mask_params, float scale, cudaStream_t stream = nullptr) {
+void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
+                           const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o,
+                           const typename Mask::params& mask_params, float scale) {
   static_assert(std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>,
                 "paged attention runs on fp16 or bf16 tensors");
   static_assert(is_supported_head_dim<HeadDim>, "paged attention: HeadDim must be a multiple of 16 up to 256");
@@ -194,8 +195,12 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
     KVTILE_REQUIRE(plan.batch == 0 || (q.layout.len == plan.max_q_len && std::int64_t(q.layout.len) * plan.batch == plan.total_q),
                    errc::invalid_argument, "fixed-length q of ", q.layout.len, " tokens per request does not match the plan");
   KVTILE_REQUIRE(scale > 0.f, errc::invalid_argument, "softmax scale must be positive, got ", scale);
+  check_variant<Mask>(mask_params, HeadDim);
+  check_cuda_rotary<Mask>(mask_params, HeadDim);
+  if constexpr (has_rotary<Mask>)
+    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
+                   errc::unsupported, "rotary variants run on the paged decode kernels; the plan is for ", plan.kernel());
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
-  KVTILE_REQUIRE(workspace != nullptr, errc::invalid_argument, "run: null workspace");
   const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
                         paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&
                         q.layout.stride_batch % 8 == 0 && o.layout.stride_token % 4 == 0 && o.layout.stride_head % 4 == 0 &&
@@ -203,11 +208,26 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
                         kv.pool.stride_head % 8 == 0;
   KVTILE_REQUIRE(ok_align, errc::invalid_argument,
                  "paged attention needs 16-byte aligned q, o, k, v and strides that are multiples of 8 elements");
+}
+
+// Run a plan: o (and lse, [rows, num_qo_heads], may be null) = attention of q over kv.
+// q and o: [batch, q_len(b), num_qo_heads, HeadDim] (fixed or varlen), with the lengths the
+// plan was made for; kv: the device page table and pools the plan's host table mirrors.
+template <mask_policy Mask, int HeadDim, class T, class Table>
+void run_paged_attention(const paged_plan& plan, void* workspace, const dense_tensor<T>& q,
+                         const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o, float* lse,
+                         typename Mask::params mask_params, float scale, cudaStream_t stream = nullptr) {
+  check_paged_attention<Mask, HeadDim>(plan, q, kv, o, mask_params, scale);
+  if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
+  KVTILE_REQUIRE(workspace != nullptr, errc::invalid_argument, "run: null workspace");
+  const paged_problem& pr = plan.problem;
   int device = 0;
   KVTILE_CUDA_CHECK(cudaGetDevice(&device));
   const int major = kvtile::detail::compute_capability_major(device);
   KVTILE_REQUIRE(major >= 8, errc::unsupported, "paged attention needs compute capability 8.0 or newer, device ", device,
                  " has ", major, ".x");
+
+  if (dispatch_log_enabled()) log_dispatch({"cuda::run_paged_attention", plan.kernel(), plan.reason});
 
   auto* base = static_cast<unsigned char*>(workspace);
   paged::kernel_params<T, Table, Mask> params;

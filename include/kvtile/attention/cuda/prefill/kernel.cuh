@@ -21,20 +21,13 @@
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
 
-// Unroll of the Q K^T k-steps when Q is re-read from shared memory (see qk_unroll below).
-// Measured on H100, D=128, <128, 64, 4, 2>, S=4096: 8 (full) 331.5 TFLOP/s, 2 301.8.
-#ifndef KVTILE_PREFILL_QK_UNROLL
-#define KVTILE_PREFILL_QK_UNROLL 8
-#endif
-// Largest head dim that uses one barrier per K/V tile (see split_wait below).
-#ifndef KVTILE_PREFILL_SINGLE_BARRIER_MAX_D
-#define KVTILE_PREFILL_SINGLE_BARRIER_MAX_D 64
-#endif
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
@@ -89,6 +82,12 @@ inline dim3 prefill_grid(const ragged_layout& q, std::int32_t max_q_len, int blo
   return dim3(unsigned((max_q_len + block_q - 1) / block_q), unsigned(q.heads), unsigned(q.batch));
 }
 
+// Whether the mma.sync kernel takes head dim D with tile Tile: prefill_geometry's rules below,
+// as a value the dispatch asks.
+template <int D, class Tile>
+inline constexpr bool prefill_tile_ok = is_supported_head_dim<D> && Tile::block_q % (16 * Tile::warps) == 0 &&
+                                        Tile::block_kv % 16 == 0 && Tile::stages >= 2;
+
 // Compile-time geometry of one instantiation; every divisibility rule is checked here.
 template <class T, int D, class Tile>
 struct prefill_geometry {
@@ -124,12 +123,12 @@ struct prefill_geometry {
   // With Q in shared memory the k-steps of Q K^T index nothing in registers, so they need not
   // be unrolled fully; a deep unroll lets the compiler run ldmatrix ahead of the MMAs (faster
   // at D=128 despite a few more bytes of spills).
-  static constexpr int qk_unroll = q_in_registers ? d_steps : KVTILE_PREFILL_QK_UNROLL;
+  static constexpr int qk_unroll = q_in_registers ? d_steps : tuning::prefill_qk_unroll;
   // Pipeline synchronisation. One barrier per tile (K and V waited together) lets the warps of
   // a CTA drift apart so that one warp's softmax overlaps another's MMAs: +3..8% at D=64 on
   // H100. For larger D a second wait and barrier before P V (V waited separately) measured
   // faster (D=128: 319 against 292 TFLOP/s at S=4096), see docs/perf-log/prefill.md.
-  static constexpr bool split_wait = D > KVTILE_PREFILL_SINGLE_BARRIER_MAX_D;
+  static constexpr bool split_wait = D > tuning::prefill_single_barrier_max_d;
 
   static constexpr std::size_t smem_elements = std::size_t(block_q + 2 * stages * block_kv) * pitch;
   static constexpr std::size_t smem_bytes = smem_elements * sizeof(T);
@@ -282,7 +281,7 @@ struct prefill_kernel {
     }
 
     const int wq0 = q0 + warp_row0, wq1 = min_i(wq0 + G::rows_per_warp, q_len);
-    const float scale_log2 = p.scale_log2;
+    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
       // Barrier: the tile's K (and V, unless split_wait) landed and is visible to every warp,
@@ -336,6 +335,7 @@ struct prefill_kernel {
           }
         }
 
+        apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
         // The mask, asked per element only where the tile is partial (or runs past kv_len).
         if (vis == tile_visibility::partial) {
           KVTILE_PRAGMA_UNROLL

@@ -29,6 +29,8 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
@@ -36,34 +38,19 @@
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
 
-// 1: the P V wgmma of a tile stays in flight across the next tile's barrier and Q K^T (sm90 v2,
-// see docs/perf-log/prefill.md); 0: every wgmma batch is waited at once (sm90 v1).
-#ifndef KVTILE_PREFILL_SM90_ASYNC_PV
-#define KVTILE_PREFILL_SM90_ASYNC_PV 1
-#endif
-
-// 1: per-slot mbarriers replace the CTA-wide barriers of the main loop where Stages >= 3
-// (sm90 v3); 0: two __syncthreads per tile (sm90 v2).
-#ifndef KVTILE_PREFILL_SM90_MBARRIER
-#define KVTILE_PREFILL_SM90_MBARRIER 1
-#endif
-
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
 
-// Default tiles of the sm_90a kernel: three warpgroups at D=64 (registers allow it), two at 128.
-// With async P V three stages (a slot is refilled half a tile later).
+// Default tiles of the sm_90a kernel: tuning.hpp.
 template <int D>
-struct sm90_default_tile {
-  using type = tile_shape<128, 128, 8, KVTILE_PREFILL_SM90_ASYNC_PV ? 3 : 2>;
-};
-template <int D>
-  requires(D <= 64)
-struct sm90_default_tile<D> {
-  using type = tile_shape<192, 128, 12, KVTILE_PREFILL_SM90_ASYNC_PV ? 3 : 2>;
-};
-template <int D>
-using sm90_default_tile_t = typename sm90_default_tile<D>::type;
+using sm90_default_tile_t = typename tuning::prefill_sm90_tile<D>::type;
+
+// Whether the sm_90a kernel takes head dim D with tile Tile: the geometry's rules below, as a
+// value the dispatch asks (cuda::prefill runs a user's tile on this kernel whenever it can).
+template <int D, class Tile>
+inline constexpr bool prefill_sm90_tile_ok = (D == 64 || D == 128) && Tile::warps % 4 == 0 &&
+                                             Tile::block_q == 16 * Tile::warps &&
+                                             (Tile::block_kv == 64 || Tile::block_kv == 128) && Tile::stages >= 2;
 
 template <class T, int D, class Tile>
 struct prefill_sm90_geometry {
@@ -80,15 +67,11 @@ struct prefill_sm90_geometry {
   static_assert(block_kv == 64 || block_kv == 128, "prefill_sm90: BlockKV must be 64 or 128");
   static_assert(stages >= 2, "prefill_sm90: Stages must be at least 2");
 
-  // P V left in flight across the next tile's barrier and Q K^T (waited with S); the slot of a
-  // tile is then refilled after the second barrier of the next tile, so Stages >= 3 keeps a
-  // full tile of prefetch. 0: every wgmma batch is waited at once (the first version).
-  static constexpr bool async_pv = KVTILE_PREFILL_SM90_ASYNC_PV != 0;
-  static_assert(!async_pv || stages >= 2, "prefill_sm90: async P V needs Stages >= 2");
-
-  // Per-slot mbarriers instead of CTA-wide barriers in the main loop (sm90 v3); needs
-  // Stages >= 3 (a slot is refilled two tiles after its last use).
-  static constexpr bool use_mbarriers = async_pv && KVTILE_PREFILL_SM90_MBARRIER != 0 && stages >= 3;
+  // P V stays in flight across the next tile's barrier and Q K^T (waited with S), so a slot is
+  // refilled after the second barrier of the next tile. Per-slot mbarriers replace the CTA-wide
+  // barriers of the main loop where Stages >= 3 (a slot is refilled two tiles after its last
+  // use); with two stages, two __syncthreads per tile (perf-log prefill sm90 v2, v3).
+  static constexpr bool use_mbarriers = stages >= 3;
 
   static constexpr int chunks = D / 8;  // 16-byte chunks per row
   static constexpr int d_steps = D / 16;
@@ -215,7 +198,7 @@ struct sm90_attention_core {
     const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
     const int row_local = wr0 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
     const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
-    const float scale_log2 = src.scale_log2;
+    const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
     // Q descriptor base of this warpgroup: its 64 rows inside each column block.
     const std::uint32_t q_wg = q_base + wg * 64 * 128;
     constexpr std::uint32_t sbo = 1024;
@@ -261,10 +244,11 @@ struct sm90_attention_core {
         qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
       }
       arch::wgmma_commit();
-      arch::wgmma_wait<0>();  // S, and (async_pv) the previous tile's P V
+      arch::wgmma_wait<0>();  // S, and the previous tile's P V
       arch::fence_operands(s);
       arch::fence_operands(o);
 
+      apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
       if (vis == tile_visibility::partial) {
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < G::block_kv / 8; ++j)
@@ -391,36 +375,23 @@ struct sm90_attention_core {
       for (int x = 0; x < G::stages - 1; ++x) fetch_and_advance(x);
       int stage = 0, refill = G::stages - 1;
       for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
-        // K of this tile (and Q) landed and is published to the async proxy. Without async_pv
-        // every warp is also done with the previous tile, whose slot is refilled right here.
+        // K of this tile (and Q) landed and is published to the async proxy.
         arch::cp_async_wait<2 * G::stages - 3>();
         arch::fence_proxy_async_shared();
         __syncthreads();
-        if constexpr (!G::async_pv) {
-          fetch_and_advance(refill);
-          refill = refill + 1 == G::stages ? 0 : refill + 1;
-        }
         const int k0 = kv_lo + i * G::block_kv;
         const tile_visibility vis = visibility(k0);
         std::uint32_t pa[G::kv_steps][4];
         if (vis != tile_visibility::empty) qk_softmax(stage, k0, vis, pa);
-        // V of this tile landed. With async_pv every warpgroup has also finished the previous
-        // tile's P V (its wait above), so that tile's slot is refilled here.
-        if constexpr (G::async_pv) arch::wgmma_wait<0>();  // covers a tile this warpgroup skipped
-        arch::cp_async_wait<G::async_pv ? 2 * G::stages - 4 : 2 * G::stages - 2>();
+        // V of this tile landed, and every warpgroup has finished the previous tile's P V (its
+        // wait above), so that tile's slot is refilled here.
+        arch::wgmma_wait<0>();  // covers a tile this warpgroup skipped
+        arch::cp_async_wait<2 * G::stages - 4>();
         arch::fence_proxy_async_shared();
         __syncthreads();
-        if constexpr (G::async_pv) {
-          fetch_and_advance(refill);
-          refill = refill + 1 == G::stages ? 0 : refill + 1;
-        }
-        if (vis != tile_visibility::empty) {
-          issue_pv(stage, pa);
-          if constexpr (!G::async_pv) {
-            arch::wgmma_wait<0>();
-            arch::fence_operands(o);
-          }
-        }
+        fetch_and_advance(refill);
+        refill = refill + 1 == G::stages ? 0 : refill + 1;
+        if (vis != tile_visibility::empty) issue_pv(stage, pa);
         stage = stage + 1 == G::stages ? 0 : stage + 1;
       }
       arch::cp_async_wait<0>();

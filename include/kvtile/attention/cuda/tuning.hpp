@@ -1,0 +1,69 @@
+// kvtile/attention/cuda/tuning.hpp: every tuning value of the CUDA attention kernels, in one
+// place, each with the measurement that chose it (docs/perf-log/prefill.md, decode.md).
+//
+// These are values, not switches: variants of a pipeline that lost their A/B are deleted from
+// the code and live on in the perf log only. Head-dim or architecture dependent values are
+// constexpr functions, so a kernel reads `tuning::x(D)` and a reader finds every choice here.
+// Plain C++ (no CUDA needed): the planner includes it too.
+#pragma once
+
+#include "kvtile/attention/tile_shape.hpp"
+#include "kvtile/core/config.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::tuning {
+
+// ---- prefill, portable mma.sync kernel (sm_80+) ---------------------------------------------
+
+// Default tiles per head dim: tile sweep of bench/prefill_bench.cu on an H100 80GB HBM3 (bf16,
+// 16k tokens, hidden 2048), docs/prefill.md. D <= 128: <128, 64, 4, 2>; above: <64, 32, 4, 2>
+// (the O accumulators of 32 rows per warp do not fit beside S at D = 256).
+template <int HeadDim>
+struct prefill_tile {
+  using type = tile_shape<128, 64, 4, 2>;
+};
+template <int HeadDim>
+  requires(HeadDim > 128)
+struct prefill_tile<HeadDim> {
+  using type = tile_shape<64, 32, 4, 2>;
+};
+
+// Unroll of the Q K^T k-steps when Q is re-read from shared memory. H100, D = 128,
+// <128, 64, 4, 2>, S = 4096: 8 (full) 331.5 TFLOP/s, 2 301.8 (perf-log prefill v4).
+inline constexpr int prefill_qk_unroll = 8;
+
+// Largest head dim whose K/V tiles take one barrier (K and V waited together); above it V is
+// waited for separately. One barrier lets warps drift (+3-8% at D = 64, H100); at D = 128 the
+// split wait measured 319 against 292 TFLOP/s at S = 4096 (perf-log prefill v3). The paged
+// append kernel measured the same way (perf-log decode v6).
+inline constexpr int prefill_single_barrier_max_d = 64;
+inline constexpr int paged_append_single_barrier_max_d = 64;
+
+// ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
+
+// Default tiles: three warpgroups at D = 64 (registers allow it), two at D = 128; three stages
+// so that a slot is refilled half a tile after its P V was issued (perf-log prefill sm90 v2:
+// +1-5% over waiting P V at once; v3: per-slot mbarriers, no CTA barrier, where Stages >= 3).
+template <int HeadDim>
+struct prefill_sm90_tile {
+  using type = tile_shape<128, 128, 8, 3>;
+};
+template <int HeadDim>
+  requires(HeadDim <= 64)
+struct prefill_sm90_tile<HeadDim> {
+  using type = tile_shape<192, 128, 12, 3>;
+};
+
+// ---- paged decode ----------------------------------------------------------------------------
+
+// K/V stages of the TMA decode kernel at head dims up to 128: 3. Four measured +0-1% and six do
+// not fit the persistent layout (perf-log decode v13 and the stage-count experiment after v15).
+inline constexpr int decode_sm90_stages = 3;
+
+// When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
+// attention grid, 1 as soon as every attention CTA has started, 2 once every decode CTA is past
+// its key loop (the append kernels allow it at their start for 1 and 2). perf-log decode v11.
+inline constexpr int paged_merge_early = 2;
+
+}  // namespace attention::cuda::tuning
+KVTILE_NAMESPACE_END
