@@ -1,7 +1,10 @@
 // StreamingLLM: one sequence streams 120,000 tokens through a pool of 72 blocks (1,152 tokens):
 // 4 attention sinks and a 1,024-token window. Whole blocks between them go back to the pool by
-// editing the page table; no K/V moves. At checkpoints a decode step runs attention over
-// the kept cache on the CPU, and the memory used is printed: flat, however long the text.
+// editing the page table; no K/V moves. K is stored before rotation; at checkpoints a decode
+// step runs attention over the kept cache on the CPU with rotary embeddings at *cache*
+// positions (attention::rotary<causal_mask>: key j at j), as StreamingLLM does, and the memory
+// used is printed: flat, however long the text.
+#include <kvtile/attention/variant.hpp>
 #include <kvtile/caching/sink_window_eviction.hpp>
 #include <kvtile/kvtile.hpp>
 
@@ -34,9 +37,10 @@ int main() {
       const auto table = cache.to_csr(batch);
       for (std::size_t d = 0; d < q.size(); ++d) q[d] = k[d % k.size()];
       const auto layout = attention::ragged_layout::fixed(1, 1, kQoHeads, kHeadDim);
-      attention::cpu::attention_forward<attention::tile_shape<16, 64>, kHeadDim, attention::causal_mask>(
-          attention::dense_tensor<const float>{q.data(), layout}, paging::bind(cache.layer(0), table), kKvHeads, {},
-          0.125f, attention::dense_tensor<float>{o.data(), layout});
+      using rope_at_cache_positions = attention::rotary<attention::causal_mask>;
+      attention::cpu::attention_forward<attention::tile_shape<16, 64>, kHeadDim, rope_at_cache_positions>(
+          attention::dense_tensor<const float>{q.data(), layout}, paging::bind(cache.layer(0), table), kKvHeads,
+          rope_at_cache_positions::params{}, 0.125f, attention::dense_tensor<float>{o.data(), layout});
       std::printf("%6lld tokens streamed: %4lld kept (%lld evicted), %2d of %d blocks used (%.0f KiB), o[0] = %+.4f\n",
                   (long long)(pos + 1), (long long)cache.num_tokens(id), (long long)evicted, cache.stats().used,
                   kBlocks, double(cache.stats().used) * kPage * kKvHeads * kHeadDim * 2 * sizeof(float) / 1024.0,

@@ -216,14 +216,7 @@ TEST_CASE("prefix cache bad input: a clear error and nothing changed") {
   auto expect = [&](errc code, const std::string& text, auto&& f) {
     const auto before = c.blocks().allocator().cache_stats();
     const auto len = c.num_tokens(a);
-    try {
-      f();
-      FAIL("expected a kvtile::error containing: " << text);
-    } catch (const kvtile::error& e) {
-      CHECK(e.code() == code);
-      INFO("message: " << e.what());
-      CHECK(std::string(e.what()).find(text) != std::string::npos);
-    }
+    kvtile_test::expect_error(code, text, f);
     const auto after = c.blocks().allocator().cache_stats();
     CHECK(after.cached == before.cached);
     CHECK(after.in_use == before.in_use);

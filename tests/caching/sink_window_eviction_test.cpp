@@ -97,14 +97,7 @@ TEST_CASE("eviction composes with forks and with the prefix cache") {
 
 TEST_CASE("eviction bad input: sinks + window larger than the pool, bad ranges, unknown ids") {
   auto expect = [](errc code, const std::string& text, auto&& f) {
-    try {
-      f();
-      FAIL("expected a kvtile::error containing: " << text);
-    } catch (const kvtile::error& e) {
-      CHECK(e.code() == code);
-      INFO("message: " << e.what());
-      CHECK(std::string(e.what()).find(text) != std::string::npos);
-    }
+    kvtile_test::expect_error(code, text, f);
   };
   expect(errc::invalid_argument, "sinks 8 + window 64 tokens need up to 19 blocks of 4 tokens; the pool has 16",
          [] { caching::sink_window_eviction(8, 64, page, 16); });

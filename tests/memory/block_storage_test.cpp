@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kvtile/memory/block_storage.hpp"
+#include "kvtile/memory/pool_view.hpp"
 #include "support/test_util.hpp"
 
 using namespace kvtile;
@@ -36,7 +37,7 @@ TEST_CASE("pool views: NHD and HND offsets, every layer, 64-bit") {
     for (std::int64_t i = 0; i < 3 * 5 * block; ++i) REQUIRE(s.k_data()[i] == 0.f);
   }
   // A pool beyond 2^31 elements: offsets stay exact (arithmetic only, nothing allocated).
-  const auto big = paging::kv_pool_view<half>::make(nullptr, nullptr, kv_layout::hnd, 1 << 20, 16, 8, 128);
+  const auto big = memory::kv_pool_view<half>::make(nullptr, nullptr, kv_layout::hnd, 1 << 20, 16, 8, 128);
   CHECK(big.offset((1 << 20) - 1, 15, 7) == std::int64_t((1 << 20) - 1) * 16 * 8 * 128 + 7 * 16 * 128 + 15 * 128);
   CHECK(kv_shape{32, 0, 16, 8, 128}.bytes_per_token(2) == 131072);
   CHECK_THROWS_AS(block_storage<float>(kv_shape{0, 4, 4, 1, 4}, kv_layout::nhd), kvtile::error);

@@ -168,14 +168,7 @@ TEST_CASE("randomized: every request finishes with its tokens; the batch always 
 TEST_CASE("scheduler bad input: a clear error naming the value, nothing changed") {
   manager_t m(16, 4);
   auto expect = [](errc code, const std::string& text, auto&& f) {
-    try {
-      f();
-      FAIL("expected a kvtile::error containing: " << text);
-    } catch (const kvtile::error& e) {
-      CHECK(e.code() == code);
-      INFO("message: " << e.what());
-      CHECK(std::string(e.what()).find(text) != std::string::npos);
-    }
+    kvtile_test::expect_error(code, text, f);
   };
   expect(errc::invalid_argument, "token_budget 7 is smaller than one decode step of max_running = 8",
          [&] { scheduler_t(m, {.token_budget = 7, .max_running = 8}); });

@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
 
 namespace kvtile_test {
@@ -30,6 +32,20 @@ std::vector<T> random_vector(std::size_t n, std::mt19937_64& rng, float lo = -1.
   std::vector<T> v(n);
   for (auto& x : v) x = kvtile::from_float<T>(dist(rng));
   return v;
+}
+
+// Runs f, which must throw a kvtile::error with `code` whose message contains `text` (callers
+// check afterwards that nothing changed).
+template <class F>
+void expect_error(kvtile::errc code, const std::string& text, F&& f) {
+  try {
+    f();
+    FAIL("expected a kvtile::error containing: " << text);
+  } catch (const kvtile::error& e) {
+    CHECK(e.code() == code);
+    INFO("message: " << e.what());
+    CHECK(std::string(e.what()).find(text) != std::string::npos);
+  }
 }
 
 // A value that no correct kernel writes: NaN for floating types.
