@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "byte_reader.hpp"
+#include "kvtile/caching/prefix_cache.hpp"
 #include "kvtile/kv_cache.hpp"
 #include "kvtile/memory/lowest_id_allocator.hpp"
 
@@ -289,7 +290,10 @@ void drive(byte_reader& in) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   byte_reader in(data, size);
-  if (in.u8() % 2 == 0) drive<paged_kv_cache<std::int32_t>>(in);
-  else drive<paged_kv_cache<std::int32_t>::with_allocator<memory::lowest_id_allocator>>(in);
+  switch (in.u8() % 3) {
+    case 0: drive<paged_kv_cache<std::int32_t>>(in); break;
+    case 1: drive<paged_kv_cache<std::int32_t>::with_allocator<memory::lowest_id_allocator>>(in); break;
+    default: drive<paged_kv_cache<std::int32_t>::with_allocator<caching::prefix_caching_allocator<>>>(in);
+  }
   return 0;
 }
