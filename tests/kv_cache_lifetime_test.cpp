@@ -3,6 +3,8 @@
 // that overflow, and zero-size work.
 #include <doctest/doctest.h>
 
+#include "support/test_util.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -18,14 +20,7 @@ using namespace kvtile;
 namespace {
 template <class F>
 void expect_code(errc code, const std::string& text, F&& f) {
-  try {
-    f();
-    FAIL("expected a kvtile::error containing: " << text);
-  } catch (const kvtile::error& e) {
-    CHECK(e.code() == code);
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(text) != std::string::npos);
-  }
+  kvtile_test::expect_error(code, text, f);
 }
 }  // namespace
 

@@ -42,14 +42,7 @@ struct snapshot {
 template <class F>
 void expect_unchanged(cache_t& c, errc code, const std::string& text, F&& f) {
   const snapshot before(c);
-  try {
-    f();
-    FAIL("expected a kvtile::error containing: " << text);
-  } catch (const kvtile::error& e) {
-    CHECK(e.code() == code);
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(text) != std::string::npos);
-  }
+  kvtile_test::expect_error(code, text, f);
   CHECK(snapshot(c) == before);
   c.check_invariants();
 }

@@ -45,14 +45,7 @@ struct state {
 template <class Manager, class F>
 void expect_error_unchanged(const Manager& m, errc code, const std::string& text, F&& f) {
   const state<Manager> before(m);
-  try {
-    f();
-    FAIL("expected a kvtile::error containing: " << text);
-  } catch (const kvtile::error& e) {
-    CHECK(e.code() == code);
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(text) != std::string::npos);
-  }
+  kvtile_test::expect_error(code, text, f);
   CHECK(state<Manager>(m) == before);
   m.check_invariants();
 }
