@@ -19,6 +19,9 @@ import re
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plot  # noqa: E402  (matplotlib is imported only when a figure is drawn)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -77,14 +80,7 @@ def render_markdown(results_dir):
         for r in doc["rows"]:
             suites.setdefault(r["suite"], []).append(r)
         for suite, rows in suites.items():
-            impls = []
-            for r in rows:
-                for k in r:
-                    if k not in ("suite", "shape", "unit") and k not in impls:
-                        impls.append(k)
-            if "kvtile" in impls:
-                impls.remove("kvtile")
-                impls.insert(0, "kvtile")
+            impls = plot.impl_order(rows)
             peers = [i for i in impls if i != "kvtile"]
             head = ["shape", "unit"] + impls + [f"kvtile / {p}" for p in peers]
             lines += [f"### {suite}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -108,7 +104,6 @@ def render_markdown(results_dir):
 def redraw(files):
     """The figures of bench/plot.py, when matplotlib is here."""
     try:
-        import plot
         plot.render(files)
     except ImportError as e:
         print(f"figures not redrawn ({e}); python3 -m pip install matplotlib", file=sys.stderr)
