@@ -12,6 +12,7 @@
 #include "kvtile/attention/variant.hpp"
 #include "kvtile/caching/sink_window_eviction.hpp"
 #include "kvtile/kv_cache.hpp"
+#include "caching/kept_cache.hpp"
 #include "support/test_util.hpp"
 
 using namespace kvtile;
@@ -63,16 +64,8 @@ TEST_CASE("sinks + window: paged attention with rotary at cache positions equals
     std::vector<std::int32_t> kv_indptr{0};
     std::vector<float> dense_k, dense_v;
     for (int b = 0; b < 2; ++b) {
-      const std::int64_t kept = cache.num_tokens(ids[std::size_t(b)]);
-      const std::int64_t sink_tokens = std::min<std::int64_t>(std::int64_t(ev.sink_blocks()) * page, kept);
-      for (std::int64_t i = 0; i < kept; ++i) {
-        const std::int64_t t = i < sink_tokens ? i : text_len[std::size_t(b)] - (kept - i);
-        const auto* k = &text_k[std::size_t(b)][std::size_t(t) * hk * D];
-        const auto* v = &text_v[std::size_t(b)][std::size_t(t) * hk * D];
-        dense_k.insert(dense_k.end(), k, k + hk * D);
-        dense_v.insert(dense_v.end(), v, v + hk * D);
-      }
-      kv_indptr.push_back(kv_indptr.back() + std::int32_t(kept));
+      kvtile_test::append_kept_cache(ev, cache.num_tokens(ids[std::size_t(b)]), page, text_k[std::size_t(b)],
+                                     text_v[std::size_t(b)], hk * D, dense_k, dense_v, kv_indptr);
     }
     const std::vector<std::int32_t> q_indptr{0, q_len[0], q_len[0] + q_len[1]};
     const auto q_layout = ragged_layout::varlen(q_indptr.data(), 2, hq, D);
