@@ -42,6 +42,17 @@ using capped_causal_128 = kc::prefill<kvtile::bfloat16, 128, softcap<kvtile::att
 using capped_window_64 = kc::prefill<kvtile::bfloat16, 64, softcap<kvtile::attention::sliding_window_mask>>;
 using capped_none_96 = kc::prefill<kvtile::half, 96, softcap<kvtile::attention::no_mask>>;
 
+// The paged cases of the variant tests: case i of GQA groups 1 / 5 / 8 over pages 1 / 16 / 256.
+constexpr int groups[] = {1, 5, 8};
+constexpr int pages[] = {1, 16, 256};
+paged_test::spec variant_spec(int i) {
+  paged_test::spec s;
+  s.hkv = 2;
+  s.hq = 2 * groups[i];
+  s.page_size = pages[i];
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("softcap prefill: D=128 causal on run() and run_portable, odd lengths, GQA 1/5/8") {
@@ -73,13 +84,8 @@ TEST_CASE("softcap paged decode and append: GQA 1/5/8, pages 1/16/256 (sm_90a ke
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  const int groups[] = {1, 5, 8};
-  const int pages[] = {1, 16, 256};
   for (int i = 0; i < 3; ++i) {
-    spec s;
-    s.hkv = 2;
-    s.hq = 2 * groups[i];
-    s.page_size = pages[i];
+    spec s = variant_spec(i);
     s.q_lens = {1, 1, 3};
     s.kv_lens = {1, 1000, 4097};
     INFO("decode, group " << groups[i] << ", page " << pages[i]);
@@ -99,13 +105,8 @@ TEST_CASE("rotary paged decode: half-split and interleaved, GQA 1/5/8, pages 1/1
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  const int groups[] = {1, 5, 8};
-  const int pages[] = {1, 16, 256};
   for (int i = 0; i < 3; ++i) {
-    spec s;
-    s.hkv = 2;
-    s.hq = 2 * groups[i];
-    s.page_size = pages[i];
+    spec s = variant_spec(i);
     s.q_lens = {1, 1, groups[i] <= 5 ? 3 : 2};  // at most 16 packed rows per request
     s.kv_lens = {1, 1000, 4097};
     s.layout = i == 1 ? kv_layout::hnd : kv_layout::nhd;
