@@ -25,6 +25,7 @@
 //   schedule::chunked_prefill_scheduler<cache_t::manager_type> s(cache.blocks(), {.token_budget = 512});
 //   auto r = s.submit({.prompt_len = 3000, .max_new_tokens = 128});
 //   while (s.has_work()) { const auto& b = s.step(); cache.run_pending_copies(); ... }
+//   s.retire_finished();  // the last step's finished requests give their blocks back
 #pragma once
 
 #include <algorithm>
@@ -141,12 +142,18 @@ class chunked_prefill_scheduler {
     q.state = request_state::finished;
   }
 
+  // The requests that finished in the last step give their blocks back (step() does this at its
+  // start; call it after the last step, once its batch has run). The last batch is cleared.
+  void retire_finished() {
+    for (request_id r : batch_.finished) release(r);
+    batch_ = step_batch{};
+  }
+
   // Plan and book one step; the batch stays valid until the next call.
   const step_batch& step() {
     // Requests that generated their last token in the previous step give their blocks back now:
     // that step's batch no longer needs them.
-    for (request_id r : batch_.finished) release(r);
-    batch_ = step_batch{};
+    retire_finished();
     std::int64_t budget = opt_.token_budget;
     bool prefill_only = false;
     if (!opt_.chunked)
