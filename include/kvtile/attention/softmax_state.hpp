@@ -112,6 +112,33 @@ struct softmax_state {
   KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float lse() const { return lse_of(m, l); }
 };
 
+// The row statistics (m, l) of the online softmax, apart from any accumulator: for mainloops
+// whose accumulator lives in MMA fragments, in their own register layout, and is rescaled there,
+// possibly later than the statistics (after an asynchronous P V of the previous tile landed).
+// softmax_state above is the same arithmetic with the accumulator slice beside it.
+struct softmax_row_stats {
+  float m;
+  float l;
+
+  KVTILE_HOST_DEVICE KVTILE_FORCEINLINE void init() {
+    m = neg_inf;
+    l = 0.f;
+  }
+  // Begin a tile whose (scaled, base-2) row max is tile_max: m moves to the new running max and
+  // l onto it. Returns the factor the accumulator must be multiplied by; `base` is the value to
+  // subtract from the tile's scores before exp2.
+  KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float enter_tile(float tile_max, float& base) {
+    const float m_new = max_f(m, tile_max);
+    const float a = rescale_factor(m, m_new);
+    l *= a;
+    m = m_new;
+    base = exp_base(m_new);
+    return a;
+  }
+  KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float inv_l() const { return l > 0.f ? 1.f / l : 0.f; }
+  KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float lse() const { return lse_of(m, l); }
+};
+
 // Merging finished (normalised) states, as split-KV partitions and cascade levels produce:
 // each input is an output row o (already divided by its l) and its natural-log LSE.
 //   lse = ln(e^lse_a + e^lse_b),  o = (e^(lse_a - lse) o_a + e^(lse_b - lse) o_b)

@@ -29,6 +29,15 @@ using k128_causal = cuda::prefill_sm90<bfloat16, 128, causal_mask>;
 using k128_none = cuda::prefill_sm90<bfloat16, 128, no_mask>;
 using k128_window = cuda::prefill_sm90<bfloat16, 128, sliding_window_mask>;
 using k128_causal_fp16_kv64 = cuda::prefill_sm90<kvtile::half, 128, causal_mask, tile_shape<64, 64, 4, 2>>;
+// The default tiles are the warp-specialised kernel's (TMA producer + consumer warpgroups) on
+// fixed-length tensors; varlen cases above run the cp.async kernel. These name both explicitly.
+using ws64_kv64_s3 = cuda::prefill_sm90<bfloat16, 64, causal_mask, tile_shape<128, 64, 12, 3>>;
+using ws64_three = cuda::prefill_sm90<kvtile::half, 64, no_mask, tile_shape<192, 128, 16, 2>>;
+using ws128_one = cuda::prefill_sm90<bfloat16, 128, causal_mask, tile_shape<64, 128, 8, 2>>;
+using ws128_s3 = cuda::prefill_sm90<kvtile::half, 128, sliding_window_mask, tile_shape<128, 128, 12, 3>>;
+using cp128_default = cuda::prefill_sm90<bfloat16, 128, causal_mask, tile_shape<128, 128, 8, 3>>;
+static_assert(k128_causal::warp_specialised && ws64_three::warp_specialised && ws128_one::warp_specialised);
+static_assert(!cp128_default::warp_specialised && !k128_causal_fp16_kv64::warp_specialised);
 
 // A tiny valid problem: can the current device and binary run the sm_90a kernels?
 bool sm90_here() {
@@ -104,6 +113,56 @@ TEST_CASE("prefill_sm90 bf16 D=128 sliding window with sinks") {
   check_prefill<k128_window>({{50, 1, 333}, {50, 900, 400}, true, 4, 1}, {1, 3}, rng);
 }
 
+TEST_CASE("prefill_sm90 warp-specialised tiles: 1, 2 and 3 consumer warpgroups, 64-key tiles, 3 stages") {
+  if (!sm90_here()) return;
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<ws64_kv64_s3>({{1000}, {1000}, false, 5, 1}, {}, rng);
+  check_prefill<ws64_kv64_s3>({{33}, {17}, false, 2, 2}, {}, rng);  // rows 0..15 see no key
+  check_prefill<ws64_three>({{4097}, {4097}, false, 2, 1}, {}, rng);
+  check_prefill<ws64_three>({{1}, {700}, false, 8, 1}, {}, rng);
+  check_prefill<ws128_one>({{1000, 1000}, {1000, 1000}, false, 4, 4}, {}, rng);
+  check_prefill<ws128_one>({{300}, {17}, false, 1, 1}, {}, rng);
+  check_prefill<ws128_s3>({{1000}, {1000}, false, 4, 1}, {100, 4}, rng);
+  check_prefill<ws128_s3>({{700}, {700}, false, 2, 2}, {130, 70}, rng);
+  check_prefill<cp128_default>({{1000}, {1000}, false, 4, 1}, {}, rng);  // the cp.async kernel, fixed length
+}
+
+// The consumer warpgroups take turns through named barriers and the producer refills a slot
+// after every consumer warp released it: a wrong order fails only sometimes. So one causal
+// problem (diagonal tiles where one warpgroup sees nothing) many times, with fresh inputs.
+TEST_CASE("prefill_sm90 warp-specialised kernel, 50 repetitions") {
+  if (!sm90_here()) return;
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int r = 0; r < 50; ++r) {
+    check_prefill<k128_causal>({{777, 777}, {777, 777}, false, 4, 2}, {}, rng);
+    check_prefill<ws64_three>({{515}, {515}, false, 3, 1}, {}, rng);
+  }
+}
+
+TEST_CASE("cuda::prefill's dispatch names the warp-specialised kernel on fixed-length tensors") {
+  if (!sm90_here()) return;
+  using P = cuda::prefill<bfloat16, 128, causal_mask>;
+  alignas(16) static bfloat16 buf[64 * 128];
+  P::arguments a;
+  a.q = {buf, ragged_layout::fixed(1, 64, 1, 128)};
+  a.kv = {buf, buf, ragged_layout::fixed(1, 64, 1, 128)};
+  a.o = {buf, ragged_layout::fixed(1, 64, 1, 128)};
+  const auto fixed = P::dispatch(a);
+  INFO(fixed.kernel << ": " << fixed.reason);
+  CHECK(std::string(fixed.kernel).find("warp-specialised") != std::string::npos);
+  static const std::int32_t indptr[2] = {0, 64};
+  a.q.layout = a.o.layout = ragged_layout::varlen(indptr, 1, 1, 128);
+  a.max_q_len = 64;
+  const auto varlen = P::dispatch(a);
+  INFO(varlen.kernel << ": " << varlen.reason);
+  CHECK(std::string(varlen.kernel).find("cp.async") != std::string::npos);
+  CHECK(varlen.reason.find("varlen") != std::string::npos);
+}
+
 // A small representative set, cheap enough for compute-sanitizer memcheck and racecheck.
 TEST_CASE("prefill_sm90 small set (sanitizer)") {
   if (!sm90_here()) return;
@@ -116,6 +175,8 @@ TEST_CASE("prefill_sm90 small set (sanitizer)") {
   check_prefill<k128_causal>({{33}, {17}, false, 2, 2}, {}, rng);
   check_prefill<k128_none>({{20}, {300}, false, 2, 2}, {}, rng);
   check_prefill<k128_window>({{150}, {150}, false, 2, 1}, {40, 3}, rng);
+  check_prefill<ws64_three>({{200}, {200}, false, 1, 1}, {}, rng);
+  check_prefill<ws128_one>({{70}, {130}, false, 2, 1}, {}, rng);
 }
 
 TEST_CASE("prefill_sm90 argument errors and unsupported devices") {

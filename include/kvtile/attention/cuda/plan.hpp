@@ -100,10 +100,10 @@ constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_di
   // reduction area.
   if (kind == paged_kernel_kind::decode_sm90)
     return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : tuning::decode_sm90_stages};
-  // Hopper: the dense prefill's default tiles (prefill_sm90/kernel.cuh), 3 stages.
+  // Hopper: the cp.async wgmma prefill kernel's default tiles (prefill_sm90/kernel.cuh), 3 stages.
   if (kind == paged_kernel_kind::append_sm90) {
-    using t64 = tuning::prefill_sm90_tile<64>::type;
-    using t128 = tuning::prefill_sm90_tile<128>::type;
+    using t64 = tuning::prefill_sm90_cp_async_tile<64>::type;
+    using t128 = tuning::prefill_sm90_cp_async_tile<128>::type;
     return head_dim <= 64 ? paged_kernel_shape{kind, t64::block_q, t64::block_kv, t64::warps, 1, t64::stages}
                           : paged_kernel_shape{kind, t128::block_q, t128::block_kv, t128::warps, 1, t128::stages};
   }

@@ -1,10 +1,12 @@
 // kvtile/attention/cuda/prefill.cuh: prefill (forward) attention on NVIDIA GPUs (sm_80+).
 // On Hopper (compute capability 9.x, binary with sm_90a code) run() hands head dims 64 and 128
-// to the wgmma kernel of prefill_sm90.cuh, with any mask policy (the library's or the user's)
-// and the user's tile where that kernel takes it (prefill_sm90_tile_ok), its own default tile
-// where the user kept the default (sm90_dispatch); everything else runs the mma.sync kernel of
-// this file, as does run_portable() always. dispatch(args) says which kernel run() takes and
-// why, and every run reports it to the dispatch log (dispatch.hpp).
+// to the sm_90a kernels of prefill_sm90.cuh, with any mask policy (the library's or the user's):
+// the warp-specialised TMA kernel (prefill_sm90/ws_kernel.cuh) for its tiles and the default
+// tile on tensors a tensor map can describe, the cp.async wgmma kernel for its tiles and for
+// varlen layouts; the user's tile where one of them takes it, the default where the user kept
+// the default (sm90_dispatch). Everything else runs the mma.sync kernel of this file, as does
+// run_portable() always. dispatch(args) says which kernel run() takes and why, and every run
+// reports it to the dispatch log (dispatch.hpp).
 //
 //   using kernel = kvtile::attention::cuda::prefill<kvtile::bfloat16, 128, causal_mask>;
 //   kernel::arguments args{q, kv, o, lse, {}, scale};
@@ -36,6 +38,7 @@
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
@@ -72,19 +75,21 @@ class prefill {
  public:
   // Whether the mma.sync kernel (sm_80+) takes this tile.
   static constexpr bool portable_tile = detail::prefill_tile_ok<HeadDim, Tile>;
-  // The tile the sm_90a wgmma kernel runs on Hopper: the user's where that kernel takes it, its
-  // own default where the user kept the default; void where it cannot run this configuration.
-  using sm90_tile =
-      std::conditional_t<detail::prefill_sm90_tile_ok<HeadDim, Tile>, Tile,
-                         std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128),
-                                            detail::sm90_default_tile_t<HeadDim>, void>>;
+  // The tile the sm_90a kernels run on Hopper: the user's where one of them takes it (a
+  // warp-specialised tile or a cp.async one), the default where the user kept the default; void
+  // where they cannot run this configuration.
+  using sm90_tile = std::conditional_t<
+      detail::prefill_sm90_tile_ok<HeadDim, Tile> || detail::prefill_sm90_ws_tile_ok<HeadDim, Tile>, Tile,
+      std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128), detail::sm90_default_tile_t<HeadDim>,
+                         void>>;
   // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
   // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
   static_assert(portable_tile || sm90_dispatch,
                 "prefill: this tile fits neither kernel. The mma.sync kernel needs BlockQ a multiple of 16 * Warps, "
-                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernel (D 64 or 128) needs Warps a multiple of "
-                "4, BlockQ = 16 * Warps, BlockKV 64 or 128 and Stages >= 2");
+                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels (D 64 or 128) need BlockKV 64 or 128, "
+                "Stages >= 2 and Warps a multiple of 4 with BlockQ = 16 * Warps (cp.async) or "
+                "BlockQ = 16 * (Warps - 4) (warp-specialised: a producer warpgroup)");
 
  private:
   // The mma.sync kernel; an sm_90a-only tile instantiates it with the default tile, never run.
@@ -194,14 +199,12 @@ class prefill {
 
   // Which kernel run(a) launches on the current device, and why (nothing is launched).
   static kernel_choice dispatch(const arguments& a) {
-    (void)a;
     int device = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
-    return choose(device, true);
+    return choose(device, true, &a);
   }
 
  private:
-  static constexpr const char* sm90_name = "prefill_sm90 (wgmma, sm_90a)";
   static constexpr const char* portable_name = "prefill (mma.sync, sm_80+)";
 
   template <class Tl>
@@ -210,8 +213,9 @@ class prefill {
            ", " + std::to_string(Tl::stages) + ">";
   }
 
-  // The kernel for `device` and the reason, as text (built only when asked or logged).
-  static kernel_choice choose(int device, bool allow_sm90) {
+  // The kernel for `device` (and the arguments, when given) and the reason, as text (built only
+  // when asked or logged).
+  static kernel_choice choose(int device, bool allow_sm90, const arguments* a = nullptr) {
     kernel_choice c;
     c.entry = "cuda::prefill";
     const std::string d = "D " + std::to_string(HeadDim) + ", mask " + Mask::name;
@@ -226,8 +230,12 @@ class prefill {
         c.kernel = portable_name;
         c.reason = "this binary has no sm_90a code (build for CUDA architecture 90a); " + d;
       } else {
-        c.kernel = sm90_name;
+        using sm90 = detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>;
+        const bool tma = a == nullptr || sm90::tma(detail::make_prefill_params<T, Mask, HeadDim>(*a));
+        c.kernel = sm90::name(tma);
         c.reason = d + ", tile " + tile_text<sm90_tile>() + (default_tile ? " (the default)" : " (the user's)");
+        if (sm90::warp_specialised && !tma)
+          c.reason += "; " + sm90::why_not_tma() + " " + tile_text<typename sm90::cp_async_tile>();
       }
     } else {
       c.kernel = portable_name;
@@ -235,7 +243,8 @@ class prefill {
         c.reason = "the sm_90a kernel takes head dims 64 and 128, not " + std::to_string(HeadDim) + "; " + d;
       else
         c.reason = "tile " + tile_text<Tile>() +
-                   " is not an sm_90a tile (Warps a multiple of 4, BlockQ = 16 * Warps, BlockKV 64 or 128); " + d;
+                   " is not an sm_90a tile (BlockKV 64 or 128, Warps a multiple of 4, BlockQ = 16 * Warps or "
+                   "16 * (Warps - 4)); " + d;
     }
     return c;
   }
@@ -253,9 +262,9 @@ class prefill {
     const typename kernel_t::params p = detail::make_prefill_params<T, Mask, HeadDim>(a);
     if constexpr (sm90_dispatch) {
       if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
-        if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90));
-        using sm90_kernel = detail::prefill_sm90_kernel<T, HeadDim, sm90_tile, Mask>;
-        detail::launch_prefill_sm90<sm90_kernel>(p, detail::prefill_max_q_len(a), device, stream);
+        if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
+        detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>::launch(p, detail::prefill_max_q_len(a), device,
+                                                                           stream);
         return;
       }
     }

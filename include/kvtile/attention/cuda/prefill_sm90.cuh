@@ -7,8 +7,13 @@
 //
 // Same arguments, shapes and protocol as cuda::prefill (prefill.cuh): check, can_implement,
 // workspace_size (0), run. Head dim 64 or 128, bf16 or fp16, any mask policy, GQA, fixed or
-// varlen lengths, optional LSE. Tile: tile_shape<64 * W / 4, 64 or 128, W, Stages> (W warps,
-// W / 4 warpgroups of 64 query rows each).
+// varlen lengths, optional LSE. Two kernels, chosen by the tile:
+//   warp-specialised (the default): tile_shape<64 * C, 64 or 128, 4 * (C + 1), Stages>, a TMA
+//     producer warpgroup and C consumer warpgroups of 64 query rows (prefill_sm90/ws_kernel.cuh);
+//     on tensors a tensor map cannot describe (varlen layouts) the cp.async kernel runs instead,
+//     with its default tile, and the dispatch log says so;
+//   cp.async: tile_shape<64 * W / 4, 64 or 128, W, Stages>, W / 4 warpgroups that load their
+//     own tiles (prefill_sm90/kernel.cuh).
 //
 // can_implement is false, and run throws kvtile::error (unsupported), on a device that is not
 // compute capability 9.x or when this binary carries no sm_90a code for it (compile with
@@ -24,6 +29,7 @@
 
 #include "kvtile/attention/cuda/prefill.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/tile_shape.hpp"
 #include "kvtile/core/cuda_check.cuh"
@@ -41,8 +47,10 @@ template <prefill_element T, int HeadDim, mask_policy Mask = no_mask,
           tile_shape_type Tile = default_prefill_sm90_tile_t<HeadDim>>
 class prefill_sm90 {
   using portable = prefill<T, HeadDim, Mask>;  // owns the arguments and their checks
-  using kernel_t = detail::prefill_sm90_kernel<T, HeadDim, Tile, Mask>;
-  using geometry = typename kernel_t::G;
+  using kernels = detail::sm90_prefill_kernels<T, HeadDim, Tile, Mask>;
+  static_assert(detail::prefill_sm90_ws_tile_ok<HeadDim, Tile> || detail::prefill_sm90_tile_ok<HeadDim, Tile>,
+                "prefill_sm90: head dim 64 or 128; BlockKV 64 or 128, Stages >= 2, Warps a multiple of 4 with "
+                "BlockQ = 16 * (Warps - 4) (warp-specialised) or BlockQ = 16 * Warps (cp.async)");
 
  public:
   using element = T;
@@ -50,8 +58,9 @@ class prefill_sm90 {
   using tile = Tile;
   using arguments = typename portable::arguments;
   static constexpr int head_dim = HeadDim;
-  static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;
-  static constexpr int threads = geometry::threads;
+  static constexpr bool warp_specialised = kernels::warp_specialised;
+  static constexpr std::size_t shared_memory_bytes = kernels::smem_bytes();
+  static constexpr int threads = Tile::threads;
 
   // Argument checks: exactly cuda::prefill's (kvtile::error, invalid_argument).
   static void check(const arguments& a) { portable::check(a); }
@@ -86,8 +95,7 @@ class prefill_sm90 {
     KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported,
                    "prefill_sm90: this binary has no sm_90a code for device ", device,
                    " (build with CUDA architecture 90a)");
-    detail::launch_prefill_sm90<kernel_t>(detail::make_prefill_params<T, Mask, HeadDim>(a), detail::prefill_max_q_len(a),
-                                          device, stream);
+    kernels::launch(detail::make_prefill_params<T, Mask, HeadDim>(a), detail::prefill_max_q_len(a), device, stream);
   }
 };
 

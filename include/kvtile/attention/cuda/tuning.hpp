@@ -41,16 +41,26 @@ inline constexpr int paged_append_single_barrier_max_d = 64;
 
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
-// Default tiles: three warpgroups at D = 64 (registers allow it), two at D = 128; three stages
-// so that a slot is refilled half a tile after its P V was issued (perf-log prefill sm90 v2:
-// +1-5% over waiting P V at once; v3: per-slot mbarriers, no CTA barrier, where Stages >= 3).
+// Default tiles of the warp-specialised kernel (prefill_sm90/ws_kernel.cuh, TMA producer warp
+// plus consumer warpgroups): two consumer warpgroups of 64 query rows, 128-key tiles, two
+// stages (docs/perf-log/prefill.md, "sm90 warp-specialised": the prediction and the sweep).
 template <int HeadDim>
 struct prefill_sm90_tile {
+  using type = tile_shape<128, 128, 12, 2>;
+};
+
+// Default tiles of the cp.async wgmma kernel (prefill_sm90/kernel.cuh), which runs what the TMA
+// kernel cannot map (varlen layouts, strided batches): three warpgroups at D = 64 (registers
+// allow it), two at D = 128; three stages so that a slot is refilled half a tile after its P V
+// was issued (perf-log prefill sm90 v2: +1-5% over waiting P V at once; v3: per-slot mbarriers,
+// no CTA barrier, where Stages >= 3).
+template <int HeadDim>
+struct prefill_sm90_cp_async_tile {
   using type = tile_shape<128, 128, 8, 3>;
 };
 template <int HeadDim>
   requires(HeadDim <= 64)
-struct prefill_sm90_tile<HeadDim> {
+struct prefill_sm90_cp_async_tile<HeadDim> {
   using type = tile_shape<192, 128, 12, 3>;
 };
 

@@ -42,5 +42,10 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrive at named barrier `id` without waiting (the other side of a named_barrier_sync with
+// the same id and count): a producer of an ordering signals its consumers.
+KVTILE_DEVICE KVTILE_FORCEINLINE void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 }  // namespace attention::cuda::arch
 KVTILE_NAMESPACE_END

@@ -49,6 +49,17 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_4d(std::uint32_t dst, const CUten
 #endif
 }
 
+// The 3-D form of tma_load_4d: the box at (c0, c1, c2) of `map`.
+KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_3d(std::uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                                  std::uint32_t bar) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+          dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+#endif
+}
 // Prefetch the box at (c0, c1, c2, c3) of `map` into L2: no shared memory, no barrier, no
 // fault (a box outside the tensor is not fetched).
 KVTILE_DEVICE KVTILE_FORCEINLINE void tma_prefetch_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {

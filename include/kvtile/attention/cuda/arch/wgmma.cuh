@@ -85,6 +85,33 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void fence_operands(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// Register reallocation between warpgroups (setmaxnreg, sm_90a): a warpgroup that only issues
+// copies gives registers back to the CTA's pool (dec), one that holds accumulators takes them
+// (inc, which waits until the pool has them). Every warp of the warpgroup executes the same one.
+template <int Regs>
+KVTILE_DEVICE KVTILE_FORCEINLINE void warpgroup_registers_dec() {
+  static_assert(Regs % 8 == 0 && Regs >= 24 && Regs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+#if KVTILE_WGMMA_AVAILABLE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs));
+#endif
+}
+template <int Regs>
+KVTILE_DEVICE KVTILE_FORCEINLINE void warpgroup_registers_inc() {
+  static_assert(Regs % 8 == 0 && Regs >= 24 && Regs <= 256, "setmaxnreg: a multiple of 8 in [24, 256]");
+#if KVTILE_WGMMA_AVAILABLE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs));
+#endif
+}
+// Pins 32-bit operand registers (a register A fragment read by an asynchronous wgmma): no
+// write to them moves above this point.
+template <int N, int M>
+KVTILE_DEVICE KVTILE_FORCEINLINE void fence_operands(std::uint32_t (&r)[N][M]) {
+  KVTILE_PRAGMA_UNROLL
+  for (int i = 0; i < N; ++i)
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
 // wgmma_op<T, N>::ss (A and B from shared memory, K-major) and ::rs<TransB> (A from registers):
 // D[64 x N] (+)= A[64 x 16] B[16 x N]; scale_d 0 overwrites D, 1 accumulates.
 template <class T, int N>

@@ -22,9 +22,10 @@
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
 
-// The tile of the sm_90a append kernel: the dense prefill's default for the head dim.
+// The tile of the sm_90a append kernel: the cp.async wgmma prefill kernel's default for the
+// head dim (its mainloop: prefill_sm90/kernel.cuh).
 template <int D>
-using append_sm90_tile = detail::sm90_default_tile_t<D>;
+using append_sm90_tile = detail::sm90_cp_async_default_tile_t<D>;
 
 template <class T, int D, class Mask, class Table>
 struct append_sm90_source {

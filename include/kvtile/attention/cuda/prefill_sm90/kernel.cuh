@@ -41,7 +41,10 @@
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
 
-// Default tiles of the sm_90a kernel: tuning.hpp.
+// Default tile of this (cp.async) sm_90a kernel: tuning.hpp. The warp-specialised kernel's
+// (ws_kernel.cuh) is sm90_default_tile_t.
+template <int D>
+using sm90_cp_async_default_tile_t = typename tuning::prefill_sm90_cp_async_tile<D>::type;
 template <int D>
 using sm90_default_tile_t = typename tuning::prefill_sm90_tile<D>::type;
 

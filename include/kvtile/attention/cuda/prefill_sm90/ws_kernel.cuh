@@ -1,0 +1,517 @@
+// kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh: the warp-specialised Hopper (sm_90a)
+// attention mainloop, FlashAttention-3's structure (Shah et al., 2024):
+//
+//   producer warpgroup   one thread issues every copy: the Q tile once, then K and V tiles of
+//                        the CTA's visible key tiles through the Tensor Memory Accelerator into
+//                        a Stages-deep ring (per slot: full_k, full_v mbarriers completed by the
+//                        copies' bytes; empty, one arrival per consumer warp). It keeps 24
+//                        registers (setmaxnreg) and gives the rest to the consumers.
+//   consumer warpgroups  C of them, 64 query rows each, only compute. Per key tile j:
+//                          wait K_j; [turn]  S_j = Q K_j^T  and  O += P_{j-1} V_{j-1}  issued
+//                          [hand the turn on]; wait S_j; mask, online softmax -> P_j (the
+//                          exponentials run while P_{j-1} V_{j-1} is in the tensor cores);
+//                          wait P V; release slot j - 1; rescale O by the softmax factor.
+//                        "Turn" is a named barrier per warpgroup passed round-robin (ping-pong):
+//                        while one warpgroup runs its softmax the next issues its GEMMs.
+//
+// The sources of the tiles are policies (dense_ws_source below; the paged append can add its
+// own): a source says where the CTA's rows and keys are and issues the TMA copies. The score
+// transform, the mask and the softmax statistics are the parts every mainloop shares
+// (scores.cuh, mask.hpp, softmax_state.hpp's softmax_row_stats).
+//
+// Tile: tile_shape<64 * C, BlockKV, 4 * (C + 1), Stages>: 4 * C consumer warps plus the
+// producer warpgroup; BlockKV 64 or 128; Stages >= 2. Shared memory: the Q tile and 2 * Stages
+// K/V tiles, 128-byte swizzled exactly as arch/wgmma.cuh's descriptors read them (the TMA's
+// SWIZZLE_128B writes that layout), plus the mbarriers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "kvtile/attention/cuda/arch/mbarrier.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/arch/tma.cuh"
+#include "kvtile/attention/cuda/arch/wgmma.cuh"
+#include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/dense_view.hpp"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/core/cuda_check.cuh"
+#include "kvtile/core/error.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::detail {
+
+// Whether the warp-specialised kernel takes head dim D with tile Tile.
+template <int D, class Tile>
+inline constexpr bool prefill_sm90_ws_tile_ok = (D == 64 || D == 128) && Tile::warps % 4 == 0 && Tile::warps >= 8 &&
+                                                Tile::warps <= 16 && Tile::block_q == 16 * (Tile::warps - 4) &&
+                                                (Tile::block_kv == 64 || Tile::block_kv == 128) && Tile::stages >= 2;
+
+template <class T, int D, class Tile>
+struct ws_geometry {
+  static constexpr int block_q = Tile::block_q;
+  static constexpr int block_kv = Tile::block_kv;
+  static constexpr int stages = Tile::stages;
+  static constexpr int threads = Tile::threads;
+  static constexpr int consumers = Tile::warps / 4 - 1;  // consumer warpgroups
+  static_assert(prefill_sm90_ws_tile_ok<D, Tile>,
+                "prefill_sm90 (warp-specialised): D 64 or 128, Warps = 4 * (consumer warpgroups + 1) in 8..16, "
+                "BlockQ = 64 per consumer warpgroup, BlockKV 64 or 128, Stages >= 2");
+
+  // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
+  // warpgroup drops to 24 and the consumers share what it frees (at most 240 each).
+  static constexpr int launch_regs = (65536 / threads) / 8 * 8 > 255 ? 248 : (65536 / threads) / 8 * 8;
+  static constexpr int producer_regs = 24;
+  static constexpr int consumer_regs_raw = launch_regs + ((launch_regs - producer_regs) / consumers) / 8 * 8;
+  static constexpr int consumer_regs = consumer_regs_raw > 240 ? 240 : consumer_regs_raw;
+  static constexpr bool reallocate = consumers > 1;
+
+  static constexpr int d_steps = D / 16;
+  static constexpr int kv_steps = block_kv / 16;
+  static constexpr int s_regs = block_kv / 2;  // S accumulators per thread
+  static constexpr int o_regs = D / 2;         // O accumulators per thread
+  static constexpr int panels = D / 64;        // 64-column (128-byte) panels of a row
+  static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);
+  static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // one K or V tile
+  // Aligned base (+1024), Q, the K and V rings, the mbarriers (q_full, then full_k, full_v,
+  // empty per slot).
+  static constexpr std::size_t smem_bytes = 1024 + q_bytes + 2 * std::size_t(stages) * kv_bytes + 8 * (1 + 3 * stages);
+};
+
+// The dense source's parameters: cuda::prefill's, and the three tensor maps (the kernel takes
+// them as a __grid_constant__ parameter, where the TMA reads them).
+template <class T, class Mask>
+struct ws_dense_params {
+  prefill_params<T, Mask> p;
+  CUtensorMap q, k, v;
+};
+
+// Dense Q, K, V through TMA: CTA (q tile, query head, sequence). Each tensor is a 3-D map
+// (head dim, heads, rows of the batch); a tile is `panels` boxes of 64 columns x rows.
+template <class T, int D, class G, class Mask>
+struct dense_ws_source {
+  using params = ws_dense_params<T, Mask>;
+  const params& P;
+  int b, h, q0, rows, kv_lo, kv_hi, kv_limit;
+  int q_row, kv_row;  // TMA row coordinates of (b, q0) and (b, 0)
+  Mask mask;
+  float scale_log2;
+
+  KVTILE_DEVICE dense_ws_source(const params& pp, int q_tile)
+      : P(pp), b(int(blockIdx.z)), h(int(blockIdx.y)), q0(q_tile * G::block_q),
+        mask(pp.p.mask, pp.p.q_layout.len_of(int(blockIdx.z)), pp.p.kv_layout.len_of(int(blockIdx.z))) {
+    const auto& p = P.p;
+    rows = min_i(G::block_q, p.q_layout.len_of(b) - q0);
+    kv_limit = p.kv_layout.len_of(b);
+    kv_lo = rows > 0 ? mask.kv_begin(q0, q0 + rows) : 0;
+    kv_hi = rows > 0 ? mask.kv_end(q0, q0 + rows) : 0;
+    q_row = int(p.q_layout.row(b, q0));
+    kv_row = int(p.kv_layout.row(b, 0));
+    scale_log2 = p.scale_log2;
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return q0 + r; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_q(std::uint32_t dst, std::uint32_t bar) const {
+    KVTILE_PRAGMA_UNROLL
+    for (int c = 0; c < G::panels; ++c)
+      arch::tma_load_3d(dst + c * G::block_q * 128, &P.q, c * 64, h, q_row, bar);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_kv(std::uint32_t k_dst, std::uint32_t v_dst, int k0, std::uint32_t k_bar,
+                                                 std::uint32_t v_bar) const {
+    const int hk = h / P.p.group;
+    KVTILE_PRAGMA_UNROLL
+    for (int c = 0; c < G::panels; ++c)
+      arch::tma_load_3d(k_dst + c * G::block_kv * 128, &P.k, c * 64, hk, kv_row + k0, k_bar);
+    KVTILE_PRAGMA_UNROLL
+    for (int c = 0; c < G::panels; ++c)
+      arch::tma_load_3d(v_dst + c * G::block_kv * 128, &P.v, c * 64, hk, kv_row + k0, v_bar);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
+    const auto& p = P.p;
+    const int row = q0 + r;
+    if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
+    T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+  }
+};
+
+// The warp-specialised core over any source (see the file comment).
+template <class T, int D, class Tile, class Mask>
+struct sm90_ws_core {
+  using G = ws_geometry<T, D, Tile>;
+  using qk_op = arch::wgmma_op<T, G::block_kv>;
+  using pv_op = arch::wgmma_op<T, D>;
+  static constexpr int turn_barrier = 1;  // named barriers 1 .. consumers: whose turn to issue
+
+  template <class Source>
+  static KVTILE_DEVICE void run(const Source& src, unsigned char* smem_raw) {
+    const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+    const Mask mask = src.mask;
+    const int rows = src.rows;
+    const int q0 = src.token(0), q1 = src.token(max_i(rows, 1) - 1) + 1;  // the CTA's query positions
+    const int kv_lo = src.kv_lo, kv_hi = src.kv_hi, kv_limit = src.kv_limit;
+    const int n_tiles = rows > 0 && kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
+
+    const std::uint32_t raw = arch::smem_addr(smem_raw);
+    const std::uint32_t q_base = (raw + 1023u) & ~1023u;            // [block_q rows] SW128
+    const std::uint32_t k_base = q_base + G::q_bytes;               // [stages][block_kv rows]
+    const std::uint32_t v_base = k_base + G::stages * G::kv_bytes;  // [stages][block_kv rows]
+    const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
+    const std::uint32_t q_full = bars;
+    auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(1 + slot); };
+    auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(1 + G::stages + slot); };
+    auto empty = [&](int slot) { return bars + 8u * std::uint32_t(1 + 2 * G::stages + slot); };
+
+    auto next_tile = [&](int i) {
+      while (i < n_tiles && mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
+                                tile_visibility::empty)
+        ++i;
+      return i;
+    };
+
+    if (tid == 0) {
+      arch::mbarrier_init(q_full, 1);
+      for (int x = 0; x < G::stages; ++x) {
+        arch::mbarrier_init(full_k(x), 1);
+        arch::mbarrier_init(full_v(x), 1);
+        arch::mbarrier_init(empty(x), 4 * G::consumers);  // one arrival per consumer warp
+      }
+      arch::fence_barrier_init();
+    }
+    __syncthreads();
+
+    if (warp < 4) {  // ---- producer warpgroup ----
+      if constexpr (G::reallocate) arch::warpgroup_registers_dec<G::producer_regs>();
+      const int first = next_tile(0);
+      if (tid == 0 && first < n_tiles) {  // Q only where a tile is visible: every copy is waited for
+        arch::mbarrier_arrive_expect_tx(q_full, G::q_bytes);
+        src.issue_q(q_base, q_full);
+        int c = 0;
+        for (int i = first; i < n_tiles; i = next_tile(i + 1), ++c) {
+          const int slot = c % G::stages;
+          if (c >= G::stages) arch::mbarrier_wait(empty(slot), std::uint32_t((c / G::stages - 1) & 1));
+          arch::mbarrier_arrive_expect_tx(full_k(slot), G::kv_bytes);
+          arch::mbarrier_arrive_expect_tx(full_v(slot), G::kv_bytes);
+          src.issue_kv(k_base + slot * G::kv_bytes, v_base + slot * G::kv_bytes, kv_lo + i * G::block_kv, full_k(slot),
+                       full_v(slot));
+        }
+      }
+      return;
+    }
+
+    // ---- consumer warpgroups ----
+    if constexpr (G::reallocate) arch::warpgroup_registers_inc<G::consumer_regs>();
+    const int cw = warp / 4 - 1, wq = warp % 4;  // consumer warpgroup, warp in it
+    const int g = lane / 4, t = lane % 4;
+    const int wr0 = cw * 64, wr1 = min_i(wr0 + 64, rows);  // this warpgroup's CTA rows
+    const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
+    const int row_local = wr0 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
+    const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
+    const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
+    const std::uint32_t q_wg = q_base + std::uint32_t(cw) * 64 * 128;
+    constexpr std::uint32_t sbo = 1024;
+
+    // Ping-pong: warpgroup cw issues its GEMMs after its named barrier, then hands the turn to
+    // the next one. The last warpgroup opens the first turn.
+    auto wait_turn = [&] {
+      if constexpr (G::consumers > 1) arch::named_barrier_sync(turn_barrier + cw, 256);
+    };
+    auto pass_turn = [&] {
+      if constexpr (G::consumers > 1) arch::named_barrier_arrive(turn_barrier + (cw + 1) % G::consumers, 256);
+    };
+    if constexpr (G::consumers > 1)
+      if (cw == G::consumers - 1) arch::named_barrier_arrive(turn_barrier, 256);
+
+    float o[G::o_regs];
+    KVTILE_PRAGMA_UNROLL
+    for (int x = 0; x < G::o_regs; ++x) o[x] = 0.f;
+    arch::fence_operands(o);
+    softmax_row_stats st[2];  // rows g and g + 8 of this warp's 16
+    st[0].init();
+    st[1].init();
+
+    // A tile this warpgroup sees nothing of is computed as a partial one whose every score is
+    // masked (P = 0, the statistics unchanged): the GEMMs of every tile are issued alike, so the
+    // wgmma pipeline has no branch in it.
+    auto visibility = [&](int k0) {
+      tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
+      if (vis == tile_visibility::empty || (vis == tile_visibility::full && k0 + G::block_kv > kv_limit))
+        vis = tile_visibility::partial;
+      return vis;
+    };
+    auto issue_qk = [&](float (&s)[G::s_regs], int slot) {
+      const std::uint32_t k_tile = k_base + std::uint32_t(slot) * G::kv_bytes;
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < G::d_steps; ++kd) {
+        const std::uint32_t col = std::uint32_t(kd / 4), in_atom = std::uint32_t(kd % 4) * 32;
+        const std::uint64_t da = arch::sw128_desc(q_wg + col * G::block_q * 128 + in_atom, 16, sbo);
+        const std::uint64_t db = arch::sw128_desc(k_tile + col * G::block_kv * 128 + in_atom, 16, sbo);
+        qk_op::ss(s, da, db, kd > 0 ? 1 : 0);
+      }
+      arch::wgmma_commit();
+    };
+    auto issue_pv = [&](int slot, const std::uint32_t (&pa)[G::kv_steps][4]) {
+      const std::uint32_t v_tile = v_base + std::uint32_t(slot) * G::kv_bytes;
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::kv_steps; ++j) {
+        const std::uint64_t db = arch::sw128_desc(v_tile + std::uint32_t(j) * 16 * 128, G::block_kv * 128, sbo);
+        pv_op::template rs<1>(o, pa[j], db, 1);
+      }
+      arch::wgmma_commit();
+    };
+    // Scores of a tile -> the variant's transform, the mask, the online softmax, in place (s
+    // becomes P in fp32); returns the factors the accumulator rows must take.
+    auto softmax = [&](float (&s)[G::s_regs], int k0, tile_visibility vis, float (&factor)[2]) {
+      apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
+      if (vis == tile_visibility::partial) {
+        const bool none = wq0 >= wq1 || mask.classify(wq0, wq1, k0, k0 + G::block_kv) == tile_visibility::empty;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j)
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 4; ++c) {
+            const int col = k0 + j * 8 + 2 * t + (c % 2);
+            if (none || !(col < kv_limit && mask.visible(row_pos[c / 2], col))) s[4 * j + c] = neg_inf;
+          }
+      }
+      KVTILE_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        float mx = neg_inf;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float base;
+        factor[half] = st[half].enter_tile(mx * scale_log2, base);
+        float sum = 0.f;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::block_kv / 8; ++j)
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[4 * j + 2 * half + c];
+            x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+            sum += x;
+          }
+        st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
+      }
+    };
+    // P (fp32, in s) as the register A fragments of the 16-key steps of P V.
+    auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) {
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::kv_steps; ++j) {
+        pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
+        pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
+        pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
+        pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+      }
+    };
+    auto rescale_o = [&](const float (&factor)[2]) {
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 0] *= factor[0];
+        o[4 * j + 1] *= factor[0];
+        o[4 * j + 2] *= factor[1];
+        o[4 * j + 3] *= factor[1];
+      }
+    };
+    auto release = [&](int slot) {
+      if (lane == 0) arch::mbarrier_arrive(empty(slot));
+    };
+    auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
+
+    int i = next_tile(0);
+    if (i < n_tiles) {
+      arch::mbarrier_wait(q_full, 0);
+      // The first tile: S, softmax; its P V waits for the next tile's Q K^T.
+      float s[G::s_regs];
+      float factor[2];
+      std::uint32_t pa[G::kv_steps][4];
+      int k0 = kv_lo + i * G::block_kv;
+      arch::mbarrier_wait(full_k(0), 0);
+      wait_turn();
+      issue_qk(s, 0);
+      pass_turn();
+      arch::wgmma_wait<0>();
+      arch::fence_operands(s);
+      softmax(s, k0, visibility(k0), factor);
+      pack_p(s, pa);
+      int c = 1;  // visible tiles so far
+      for (i = next_tile(i + 1); i < n_tiles; i = next_tile(i + 1), ++c) {
+        const int slot = c % G::stages, prev = (c - 1) % G::stages;
+        k0 = kv_lo + i * G::block_kv;
+        arch::mbarrier_wait(full_k(slot), v_parity(c));
+        wait_turn();
+        issue_qk(s, slot);      // S of this tile ...
+        rescale_o(factor);      // (O is no wgmma's operand now: the last P V was waited for)
+        arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+        issue_pv(prev, pa);     // ... and P V of the previous one, in flight together
+        pass_turn();
+        arch::wgmma_wait<1>();  // S
+        arch::fence_operands(s);
+        softmax(s, k0, visibility(k0), factor);
+        arch::wgmma_wait<0>();  // P V
+        arch::fence_operands(o);
+        release(prev);
+        pack_p(s, pa);
+      }
+      // The last tile's P V.
+      const int prev = (c - 1) % G::stages;
+      rescale_o(factor);
+      arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+      issue_pv(prev, pa);
+      arch::wgmma_wait<0>();
+      arch::fence_operands(o);
+      release(prev);
+    }
+    // The first warpgroup takes the last turn the last one handed on, so no arrival is left
+    // pending on a named barrier when the CTA exits.
+    if constexpr (G::consumers > 1)
+      if (cw == 0) arch::named_barrier_sync(turn_barrier, 256);
+
+    // Epilogue: quad sum of l, LSE, normalise, store from the fragments.
+    KVTILE_PRAGMA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
+      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
+      const int row = row_local + r * 8;
+      if (row < rows) {
+        const float inv = st[r].inv_l();
+        float out[D / 4];
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          out[2 * j] = o[4 * j + 2 * r] * inv;
+          out[2 * j + 1] = o[4 * j + 2 * r + 1] * inv;
+        }
+        src.store(row, out, st[r].lse(), t);
+      }
+    }
+  }
+};
+
+template <class T, int D, class Tile, class Mask>
+struct prefill_sm90_ws_kernel {
+  using G = ws_geometry<T, D, Tile>;
+  using params = ws_dense_params<T, Mask>;
+
+  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
+    if (q_tile * G::block_q >= p.p.q_layout.len_of(int(blockIdx.z))) return;
+    const dense_ws_source<T, D, G, Mask> src(p, q_tile);
+    sm90_ws_core<T, D, Tile, Mask>::run(src, smem_raw);
+  }
+};
+
+template <class Kernel>
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1)
+    prefill_sm90_ws_entry(const __grid_constant__ typename Kernel::params p) {
+#if KVTILE_WGMMA_AVAILABLE
+  extern __shared__ __align__(1024) unsigned char prefill_sm90_ws_smem[];
+  Kernel::run(p, prefill_sm90_ws_smem);
+#else
+  (void)p;
+#endif
+}
+
+// Whether a dense tensor can be a TMA tensor map of (head dim, heads, rows): fixed-length
+// layouts whose sequences follow each other (stride_batch = len * stride_token), 16-byte
+// aligned, fewer than 2^31 rows. Varlen layouts do not say how many rows they hold on the host
+// (their indptr lives on the device), so a map could not bound the last sequence's tiles.
+inline bool dense_tma_layout_ok(const void* base, const ragged_layout& l) {
+  return l.indptr == nullptr && l.stride_batch == std::int64_t(l.len) * l.stride_token &&
+         std::int64_t(l.batch) * l.len < (std::int64_t(1) << 31) && reinterpret_cast<std::uintptr_t>(base) % 16 == 0 &&
+         l.stride_head > 0 && l.stride_token > 0;
+}
+
+// The tensor map of a dense tensor (host): dims (head dim, heads, rows), boxes of 64 columns x
+// 1 head x box_rows rows, 128-byte swizzle; rows past the end read as zeros.
+template <class T>
+CUtensorMap make_dense_tma(const T* base, const ragged_layout& l, int box_rows) {
+  const std::uint64_t eb = sizeof(T);
+  const cuuint64_t dims[3] = {cuuint64_t(l.head_dim), cuuint64_t(l.heads), cuuint64_t(std::int64_t(l.batch) * l.len)};
+  const cuuint64_t strides[2] = {cuuint64_t(l.stride_head) * eb, cuuint64_t(l.stride_token) * eb};
+  const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const auto type = std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap map;
+  const CUresult r = tensor_map_encoder()(&map, type, 3, const_cast<T*>(base), dims, strides, box, unit,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  KVTILE_REQUIRE(r == CUDA_SUCCESS, errc::unsupported, "cuTensorMapEncodeTiled refused a dense tensor (error ", int(r),
+                 "; strides in bytes ", strides[0], ", ", strides[1], " must be multiples of 16 below 2^40)");
+  return map;
+}
+
+// Launches the warp-specialised kernel for `p` (checked; dense_tma_layout_ok for q, k and v).
+template <class Kernel, class T, class Mask>
+void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q_len, int device, cudaStream_t stream) {
+  using G = typename Kernel::G;
+  int smem_optin = 0;
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  KVTILE_REQUIRE(G::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
+                 G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", G::smem_bytes,
+                 " bytes of shared memory, device ", device, " allows ", smem_optin);
+  const dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
+  if (g.x == 0 || g.y == 0 || g.z == 0) return;
+  typename Kernel::params kp;
+  kp.p = p;
+  kp.q = make_dense_tma(p.q, p.q_layout, G::block_q);
+  kp.k = make_dense_tma(p.k, p.kv_layout, G::block_kv);
+  kp.v = make_dense_tma(p.v, p.kv_layout, G::block_kv);
+  auto* fn = &prefill_sm90_ws_entry<Kernel>;
+  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
+  fn<<<g, G::threads, G::smem_bytes, stream>>>(kp);
+  KVTILE_CUDA_CHECK_LAUNCH();
+}
+
+
+// The two sm_90a prefill kernels behind one tile: a warp-specialised tile (prefill_sm90_ws_tile_ok)
+// runs the TMA kernel wherever the tensors can be tensor maps (dense_tma_layout_ok) and the
+// cp.async kernel with its default tile elsewhere; a cp.async tile (prefill_sm90_tile_ok) runs
+// the cp.async kernel. cuda::prefill and cuda::prefill_sm90 both launch through here.
+template <class T, int D, class Tile, class Mask>
+struct sm90_prefill_kernels {
+  static constexpr bool warp_specialised = prefill_sm90_ws_tile_ok<D, Tile>;
+  using cp_async_tile = std::conditional_t<warp_specialised, sm90_cp_async_default_tile_t<D>, Tile>;
+  using cp_async_kernel = prefill_sm90_kernel<T, D, cp_async_tile, Mask>;
+  using ws_kernel = prefill_sm90_ws_kernel<T, D, Tile, Mask>;  // instantiated only when warp_specialised
+  static constexpr const char* ws_name = "prefill_sm90 (warp-specialised wgmma, TMA, sm_90a)";
+  static constexpr const char* cp_async_name = "prefill_sm90 (wgmma, cp.async, sm_90a)";
+
+  static constexpr std::size_t smem_bytes() {
+    if constexpr (warp_specialised) return ws_kernel::G::smem_bytes;
+    else return cp_async_kernel::G::smem_bytes;
+  }
+  // Whether these tensors run on the TMA kernel.
+  static bool tma(const prefill_params<T, Mask>& p) {
+    return warp_specialised && dense_tma_layout_ok(p.q, p.q_layout) && dense_tma_layout_ok(p.k, p.kv_layout) &&
+           dense_tma_layout_ok(p.v, p.kv_layout);
+  }
+  static const char* name(bool use_tma) { return use_tma ? ws_name : cp_async_name; }
+  // Why a warp-specialised tile runs the cp.async kernel, as text.
+  static std::string why_not_tma() {
+    return "the TMA kernel maps fixed-length tensors whose sequences follow each other (a varlen layout keeps its "
+           "row count on the device), so the cp.async kernel runs with its default tile";
+  }
+
+  static void launch(const prefill_params<T, Mask>& p, std::int32_t max_q_len, int device, cudaStream_t stream) {
+    if constexpr (warp_specialised) {
+      if (tma(p)) {
+        launch_prefill_sm90_ws<ws_kernel>(p, max_q_len, device, stream);
+        return;
+      }
+    }
+    launch_prefill_sm90<cp_async_kernel>(p, max_q_len, device, stream);
+  }
+};
+
+}  // namespace attention::cuda::detail
+KVTILE_NAMESPACE_END
