@@ -189,20 +189,26 @@ BENCHMARK(tile_row<128, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, no_mask, 256, 64, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 32, 4, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row<128, causal_mask, 128, 64, 8, 2>)->Apply(sweep_args);
-// Warp-specialised sm_90a tiles (the defaults: 128x128x12x2): <64 * C, BlockKV, 4 * (C + 1),
+// Warp-specialised sm_90a tiles (the defaults: tuning.hpp): <64 * C, BlockKV, 4 * (C + 1),
 // Stages> with C consumer warpgroups.
 BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 12, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 12, 3>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<64, no_mask, 128, 64, 12, 3>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 16, 2>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<64, no_mask, 64, 128, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 12, 4>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 128, 176, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 128, 192, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 16, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, no_mask, 64, 128, 8, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, causal_mask, 128, 128, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<64, causal_mask, 128, 176, 12, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 128, 128, 12, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 128, 128, 12, 3>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<128, no_mask, 128, 64, 12, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 128, 176, 12, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 128, 192, 12, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, no_mask, 128, 64, 12, 3>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<128, no_mask, 64, 128, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, no_mask, 64, 128, 8, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, causal_mask, 128, 128, 12, 2>)->Apply(sweep_args);
-BENCHMARK(tile_row_sm90<128, causal_mask, 128, 64, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, causal_mask, 128, 128, 12, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<128, causal_mask, 128, 176, 12, 2>)->Apply(sweep_args);
 // cp.async sm_90a kernel tiles (its defaults: D=64 192x128x12x3, D=128 128x128x8x3).
 BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 12, 2>)->Apply(sweep_args);

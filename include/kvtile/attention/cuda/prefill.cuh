@@ -87,7 +87,7 @@ class prefill {
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
   static_assert(portable_tile || sm90_dispatch,
                 "prefill: this tile fits neither kernel. The mma.sync kernel needs BlockQ a multiple of 16 * Warps, "
-                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels (D 64 or 128) need BlockKV 64 or 128, "
+                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels (D 64 or 128) need BlockKV 64 or 128 (176, 192 warp-specialised), "
                 "Stages >= 2 and Warps a multiple of 4 with BlockQ = 16 * Warps (cp.async) or "
                 "BlockQ = 16 * (Warps - 4) (warp-specialised: a producer warpgroup)");
 
@@ -243,7 +243,7 @@ class prefill {
         c.reason = "the sm_90a kernel takes head dims 64 and 128, not " + std::to_string(HeadDim) + "; " + d;
       else
         c.reason = "tile " + tile_text<Tile>() +
-                   " is not an sm_90a tile (BlockKV 64 or 128, Warps a multiple of 4, BlockQ = 16 * Warps or "
+                   " is not an sm_90a tile (BlockKV 64 or 128, or 176 or 192 warp-specialised, Warps a multiple of 4, BlockQ = 16 * Warps or "
                    "16 * (Warps - 4)); " + d;
     }
     return c;

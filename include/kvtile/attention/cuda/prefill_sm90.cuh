@@ -49,7 +49,7 @@ class prefill_sm90 {
   using portable = prefill<T, HeadDim, Mask>;  // owns the arguments and their checks
   using kernels = detail::sm90_prefill_kernels<T, HeadDim, Tile, Mask>;
   static_assert(detail::prefill_sm90_ws_tile_ok<HeadDim, Tile> || detail::prefill_sm90_tile_ok<HeadDim, Tile>,
-                "prefill_sm90: head dim 64 or 128; BlockKV 64 or 128, Stages >= 2, Warps a multiple of 4 with "
+                "prefill_sm90: head dim 64 or 128; BlockKV 64 or 128 (176, 192 warp-specialised), Stages >= 2, Warps a multiple of 4 with "
                 "BlockQ = 16 * (Warps - 4) (warp-specialised) or BlockQ = 16 * Warps (cp.async)");
 
  public:

@@ -42,11 +42,18 @@ inline constexpr int paged_append_single_barrier_max_d = 64;
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
 // Default tiles of the warp-specialised kernel (prefill_sm90/ws_kernel.cuh, TMA producer warp
-// plus consumer warpgroups): two consumer warpgroups of 64 query rows, 128-key tiles, two
-// stages (docs/perf-log/prefill.md, "sm90 warp-specialised": the prediction and the sweep).
+// plus consumer warpgroups of 64 query rows), from the sweep at S = 4096 full, bf16, on an H200
+// (docs/perf-log/prefill.md, sm90 v5): D = 128 <128, 128, 12, 3> 563.8 TFLOP/s (12 x 2 stages
+// 555.8, BlockKV 176 / 192 with 2 stages 571.0 / 569.4, causal 483-488 for all three);
+// D = 64 <192, 128, 16, 3> 448.9 (three consumer warpgroups; <128, 128, 12, 3> 430.6).
 template <int HeadDim>
 struct prefill_sm90_tile {
-  using type = tile_shape<128, 128, 12, 2>;
+  using type = tile_shape<128, 128, 12, 3>;
+};
+template <int HeadDim>
+  requires(HeadDim <= 64)
+struct prefill_sm90_tile<HeadDim> {
+  using type = tile_shape<192, 128, 16, 3>;
 };
 
 // Default tiles of the cp.async wgmma kernel (prefill_sm90/kernel.cuh), which runs what the TMA

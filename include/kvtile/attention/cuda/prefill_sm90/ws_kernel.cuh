@@ -4,13 +4,16 @@
 //   producer warpgroup   one thread issues every copy: the Q tile once, then K and V tiles of
 //                        the CTA's visible key tiles through the Tensor Memory Accelerator into
 //                        a Stages-deep ring (per slot: full_k, full_v mbarriers completed by the
-//                        copies' bytes; empty, one arrival per consumer warp). It keeps 24
+//                        copies' bytes; empty_k, empty_v with one arrival per consumer warp:
+//                        a K slot is free once its S = Q K^T is done, a V slot once its P V is,
+//                        so the next K streams in a whole tile before it is needed). It keeps 24
 //                        registers (setmaxnreg) and gives the rest to the consumers.
 //   consumer warpgroups  C of them, 64 query rows each, only compute. Per key tile j:
 //                          wait K_j; [turn]  S_j = Q K_j^T  and  O += P_{j-1} V_{j-1}  issued
-//                          [hand the turn on]; wait S_j; mask, online softmax -> P_j (the
-//                          exponentials run while P_{j-1} V_{j-1} is in the tensor cores);
-//                          wait P V; release slot j - 1; rescale O by the softmax factor.
+//                          [hand the turn on]; wait S_j, release K_j; mask, online softmax ->
+//                          P_j (the exponentials run while P_{j-1} V_{j-1} is in the tensor
+//                          cores); wait P V, release V_{j-1}; O takes the softmax factor
+//                          just before the next P V is issued.
 //                        "Turn" is a named barrier per warpgroup passed round-robin (ping-pong):
 //                        while one warpgroup runs its softmax the next issues its GEMMs.
 //
@@ -20,7 +23,7 @@
 // (scores.cuh, mask.hpp, softmax_state.hpp's softmax_row_stats).
 //
 // Tile: tile_shape<64 * C, BlockKV, 4 * (C + 1), Stages>: 4 * C consumer warps plus the
-// producer warpgroup; BlockKV 64 or 128; Stages >= 2. Shared memory: the Q tile and 2 * Stages
+// producer warpgroup; BlockKV 64, 128, 176 or 192; Stages >= 2. Shared memory: the Q tile and 2 * Stages
 // K/V tiles, 128-byte swizzled exactly as arch/wgmma.cuh's descriptors read them (the TMA's
 // SWIZZLE_128B writes that layout), plus the mbarriers.
 #pragma once
@@ -53,7 +56,9 @@ namespace attention::cuda::detail {
 template <int D, class Tile>
 inline constexpr bool prefill_sm90_ws_tile_ok = (D == 64 || D == 128) && Tile::warps % 4 == 0 && Tile::warps >= 8 &&
                                                 Tile::warps <= 16 && Tile::block_q == 16 * (Tile::warps - 4) &&
-                                                (Tile::block_kv == 64 || Tile::block_kv == 128) && Tile::stages >= 2;
+                                                (Tile::block_kv == 64 || Tile::block_kv == 128 || Tile::block_kv == 176 ||
+                                                 Tile::block_kv == 192) &&
+                                                Tile::stages >= 2;
 
 template <class T, int D, class Tile>
 struct ws_geometry {
@@ -64,7 +69,7 @@ struct ws_geometry {
   static constexpr int consumers = Tile::warps / 4 - 1;  // consumer warpgroups
   static_assert(prefill_sm90_ws_tile_ok<D, Tile>,
                 "prefill_sm90 (warp-specialised): D 64 or 128, Warps = 4 * (consumer warpgroups + 1) in 8..16, "
-                "BlockQ = 64 per consumer warpgroup, BlockKV 64 or 128, Stages >= 2");
+                "BlockQ = 64 per consumer warpgroup, BlockKV 64, 128, 176 or 192, Stages >= 2");
 
   // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
   // warpgroup drops to 24 and the consumers share what it frees (at most 240 each).
@@ -82,8 +87,8 @@ struct ws_geometry {
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // one K or V tile
   // Aligned base (+1024), Q, the K and V rings, the mbarriers (q_full, then full_k, full_v,
-  // empty per slot).
-  static constexpr std::size_t smem_bytes = 1024 + q_bytes + 2 * std::size_t(stages) * kv_bytes + 8 * (1 + 3 * stages);
+  // empty_k, empty_v per slot).
+  static constexpr std::size_t smem_bytes = 1024 + q_bytes + 2 * std::size_t(stages) * kv_bytes + 8 * (1 + 4 * stages);
 };
 
 // The dense source's parameters: cuda::prefill's, and the three tensor maps (the kernel takes
@@ -123,15 +128,15 @@ struct dense_ws_source {
     for (int c = 0; c < G::panels; ++c)
       arch::tma_load_3d(dst + c * G::block_q * 128, &P.q, c * 64, h, q_row, bar);
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_kv(std::uint32_t k_dst, std::uint32_t v_dst, int k0, std::uint32_t k_bar,
-                                                 std::uint32_t v_bar) const {
-    const int hk = h / P.p.group;
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const {
     KVTILE_PRAGMA_UNROLL
     for (int c = 0; c < G::panels; ++c)
-      arch::tma_load_3d(k_dst + c * G::block_kv * 128, &P.k, c * 64, hk, kv_row + k0, k_bar);
+      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.k, c * 64, h / P.p.group, kv_row + k0, bar);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const {
     KVTILE_PRAGMA_UNROLL
     for (int c = 0; c < G::panels; ++c)
-      arch::tma_load_3d(v_dst + c * G::block_kv * 128, &P.v, c * 64, hk, kv_row + k0, v_bar);
+      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.v, c * 64, h / P.p.group, kv_row + k0, bar);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
     const auto& p = P.p;
@@ -168,7 +173,8 @@ struct sm90_ws_core {
     const std::uint32_t q_full = bars;
     auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(1 + slot); };
     auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(1 + G::stages + slot); };
-    auto empty = [&](int slot) { return bars + 8u * std::uint32_t(1 + 2 * G::stages + slot); };
+    auto empty_k = [&](int slot) { return bars + 8u * std::uint32_t(1 + 2 * G::stages + slot); };
+    auto empty_v = [&](int slot) { return bars + 8u * std::uint32_t(1 + 3 * G::stages + slot); };
 
     auto next_tile = [&](int i) {
       while (i < n_tiles && mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
@@ -182,7 +188,8 @@ struct sm90_ws_core {
       for (int x = 0; x < G::stages; ++x) {
         arch::mbarrier_init(full_k(x), 1);
         arch::mbarrier_init(full_v(x), 1);
-        arch::mbarrier_init(empty(x), 4 * G::consumers);  // one arrival per consumer warp
+        arch::mbarrier_init(empty_k(x), 4 * G::consumers);  // one arrival per consumer warp
+        arch::mbarrier_init(empty_v(x), 4 * G::consumers);
       }
       arch::fence_barrier_init();
     }
@@ -197,11 +204,14 @@ struct sm90_ws_core {
         int c = 0;
         for (int i = first; i < n_tiles; i = next_tile(i + 1), ++c) {
           const int slot = c % G::stages;
-          if (c >= G::stages) arch::mbarrier_wait(empty(slot), std::uint32_t((c / G::stages - 1) & 1));
+          const std::uint32_t reuse = std::uint32_t((c / G::stages - 1) & 1);  // the slot's previous use
+          const int k0 = kv_lo + i * G::block_kv;
+          if (c >= G::stages) arch::mbarrier_wait(empty_k(slot), reuse);
           arch::mbarrier_arrive_expect_tx(full_k(slot), G::kv_bytes);
+          src.issue_k(k_base + slot * G::kv_bytes, k0, full_k(slot));
+          if (c >= G::stages) arch::mbarrier_wait(empty_v(slot), reuse);
           arch::mbarrier_arrive_expect_tx(full_v(slot), G::kv_bytes);
-          src.issue_kv(k_base + slot * G::kv_bytes, v_base + slot * G::kv_bytes, kv_lo + i * G::block_kv, full_k(slot),
-                       full_v(slot));
+          src.issue_v(v_base + slot * G::kv_bytes, k0, full_v(slot));
         }
       }
       return;
@@ -323,8 +333,11 @@ struct sm90_ws_core {
         o[4 * j + 3] *= factor[1];
       }
     };
-    auto release = [&](int slot) {
-      if (lane == 0) arch::mbarrier_arrive(empty(slot));
+    auto release_k = [&](int slot) {
+      if (lane == 0) arch::mbarrier_arrive(empty_k(slot));
+    };
+    auto release_v = [&](int slot) {
+      if (lane == 0) arch::mbarrier_arrive(empty_v(slot));
     };
     auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
 
@@ -342,6 +355,7 @@ struct sm90_ws_core {
       pass_turn();
       arch::wgmma_wait<0>();
       arch::fence_operands(s);
+      release_k(0);
       softmax(s, k0, visibility(k0), factor);
       pack_p(s, pa);
       int c = 1;  // visible tiles so far
@@ -357,10 +371,11 @@ struct sm90_ws_core {
         pass_turn();
         arch::wgmma_wait<1>();  // S
         arch::fence_operands(s);
+        release_k(slot);
         softmax(s, k0, visibility(k0), factor);
         arch::wgmma_wait<0>();  // P V
         arch::fence_operands(o);
-        release(prev);
+        release_v(prev);
         pack_p(s, pa);
       }
       // The last tile's P V.
@@ -370,7 +385,7 @@ struct sm90_ws_core {
       issue_pv(prev, pa);
       arch::wgmma_wait<0>();
       arch::fence_operands(o);
-      release(prev);
+      release_v(prev);
     }
     // The first warpgroup takes the last turn the last one handed on, so no arrival is left
     // pending on a named barrier when the CTA exits.
