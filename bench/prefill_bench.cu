@@ -209,6 +209,11 @@ BENCHMARK(tile_row_sm90<128, no_mask, 64, 128, 8, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, causal_mask, 128, 128, 12, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, causal_mask, 128, 128, 12, 3>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<128, causal_mask, 128, 176, 12, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<256, no_mask, 128, 64, 12, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<256, no_mask, 64, 64, 8, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<256, no_mask, 64, 64, 8, 3>)->Apply(sweep_args);
+BENCHMARK(tile_row_sm90<256, causal_mask, 128, 64, 12, 2>)->Apply(sweep_args);
+BENCHMARK(tile_row<256, no_mask, 64, 32, 4, 2>)->Apply(sweep_args);  // the mma.sync default at D 256
 // cp.async sm_90a kernel tiles (its defaults: D=64 192x128x12x3, D=128 128x128x8x3).
 BENCHMARK(tile_row_sm90<64, no_mask, 128, 128, 8, 2>)->Apply(sweep_args);
 BENCHMARK(tile_row_sm90<64, no_mask, 192, 128, 12, 2>)->Apply(sweep_args);

@@ -36,6 +36,8 @@ using ws64_three = cuda::prefill_sm90<kvtile::half, 64, no_mask, tile_shape<192,
 using ws128_one = cuda::prefill_sm90<bfloat16, 128, causal_mask, tile_shape<64, 128, 8, 2>>;
 using ws128_s3 = cuda::prefill_sm90<kvtile::half, 128, sliding_window_mask, tile_shape<128, 128, 12, 3>>;
 using cp128_default = cuda::prefill_sm90<bfloat16, 128, causal_mask, tile_shape<128, 128, 8, 3>>;
+using ws256_causal = cuda::prefill_sm90<bfloat16, 256, causal_mask>;
+using ws256_fp16_one = cuda::prefill_sm90<kvtile::half, 256, no_mask, tile_shape<64, 64, 8, 2>>;
 static_assert(k128_causal::warp_specialised && ws64_three::warp_specialised && ws128_one::warp_specialised);
 static_assert(!cp128_default::warp_specialised && !k128_causal_fp16_kv64::warp_specialised);
 
@@ -127,6 +129,30 @@ TEST_CASE("prefill_sm90 warp-specialised tiles: 1, 2 and 3 consumer warpgroups, 
   check_prefill<ws128_s3>({{1000}, {1000}, false, 4, 1}, {100, 4}, rng);
   check_prefill<ws128_s3>({{700}, {700}, false, 2, 2}, {130, 70}, rng);
   check_prefill<cp128_default>({{1000}, {1000}, false, 4, 1}, {}, rng);  // the cp.async kernel, fixed length
+}
+
+TEST_CASE("prefill_sm90 D=256 on the warp-specialised kernel; varlen D=256 runs the mma.sync kernel") {
+  if (!sm90_here()) return;
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<ws256_causal>({{1000}, {1000}, false, 4, 1}, {}, rng);
+  check_prefill<ws256_causal>({{33, 33}, {17, 17}, false, 2, 2}, {}, rng);
+  check_prefill<ws256_fp16_one>({{300}, {777}, false, 5, 1}, {}, rng);
+  using P = cuda::prefill<bfloat16, 256, causal_mask>;
+  check_prefill<P>({{1000}, {1000}, false, 2, 1}, {}, rng);
+  check_prefill<P>({{17, 300}, {40, 300}, true, 4, 1}, {}, rng);  // varlen: the mma.sync kernel
+  alignas(16) static bfloat16 buf[64 * 256];
+  static const std::int32_t indptr[2] = {0, 64};
+  P::arguments a;
+  a.q = {buf, ragged_layout::varlen(indptr, 1, 1, 256)};
+  a.kv = {buf, buf, ragged_layout::fixed(1, 64, 1, 256)};
+  a.o = {buf, ragged_layout::varlen(indptr, 1, 1, 256)};
+  a.max_q_len = 64;
+  const auto c = P::dispatch(a);
+  INFO(c.kernel << ": " << c.reason);
+  CHECK(std::string(c.kernel).find("mma.sync") != std::string::npos);
+  CHECK_FALSE(ws256_causal::can_implement(a));
 }
 
 // The consumer warpgroups take turns through named barriers and the producer refills a slot

@@ -80,16 +80,18 @@ class prefill {
   // where they cannot run this configuration.
   using sm90_tile = std::conditional_t<
       detail::prefill_sm90_tile_ok<HeadDim, Tile> || detail::prefill_sm90_ws_tile_ok<HeadDim, Tile>, Tile,
-      std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128), detail::sm90_default_tile_t<HeadDim>,
+      std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128 || HeadDim == 256),
+                         detail::sm90_default_tile_t<HeadDim>,
                          void>>;
   // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
   // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
   static_assert(portable_tile || sm90_dispatch,
                 "prefill: this tile fits neither kernel. The mma.sync kernel needs BlockQ a multiple of 16 * Warps, "
-                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels (D 64 or 128) need BlockKV 64 or 128 (176, 192 warp-specialised), "
-                "Stages >= 2 and Warps a multiple of 4 with BlockQ = 16 * Warps (cp.async) or "
-                "BlockQ = 16 * (Warps - 4) (warp-specialised: a producer warpgroup)");
+                "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels need Stages >= 2 and Warps a multiple "
+                "of 4, and either BlockQ = 16 * (Warps - 4), BlockKV 64, 128, 176 or 192, D 64, 128 or 256 "
+                "(warp-specialised: a producer warpgroup) or BlockQ = 16 * Warps, BlockKV 64 or 128, D 64 or 128 "
+                "(cp.async)");
 
  private:
   // The mma.sync kernel; an sm_90a-only tile instantiates it with the default tile, never run.
@@ -232,15 +234,20 @@ class prefill {
       } else {
         using sm90 = detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>;
         const bool tma = a == nullptr || sm90::tma(detail::make_prefill_params<T, Mask, HeadDim>(*a));
-        c.kernel = sm90::name(tma);
-        c.reason = d + ", tile " + tile_text<sm90_tile>() + (default_tile ? " (the default)" : " (the user's)");
-        if (sm90::warp_specialised && !tma)
-          c.reason += "; " + sm90::why_not_tma() + " " + tile_text<typename sm90::cp_async_tile>();
+        if (!tma && !sm90::has_cp_async) {
+          c.kernel = portable_name;
+          c.reason = d + "; " + sm90::why_not_tma() + ", tile " + tile_text<Tile>();
+        } else {
+          c.kernel = sm90::name(tma);
+          c.reason = d + ", tile " + tile_text<sm90_tile>() + (default_tile ? " (the default)" : " (the user's)");
+          if (sm90::warp_specialised && !tma)
+            c.reason += "; " + sm90::why_not_tma() + " " + tile_text<typename sm90::cp_async_tile>();
+        }
       }
     } else {
       c.kernel = portable_name;
-      if constexpr (HeadDim != 64 && HeadDim != 128)
-        c.reason = "the sm_90a kernel takes head dims 64 and 128, not " + std::to_string(HeadDim) + "; " + d;
+      if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
+        c.reason = "the sm_90a kernels take head dims 64, 128 and 256, not " + std::to_string(HeadDim) + "; " + d;
       else
         c.reason = "tile " + tile_text<Tile>() +
                    " is not an sm_90a tile (BlockKV 64 or 128, or 176 or 192 warp-specialised, Warps a multiple of 4, BlockQ = 16 * Warps or "
@@ -261,20 +268,20 @@ class prefill {
     if (g.x == 0 || g.y == 0 || g.z == 0) return;
     const typename kernel_t::params p = detail::make_prefill_params<T, Mask, HeadDim>(a);
     if constexpr (sm90_dispatch) {
-      if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
+      using sm90 = detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>;
+      if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device) && sm90::can_launch(p)) {
         if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
-        detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>::launch(p, detail::prefill_max_q_len(a), device,
-                                                                           stream);
+        sm90::launch(p, detail::prefill_max_q_len(a), device, stream);
         return;
       }
     }
     KVTILE_REQUIRE(portable_tile, errc::unsupported, "prefill tile ", tile_text<Tile>(), " with D=", HeadDim,
-                   " runs only on the sm_90a kernel, and ", choose(device, allow_sm90).reason);
+                   " runs only on the sm_90a kernel, and ", choose(device, allow_sm90, &a).reason);
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     KVTILE_REQUIRE(shared_memory_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill tile ", tile_text<Tile>(),
                    " with D=", HeadDim, " needs ", shared_memory_bytes, " bytes of shared memory, device ", device,
                    " allows ", smem_optin);
-    if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90));
+    if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
     auto* fn = &detail::prefill_entry<kernel_t>;
     if (shared_memory_bytes > 48 * 1024)
       KVTILE_CUDA_CHECK(

@@ -6,7 +6,8 @@
 //   if (kernel::can_implement(args)) kernel::run(args, nullptr, stream);
 //
 // Same arguments, shapes and protocol as cuda::prefill (prefill.cuh): check, can_implement,
-// workspace_size (0), run. Head dim 64 or 128, bf16 or fp16, any mask policy, GQA, fixed or
+// workspace_size (0), run. Head dim 64 or 128 (and 256 on the warp-specialised kernel, fixed
+// length only), bf16 or fp16, any mask policy, GQA, fixed or
 // varlen lengths, optional LSE. Two kernels, chosen by the tile:
 //   warp-specialised (the default): tile_shape<64 * C, 64 or 128, 4 * (C + 1), Stages>, a TMA
 //     producer warpgroup and C consumer warpgroups of 64 query rows (prefill_sm90/ws_kernel.cuh);
@@ -49,7 +50,8 @@ class prefill_sm90 {
   using portable = prefill<T, HeadDim, Mask>;  // owns the arguments and their checks
   using kernels = detail::sm90_prefill_kernels<T, HeadDim, Tile, Mask>;
   static_assert(detail::prefill_sm90_ws_tile_ok<HeadDim, Tile> || detail::prefill_sm90_tile_ok<HeadDim, Tile>,
-                "prefill_sm90: head dim 64 or 128; BlockKV 64 or 128 (176, 192 warp-specialised), Stages >= 2, Warps a multiple of 4 with "
+                "prefill_sm90: head dim 64 or 128 (256 warp-specialised); BlockKV 64 or 128 (176, 192 warp-specialised), "
+                "Stages >= 2, Warps a multiple of 4 with "
                 "BlockQ = 16 * (Warps - 4) (warp-specialised) or BlockQ = 16 * Warps (cp.async)");
 
  public:
@@ -71,7 +73,8 @@ class prefill_sm90 {
       check(a);
       int device = 0;
       if (cudaGetDevice(&device) != cudaSuccess) return false;
-      return detail::sm90_kernels_available(device);
+      return detail::sm90_kernels_available(device) &&
+             (portable::nothing_to_compute(a) || kernels::can_launch(detail::make_prefill_params<T, Mask, HeadDim>(a)));
     } catch (...) {
       return false;
     }

@@ -55,6 +55,13 @@ template <int HeadDim>
 struct prefill_sm90_tile<HeadDim> {
   using type = tile_shape<192, 128, 16, 3>;
 };
+// D = 256: 64-key tiles and two stages fit (Q 64 KB + 4 x 32 KB); O takes 128 registers of a
+// consumer thread's 240.
+template <int HeadDim>
+  requires(HeadDim > 128)
+struct prefill_sm90_tile<HeadDim> {
+  using type = tile_shape<128, 64, 12, 2>;
+};
 
 // Default tiles of the cp.async wgmma kernel (prefill_sm90/kernel.cuh), which runs what the TMA
 // kernel cannot map (varlen layouts, strided batches): three warpgroups at D = 64 (registers

@@ -54,7 +54,7 @@ namespace attention::cuda::detail {
 
 // Whether the warp-specialised kernel takes head dim D with tile Tile.
 template <int D, class Tile>
-inline constexpr bool prefill_sm90_ws_tile_ok = (D == 64 || D == 128) && Tile::warps % 4 == 0 && Tile::warps >= 8 &&
+inline constexpr bool prefill_sm90_ws_tile_ok = (D == 64 || D == 128 || D == 256) && Tile::warps % 4 == 0 && Tile::warps >= 8 &&
                                                 Tile::warps <= 16 && Tile::block_q == 16 * (Tile::warps - 4) &&
                                                 (Tile::block_kv == 64 || Tile::block_kv == 128 || Tile::block_kv == 176 ||
                                                  Tile::block_kv == 192) &&
@@ -68,7 +68,7 @@ struct ws_geometry {
   static constexpr int threads = Tile::threads;
   static constexpr int consumers = Tile::warps / 4 - 1;  // consumer warpgroups
   static_assert(prefill_sm90_ws_tile_ok<D, Tile>,
-                "prefill_sm90 (warp-specialised): D 64 or 128, Warps = 4 * (consumer warpgroups + 1) in 8..16, "
+                "prefill_sm90 (warp-specialised): D 64, 128 or 256, Warps = 4 * (consumer warpgroups + 1) in 8..16, "
                 "BlockQ = 64 per consumer warpgroup, BlockKV 64, 128, 176 or 192, Stages >= 2");
 
   // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
@@ -495,8 +495,12 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
 template <class T, int D, class Tile, class Mask>
 struct sm90_prefill_kernels {
   static constexpr bool warp_specialised = prefill_sm90_ws_tile_ok<D, Tile>;
-  using cp_async_tile = std::conditional_t<warp_specialised, sm90_cp_async_default_tile_t<D>, Tile>;
-  using cp_async_kernel = prefill_sm90_kernel<T, D, cp_async_tile, Mask>;
+  // Whether the cp.async kernel exists for D (64 and 128): at D = 256 only tensors the TMA can map
+  // run on sm_90a, the rest on the mma.sync kernel.
+  static constexpr bool has_cp_async = D == 64 || D == 128;
+  using cp_async_tile = std::conditional_t<warp_specialised || !has_cp_async,
+                                           sm90_cp_async_default_tile_t<has_cp_async ? D : 128>, Tile>;
+  using cp_async_kernel = prefill_sm90_kernel<T, has_cp_async ? D : 128, cp_async_tile, Mask>;  // D 256: never run
   using ws_kernel = prefill_sm90_ws_kernel<T, D, Tile, Mask>;  // instantiated only when warp_specialised
   static constexpr const char* ws_name = "prefill_sm90 (warp-specialised wgmma, TMA, sm_90a)";
   static constexpr const char* cp_async_name = "prefill_sm90 (wgmma, cp.async, sm_90a)";
@@ -505,6 +509,8 @@ struct sm90_prefill_kernels {
     if constexpr (warp_specialised) return ws_kernel::G::smem_bytes;
     else return cp_async_kernel::G::smem_bytes;
   }
+  // Whether an sm_90a kernel takes these tensors at all (else the mma.sync kernel runs).
+  static bool can_launch(const prefill_params<T, Mask>& p) { return has_cp_async || tma(p); }
   // Whether these tensors run on the TMA kernel.
   static bool tma(const prefill_params<T, Mask>& p) {
     return warp_specialised && dense_tma_layout_ok(p.q, p.q_layout) && dense_tma_layout_ok(p.k, p.kv_layout) &&
@@ -513,8 +519,9 @@ struct sm90_prefill_kernels {
   static const char* name(bool use_tma) { return use_tma ? ws_name : cp_async_name; }
   // Why a warp-specialised tile runs the cp.async kernel, as text.
   static std::string why_not_tma() {
-    return "the TMA kernel maps fixed-length tensors whose sequences follow each other (a varlen layout keeps its "
-           "row count on the device), so the cp.async kernel runs with its default tile";
+    return std::string("the TMA kernel maps fixed-length tensors whose sequences follow each other (a varlen layout "
+                       "keeps its row count on the device), so ") +
+           (has_cp_async ? "the cp.async kernel runs with its default tile" : "the mma.sync kernel runs (D 256)");
   }
 
   static void launch(const prefill_params<T, Mask>& p, std::int32_t max_q_len, int device, cudaStream_t stream) {
@@ -524,7 +531,11 @@ struct sm90_prefill_kernels {
         return;
       }
     }
-    launch_prefill_sm90<cp_async_kernel>(p, max_q_len, device, stream);
+    if constexpr (has_cp_async) {
+      launch_prefill_sm90<cp_async_kernel>(p, max_q_len, device, stream);
+    } else {
+      KVTILE_REQUIRE(false, errc::unsupported, "prefill_sm90 at D=", D, ": ", why_not_tma());
+    }
   }
 };
 
