@@ -131,7 +131,7 @@ TEST_CASE("prefill_sm90 warp-specialised tiles: 1, 2 and 3 consumer warpgroups, 
   check_prefill<cp128_default>({{1000}, {1000}, false, 4, 1}, {}, rng);  // the cp.async kernel, fixed length
 }
 
-TEST_CASE("prefill_sm90 D=256 on the warp-specialised kernel; varlen D=256 runs the mma.sync kernel") {
+TEST_CASE("prefill_sm90 D=256 on the warp-specialised kernel; a strided batch at D=256 runs the mma.sync kernel") {
   if (!sm90_here()) return;
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
@@ -141,14 +141,13 @@ TEST_CASE("prefill_sm90 D=256 on the warp-specialised kernel; varlen D=256 runs 
   check_prefill<ws256_fp16_one>({{300}, {777}, false, 5, 1}, {}, rng);
   using P = cuda::prefill<bfloat16, 256, causal_mask>;
   check_prefill<P>({{1000}, {1000}, false, 2, 1}, {}, rng);
-  check_prefill<P>({{17, 300}, {40, 300}, true, 4, 1}, {}, rng);  // varlen: the mma.sync kernel
-  alignas(16) static bfloat16 buf[64 * 256];
-  static const std::int32_t indptr[2] = {0, 64};
+  check_prefill<P>({{17, 300}, {40, 300}, true, 4, 1}, {}, rng);  // varlen, warp-specialised
+  alignas(16) static bfloat16 buf[2 * 64 * 256];
   P::arguments a;
-  a.q = {buf, ragged_layout::varlen(indptr, 1, 1, 256)};
-  a.kv = {buf, buf, ragged_layout::fixed(1, 64, 1, 256)};
-  a.o = {buf, ragged_layout::varlen(indptr, 1, 1, 256)};
-  a.max_q_len = 64;
+  a.q = {buf, ragged_layout::fixed(2, 32, 1, 256)};
+  a.q.layout.stride_batch = 64 * 256;  // padded batch: no tensor map of rows
+  a.kv = {buf, buf, ragged_layout::fixed(2, 32, 1, 256)};
+  a.o = {buf, a.q.layout};
   const auto c = P::dispatch(a);
   INFO(c.kernel << ": " << c.reason);
   CHECK(std::string(c.kernel).find("mma.sync") != std::string::npos);
@@ -169,7 +168,7 @@ TEST_CASE("prefill_sm90 warp-specialised kernel, 50 repetitions") {
   }
 }
 
-TEST_CASE("cuda::prefill's dispatch names the warp-specialised kernel on fixed-length tensors") {
+TEST_CASE("cuda::prefill's dispatch: the warp-specialised kernel on fixed and varlen tensors, cp.async on strided batches") {
   if (!sm90_here()) return;
   using P = cuda::prefill<bfloat16, 128, causal_mask>;
   alignas(16) static bfloat16 buf[64 * 128];
@@ -181,12 +180,19 @@ TEST_CASE("cuda::prefill's dispatch names the warp-specialised kernel on fixed-l
   INFO(fixed.kernel << ": " << fixed.reason);
   CHECK(std::string(fixed.kernel).find("warp-specialised") != std::string::npos);
   static const std::int32_t indptr[2] = {0, 64};
-  a.q.layout = a.o.layout = ragged_layout::varlen(indptr, 1, 1, 128);
-  a.max_q_len = 64;
-  const auto varlen = P::dispatch(a);
+  auto v = a;
+  v.q.layout = v.o.layout = ragged_layout::varlen(indptr, 1, 1, 128);
+  v.max_q_len = 64;
+  const auto varlen = P::dispatch(v);
   INFO(varlen.kernel << ": " << varlen.reason);
-  CHECK(std::string(varlen.kernel).find("cp.async") != std::string::npos);
-  CHECK(varlen.reason.find("varlen") != std::string::npos);
+  CHECK(std::string(varlen.kernel).find("warp-specialised") != std::string::npos);
+  auto strided = a;  // sequences 2 x 32 tokens apart: no tensor map of rows
+  strided.q.layout = strided.o.layout = ragged_layout::fixed(1, 32, 1, 128);
+  strided.q.layout.stride_batch = strided.o.layout.stride_batch = 64 * 128;
+  const auto c = P::dispatch(strided);
+  INFO(c.kernel << ": " << c.reason);
+  CHECK(std::string(c.kernel).find("cp.async") != std::string::npos);
+  CHECK(c.reason.find("stride_batch") != std::string::npos);
 }
 
 // A small representative set, cheap enough for compute-sanitizer memcheck and racecheck.

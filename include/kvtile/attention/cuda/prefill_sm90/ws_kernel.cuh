@@ -100,13 +100,18 @@ struct ws_dense_params {
 };
 
 // Dense Q, K, V through TMA: CTA (q tile, query head, sequence). Each tensor is a 3-D map
-// (head dim, heads, rows of the batch); a tile is `panels` boxes of 64 columns x rows.
+// (head dim, heads, rows of the batch); a tile is `panels` boxes of 64 columns x rows. A varlen
+// map has no row bound the host knows, so no box may run past the last sequence's end: there the
+// last Q tile and the last K/V tile are loaded as the window that ends at the sequence's end
+// (CTA row r is token q_start + r; smem key row j is key k_start(k0) + j), and the rows that
+// belong to the tile before are neither stored nor counted.
 template <class T, int D, class G, class Mask>
 struct dense_ws_source {
   using params = ws_dense_params<T, Mask>;
   const params& P;
-  int b, h, q0, rows, kv_lo, kv_hi, kv_limit;
-  int q_row, kv_row;  // TMA row coordinates of (b, q0) and (b, 0)
+  int b, h, q0, q_start, row_lo, row_hi, kv_lo, kv_hi, kv_limit;
+  int q_row, kv_row;  // TMA row coordinates of (b, q_start) and (b, 0)
+  bool shift_kv;      // the last sequence of a varlen K/V: windows end at its end
   Mask mask;
   float scale_log2;
 
@@ -114,33 +119,45 @@ struct dense_ws_source {
       : P(pp), b(int(blockIdx.z)), h(int(blockIdx.y)), q0(q_tile * G::block_q),
         mask(pp.p.mask, pp.p.q_layout.len_of(int(blockIdx.z)), pp.p.kv_layout.len_of(int(blockIdx.z))) {
     const auto& p = P.p;
-    rows = min_i(G::block_q, p.q_layout.len_of(b) - q0);
+    const int q_len = p.q_layout.len_of(b);
+    const int n = min_i(G::block_q, q_len - q0);
+    const bool shift_q = p.q_layout.indptr != nullptr && b == p.q_layout.batch - 1;
+    q_start = shift_q && q0 + G::block_q > q_len ? q_len - G::block_q : q0;
+    row_lo = q0 - q_start;
+    row_hi = row_lo + n;
     kv_limit = p.kv_layout.len_of(b);
-    kv_lo = rows > 0 ? mask.kv_begin(q0, q0 + rows) : 0;
-    kv_hi = rows > 0 ? mask.kv_end(q0, q0 + rows) : 0;
-    q_row = int(p.q_layout.row(b, q0));
+    shift_kv = p.kv_layout.indptr != nullptr && b == p.kv_layout.batch - 1;
+    kv_lo = n > 0 ? mask.kv_begin(q0, q0 + n) : 0;
+    kv_hi = n > 0 ? mask.kv_end(q0, q0 + n) : 0;
+    q_row = int(p.q_layout.row(b, 0)) + q_start;
     kv_row = int(p.kv_layout.row(b, 0));
     scale_log2 = p.scale_log2;
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return q0 + r; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return q_start + r; }
+  // The key held by shared-memory row 0 of the tile whose first key is k0.
+  KVTILE_DEVICE KVTILE_FORCEINLINE int k_start(int k0) const {
+    return shift_kv && k0 + G::block_kv > kv_limit ? kv_limit - G::block_kv : k0;
+  }
   KVTILE_DEVICE KVTILE_FORCEINLINE void issue_q(std::uint32_t dst, std::uint32_t bar) const {
     KVTILE_PRAGMA_UNROLL
     for (int c = 0; c < G::panels; ++c)
       arch::tma_load_3d(dst + c * G::block_q * 128, &P.q, c * 64, h, q_row, bar);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const {
+    const int row = kv_row + k_start(k0);
     KVTILE_PRAGMA_UNROLL
     for (int c = 0; c < G::panels; ++c)
-      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.k, c * 64, h / P.p.group, kv_row + k0, bar);
+      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.k, c * 64, h / P.p.group, row, bar);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const {
+    const int row = kv_row + k_start(k0);
     KVTILE_PRAGMA_UNROLL
     for (int c = 0; c < G::panels; ++c)
-      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.v, c * 64, h / P.p.group, kv_row + k0, bar);
+      arch::tma_load_3d(dst + c * G::block_kv * 128, &P.v, c * 64, h / P.p.group, row, bar);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
     const auto& p = P.p;
-    const int row = q0 + r;
+    const int row = token(r);
     if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
     T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
     KVTILE_PRAGMA_UNROLL
@@ -160,10 +177,10 @@ struct sm90_ws_core {
   static KVTILE_DEVICE void run(const Source& src, unsigned char* smem_raw) {
     const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
     const Mask mask = src.mask;
-    const int rows = src.rows;
-    const int q0 = src.token(0), q1 = src.token(max_i(rows, 1) - 1) + 1;  // the CTA's query positions
+    const int row_lo = src.row_lo, row_hi = src.row_hi;  // the CTA rows it stores
+    const int q0 = src.token(row_lo), q1 = src.token(max_i(row_hi, row_lo + 1) - 1) + 1;  // their query positions
     const int kv_lo = src.kv_lo, kv_hi = src.kv_hi, kv_limit = src.kv_limit;
-    const int n_tiles = rows > 0 && kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
+    const int n_tiles = row_hi > row_lo && kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
 
     const std::uint32_t raw = arch::smem_addr(smem_raw);
     const std::uint32_t q_base = (raw + 1023u) & ~1023u;            // [block_q rows] SW128
@@ -221,9 +238,9 @@ struct sm90_ws_core {
     if constexpr (G::reallocate) arch::warpgroup_registers_inc<G::consumer_regs>();
     const int cw = warp / 4 - 1, wq = warp % 4;  // consumer warpgroup, warp in it
     const int g = lane / 4, t = lane % 4;
-    const int wr0 = cw * 64, wr1 = min_i(wr0 + 64, rows);  // this warpgroup's CTA rows
+    const int wr0 = max_i(cw * 64, row_lo), wr1 = min_i(cw * 64 + 64, row_hi);  // this warpgroup's stored rows
     const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
-    const int row_local = wr0 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
+    const int row_local = cw * 64 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
     const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
     const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
     const std::uint32_t q_wg = q_base + std::uint32_t(cw) * 64 * 128;
@@ -253,7 +270,7 @@ struct sm90_ws_core {
     // wgmma pipeline has no branch in it.
     auto visibility = [&](int k0) {
       tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
-      if (vis == tile_visibility::empty || (vis == tile_visibility::full && k0 + G::block_kv > kv_limit))
+      if (vis == tile_visibility::empty || k0 + G::block_kv > kv_limit || src.k_start(k0) != k0)
         vis = tile_visibility::partial;
       return vis;
     };
@@ -285,12 +302,13 @@ struct sm90_ws_core {
       apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
       if (vis == tile_visibility::partial) {
         const bool none = wq0 >= wq1 || mask.classify(wq0, wq1, k0, k0 + G::block_kv) == tile_visibility::empty;
+        const int ks = src.k_start(k0);  // the key of the tile's first shared-memory row
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < G::block_kv / 8; ++j)
           KVTILE_PRAGMA_UNROLL
           for (int c = 0; c < 4; ++c) {
-            const int col = k0 + j * 8 + 2 * t + (c % 2);
-            if (none || !(col < kv_limit && mask.visible(row_pos[c / 2], col))) s[4 * j + c] = neg_inf;
+            const int col = ks + j * 8 + 2 * t + (c % 2);
+            if (none || !(col >= k0 && col < kv_limit && mask.visible(row_pos[c / 2], col))) s[4 * j + c] = neg_inf;
           }
       }
       KVTILE_PRAGMA_UNROLL
@@ -398,7 +416,7 @@ struct sm90_ws_core {
       st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
       st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
       const int row = row_local + r * 8;
-      if (row < rows) {
+      if (row >= row_lo && row < row_hi) {
         const float inv = st[r].inv_l();
         float out[D / 4];
         KVTILE_PRAGMA_UNROLL
@@ -436,22 +454,24 @@ KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1)
 #endif
 }
 
-// Whether a dense tensor can be a TMA tensor map of (head dim, heads, rows): fixed-length
-// layouts whose sequences follow each other (stride_batch = len * stride_token), 16-byte
-// aligned, fewer than 2^31 rows. Varlen layouts do not say how many rows they hold on the host
-// (their indptr lives on the device), so a map could not bound the last sequence's tiles.
+// Whether a dense tensor can be a TMA tensor map of (head dim, heads, rows): varlen layouts, and
+// fixed-length ones whose sequences follow each other (stride_batch = len * stride_token) with
+// fewer than 2^31 rows; 16-byte aligned.
 inline bool dense_tma_layout_ok(const void* base, const ragged_layout& l) {
-  return l.indptr == nullptr && l.stride_batch == std::int64_t(l.len) * l.stride_token &&
-         std::int64_t(l.batch) * l.len < (std::int64_t(1) << 31) && reinterpret_cast<std::uintptr_t>(base) % 16 == 0 &&
-         l.stride_head > 0 && l.stride_token > 0;
+  const bool rows_ok = l.indptr != nullptr || (l.stride_batch == std::int64_t(l.len) * l.stride_token &&
+                                               std::int64_t(l.batch) * l.len < (std::int64_t(1) << 31));
+  return rows_ok && reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && l.stride_head > 0 && l.stride_token > 0;
 }
 
 // The tensor map of a dense tensor (host): dims (head dim, heads, rows), boxes of 64 columns x
-// 1 head x box_rows rows, 128-byte swizzle; rows past the end read as zeros.
+// 1 head x box_rows rows, 128-byte swizzle; rows before the first and past the end of a fixed
+// layout read as zeros. A varlen layout's row count lives on the device: its map says 2^31 - 1
+// rows and the source never loads past the last sequence (dense_ws_source).
 template <class T>
 CUtensorMap make_dense_tma(const T* base, const ragged_layout& l, int box_rows) {
   const std::uint64_t eb = sizeof(T);
-  const cuuint64_t dims[3] = {cuuint64_t(l.head_dim), cuuint64_t(l.heads), cuuint64_t(std::int64_t(l.batch) * l.len)};
+  const std::int64_t rows = l.indptr != nullptr ? (std::int64_t(1) << 31) - 1 : std::int64_t(l.batch) * l.len;
+  const cuuint64_t dims[3] = {cuuint64_t(l.head_dim), cuuint64_t(l.heads), cuuint64_t(rows)};
   const cuuint64_t strides[2] = {cuuint64_t(l.stride_head) * eb, cuuint64_t(l.stride_token) * eb};
   const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
   const cuuint32_t unit[3] = {1, 1, 1};
@@ -519,8 +539,8 @@ struct sm90_prefill_kernels {
   static const char* name(bool use_tma) { return use_tma ? ws_name : cp_async_name; }
   // Why a warp-specialised tile runs the cp.async kernel, as text.
   static std::string why_not_tma() {
-    return std::string("the TMA kernel maps fixed-length tensors whose sequences follow each other (a varlen layout "
-                       "keeps its row count on the device), so ") +
+    return std::string("the TMA kernel maps varlen tensors and fixed-length ones whose sequences follow each other "
+                       "(stride_batch = len * stride_token), 16-byte aligned, so ") +
            (has_cp_async ? "the cp.async kernel runs with its default tile" : "the mma.sync kernel runs (D 256)");
   }
 
