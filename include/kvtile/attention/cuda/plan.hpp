@@ -78,7 +78,7 @@ struct paged_kernel_shape {
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
     if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
-      return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 3 * 8 * std::size_t(stages);
+      return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 8 * (1 + 4 * std::size_t(stages));
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
@@ -100,10 +100,12 @@ constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_di
   // reduction area.
   if (kind == paged_kernel_kind::decode_sm90)
     return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : tuning::decode_sm90_stages};
-  // Hopper: the cp.async wgmma prefill kernel's default tiles (prefill_sm90/kernel.cuh), 3 stages.
+  // Hopper: the warp-specialised prefill kernel's default tiles (prefill_sm90/ws_kernel.cuh: a
+  // producer warpgroup and 128 / 192 query rows of consumers), 3 stages. The cp.async kernel
+  // that runs pools without tensor maps takes the same rows and keys per item.
   if (kind == paged_kernel_kind::append_sm90) {
-    using t64 = tuning::prefill_sm90_cp_async_tile<64>::type;
-    using t128 = tuning::prefill_sm90_cp_async_tile<128>::type;
+    using t64 = tuning::prefill_sm90_tile<64>::type;
+    using t128 = tuning::prefill_sm90_tile<128>::type;
     return head_dim <= 64 ? paged_kernel_shape{kind, t64::block_q, t64::block_kv, t64::warps, 1, t64::stages}
                           : paged_kernel_shape{kind, t128::block_q, t128::block_kv, t128::warps, 1, t128::stages};
   }
@@ -554,7 +556,7 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
       std::int32_t kb = std::max(0, mask.kv_begin(t0, t1));
       // TMA boxes never cross a page when tiles start at multiples of the tile; the keys before
       // the mask's first visible one are masked in the first tile.
-      if (kind == paged_kernel_kind::decode_sm90) kb -= kb % bn;
+      if (kind == paged_kernel_kind::decode_sm90 || kind == paged_kernel_kind::append_sm90) kb -= kb % bn;
       const std::int32_t ke = std::max(kb, std::min(kl, mask.kv_end(t0, t1)));
       const std::int64_t tiles = detail::ceil_div(ke - kb, bn);
       max_tiles = std::max(max_tiles, tiles);

@@ -22,8 +22,10 @@
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
 
-// The tile of the sm_90a append kernel: the cp.async wgmma prefill kernel's default for the
-// head dim (its mainloop: prefill_sm90/kernel.cuh).
+// The tile of the cp.async sm_90a append kernel, which runs pools without TMA tensor maps (page
+// sizes with gcd(page_size, 64) < 8): the cp.async wgmma prefill kernel's default for the head
+// dim (its mainloop: prefill_sm90/kernel.cuh). Pools with tensor maps run the warp-specialised
+// kernel of append_sm90_ws_kernel.cuh on the same plan.
 template <int D>
 using append_sm90_tile = detail::sm90_cp_async_default_tile_t<D>;
 
@@ -33,10 +35,8 @@ struct append_sm90_source {
   using G = detail::prefill_sm90_geometry<T, D, Tile>;
   using share = detail::row_share<G, G::block_kv>;  // the same step for Q rows
   static_assert(paged_shape_for(paged_kernel_kind::append_sm90, D).block_m == G::block_q &&
-                    paged_shape_for(paged_kernel_kind::append_sm90, D).block_n == G::block_kv &&
-                    paged_shape_for(paged_kernel_kind::append_sm90, D).threads() == G::threads &&
-                    paged_shape_for(paged_kernel_kind::append_sm90, D).smem_bytes(D, sizeof(T)) >= G::smem_bytes,
-                "paged append_sm90: the planner's shape must be the kernel's tile");
+                    paged_shape_for(paged_kernel_kind::append_sm90, D).block_n == G::block_kv,
+                "paged append_sm90: the planner's rows and keys per item must be the kernel's tile");
 
   const kernel_params<T, Table, Mask>& p;
   paged_work_item w;

@@ -15,6 +15,7 @@
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
+#include "kvtile/attention/cuda/paged/append_sm90_ws_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
@@ -134,13 +135,22 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
   }
 }
 
-// The sm_90a append kernel (append_sm90_kernel.cuh); head dims 64 and 128.
+// The sm_90a append kernels, head dims 64 and 128: the warp-specialised one
+// (append_sm90_ws_kernel.cuh) where the pool has TMA tensor maps, else the cp.async one
+// (append_sm90_kernel.cuh); one plan serves both.
 template <class T, int D, class Mask, class Table>
 void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
                         cudaStream_t stream) {
-  using G = typename append_sm90_source<T, D, Mask, Table>::G;
-  launch_items<paged_append_sm90_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device, stream,
-                                                                          params);
+  if (decode_sm90_supported(D, params.kv.pool.page_size)) {
+    using G = typename append_ws_source<T, D, Mask, Table>::G;
+    const tma_pool& pool = cached_tma_pool(params.kv.pool);
+    launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
+                                                                               stream, params, pool);
+  } else {
+    using G = typename append_sm90_source<T, D, Mask, Table>::G;
+    launch_items<paged_append_sm90_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
+                                                                            stream, params);
+  }
 }
 
 // The sm_90a TMA decode kernel (decode_sm90_kernel.cuh); head dims multiple of 64.

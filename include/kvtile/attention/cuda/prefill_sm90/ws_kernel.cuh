@@ -36,6 +36,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mbarrier.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/arch/tma.cuh"
@@ -165,6 +167,15 @@ struct dense_ws_source {
   }
 };
 
+// What a source may ask of the core beyond the copies: `q_by_consumers` (Q rows that no tensor
+// map describes, such as GQA-packed rows: the consumer threads copy them with cp.async before the
+// first tile) and `zero_v_tail` (V rows past the keys' end may hold anything, e.g. a page's
+// unwritten slots: they are zeroed before the last P V, since 0 * NaN is NaN).
+template <class Source>
+inline constexpr bool ws_q_by_consumers = requires { requires Source::q_by_consumers; };
+template <class Source>
+inline constexpr bool ws_zero_v_tail = requires { requires Source::zero_v_tail; };
+
 // The warp-specialised core over any source (see the file comment).
 template <class T, int D, class Tile, class Mask>
 struct sm90_ws_core {
@@ -172,6 +183,7 @@ struct sm90_ws_core {
   using qk_op = arch::wgmma_op<T, G::block_kv>;
   using pv_op = arch::wgmma_op<T, D>;
   static constexpr int turn_barrier = 1;  // named barriers 1 .. consumers: whose turn to issue
+  static constexpr int consumers_barrier = 1 + G::consumers;  // every consumer thread
 
   template <class Source>
   static KVTILE_DEVICE void run(const Source& src, unsigned char* smem_raw) {
@@ -216,8 +228,10 @@ struct sm90_ws_core {
       if constexpr (G::reallocate) arch::warpgroup_registers_dec<G::producer_regs>();
       const int first = next_tile(0);
       if (tid == 0 && first < n_tiles) {  // Q only where a tile is visible: every copy is waited for
-        arch::mbarrier_arrive_expect_tx(q_full, G::q_bytes);
-        src.issue_q(q_base, q_full);
+        if constexpr (!ws_q_by_consumers<Source>) {
+          arch::mbarrier_arrive_expect_tx(q_full, G::q_bytes);
+          src.issue_q(q_base, q_full);
+        }
         int c = 0;
         for (int i = first; i < n_tiles; i = next_tile(i + 1), ++c) {
           const int slot = c % G::stages;
@@ -359,9 +373,18 @@ struct sm90_ws_core {
     };
     auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
 
+    const int ctid = tid - 128;  // among the consumer threads
     int i = next_tile(0);
     if (i < n_tiles) {
-      arch::mbarrier_wait(q_full, 0);
+      if constexpr (ws_q_by_consumers<Source>) {
+        src.load_q(q_base, ctid, 128 * G::consumers);
+        arch::cp_async_commit();
+        arch::cp_async_wait<0>();
+        arch::fence_proxy_async_shared();  // the copies, to the wgmma's async proxy
+        arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+      } else {
+        arch::mbarrier_wait(q_full, 0);
+      }
       // The first tile: S, softmax; its P V waits for the next tile's Q K^T.
       float s[G::s_regs];
       float factor[2];
@@ -400,6 +423,21 @@ struct sm90_ws_core {
       const int prev = (c - 1) % G::stages;
       rescale_o(factor);
       arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+      if constexpr (ws_zero_v_tail<Source>) {
+        const int ks = src.k_start(k0), n_valid = kv_limit - ks;
+        if (n_valid < G::block_kv) {  // zero V rows [n_valid, block_kv) of the slot, then publish
+          const std::uint32_t v_tile = v_base + std::uint32_t(prev) * G::kv_bytes;
+          constexpr int chunks = D / 8;
+          for (int x = ctid; x < (G::block_kv - n_valid) * chunks; x += 128 * G::consumers) {
+            const int r = n_valid + x / chunks, cc = x % chunks;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(v_tile + arch::sw128_offset(G::block_kv, r, cc)),
+                         "r"(0u)
+                         : "memory");
+          }
+          arch::fence_proxy_async_shared();
+          arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+        }
+      }
       issue_pv(prev, pa);
       arch::wgmma_wait<0>();
       arch::fence_operands(o);

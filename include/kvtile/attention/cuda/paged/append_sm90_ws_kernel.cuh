@@ -1,0 +1,139 @@
+// kvtile/attention/cuda/paged/append_sm90_ws_kernel.cuh: the paged append ("chunked prefill")
+// on Hopper as a source of the warp-specialised wgmma mainloop (prefill_sm90/ws_kernel.cuh).
+//
+// A CTA runs one planned work item (a row tile of a request's GQA-packed query rows against a
+// range of its keys, whole or a split chunk). What differs from the dense source:
+//   Q     packed rows (token t, head h of the KV head's group) are no tensor map's box, so the
+//         consumer threads copy them with cp.async once, before the first tile;
+//   K, V  the producer thread copies each 128-key tile as TMA boxes of one page each through
+//         the pool's 4-D tensor maps (those of the TMA decode kernel: box_rows slots x 64
+//         columns), looking the block ids up in the request's page row; tiles start at
+//         multiples of the tile (the planner aligns each item's first key), so a box never
+//         crosses a page; keys past the request's end come from past its last page's written
+//         slots, and their V rows are zeroed before the last P V;
+//   O     straight to the output, or a split item's fp32 partial state for the merge.
+// The plan is the cp.async append kernel's (same rows and keys per item); the launcher picks
+// this kernel where the pool has tensor maps (decode_sm90_supported page sizes).
+#pragma once
+
+#include <cstdint>
+
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/tma.cuh"
+#include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
+#include "kvtile/attention/cuda/paged/decode_warp.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
+#include "kvtile/core/fast_divmod.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::paged {
+
+// The warp-specialised append tile: the dense prefill's default, whose rows and keys per CTA
+// are the cp.async append kernel's (so one plan serves both).
+template <int D>
+using append_ws_tile = detail::sm90_default_tile_t<D>;
+
+template <class T, int D, class Mask, class Table>
+struct append_ws_source {
+  using Tile = append_ws_tile<D>;
+  using G = detail::ws_geometry<T, D, Tile>;
+  static constexpr bool q_by_consumers = true;
+  static constexpr bool zero_v_tail = true;
+  static_assert(paged_shape_for(paged_kernel_kind::append_sm90, D).block_m == G::block_q &&
+                    paged_shape_for(paged_kernel_kind::append_sm90, D).block_n == G::block_kv,
+                "paged append (warp-specialised): the planner's rows and keys per item must be the tile's");
+
+  const kernel_params<T, Table, Mask>& p;
+  const tma_pool& pool;
+  paged_work_item w;
+  int q_start = 0, row_lo = 0, row_hi, kv_lo, kv_hi, kv_limit;
+  int group;
+  Mask mask;
+  float scale_log2;
+  const std::int32_t* pages;
+  fast_divmod page;
+
+  KVTILE_DEVICE append_ws_source(const kernel_params<T, Table, Mask>& pp, const tma_pool& maps)
+      : p(pp), pool(maps), w(pp.work[blockIdx.x]), mask(pp.mask, w.q_len, w.kv_len), page(pp.kv.pool.page_size) {
+    group = p.group;
+    row_hi = min_i(G::block_q, w.q_len * group - w.row0);
+    kv_lo = w.kv_begin;
+    kv_hi = w.kv_end;
+    kv_limit = w.kv_end;  // a split chunk ends on a tile boundary, the hull at or before kv_len
+    scale_log2 = p.scale_log2;
+    pages = page_row(p.kv.table, w);
+  }
+
+  KVTILE_DEVICE KVTILE_FORCEINLINE int token(int r) const { return (w.row0 + r) / group; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int head(int r) const { return w.kv_head * group + (w.row0 + r) % group; }
+  KVTILE_DEVICE KVTILE_FORCEINLINE int k_start(int k0) const { return k0; }
+
+  // The Q tile by the consumer threads (ctid of n): 16-byte chunks into the SW128 layout, rows
+  // past the request's zero-filled.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(std::uint32_t smem, int ctid, int n) const {
+    constexpr int chunks = D / 8;
+    for (int x = ctid; x < G::block_q * chunks; x += n) {
+      const int r = x / chunks, c = x % chunks;
+      const bool ok = r < row_hi;
+      const T* src = ok ? p.q.at(w.batch, token(r), head(r)) + c * 8 : p.q.data;
+      arch::cp_async_16_to(smem + arch::sw128_offset(G::block_q, r, c), src, ok);
+    }
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const {
+    issue_tile(dst, k0, bar, &pool.k);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const {
+    issue_tile(dst, k0, bar, &pool.v);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
+    if (w.partial < 0) {
+      const int tok = token(r), h = head(r);
+      if (p.lse != nullptr && t == 0) p.lse[p.q.layout.row(w.batch, tok) * p.num_qo_heads + h] = lse;
+      T* dst = p.o.at(w.batch, tok, h) + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+    } else {
+      const std::int64_t prow = std::int64_t(w.partial) * G::block_q + r;
+      float* dst = p.partial_o + prow * D + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[2 * j], o[2 * j + 1]);
+      if (t == 0) p.partial_lse[prow] = lse;
+    }
+  }
+
+ private:
+  // The tile's keys [k0, k0 + block_kv) as boxes of box_rows slots of one page each (all
+  // panels); a box past the request's pages reads block 0, whose rows are masked (K) and zeroed
+  // (V) like any key past the end.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_tile(std::uint32_t dst, int k0, std::uint32_t bar, const CUtensorMap* map) const {
+    const int box = pool.box_rows;
+    const int n_pages = (w.kv_len + page.divisor() - 1) / page.divisor();
+    for (int j = 0; j < G::block_kv; j += box) {
+      const int key = k0 + j;
+      const int pg = page.div(key), slot = key - pg * page.divisor();
+      const int blk = pg < n_pages ? pages[pg] : 0;
+      const int c1 = pool.head_outer ? slot : w.kv_head, c2 = pool.head_outer ? w.kv_head : slot;
+      KVTILE_PRAGMA_UNROLL
+      for (int c = 0; c < G::panels; ++c)
+        arch::tma_load_4d(dst + std::uint32_t(c * G::block_kv + j) * 128, map, c * 64, c1, c2, blk, bar);
+    }
+  }
+};
+
+// Entry point; the body exists only in the sm_90a device pass.
+template <class T, int D, class Mask, class Table>
+KVTILE_KERNEL void __launch_bounds__(append_ws_source<T, D, Mask, Table>::G::threads, 1)
+    paged_append_sm90_ws_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
+#if KVTILE_WGMMA_AVAILABLE
+  if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  extern __shared__ __align__(1024) unsigned char append_ws_smem[];
+  using S = append_ws_source<T, D, Mask, Table>;
+  const S src(p, pool);
+  detail::sm90_ws_core<T, D, typename S::Tile, Mask>::run(src, append_ws_smem);
+#else
+  (void)p, (void)pool;
+#endif
+}
+
+}  // namespace attention::cuda::paged
+KVTILE_NAMESPACE_END
