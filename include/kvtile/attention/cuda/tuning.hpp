@@ -39,6 +39,28 @@ inline constexpr int prefill_qk_unroll = 8;
 inline constexpr int prefill_single_barrier_max_d = 64;
 inline constexpr int paged_append_single_barrier_max_d = 64;
 
+// ---- backward, portable mma.sync kernels (sm_80+) -------------------------------------------
+
+// Default tiles of the backward (cuda/backward.cuh): BlockKV keys per CTA, 16 per warp, so
+// Warps = BlockKV / 16; BlockQ queries per step of the inner loop. A warp keeps dK and dV of its
+// 16 keys over at most 128 columns in registers (64 fp32 each at D >= 128) beside S^T and dP^T
+// of BlockQ queries (BlockQ / 2 fp32 each), so BlockQ stays at 64 up to D = 128 and 32 above
+// (D = 256 runs its dK/dV columns as two CTAs). Chosen from register counts, not yet measured
+// (docs/perf-log/backward.md).
+template <int HeadDim>
+struct backward_tile {
+  using type = tile_shape<64, 64, 4, 2>;
+};
+template <int HeadDim>
+  requires(HeadDim > 128)
+struct backward_tile<HeadDim> {
+  using type = tile_shape<32, 64, 4, 2>;
+};
+
+// Widest slice of dK / dV columns one CTA accumulates in registers; wider head dims split their
+// columns over CTAs that each recompute S and dP (2 CTAs at D = 256).
+inline constexpr int backward_max_dkv_cols = 128;
+
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
 // Default tiles: three warpgroups at D = 64 (registers allow it), two at D = 128; three stages
