@@ -61,6 +61,11 @@ struct backward_tile<HeadDim> {
 // columns over CTAs that each recompute S and dP (2 CTAs at D = 256).
 inline constexpr int backward_max_dkv_cols = 128;
 
+// Keys per step of the Q-outer dQ kernel (deterministic mode): the tile's BlockKV up to D = 128;
+// 32 above, so that Q, dO and two K / V slots fit the 163 KB an sm_80 CTA may use at D = 256.
+template <int HeadDim, int BlockKV>
+inline constexpr int backward_dq_block_kv = HeadDim > 128 && BlockKV > 32 ? 32 : BlockKV;
+
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
 // Default tiles: three warpgroups at D = 64 (registers allow it), two at D = 128; three stages

@@ -78,13 +78,13 @@ struct backward_geometry {
 };
 
 // The tile geometry of the Q-outer dQ kernel (the deterministic mode): 16 query rows per warp,
-// BlockKV keys per step through a two-slot K/V ring.
+// tuning::backward_dq_block_kv keys per step through a two-slot K/V ring.
 template <class T, int D, class Tile>
 struct backward_dq_geometry {
   static constexpr int warps = Tile::warps;
   static constexpr int threads = Tile::threads;
   static constexpr int block_q = 16 * warps;
-  static constexpr int block_kv = Tile::block_kv;
+  static constexpr int block_kv = tuning::backward_dq_block_kv<D, Tile::block_kv>;
   static_assert(block_kv % 16 == 0, "backward: BlockKV must be a multiple of 16");
   static constexpr int chunks = D / 8;
   static constexpr int pitch = D + 8;
