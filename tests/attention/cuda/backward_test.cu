@@ -283,6 +283,19 @@ TEST_CASE("backward deterministic mode: bit-identical over 20 runs") {
   same_over_runs.template operator()<b256_none>({{300}, {700}, false, 2, 1}, {});
 }
 
+// A small representative set, cheap enough for compute-sanitizer memcheck and racecheck.
+TEST_CASE("backward small set (sanitizer)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_backward<b64_causal>({{17, 17}, {70, 70}, false, 4, 1}, {}, rng);
+  check_backward<b64_causal>({{1, 40, 0}, {5, 17, 3}, true, 5, 1}, {}, rng);
+  check_backward<b96_window>({{150}, {150}, false, 2, 1}, {40, 3}, rng);
+  check_backward<b128_causal>({{33}, {17}, false, 2, 2}, {}, rng);
+  check_backward<b256_none>({{20}, {45}, false, 2, 2}, {}, rng);
+  check_backward<h64_wide>({{65}, {33}, false, 8, 1}, {20, 2}, rng);
+}
+
 TEST_CASE("backward: the CPU backward and the GPU backward agree") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
