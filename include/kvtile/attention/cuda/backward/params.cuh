@@ -2,6 +2,7 @@
 // reads (by value, trivially copyable), and the shape rules of its tiles.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kvtile/attention/dense_view.hpp"
