@@ -1,7 +1,8 @@
 // Tests of kvtile/attention/cuda/backward.cuh: dQ, dK and dV against the fp64 backward
 // reference with FlashAttention's rule (per gradient, max|kernel - exact| <= 2 * max|naive_lowp
 // - exact| + slack, the naive backward run in the same precision), on fresh random inputs, with
-// the gradients poisoned (NaN) before every run; O and LSE come from cuda::prefill. Also: the
+// the gradients poisoned (NaN) before every run; O and LSE come from cuda::prefill (soft-capping
+// included: its backward multiplies dS by the cap's derivative). Also: the
 // deterministic mode is bit-identical over runs, the CPU backward agrees, bad arguments give
 // errors naming the value.
 #include <doctest/doctest.h>
@@ -191,6 +192,8 @@ using b128_window = cuda::backward<bfloat16, 128, sliding_window_mask>;
 using b256_none = cuda::backward<bfloat16, 256, no_mask>;
 using h256_causal = cuda::backward<kvtile::half, 256, causal_mask>;
 using b64_user = cuda::backward<bfloat16, 64, causal_mask, tile_shape<32, 32, 2, 2>>;
+using b64_softcap = cuda::backward<bfloat16, 64, softcap<causal_mask>>;
+using h128_softcap_window = cuda::backward<kvtile::half, 128, softcap<sliding_window_mask>>;
 using h64_wide = cuda::backward<kvtile::half, 64, sliding_window_mask, tile_shape<64, 128, 8, 2>>;
 
 }  // namespace
@@ -262,6 +265,19 @@ TEST_CASE("backward with user tiles <32, 32, 2, 2> and <64, 128, 8, 2>") {
   check_backward<h64_wide>({{17}, {4097}, false, 8, 1}, {300, 0}, rng);
 }
 
+// Soft-capping: dS times 1 - tanh^2(s / cap). Low caps against scale >= 0.5 so that tanh
+// saturates and the derivative matters.
+TEST_CASE("backward with soft-capping (softcap<causal>, softcap<window>)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_backward<b64_softcap>({{1000}, {1000}, false, 4, 1, 1.f}, {{}, 2.f}, rng);
+  check_backward<b64_softcap>({{33}, {17}, false, 2, 2, 1.f}, {{}, 1.f}, rng);
+  check_backward<b64_softcap>({{1, 17, 300, 0, 40}, {5, 17, 700, 3, 0}, true, 5, 1}, {{}, 0.5f}, rng);
+  check_backward<h128_softcap_window>({{700}, {700}, false, 4, 2, 0.5f}, {{130, 70}, 3.f}, rng);
+  check_backward<h128_softcap_window>({{50, 1, 333}, {50, 900, 400}, true, 8, 1}, {{257, 3}, 30.f}, rng);
+}
+
 TEST_CASE("backward deterministic mode: bit-identical over 20 runs") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
@@ -294,6 +310,7 @@ TEST_CASE("backward small set (sanitizer)") {
   check_backward<b128_causal>({{33}, {17}, false, 2, 2}, {}, rng);
   check_backward<b256_none>({{20}, {45}, false, 2, 2}, {}, rng);
   check_backward<h64_wide>({{65}, {33}, false, 8, 1}, {20, 2}, rng);
+  check_backward<b64_softcap>({{40}, {70}, false, 2, 1, 1.f}, {{}, 2.f}, rng);
 }
 
 TEST_CASE("backward: the CPU backward and the GPU backward agree") {

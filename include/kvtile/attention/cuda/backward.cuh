@@ -17,8 +17,8 @@
 // Template parameters: element type (kvtile::half, kvtile::bfloat16), head dim (a multiple of
 // 16 up to 128; above, 160 / 192 / 224 / 256), mask policy (no_mask, causal_mask,
 // sliding_window_mask or any type meeting mask_policy) and tile shape (tile_shape<BlockQ,
-// BlockKV, Warps, 2> with BlockKV = 16 * Warps, default per head dim in tuning.hpp). Variants
-// with transforms (rotary, soft-capping) are refused at compile time.
+// BlockKV, Warps, 2> with BlockKV = 16 * Warps, default per head dim in tuning.hpp). A logit
+// transform (softcap) runs with its derivative hook; rotary variants are refused at compile time.
 //
 // Shapes: q, o, d_o, dq [batch, q_len, qo_heads, D] (or varlen: packed rows with a device
 // indptr, one indptr for the four); kv, dk, dv [batch, kv_len, kv_heads, D] (fixed or varlen,
@@ -71,10 +71,9 @@ class backward {
   static_assert(!has_rotary<Mask>,
                 "cuda::backward: rotary variants are refused, as by cuda::prefill: rotate Q and K before the "
                 "forward and the backward, and rotate dQ and dK back after it");
-  static_assert(!has_logit_transform<Mask>,
-                "cuda::backward: logit transforms (softcap) are not supported yet: their backward multiplies dS by "
-                "the transform's derivative (1 - tanh^2(s / cap) for softcap), and neither the fp64 backward "
-                "reference nor the CPU backward has it to test against; pass the plain mask");
+  static_assert(!has_logit_transform<Mask> || has_logit_derivative<Mask>,
+                "cuda::backward: the variant's logit transform needs `float logit_derivative(float s) const` (d "
+                "logit / d s, by which dS is multiplied; softcap<> has it), see attention/variant.hpp");
 
  private:
   using kernel_t = detail::backward_kernel<T, HeadDim, Tile, Mask>;

@@ -5,6 +5,7 @@
 // can see (mask.kv_begin / kv_end, empty tiles skipped) through a two-slot K / V ring, as the
 // forward does. Per key tile, warp w (rows 16w .. 16w + 15) recomputes
 //   S = Q K^T,  P = 2^(S scale log2(e) - lse2),  dP = dO V^T,  dS = P o (dP - Delta)
+// (a logit transform as in the K/V-outer kernel)
 // and adds dS K to its dQ rows in registers: every element is summed in one fixed order, so the
 // result is bit-identical from run to run. It recomputes S and dP, which the K/V-outer kernel
 // also computes: about 2 / 5 of the backward's matrix work again, the price of determinism.
@@ -17,6 +18,7 @@
 
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/backward/kernel.cuh"
 #include "kvtile/attention/cuda/backward/params.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
 #include "kvtile/attention/mask.hpp"
@@ -97,6 +99,7 @@ struct backward_dq_kernel {
     const std::uint32_t kb_lane = (b_row * G::pitch + b_col) * sizeof(T);
     const std::uint32_t kt_lane = (a_row * G::pitch + a_col) * sizeof(T);
 
+    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
     float acc[G::o_tiles][4];
     KVTILE_PRAGMA_UNROLL
     for (int n = 0; n < G::o_tiles; ++n)
@@ -144,13 +147,15 @@ struct backward_dq_kernel {
         for (int n = 0; n < G::s_tiles; ++n)
           KVTILE_PRAGMA_UNROLL
           for (int c = 0; c < 4; ++c) {
-            float x = s[n][c];
+            float x = s[n][c], grad = 1.f;
+            logit_and_derivative(mask, x, grad, p.scale);
             if (vis == tile_visibility::partial) {
               const int qi = wq0 + g + (c / 2) * 8, key = kk0 + n * 8 + 2 * t + (c % 2);
               if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
             }
-            const float pv = arch::fast_exp2(fmaf(x, p.scale_log2, -l2[c / 2]));
+            const float pv = arch::fast_exp2(fmaf(x, scale_log2, -l2[c / 2]));
             dp[n][c] = pv * (dp[n][c] - dl[c / 2]);
+            if constexpr (has_logit_transform<Mask>) dp[n][c] *= grad;
           }
         // dQ += dS K: two adjacent 8-key tiles of dS are the A fragment of one 16-key step.
         KVTILE_PRAGMA_UNROLL

@@ -8,7 +8,7 @@
 // 16w .. 16w + 15 of the block) recomputes, with r the packed row of query i:
 //   S^T = K Q^T                      (fp32, keys on the MMA rows)
 //   P^T = 2^(S^T scale log2(e) - lse2_i)   (lse2 = LSE log2(e), +inf for a row that sees nothing)
-//   dP^T = V dO^T,  dS^T = P^T o (dP^T - Delta_i)
+//   dP^T = V dO^T,  dS^T = P^T o (dP^T - Delta_i)   (times logit'(s) for a logit transform)
 //   dV += P^T dO,   dK += dS^T Q     (A operands straight from the accumulators)
 // and, unless dQ comes from the Q-outer kernel (deterministic mode), writes dS^T to shared
 // memory so that the CTA computes dQ += dS K for the step and adds it to the fp32 workspace with
@@ -25,8 +25,10 @@
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/backward/params.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/variant.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
@@ -36,6 +38,21 @@ template <class G>
 dim3 backward_grid(const ragged_layout& kv, std::int32_t max_kv_len) {
   return dim3(unsigned((max_kv_len + G::block_kv - 1) / G::block_kv), unsigned(kv.heads * G::col_splits),
               unsigned(kv.batch));
+}
+
+// A variant's logit transform on a raw score x = q.k, as the backward needs it: x becomes the
+// transformed score in the base-2 domain (the mainloop then exponentiates with scale 1,
+// softmax_scale_log2) and grad the transform's derivative, by which dS is multiplied. For a
+// plain mask nothing happens (x stays raw, the scale is folded into exp2).
+template <class Mask>
+KVTILE_DEVICE KVTILE_FORCEINLINE void logit_and_derivative(const Mask& mask, float& x, float& grad, float scale) {
+  if constexpr (has_logit_transform<Mask>) {
+    const float s = x * scale;
+    grad = mask.logit_derivative(s);
+    x = mask.logit(s) * log2e;
+  } else {
+    (void)mask, (void)x, (void)grad, (void)scale;
+  }
 }
 
 // Adds (a, b) to p[0], p[1] (8-byte aligned): one vector reduction on sm_90, two below.
@@ -145,6 +162,7 @@ struct backward_kernel {
       for (int c = 0; c < 4; ++c) dv[n][c] = dk[n][c] = 0.f;
 
     const int wk0 = k0 + warp * 16;  // this warp's first key
+    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
     int cur = next_step(0), slot = 0;
     fetch(cur, 0);
     store_stats(0);
@@ -199,14 +217,16 @@ struct backward_kernel {
           const float2 dl = *reinterpret_cast<const float2*>(delta_slot + n * 8 + 2 * t);
           KVTILE_PRAGMA_UNROLL
           for (int c = 0; c < 4; ++c) {
-            float x = s[n][c];
+            float x = s[n][c], grad = 1.f;
+            logit_and_derivative(mask, x, grad, p.scale);
             if (vis == tile_visibility::partial) {
               const int key = wk0 + g + (c / 2) * 8, qi = q0 + n * 8 + 2 * t + (c % 2);
               if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
             }
-            const float pv = arch::fast_exp2(fmaf(x, p.scale_log2, -(c % 2 ? l2.y : l2.x)));
+            const float pv = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
             s[n][c] = pv;
             dp[n][c] = pv * (dp[n][c] - (c % 2 ? dl.y : dl.x));
+            if constexpr (has_logit_transform<Mask>) dp[n][c] *= grad;
           }
         }
 
