@@ -4,7 +4,7 @@
 // the gradients poisoned (NaN) before every run; O and LSE come from cuda::prefill (soft-capping
 // included: its backward multiplies dS by the cap's derivative). Also: the
 // deterministic mode is bit-identical over runs, the CPU backward agrees, bad arguments give
-// errors naming the value.
+// errors naming the value, a run captured in a CUDA graph replays to the same gradients.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -133,6 +133,7 @@ struct device_problem {
     dv_d.upload(std::vector<T>(v.size(), kvtile_test::poison<T>()));
     args.deterministic = deterministic;
     device_buffer<unsigned char> ws(Kernel::workspace_size(args));
+    KVTILE_CUDA_CHECK(cudaMemset(ws.ptr, 0xFF, ws.n));  // NaN: the passes must write what they read
     Kernel::run(args, ws.ptr, nullptr);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
     return {dq_d.download(), dk_d.download(), dv_d.download()};
@@ -311,6 +312,56 @@ TEST_CASE("backward small set (sanitizer)") {
   check_backward<b256_none>({{20}, {45}, false, 2, 2}, {}, rng);
   check_backward<h64_wide>({{65}, {33}, false, 8, 1}, {20, 2}, rng);
   check_backward<b64_softcap>({{40}, {70}, false, 2, 1, 1.f}, {{}, 2.f}, rng);
+}
+
+TEST_CASE("backward: a run captured in a CUDA graph and replayed gives the direct run's gradients") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  device_problem<b128_window> dp({{50, 1, 333}, {50, 900, 400}, true, 8, 2}, {100, 4}, rng);
+  for (bool det : {true, false}) {
+    INFO("deterministic " << det);
+    const auto direct = dp.run(det);
+    device_buffer<unsigned char> ws(b128_window::workspace_size(dp.args));
+    cudaStream_t stream;
+    KVTILE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    KVTILE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    b128_window::run(dp.args, ws.ptr, stream);
+    KVTILE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    cudaGraphExec_t exec;
+    KVTILE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 3; ++replay) {
+      INFO("replay " << replay);
+      using T = bfloat16;
+      dp.dq_d.upload(std::vector<T>(dp.q.size(), kvtile_test::poison<T>()));
+      dp.dk_d.upload(std::vector<T>(dp.k.size(), kvtile_test::poison<T>()));
+      dp.dv_d.upload(std::vector<T>(dp.v.size(), kvtile_test::poison<T>()));
+      KVTILE_CUDA_CHECK(cudaMemset(ws.ptr, 0xFF, ws.n));
+      KVTILE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      KVTILE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const auto dq = dp.dq_d.download(), dk = dp.dk_d.download(), dv = dp.dv_d.download();
+      // dK and dV never use atomics; dQ does unless deterministic (then it is bit-identical too).
+      CHECK(std::memcmp(dk.data(), direct.dk.data(), dk.size() * sizeof(T)) == 0);
+      CHECK(std::memcmp(dv.data(), direct.dv.data(), dv.size() * sizeof(T)) == 0);
+      if (det) {
+        CHECK(std::memcmp(dq.data(), direct.dq.data(), dq.size() * sizeof(T)) == 0);
+      } else {
+        double worst = 0, mx = 0;
+        bool nan = false;
+        for (std::size_t i = 0; i < dq.size(); ++i) {
+          nan |= std::isnan(to_float(dq[i]));
+          worst = std::max(worst, double(std::abs(to_float(dq[i]) - to_float(direct.dq[i]))));
+          mx = std::max(mx, double(std::abs(to_float(direct.dq[i]))));
+        }
+        CHECK_FALSE(nan);
+        CHECK(worst <= 1e-2 * mx);  // the order of the fp32 atomics, then one bf16 rounding
+      }
+    }
+    KVTILE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    KVTILE_CUDA_CHECK(cudaGraphDestroy(graph));
+    KVTILE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
 }
 
 TEST_CASE("backward: the CPU backward and the GPU backward agree") {
