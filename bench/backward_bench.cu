@@ -156,7 +156,7 @@ BENCHMARK(grid_row_det<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<128, causal_mask>)->Apply(grid_args);
 
 // Tile sweep at S = 4096 (B = 4), <BlockQ, BlockKV, Warps> (BlockKV = 16 * Warps, Stages 2).
-// Defaults: <64, 64, 4> for D <= 128.
+// Defaults: <64, 64, 4> at D = 64, <32, 64, 4> at D = 128.
 BENCHMARK(tile_row<64, no_mask, 64, 64, 4>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 128, 64, 4>)->Apply(sweep_args);
 BENCHMARK(tile_row<64, no_mask, 64, 128, 8>)->Apply(sweep_args);

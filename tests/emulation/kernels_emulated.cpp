@@ -196,6 +196,8 @@ TEST_CASE("emulation: backward kernels, both dQ modes, every mask, GQA, varlen, 
     check_backward<bfloat16, 64, causal_mask, t64>({{1, 17, 100, 0, 40}, {5, 17, 150, 3, 0}, true, 4, 1}, {}, rng, det);
     check_backward<half, 96, sliding_window_mask, t64>({{150}, {150}, false, 2, 1}, {40, 3}, rng, det);
     check_backward<bfloat16, 128, causal_mask, t64>({{80}, {80}, false, 5, 1}, {}, rng, det);
+    check_backward<bfloat16, 128, causal_mask, tile_shape<32, 64, 4, 2>>({{1, 90, 33}, {70, 90, 20}, true, 4, 2}, {},
+                                                                         rng, det);
     check_backward<bfloat16, 256, no_mask, tile_shape<32, 64, 4, 2>>({{20}, {45}, false, 2, 2}, {}, rng, det);
     check_backward<half, 64, sliding_window_mask, tile_shape<64, 128, 8, 2>>({{65}, {140}, false, 8, 1}, {20, 2}, rng,
                                                                              det);
