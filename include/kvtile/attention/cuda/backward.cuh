@@ -155,10 +155,18 @@ class backward {
     KVTILE_REQUIRE(std::isfinite(a.scale) && a.scale >= 0.f, errc::invalid_argument,
                    "backward: softmax scale must be finite and positive (0 = 1/sqrt(D)), got ", a.scale);
     check_variant<Mask>(a.mask_params, HeadDim);
-    if (a.q.layout.batch == 0) return;  // nothing to compute: null pointers allowed
-    KVTILE_REQUIRE(a.q.data && a.kv.k && a.kv.v && a.o.data && a.d_o.data && a.dq.data && a.dk.data && a.dv.data,
-                   errc::invalid_argument, "backward: q, k, v, o, d_o, dq, dk and dv must be non-null");
-    KVTILE_REQUIRE(a.lse != nullptr, errc::invalid_argument, "backward: lse must be non-null (the forward's LSE)");
+    // Zero-element tensors may be null: an empty batch, or fixed lengths of 0 on one side.
+    const bool no_queries = a.q.layout.batch == 0 || (!ql.indptr && ql.len == 0);
+    const bool no_keys = a.q.layout.batch == 0 || (!kl.indptr && kl.len == 0);
+    if (!no_queries) {
+      KVTILE_REQUIRE(a.q.data && a.o.data && a.d_o.data && a.dq.data, errc::invalid_argument,
+                     "backward: q, o, d_o and dq must be non-null");
+      KVTILE_REQUIRE(a.lse != nullptr, errc::invalid_argument, "backward: lse must be non-null (the forward's LSE)");
+    }
+    if (!no_keys)
+      KVTILE_REQUIRE(a.kv.k && a.kv.v && a.dk.data && a.dv.data, errc::invalid_argument,
+                     "backward: k, v, dk and dv must be non-null");
+    if (a.q.layout.batch == 0) return;
     for (const void* ptr : {(const void*)a.q.data, (const void*)a.kv.k, (const void*)a.kv.v, (const void*)a.o.data,
                             (const void*)a.d_o.data, (const void*)a.dq.data, (const void*)a.dk.data,
                             (const void*)a.dv.data})
