@@ -480,6 +480,12 @@ TEST_CASE("backward argument errors name the offending value") {
   a.q.layout.head_dim = 32;
   CHECK_THROWS_AS(K::run(a, nullptr), kvtile::error);
   kvtile_test::expect_error(kvtile::errc::invalid_argument, "workspace", [&] { K::run(good, nullptr); });
+  // dispatch() names the kernels and the dQ mode without launching anything.
+  CHECK(std::string(K::dispatch(good).kernel).find("atomics") != std::string::npos);
+  a = good;
+  a.deterministic = true;
+  CHECK(std::string(K::dispatch(a).kernel).find("without atomics") != std::string::npos);
+  CHECK(std::string(K::dispatch(a).reason).find("D 64, mask causal") != std::string::npos);
   // Workspace: lse2 + Delta per (row, head), plus the fp32 dQ accumulator unless deterministic.
   a = good;
   CHECK(K::workspace_size(a) == 256 + 256 + 8 * 4 * 64 * 4);

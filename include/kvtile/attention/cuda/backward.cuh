@@ -41,6 +41,7 @@
 #include "kvtile/attention/cuda/backward/kernel.cuh"
 #include "kvtile/attention/cuda/backward/params.cuh"
 #include "kvtile/attention/cuda/backward/passes.cuh"
+#include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
@@ -197,6 +198,20 @@ class backward {
     return w.total;
   }
 
+  // Which kernels run(a) launches, and why (nothing is launched). One family today, the
+  // mma.sync kernels on every device (Hopper included: there is no wgmma backward yet), with
+  // the dQ mode the arguments ask for; every run reports it to the dispatch log (dispatch.hpp).
+  static kernel_choice dispatch(const arguments& a) {
+    kernel_choice c;
+    c.entry = "cuda::backward";
+    c.kernel = a.deterministic ? "backward (mma.sync, sm_80+), Q-outer dQ without atomics"
+                               : "backward (mma.sync, sm_80+), dQ by fp32 atomics";
+    c.reason = "D " + std::to_string(HeadDim) + ", mask " + Mask::name + ", tile <" + std::to_string(Tile::block_q) +
+               ", " + std::to_string(Tile::block_kv) + ", " + std::to_string(Tile::warps) + ", " +
+               std::to_string(Tile::stages) + ">; the only backward kernels (no sm_90a wgmma backward yet)";
+    return c;
+  }
+
   // Checks, launches the three kernels on `stream`. Asynchronous; graph-capturable (no
   // allocation, no synchronisation; cudaFuncSetAttribute is host-side).
   static void run(const arguments& a, void* workspace, cudaStream_t stream = nullptr) {
@@ -220,6 +235,8 @@ class backward {
     KVTILE_REQUIRE(need <= std::size_t(smem_optin), errc::unsupported, "backward tile <", Tile::block_q, ", ",
                    Tile::block_kv, ", ", Tile::warps, ", ", Tile::stages, "> with D=", HeadDim, " needs ", need,
                    " bytes of shared memory, device ", device, " allows ", smem_optin);
+
+    if (dispatch_log_enabled()) log_dispatch(dispatch(a));
 
     params_t p{};
     p.q = a.q.data;
