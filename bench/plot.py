@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Render each results file (bench/results/<card>.json, written by bench/collect.py) into one
 figure per suite: for every shape, kvtile and each peer side by side, with the card's ceiling
-drawn (read bandwidth for decode, copy bandwidth for block copies, dense bf16 peak for prefill and
-append). Figures go to docs/figures/<card>-<suite>.svg, which docs/results.md shows.
+drawn (read bandwidth for decode, copy bandwidth for block copies, dense bf16 peak for prefill,
+append and backward). Figures go to docs/figures/<card>-<suite>.svg, which docs/results.md shows.
 
 usage: plot.py [RESULTS.json ...]   (default: every bench/results/*.json)
        plot.py [--card NAME] ROWS.jsonl   (kvtile_bench --results, peer outputs: figures
@@ -37,7 +37,8 @@ CEILINGS = {
 }
 # Which ceilings each suite is drawn against.
 SUITE_CEILINGS = {"decode": ["read"], "block_copy": ["copy"], "prefill": ["bf16", "gemm"],
-                  "prefill_tiles": ["bf16", "gemm"], "append": ["bf16", "gemm"]}
+                  "prefill_tiles": ["bf16", "gemm"], "append": ["bf16", "gemm"],
+                  "backward": ["bf16", "gemm"], "backward_tiles": ["bf16", "gemm"]}
 
 
 def slug(text):

@@ -23,7 +23,7 @@ summary=()
 # a representative subset per binary, since the sanitizers slow kernels down many times.
 sanitize_cases() {
   case "$1" in
-    *prefill*) echo '-tc=*sanitizer*' ;;
+    *prefill*|*backward*) echo '-tc=*sanitizer*' ;;
     *decode_test) echo '-tc=*split*,*graph*,*window*,*few CTAs*' ;;
     *append_test) echo '-tc=*window*,*fp16 D=64*' ;;
     *) echo '' ;;
@@ -37,7 +37,7 @@ for t in "$bin"/test.*; do
   if [ "${KVTILE_SANITIZE:-1}" = 1 ] && [[ "$name" =~ ${KVTILE_SANITIZE_ONLY:-.} ]]; then
     cases=$(sanitize_cases "$name")
     if compute-sanitizer --tool memcheck --error-exitcode 9 "$t" $cases >"$raw/$name.memcheck.log" 2>&1; then m=clean; else m=ERRORS; fi
-    if [[ "$name" == *prefill* || "$name" == *append* || "$name" == *decode* ]]; then
+    if [[ "$name" == *prefill* || "$name" == *append* || "$name" == *decode* || "$name" == *backward* ]]; then
       if compute-sanitizer --tool racecheck --error-exitcode 9 "$t" $cases >"$raw/$name.racecheck.log" 2>&1; then r=clean; else r=ERRORS; fi
     fi
   fi

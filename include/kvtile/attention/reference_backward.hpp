@@ -7,9 +7,16 @@
 //   D     = sum_j P_j dP_j (= dO . O)  dS_j = P_j (dP_j - D)
 //   dQ    = scale sum_j dS_j k_j      dK_j += scale dS_j q
 // GQA: query head h reads KV head h / group, so dK and dV sum over the group's query heads.
+// A variant's logit transform (softcap) enters as s_j = logit(scale q.k_j) and dS_j times
+// logit'(scale q.k_j) (its logit_derivative hook); rotary variants are refused.
 // Shapes: q, d_o, dq [batch, q_len(b), num_qo_heads, head_dim]; kv any kv_source; dk, dv
 // [batch, kv_len(b), num_kv_heads, head_dim]. A fully masked row contributes nothing and gets
 // dQ = 0. Everything is computed in double from the inputs converted exactly.
+//
+// naive_attention_backward_lowp is the same algorithm in the storage precision T, as a
+// framework computes it: scores, P, dP and dS rounded to T, fp32 sums, gradients rounded to T.
+// FlashAttention's rule for a backward kernel: max|kernel - exact| <= 2 * max|naive_lowp -
+// exact| + slack, per gradient.
 #pragma once
 
 #include <algorithm>
@@ -32,9 +39,12 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
                                   typename Mask::params mask_params, double scale, const dense_tensor<TD>& d_o,
                                   const dense_tensor<double>& dq, const dense_tensor<double>& dk,
                                   const dense_tensor<double>& dv) {
-  static_assert(!has_transforms<Mask>,
-                "reference_attention_backward: variants with transforms (rotary, logit soft-capping) have no "
-                "backward yet: pass the plain mask");
+  static_assert(!has_rotary<Mask>,
+                "reference_attention_backward: rotary variants have no backward yet (it needs the inverse rotation "
+                "of dQ and dK): pass the plain mask");
+  static_assert(!has_logit_transform<Mask> || has_logit_derivative<Mask>,
+                "reference_attention_backward: the variant's logit transform needs a logit_derivative hook "
+                "(attention/variant.hpp)");
   const std::int32_t hq = q.layout.heads, d = q.layout.head_dim;
   KVTILE_REQUIRE(num_kv_heads > 0 && hq % num_kv_heads == 0, errc::invalid_argument, "query heads (", hq,
                  ") must be a multiple of KV heads (", num_kv_heads, ")");
@@ -57,12 +67,13 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
         std::fill_n(dv.at(b, j, h), d, 0.0);
       }
 
-  std::vector<double> p, dp;
+  std::vector<double> p, dp, grad;
   for (std::int32_t b = 0; b < q.layout.batch; ++b) {
     const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
     const Mask mask(mask_params, q_len, kv_len);
     p.assign(std::size_t(kv_len), 0.0);
     dp.assign(std::size_t(kv_len), 0.0);
+    grad.assign(std::size_t(kv_len), 1.0);
     for (std::int32_t t = 0; t < q_len; ++t)
       for (std::int32_t h = 0; h < hq; ++h) {
         const std::int32_t hk = h / group;
@@ -77,6 +88,15 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
           double dot = 0;
           for (std::int32_t x = 0; x < d; ++x) dot += to_double(qr[x]) * key(b, j, hk, x);
           p[j] = dot * scale;
+          if constexpr (has_logit_transform<Mask>) {  // s -> logit(s); dS is carried back by logit'(s)
+            if constexpr (has_logit_derivative_f64<Mask>) {
+              grad[j] = mask.logit_derivative(p[j]);
+              p[j] = mask.logit(p[j]);
+            } else {
+              grad[j] = double(mask.logit_derivative(float(p[j])));
+              p[j] = double(mask.logit(float(p[j])));
+            }
+          }
           mx = std::max(mx, p[j]);
         }
         if (mx == -std::numeric_limits<double>::infinity()) continue;  // fully masked row
@@ -92,7 +112,7 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
         }
         for (std::int32_t j = 0; j < kv_len; ++j) {
           if (p[j] == 0) continue;
-          const double ds = p[j] * (dp[j] - dsum);
+          const double ds = p[j] * (dp[j] - dsum) * grad[j];
           double* dkr = dk.at(b, j, hk);
           double* dvr = dv.at(b, j, hk);
           for (std::int32_t x = 0; x < d; ++x) {
@@ -102,6 +122,100 @@ void reference_attention_backward(const dense_tensor<TQ>& q, const Src& kv, std:
           }
         }
       }
+  }
+}
+
+
+template <mask_policy Mask, class T, kv_source Src>
+void naive_attention_backward_lowp(const dense_tensor<const T>& q, const Src& kv, std::int32_t num_kv_heads,
+                                   typename Mask::params mask_params, double scale, const dense_tensor<const T>& d_o,
+                                   const dense_tensor<T>& dq, const dense_tensor<T>& dk, const dense_tensor<T>& dv) {
+  static_assert(!has_rotary<Mask>, "naive_attention_backward_lowp: rotary variants have no backward yet");
+  const std::int32_t hq = q.layout.heads, d = q.layout.head_dim;
+  KVTILE_REQUIRE(num_kv_heads > 0 && hq % num_kv_heads == 0, errc::invalid_argument, "query heads (", hq,
+                 ") must be a multiple of KV heads (", num_kv_heads, ")");
+  const std::int32_t group = hq / num_kv_heads;
+  const float sc = float(scale);
+  auto rt = [](float x) { return to_float(from_float<T>(x)); };
+  const auto* kb = kv.k_base();
+  const auto* vb = kv.v_base();
+  std::vector<float> s, pr, dp, grad, dk_acc, dv_acc, kf, vf;
+  std::vector<float> qf(static_cast<std::size_t>(d)), gf(static_cast<std::size_t>(d)), dqf(static_cast<std::size_t>(d));
+  for (std::int32_t b = 0; b < q.layout.batch; ++b) {
+    const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
+    const Mask mask(mask_params, q_len, kv_len);
+    s.assign(std::size_t(kv_len), 0.f);
+    pr.assign(std::size_t(kv_len), 0.f);
+    dp.assign(std::size_t(kv_len), 0.f);
+    grad.assign(std::size_t(kv_len), 1.f);
+    for (std::int32_t hk = 0; hk < num_kv_heads; ++hk) {
+      kf.assign(std::size_t(kv_len) * d, 0.f);
+      vf.assign(std::size_t(kv_len) * d, 0.f);
+      for (std::int32_t j = 0; j < kv_len; ++j)
+        for (std::int32_t x = 0; x < d; ++x) {
+          kf[std::size_t(j) * d + x] = to_float(kb[kv.token_offset(b, j, hk) + x]);
+          vf[std::size_t(j) * d + x] = to_float(vb[kv.token_offset(b, j, hk) + x]);
+        }
+      dk_acc.assign(std::size_t(kv_len) * d, 0.f);
+      dv_acc.assign(std::size_t(kv_len) * d, 0.f);
+      for (std::int32_t t = 0; t < q_len; ++t)
+        for (std::int32_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const T* qr = q.at(b, t, h);
+          const T* gr = d_o.at(b, t, h);
+          for (std::int32_t x = 0; x < d; ++x) {
+            qf[x] = to_float(qr[x]);
+            gf[x] = to_float(gr[x]);
+            dqf[x] = 0.f;
+          }
+          float mx = -std::numeric_limits<float>::infinity();
+          for (std::int32_t j = 0; j < kv_len; ++j) {
+            s[j] = -std::numeric_limits<float>::infinity();
+            if (!mask.visible(t, j)) continue;
+            float dot = 0.f;
+            for (std::int32_t x = 0; x < d; ++x) dot += qf[x] * kf[std::size_t(j) * d + x];
+            s[j] = rt(dot * sc);
+            if constexpr (has_logit_transform<Mask>) {
+              grad[j] = rt(mask.logit_derivative(s[j]));
+              s[j] = rt(mask.logit(s[j]));
+            }
+            mx = std::max(mx, s[j]);
+          }
+          if (mx != -std::numeric_limits<float>::infinity()) {
+            float sum = 0.f;
+            for (std::int32_t j = 0; j < kv_len; ++j) sum += (pr[j] = std::exp(s[j] - mx));
+            float delta = 0.f;
+            for (std::int32_t j = 0; j < kv_len; ++j) {
+              pr[j] = rt(pr[j] / sum);
+              dp[j] = 0.f;
+              if (pr[j] == 0.f) continue;
+              float dot = 0.f;
+              for (std::int32_t x = 0; x < d; ++x) dot += gf[x] * vf[std::size_t(j) * d + x];
+              dp[j] = rt(dot);
+              delta += pr[j] * dp[j];
+            }
+            for (std::int32_t j = 0; j < kv_len; ++j) {
+              if (pr[j] == 0.f) continue;
+              float ds = rt(pr[j] * (dp[j] - delta));
+              if constexpr (has_logit_transform<Mask>) ds = rt(ds * grad[j]);
+              for (std::int32_t x = 0; x < d; ++x) {
+                dqf[x] += ds * kf[std::size_t(j) * d + x];
+                dk_acc[std::size_t(j) * d + x] += ds * qf[x];
+                dv_acc[std::size_t(j) * d + x] += pr[j] * gf[x];
+              }
+            }
+          }
+          T* out = dq.at(b, t, h);
+          for (std::int32_t x = 0; x < d; ++x) out[x] = from_float<T>(dqf[x] * sc);
+        }
+      for (std::int32_t j = 0; j < kv_len; ++j) {
+        T* ko = dk.at(b, j, hk);
+        T* vo = dv.at(b, j, hk);
+        for (std::int32_t x = 0; x < d; ++x) {
+          ko[x] = from_float<T>(dk_acc[std::size_t(j) * d + x] * sc);
+          vo[x] = from_float<T>(dv_acc[std::size_t(j) * d + x]);
+        }
+      }
+    }
   }
 }
 

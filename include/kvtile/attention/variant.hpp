@@ -13,6 +13,11 @@
 //     returned value. Kernels that keep scores in base 2 call apply_logit_base2(). A variant may
 //     also accept a double (a template), which the fp64 reference then uses.
 //
+//   float logit_derivative(float s) const           has_logit_derivative<V>
+//     d logit(s) / d s at the same s, for the backward (cuda::backward, the fp64 backward
+//     reference), which multiplies dS by it; a double overload serves the fp64 reference. A
+//     backward refuses a logit transform without it.
+//
 //   rotary (has_rotary<V>)                          Q and K rotated by position (RoPE)
 //     static constexpr rotary_layout rotary_layout_v  which dims pair up (see rotary_pair)
 //     int query_position(int i) const                 position of query row i
@@ -139,6 +144,16 @@ concept has_logit_transform = requires(const V v, float s) {
 template <class V>
 concept has_logit_transform_f64 = has_logit_transform<V> && requires(const V v, double s) {
   { v.logit(s) } -> std::same_as<double>;
+};
+
+// The derivative of the logit hook (see the header comment), and its double overload.
+template <class V>
+concept has_logit_derivative = has_logit_transform<V> && requires(const V v, float s) {
+  { v.logit_derivative(s) } -> std::same_as<float>;
+};
+template <class V>
+concept has_logit_derivative_f64 = has_logit_derivative<V> && requires(const V v, double s) {
+  { v.logit_derivative(s) } -> std::same_as<double>;
 };
 
 template <class V>
@@ -289,6 +304,28 @@ struct softcap : Mask {
     else if constexpr (has_logit_transform<Mask>) s = double(Mask::logit(float(s)));
     return double(cap_) * detail::tanh_f(s / double(cap_));
   }
+  // d/ds cap * tanh(s / cap) = 1 - tanh^2(s / cap), times the inner transform's derivative.
+  KVTILE_HOST_DEVICE float logit_derivative(float s) const {
+    float inner = 1.f;
+    if constexpr (has_logit_transform<Mask>) {
+      inner = Mask::logit_derivative(s);
+      s = Mask::logit(s);
+    }
+    const float t = detail::tanh_f(s * inv_cap_);
+    return (1.f - t * t) * inner;
+  }
+  double logit_derivative(double s) const {
+    double inner = 1.0;
+    if constexpr (has_logit_derivative_f64<Mask>) {
+      inner = Mask::logit_derivative(s);
+      s = Mask::logit(s);
+    } else if constexpr (has_logit_transform<Mask>) {
+      inner = double(Mask::logit_derivative(float(s)));
+      s = double(Mask::logit(float(s)));
+    }
+    const double t = detail::tanh_f(s / double(cap_));
+    return (1.0 - t * t) * inner;
+  }
 
   static void check(const params& p, int head_dim) {
     check_variant<Mask>(p, head_dim);
@@ -300,6 +337,7 @@ struct softcap : Mask {
 static_assert(attention_variant<rotary<causal_mask>> && attention_variant<softcap<sliding_window_mask>> &&
               attention_variant<softcap<rotary<no_mask, rotary_layout::interleaved>>>);
 static_assert(has_rotary<softcap<rotary<causal_mask>>> && has_logit_transform<softcap<rotary<causal_mask>>>);
+static_assert(has_logit_derivative_f64<softcap<causal_mask>> && has_logit_derivative<softcap<softcap<no_mask>>>);
 static_assert(!has_transforms<causal_mask> && !has_transforms<sliding_window_mask>);
 
 }  // namespace attention

@@ -39,6 +39,36 @@ inline constexpr int prefill_qk_unroll = 8;
 inline constexpr int prefill_single_barrier_max_d = 64;
 inline constexpr int paged_append_single_barrier_max_d = 64;
 
+// ---- backward, portable mma.sync kernels (sm_80+) -------------------------------------------
+
+// Default tiles of the backward (cuda/backward.cuh): BlockKV keys per CTA, 16 per warp, so
+// Warps = BlockKV / 16; BlockQ queries per step of the inner loop. A warp keeps dK and dV of its
+// 16 keys over at most 128 columns in registers (D / 2 fp32 each) beside S^T and dP^T of BlockQ
+// queries (BlockQ / 2 each). Chosen from the compiler's report and occupancy, not yet measured
+// (docs/perf-log/backward.md, v1): D <= 64 <64, 64, 4, 2> (233 registers, 64 KB: two CTAs per
+// SM); above <32, 64, 4, 2>: at D = 128 it takes 246 registers and 75 KB, so two CTAs (eight
+// warps) share an SM, where <64, 64, 4, 2> needs 255 registers with spills and 114 KB, one CTA
+// of four warps per SM with nothing to run while it waits at a barrier. D = 256 runs its dK / dV
+// columns as two CTAs (backward_max_dkv_cols).
+template <int HeadDim>
+struct backward_tile {
+  using type = tile_shape<32, 64, 4, 2>;
+};
+template <int HeadDim>
+  requires(HeadDim <= 64)
+struct backward_tile<HeadDim> {
+  using type = tile_shape<64, 64, 4, 2>;
+};
+
+// Widest slice of dK / dV columns one CTA accumulates in registers; wider head dims split their
+// columns over CTAs that each recompute S and dP (2 CTAs at D = 256).
+inline constexpr int backward_max_dkv_cols = 128;
+
+// Keys per step of the Q-outer dQ kernel (deterministic mode): the tile's BlockKV up to D = 128;
+// 32 above, so that Q, dO and two K / V slots fit the 163 KB an sm_80 CTA may use at D = 256.
+template <int HeadDim, int BlockKV>
+inline constexpr int backward_dq_block_kv = HeadDim > 128 && BlockKV > 32 ? 32 : BlockKV;
+
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
 // Default tiles of the warp-specialised kernel (prefill_sm90/ws_kernel.cuh, TMA producer warp
