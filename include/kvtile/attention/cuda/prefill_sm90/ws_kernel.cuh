@@ -103,17 +103,19 @@ struct ws_dense_params {
 
 // Dense Q, K, V through TMA: CTA (q tile, query head, sequence). Each tensor is a 3-D map
 // (head dim, heads, rows of the batch); a tile is `panels` boxes of 64 columns x rows. A varlen
-// map has no row bound the host knows, so no box may run past the last sequence's end: there the
-// last Q tile and the last K/V tile are loaded as the window that ends at the sequence's end
-// (CTA row r is token q_start + r; smem key row j is key k_start(k0) + j), and the rows that
-// belong to the tile before are neither stored nor counted.
+// map has no row bound the host knows, and a tile that runs past its sequence's end may run past
+// the tensor's (when the sequences after it are short), so no varlen box runs past its
+// sequence's end: a sequence's last Q tile and last K/V tile are loaded as the window that ends
+// there (CTA row r is token q_start + r; smem key row j is key k_start(k0) + j; a window longer
+// than the sequence starts in the sequence before, or before row 0, which reads as zeros), and
+// the rows that belong to the tile before are neither stored nor counted.
 template <class T, int D, class G, class Mask>
 struct dense_ws_source {
   using params = ws_dense_params<T, Mask>;
   const params& P;
   int b, h, q0, q_start, row_lo, row_hi, kv_lo, kv_hi, kv_limit;
   int q_row, kv_row;  // TMA row coordinates of (b, q_start) and (b, 0)
-  bool shift_kv;      // the last sequence of a varlen K/V: windows end at its end
+  bool shift_kv;      // varlen K/V: windows end at the sequence's end
   Mask mask;
   float scale_log2;
 
@@ -123,12 +125,12 @@ struct dense_ws_source {
     const auto& p = P.p;
     const int q_len = p.q_layout.len_of(b);
     const int n = min_i(G::block_q, q_len - q0);
-    const bool shift_q = p.q_layout.indptr != nullptr && b == p.q_layout.batch - 1;
+    const bool shift_q = p.q_layout.indptr != nullptr;
     q_start = shift_q && q0 + G::block_q > q_len ? q_len - G::block_q : q0;
     row_lo = q0 - q_start;
     row_hi = row_lo + n;
     kv_limit = p.kv_layout.len_of(b);
-    shift_kv = p.kv_layout.indptr != nullptr && b == p.kv_layout.batch - 1;
+    shift_kv = p.kv_layout.indptr != nullptr;
     kv_lo = n > 0 ? mask.kv_begin(q0, q0 + n) : 0;
     kv_hi = n > 0 ? mask.kv_end(q0, q0 + n) : 0;
     q_row = int(p.q_layout.row(b, 0)) + q_start;
