@@ -74,9 +74,21 @@ struct paged_kernel_shape {
     const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
     return 1024 + (runs ? stage_bytes + 2 * q_tile + reduce : std::max(stage_bytes, reduce) + q_tile) + 16 * std::size_t(stages);
   }
+  // The fp8 decode kernel (paged/decode_fp8_kernel.cuh): a 2-byte Q tile and converted K and
+  // V tiles (rows padded by 8 elements), byte stages of K and V, and per-token scales; or the
+  // reduction area, whichever is larger.
+  constexpr std::size_t decode_fp8_smem_bytes(int head_dim) const {
+    const std::size_t row = std::size_t(head_dim + 8) * 2;
+    const std::size_t tiles = row * (block_m + 2 * std::size_t(block_n)) +
+                              2 * std::size_t(stages) * block_n * (std::size_t(head_dim) + sizeof(float));
+    const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
+    return std::max(tiles, reduce);
+  }
   // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
+  // elem_bytes: of the K/V pages (1: fp8, decode only).
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
+    if (kind == paged_kernel_kind::decode && elem_bytes == 1) return decode_fp8_smem_bytes(head_dim);
     if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
       return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 3 * 8 * std::size_t(stages);
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
@@ -165,7 +177,7 @@ struct paged_problem {
   std::int32_t head_dim = 0;
   std::int32_t page_size = 0;
   std::int32_t pool_blocks = 0;  // blocks in the K/V pool: valid block ids are [0, pool_blocks)
-  int elem_bytes = 2;
+  int elem_bytes = 2;             // bytes per stored K/V element: 2 (fp16, bf16) or 1 (fp8 e4m3)
 };
 
 struct paged_work_item {
@@ -452,6 +464,13 @@ inline kernel_pick pick_paged_kernel(const paged_problem& pr, std::int64_t max_r
                                      const plan_options& opt) {
   const std::string d = "head_dim " + std::to_string(pr.head_dim) + ", page_size " + std::to_string(pr.page_size);
   std::string no_sm90;  // why the sm_90a kernels are out, if they are
+  if (pr.elem_bytes == 1) {  // fp8 pages: the cp.async decode kernel only, for now
+    KVTILE_REQUIRE(!opt.force_append && max_rows <= 16, errc::unsupported,
+                   "fp8 K/V pages run on the paged decode kernel (at most 16 packed query rows per request); a request "
+                   "here packs ", max_rows, opt.force_append ? " and plan_options::force_append is set" : "");
+    return {paged_kernel_kind::decode, "every request packs at most 16 query rows (" + std::to_string(max_rows) +
+                                           "); fp8 K/V pages: the cp.async decode kernel; " + d};
+  }
   if (!opt.use_wgmma) no_sm90 = "plan_options::use_wgmma is off";
   else if (!dev.wgmma) no_sm90 = "the device does not run this binary's sm_90a code (device_limits::wgmma)";
   if (!opt.force_append && max_rows <= 16) {
@@ -483,7 +502,8 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
                  pr.head_dim, " is not a multiple of 16 in [16, 256]");
   KVTILE_REQUIRE(pr.page_size >= 1, errc::invalid_argument, "page_size must be positive, got ", pr.page_size);
   KVTILE_REQUIRE(pr.pool_blocks >= 0, errc::invalid_argument, "pool_blocks is negative: ", pr.pool_blocks);
-  KVTILE_REQUIRE(pr.elem_bytes == 2, errc::unsupported, "paged attention kernels take 2-byte elements, got ", pr.elem_bytes);
+  KVTILE_REQUIRE(pr.elem_bytes == 2 || pr.elem_bytes == 1, errc::unsupported,
+                 "paged attention kernels take 2-byte (fp16, bf16) or 1-byte (fp8 e4m3) K/V elements, got ", pr.elem_bytes);
   KVTILE_REQUIRE(table.batch >= 0, errc::invalid_argument, "batch is negative: ", table.batch);
   KVTILE_REQUIRE(dev.num_sms > 0, errc::invalid_argument, "device_limits.num_sms must be positive, got ", dev.num_sms);
   KVTILE_REQUIRE(q_indptr != nullptr && q_indptr[0] == 0, errc::invalid_argument, "q_indptr must start at 0");

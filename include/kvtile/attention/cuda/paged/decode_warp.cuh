@@ -30,11 +30,12 @@ namespace attention::cuda::paged {
 
 inline constexpr int merge_early = tuning::paged_merge_early;
 
-template <class T, class Table, class Mask>
+// Codec: how the pools' elements decode (memory/kv_codec.hpp); identity for fp16 / bf16 pools.
+template <class T, class Table, class Mask, class Codec = memory::identity>
 struct kernel_params {
   dense_tensor<T> q;                // [batch, q_len(b), num_qo_heads, D]
   dense_tensor<T> o;                // same shape as q
-  paging::paged_kv<T, Table> kv;    // num_kv_heads heads
+  paging::paged_kv<T, Table, Codec> kv;  // num_kv_heads heads
   float* lse;                       // [rows, num_qo_heads] natural log, or null
   typename Mask::params mask;
   float scale_log2;                 // softmax scale * log2(e)
@@ -67,8 +68,8 @@ struct item_tiles {
   int n_tiles;
   Mask mask;
 
-  template <class T, class Table>
-  KVTILE_DEVICE item_tiles(const kernel_params<T, Table, Mask>& p, int item)
+  template <class T, class Table, class Codec>
+  KVTILE_DEVICE item_tiles(const kernel_params<T, Table, Mask, Codec>& p, int item)
       : w(p.work[item]),
         rows(w.q_len * p.group),
         t_lo(w.row0 / p.group),
@@ -88,8 +89,9 @@ struct item_tiles {
   }
   // The BM packed query rows as 16-byte chunks, one call copy(r, c, src, valid) per chunk c of
   // row r (valid false past the request's rows, src then a harmless address), over NT threads.
-  template <int D, class T, class Table, class Copy>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void q_chunks(const kernel_params<T, Table, Mask>& p, int tid, int nt, Copy&& copy) const {
+  template <int D, class T, class Table, class Codec, class Copy>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void q_chunks(const kernel_params<T, Table, Mask, Codec>& p, int tid, int nt,
+                                                 Copy&& copy) const {
     constexpr int CPR = D / 8;
     for (int idx = tid; idx < BM * CPR; idx += nt) {
       const int r = idx / CPR, c = idx % CPR;
@@ -211,6 +213,25 @@ struct warp_rows {
       }
   }
 
+  // Multiply each key's column of s (scores or probabilities) by that key's factor: fp8 pages
+  // with per-token scales scale their scores by the K scale and P by the V scale, instead of
+  // every element. sc: the factors of this warp's TPW keys.
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_keys(float (&s)[TPW / 8][4], const float* sc, int tq) {
+    KVTILE_PRAGMA_UNROLL
+    for (int nt = 0; nt < TPW / 8; ++nt) {
+      const float2 f = *reinterpret_cast<const float2*>(sc + nt * 8 + 2 * tq);
+      s[nt][0] *= f.x;
+      s[nt][1] *= f.y;
+      s[nt][2] *= f.x;
+      s[nt][3] *= f.y;
+    }
+  }
+  // O times f (a per-item V scale), before the epilogue.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < D / 8; ++i) o[i][0] *= f, o[i][1] *= f, o[i][2] *= f, o[i][3] *= f;
+  }
+
   // Online softmax over the tile's scores (four lanes per row): s becomes P, O is rescaled.
   KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(float (&s)[TPW / 8][4]) {
     KVTILE_PRAGMA_UNROLL
@@ -270,8 +291,8 @@ struct warp_rows {
 struct cta_sync {
   KVTILE_DEVICE KVTILE_FORCEINLINE void operator()() const { __syncthreads(); }
 };
-template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask, class Sync = cta_sync>
-KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask>& p, const paged_work_item& w, int rows,
+template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask, class Codec, class Sync = cta_sync>
+KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask, Codec>& p, const paged_work_item& w, int rows,
                                                   warp_rows<T, D, TPW>& st, unsigned char* smem, Sync sync = {}) {
   constexpr int RLD = D + 4;  // fp32 reduction row stride
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
