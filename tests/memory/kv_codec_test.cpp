@@ -13,6 +13,7 @@
 
 #include "kvtile/attention/cpu/forward.hpp"
 #include "kvtile/attention/reference.hpp"
+#include "kvtile/kv_cache.hpp"
 #include "kvtile/memory/block_storage.hpp"
 #include "kvtile/memory/kv_codec.hpp"
 #include "kvtile/memory/kv_dequantize.hpp"
@@ -294,4 +295,36 @@ TEST_CASE("CPU attention over an fp8 pool (dequantised) matches fp64 over the de
             << ", relative L2 " << eq.rel_l2);
     CHECK(eq.rel_l2 < 0.1);
   }
+}
+
+TEST_CASE("the cache on an fp8 pool: writes quantise, copy-on-write copies the elements and scales") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  using cache_t = paged_kv_cache<bfloat16, kv_layout::hnd>::with_codec<fp8_e4m3<per_token_head>>;
+  const std::int32_t H = 2, D = 32, page = 4;
+  cache_t cache(kv_shape{2, 8, page, H, D});
+  const auto a = cache.create();
+  const auto slots = cache.append(a, 6);  // one full block and 2 tokens of a second
+  const auto k = kvtile_test::random_vector<bfloat16>(std::size_t(6) * H * D, rng, -2.f, 2.f);
+  const auto v = kvtile_test::random_vector<bfloat16>(std::size_t(6) * H * D, rng, -2.f, 2.f);
+  for (std::int32_t l = 0; l < 2; ++l) cache.write(l, k.data(), v.data(), std::int64_t(H) * D, slots.data(), 6);
+  const auto b = cache.fork(a);
+  const auto more = cache.append(b, 1);  // b writes into the shared partial block: copied first
+  REQUIRE(cache.pending_copies().size() == 1);
+  const block_copy c = cache.pending_copies()[0];
+  cache.run_pending_copies();
+  CHECK(more[0] / page == c.dst);
+  for (std::int32_t l = 0; l < 2; ++l) {
+    const auto p = cache.layer(l);
+    for (std::int32_t t = 0; t < c.num_tokens; ++t)
+      for (std::int32_t h = 0; h < H; ++h) {
+        CHECK(p.k_scale_at(c.dst, t, h) == p.k_scale_at(c.src, t, h));
+        CHECK(p.v_scale_at(c.dst, t, h) == p.v_scale_at(c.src, t, h));
+        CHECK(p.k_scale_at(c.dst, t, h) > 0.f);
+        CHECK(std::memcmp(p.k_at(c.dst, t, h), p.k_at(c.src, t, h), D) == 0);
+        CHECK(std::memcmp(p.v_at(c.dst, t, h), p.v_at(c.src, t, h), D) == 0);
+      }
+  }
+  CHECK(cache.storage().pools().has_scales());
 }
