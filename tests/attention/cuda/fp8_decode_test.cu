@@ -139,20 +139,13 @@ struct fp8_device {
 };
 
 // Plan, run, check against fp64 over the dequantised K/V; report the error against the
-// unquantised K/V; optionally split == unsplit. Returns the max error against unquantised.
+// unquantised K/V; optionally split == unsplit. Both ways from bytes to fragments (shared T
+// tiles; registers, where the head dim and variant allow) run on the same data.
 template <class T, int D, class Codec, class Mask>
-double check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false) {
+void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false) {
   std::mt19937_64 rng(seed);
   const fp8_problem<T, D, Codec> pr(s, rng, outliers);
   const float scale = default_scale(D);
-  const auto plan = pr.template plan<Mask>(mp, s.opt);
-  INFO("kernel " << kc::to_string(plan.shape.kind) << " (" << plan.reason << "), work items " << plan.work.size()
-                 << ", partials " << plan.num_partials);
-  CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
-  fp8_device<T, D, Codec> dev(pr);
-  dev.template run<Mask>(plan, mp, scale);
-  const auto o = dev.o.download();
-  const auto lse = dev.lse.download();
 
   // fp64 and the naive low-precision baseline, over the dequantised K/V.
   const km::dequantized_pool deq = km::dequantize(pr.host_view());
@@ -160,54 +153,71 @@ double check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bo
   const paging::paged_kv<float, paging::csr_page_table> src{deq.view, table};
   const auto ql = pr.base.q_layout(pr.base.q_indptr.data());
   const dense_tensor<T> qv{const_cast<T*>(pr.base.q.data()), ql};
-  std::vector<double> o_ref(o.size()), lse_ref(lse.size());
-  std::vector<T> o_low(o.size());
+  const std::size_t n_o = pr.base.q.size(), n_lse = std::size_t(pr.base.q_indptr.back()) * s.hq;
+  std::vector<double> o_ref(n_o), lse_ref(n_lse);
+  std::vector<T> o_low(n_o);
   reference_attention<Mask>(qv, src, s.hkv, mp, double(scale), dense_tensor<double>{o_ref.data(), ql}, lse_ref.data());
   naive_attention_lowp<Mask>(qv, src, s.hkv, mp, double(scale), dense_tensor<T>{o_low.data(), ql});
-  const auto ek = kvtile_test::compare(o, o_ref);
   const auto en = kvtile_test::compare(o_low, o_ref);
-  double lse_err = 0;
-  bool lse_nan = false;
-  for (std::size_t i = 0; i < lse.size(); ++i) {
-    if (std::isinf(lse_ref[i])) {
-      if (!(std::isinf(lse[i]) && lse[i] < 0)) lse_err = 1e30;
-    } else {
-      lse_err = std::max(lse_err, std::abs(double(lse[i]) - lse_ref[i]));
-      lse_nan |= std::isnan(lse[i]);
-    }
-  }
-  INFO("kernel max err " << ek.max_abs << ", naive " << element_name<T> << " max err " << en.max_abs << ", lse err "
-                         << lse_err);
-  CHECK_FALSE(ek.any_nan);
-  CHECK_FALSE(lse_nan);
-  CHECK(ek.max_abs <= 2 * en.max_abs + 2e-3);
-  CHECK(lse_err <= 2e-3);
-
   // Against the unquantised K/V: what fp8 storage costs (reported, loosely bounded).
   std::vector<double> o_exact, lse_exact;
   std::vector<T> unused;
   pr.base.template reference<Mask>(mp, scale, o_exact, lse_exact, unused);
-  const auto eq = kvtile_test::compare(o, o_exact);
-  MESSAGE("fp8 " << codec_name<Codec>() << " " << element_name<T> << " D=" << D << (outliers ? " outlier K" : " uniform K")
-                 << ": max |o - o(unquantised)| = " << eq.max_abs << ", relative L2 " << eq.rel_l2
-                 << " (vs fp64 over dequantised: " << ek.max_abs << ")");
-  CHECK(eq.rel_l2 < 0.15);
 
-  if (compare_unsplit) {
-    spec s2 = s;
-    s2.opt.split_kv = false;
-    const auto plan2 = pr.template plan<Mask>(mp, s2.opt);
-    CHECK(plan2.num_partials == 0);
-    fp8_device<T, D, Codec> dev2(pr);
-    dev2.template run<Mask>(plan2, mp, scale);
-    const auto o2 = dev2.o.download();
-    double diff = 0;
-    for (std::size_t i = 0; i < o.size(); ++i) diff = std::max(diff, std::abs(to_double(o[i]) - to_double(o2[i])));
-    INFO("split (" << plan.num_partials << " partials) vs unsplit max diff " << diff);
-    CHECK(plan.num_partials > 0);
-    CHECK(diff <= en.max_abs + 2e-3);
+  constexpr bool registers_possible = D % 32 == 0 && !has_rotary<Mask>;
+  for (bool registers : {false, true}) {
+    if (registers && !registers_possible) continue;
+    INFO("fp8 fragments " << std::string(registers ? "in registers" : "through shared tiles"));
+    kc::plan_options opt = s.opt;
+    opt.fp8_registers = registers;
+    const auto plan = pr.template plan<Mask>(mp, opt);
+    INFO("kernel " << kc::to_string(plan.shape.kind) << " (" << plan.reason << "), work items " << plan.work.size()
+                   << ", partials " << plan.num_partials);
+    CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
+    CHECK(plan.fp8_registers == registers);
+    fp8_device<T, D, Codec> dev(pr);
+    dev.template run<Mask>(plan, mp, scale);
+    const auto o = dev.o.download();
+    const auto lse = dev.lse.download();
+    const auto ek = kvtile_test::compare(o, o_ref);
+    double lse_err = 0;
+    bool lse_nan = false;
+    for (std::size_t i = 0; i < lse.size(); ++i) {
+      if (std::isinf(lse_ref[i])) {
+        if (!(std::isinf(lse[i]) && lse[i] < 0)) lse_err = 1e30;
+      } else {
+        lse_err = std::max(lse_err, std::abs(double(lse[i]) - lse_ref[i]));
+        lse_nan |= std::isnan(lse[i]);
+      }
+    }
+    INFO("kernel max err " << ek.max_abs << ", naive " << element_name<T> << " max err " << en.max_abs << ", lse err "
+                           << lse_err);
+    CHECK_FALSE(ek.any_nan);
+    CHECK_FALSE(lse_nan);
+    CHECK(ek.max_abs <= 2 * en.max_abs + 2e-3);
+    CHECK(lse_err <= 2e-3);
+    const auto eq = kvtile_test::compare(o, o_exact);
+    MESSAGE("fp8 " << codec_name<Codec>() << " " << element_name<T> << " D=" << D
+                   << (outliers ? " outlier K" : " uniform K") << (registers ? " (registers)" : " (shared tiles)")
+                   << ": max |o - o(unquantised)| = " << eq.max_abs << ", relative L2 " << eq.rel_l2
+                   << " (vs fp64 over dequantised: " << ek.max_abs << ")");
+    CHECK(eq.rel_l2 < 0.15);
+
+    if (compare_unsplit) {
+      kc::plan_options o2 = opt;
+      o2.split_kv = false;
+      const auto plan2 = pr.template plan<Mask>(mp, o2);
+      CHECK(plan2.num_partials == 0);
+      fp8_device<T, D, Codec> dev2(pr);
+      dev2.template run<Mask>(plan2, mp, scale);
+      const auto out2 = dev2.o.download();
+      double diff = 0;
+      for (std::size_t i = 0; i < o.size(); ++i) diff = std::max(diff, std::abs(to_double(o[i]) - to_double(out2[i])));
+      INFO("split (" << plan.num_partials << " partials) vs unsplit max diff " << diff);
+      CHECK(plan.num_partials > 0);
+      CHECK(diff <= en.max_abs + 2e-3);
+    }
   }
-  return eq.max_abs;
 }
 
 std::vector<std::int32_t> random_lens(std::mt19937_64& rng, int n, int lo, int hi) {
@@ -344,6 +354,19 @@ TEST_CASE("fp8 decode: fp16 queries, D=64, a sliding window with sinks") {
     check_fp8<bfloat16, 64, per_token, causal_mask>(s, {}, rng(), true);
     check_fp8<bfloat16, 128, per_token, sliding_window_mask>(s, {100, 4}, rng(), false);
   }
+}
+
+TEST_CASE("fp8 decode: variants (soft-capping, rotary at cache positions) and a head dim that is not a multiple of 32") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const spec s = decode_spec(rng, 5, 16, kv_layout::hnd);
+  softcap<causal_mask>::params cap;
+  cap.cap = 2.f;
+  check_fp8<bfloat16, 128, per_token, softcap<causal_mask>>(s, cap, rng(), false);
+  rotary<causal_mask>::params rope;  // rotary keeps to the shared-tile path (fragments in head-dim order)
+  check_fp8<bfloat16, 128, per_token, rotary<causal_mask>>(s, rope, rng(), false);
+  check_fp8<bfloat16, 80, per_head, causal_mask>(s, {}, rng(), false);  // 5 chunks per row: the general load map
 }
 
 TEST_CASE("fp8 decode: split-KV equals unsplit on long sequences") {

@@ -141,6 +141,11 @@ struct plan_options {
   bool use_wgmma = true;      // the sm_90a kernels where device_limits::wgmma: wgmma append (D 64,
                               // 128) and TMA decode (decode_sm90_supported)
   int max_ctas = 0;           // TMA decode of small batches: at most this many CTAs (0: one per SM)
+  // fp8 pages: K and V fragments converted in registers from the byte tiles (ldmatrix over
+  // bytes, head-dim order permuted consistently in Q and K; head_dim % 32 == 0, no rotary)
+  // instead of through per-warp T tiles in shared memory. Off until a GPU A/B picks
+  // (docs/perf-log/decode.md v16).
+  bool fp8_registers = false;
   // TMA decode of small batches (persistent runs) on compute capability 9+: launch the attention
   // grid with programmatic stream serialisation, so that its CTAs are placed and set up
   // (barriers, work items, L2 prefetch of their first copies) while the kernel before it on the
@@ -208,6 +213,7 @@ struct paged_plan {
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
   bool early_launch = false;  // launch with programmatic serialisation (plan_options::early_launch)
+  bool fp8_registers = false;  // fp8 pages: the register path of the fp8 decode kernel (plan_options::fp8_registers)
   // Why the planner chose shape.kind (the alternatives it had and what ruled them out); the run
   // reports it to the dispatch log (dispatch.hpp).
   std::string reason;
@@ -553,6 +559,13 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
+  if (pr.elem_bytes == 1) {
+    plan.fp8_registers = opt.fp8_registers && pr.head_dim % 32 == 0 && !has_rotary<Mask>;
+    if (plan.fp8_registers)
+      plan.reason += "; fp8 fragments converted in registers (plan_options::fp8_registers)";
+    else if (opt.fp8_registers)
+      plan.reason += "; fp8 fragments through shared tiles: the register path needs head_dim % 32 == 0 and no rotary";
+  }
   const int bm = plan.shape.block_m, bn = plan.shape.block_n;
 
   // Row tiles and the key hull each one needs. Their number is checked before any is stored:

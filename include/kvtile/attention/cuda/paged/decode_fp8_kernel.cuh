@@ -16,11 +16,17 @@
 //
 // per_head scales cost nothing per tile: the K scale is folded into the softmax scale, the V
 // scale into O before the epilogue. Scales multiply scores and probabilities, never elements.
-// The T tiles are converted through shared memory (one extra write and read of the tile per
-// warp) rather than by ldmatrix on the byte tile feeding permuted fragments: the global traffic,
-// which bounds decode, is halved either way (docs/perf-log/decode.md, "fp8 pages").
+// Two ways from the byte tile to the mma fragments (Registers, an A/B pending its measurement,
+// docs/perf-log/decode.md v16; plan_options::fp8_registers picks):
+//   false  each warp converts its rows into a padded T tile of its own in shared memory, then
+//          the bf16 kernels' ldmatrix path (one extra write and read of the tile per warp);
+//   true   ldmatrix / ldmatrix.trans over the byte rows (padded to D + 16 bytes: conflict-free)
+//          and conversion in registers, Q's fragments loaded in the matching head-dim order and
+//          O written back through finish_rows' fp8 order (decode_warp.cuh: scores_fp8,
+//          accumulate_fp8); head dims multiple of 32, variants without rotary.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -43,7 +49,25 @@ using fp8_decode_config = kernel_config<paged_kernel_kind::decode, D>;
 template <class T>
 inline constexpr float fp8_p_bias = std::is_same_v<T, kvtile::half> ? 256.f : 1.f;
 
-template <class T, int D, class Codec, class Mask, class Table>
+// Bytes between byte rows of a stage: D + 16 on the register path (ldmatrix over 8 rows of 16
+// bytes without bank conflicts), D when each warp converts its rows to a T tile.
+template <int D, bool Registers>
+inline constexpr int fp8_row_bytes = Registers ? D + 16 : D;
+
+// Dynamic shared memory of the kernel (paged_kernel_shape::decode_fp8_smem_bytes is the larger,
+// the planner's bound).
+template <int D, bool Registers>
+constexpr std::size_t fp8_decode_smem_bytes() {
+  using C = fp8_decode_config<D>;
+  const std::size_t q_tile = std::size_t(C::bm) * (D + 8) * 2;
+  const std::size_t t_tiles = Registers ? 0 : 2 * std::size_t(C::bn) * (D + 8) * 2;
+  const std::size_t stages = 2 * std::size_t(C::stages) * C::bn * (fp8_row_bytes<D, Registers> + sizeof(float));
+  const std::size_t reduce = std::size_t(C::wn) * 16 * (std::size_t(D + 4) * 4 + 8);
+  const std::size_t tiles = q_tile + t_tiles + stages;
+  return tiles > reduce ? tiles : reduce;
+}
+
+template <class T, int D, class Codec, class Mask, class Table, bool Registers>
 KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_config<D>::min_blocks)
     paged_decode_fp8_kernel(const kernel_params<T, Table, Mask, Codec> p) {
   if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
@@ -55,16 +79,19 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   constexpr bool token_scales = memory::per_token_scales<Codec>;
   static_assert(memory::is_fp8_codec<Codec>, "paged_decode_fp8_kernel reads fp8 pools");
   static_assert(D % 16 == 0, "fp8 decode: head_dim must be a multiple of 16");
+  static_assert(!Registers || (D % 32 == 0 && !has_rotary<Mask>),
+                "fp8 decode in registers: head_dim a multiple of 32, no rotary (its fragments are in head-dim order)");
+  constexpr int RB = fp8_row_bytes<D, Registers>;  // bytes between byte rows
 
-  // Shared memory: Q [BM][LD] T | K, V converted [BN][LD] T each | K, V bytes [ST][BN][D] each |
-  // K, V scales [ST][BN] floats each (per_token_head). paged_kernel_shape::decode_fp8_smem_bytes.
+  // Shared memory: Q [BM][LD] T | K, V converted [BN][LD] T each (not on the register path) |
+  // K, V bytes [ST][BN][RB] each | K, V scales [ST][BN] floats each (per_token_head).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* kt_s = q_s + BM * LD;
   T* vt_s = kt_s + BN * LD;
-  std::uint8_t* k8_s = reinterpret_cast<std::uint8_t*>(vt_s + BN * LD);
-  std::uint8_t* v8_s = k8_s + ST * BN * D;
-  float* ksc_s = reinterpret_cast<float*>(v8_s + ST * BN * D);
+  std::uint8_t* k8_s = reinterpret_cast<std::uint8_t*>(Registers ? kt_s : vt_s + BN * LD);
+  std::uint8_t* v8_s = k8_s + ST * BN * RB;
+  float* ksc_s = reinterpret_cast<float*>(v8_s + ST * BN * RB);
   float* vsc_s = ksc_s + ST * BN;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -106,8 +133,8 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   auto load_chunk = [&](int stage, int r, int c, std::int32_t block, int tok, bool valid) {
     const int slot = valid ? page.mod(tok) : 0;
     const std::int64_t off = valid ? pool.offset(block, slot, kvh) + c * 16 : 0;
-    arch::cp_async_16(k8_s + (stage * BN + r) * D + c * 16, kbase + off, valid);
-    arch::cp_async_16(v8_s + (stage * BN + r) * D + c * 16, vbase + off, valid);
+    arch::cp_async_16(k8_s + (stage * BN + r) * RB + c * 16, kbase + off, valid);
+    arch::cp_async_16(v8_s + (stage * BN + r) * RB + c * 16, vbase + off, valid);
     if constexpr (token_scales) {
       if (c == 0) {
         arch::cp_async_4(ksc_s + stage * BN + r, valid ? static_cast<const void*>(pool.scale_ptr(pool.k, block, slot, kvh)) : pool.k,
@@ -165,12 +192,17 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   arch::cp_async_wait<ST - 1>();  // the Q group has landed
   __syncthreads();
 
-  st.load_q(q_s, 16 * wm, lane);
-  st.rotate_q(mask, t_row, lane);
+  if constexpr (Registers) {
+    st.load_q_fp8_order(q_s, 16 * wm, lane);
+  } else {
+    st.load_q(q_s, 16 * wm, lane);
+    st.rotate_q(mask, t_row, lane);
+  }
 
   // This warp's rows of the converted tiles: keys [wn * TPW, wn * TPW + TPW) of each tile.
   T* kt = kt_s + wn * TPW * LD;
   T* vt = vt_s + wn * TPW * LD;
+  if constexpr (Registers) (void)kt, (void)vt;
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
@@ -184,27 +216,33 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
     arch::cp_async_wait<ST - 1>();
     __syncthreads();
 
-    // Convert this warp's rows (the previous tile's ldmatrix reads of kt / vt are done: they
-    // are warp-synchronous, and __syncwarp orders them before these stores).
-    const std::uint8_t* k8 = k8_s + (stage_r * BN + wn * TPW) * D;
-    const std::uint8_t* v8 = v8_s + (stage_r * BN + wn * TPW) * D;
-    __syncwarp();
-    KVTILE_PRAGMA_UNROLL
-    for (int idx = lane; idx < TPW * CPR; idx += 32) {
-      const int r = idx / CPR, c = idx % CPR;
-      uint4 lo, hi;
-      memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(k8 + r * D + c * 16), lo, hi);
-      *reinterpret_cast<uint4*>(kt + r * LD + c * 16) = lo;
-      *reinterpret_cast<uint4*>(kt + r * LD + c * 16 + 8) = hi;
-      memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(v8 + r * D + c * 16), lo, hi);
-      *reinterpret_cast<uint4*>(vt + r * LD + c * 16) = lo;
-      *reinterpret_cast<uint4*>(vt + r * LD + c * 16 + 8) = hi;
+    // This warp's rows of the stage's byte tiles.
+    const std::uint8_t* k8 = k8_s + (stage_r * BN + wn * TPW) * RB;
+    const std::uint8_t* v8 = v8_s + (stage_r * BN + wn * TPW) * RB;
+    if constexpr (!Registers) {
+      // Convert this warp's rows (the previous tile's ldmatrix reads of kt / vt are done: they
+      // are warp-synchronous, and __syncwarp orders them before these stores).
+      __syncwarp();
+      KVTILE_PRAGMA_UNROLL
+      for (int idx = lane; idx < TPW * CPR; idx += 32) {
+        const int r = idx / CPR, c = idx % CPR;
+        uint4 lo, hi;
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(k8 + r * RB + c * 16), lo, hi);
+        *reinterpret_cast<uint4*>(kt + r * LD + c * 16) = lo;
+        *reinterpret_cast<uint4*>(kt + r * LD + c * 16 + 8) = hi;
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(v8 + r * RB + c * 16), lo, hi);
+        *reinterpret_cast<uint4*>(vt + r * LD + c * 16) = lo;
+        *reinterpret_cast<uint4*>(vt + r * LD + c * 16 + 8) = hi;
+      }
+      __syncwarp();
     }
-    __syncwarp();
 
     float s[TPW / 8][4];
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
-    st.template scores<padded_tile<D>>(s, kt, 0, lane, mask, k0 + wn * TPW);
+    if constexpr (Registers)
+      st.template scores_fp8<RB>(s, k8, lane);
+    else
+      st.template scores<padded_tile<D>>(s, kt, 0, lane, mask, k0 + wn * TPW);
     if constexpr (token_scales) st.scale_keys(s, ksc_s + stage_r * BN + wn * TPW, tq);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.scale_mask(s, scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
@@ -219,7 +257,10 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
       }
       st.scale_keys(s, vsc, tq);
     }
-    st.template accumulate<padded_tile<D>>(s, vt, 0, lane);
+    if constexpr (Registers)
+      st.template accumulate_fp8<RB>(s, v8, lane);
+    else
+      st.template accumulate<padded_tile<D>>(s, vt, 0, lane);
     __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
     cur = it.next_tile(cur + 1);
@@ -234,7 +275,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   } else {
     st.scale_o(o_factor);
   }
-  finish_rows<BM, NT, WN>(p, w, rows, st, smem_raw);
+  finish_rows<BM, NT, WN, Registers>(p, w, rows, st, smem_raw);
 }
 
 }  // namespace attention::cuda::paged

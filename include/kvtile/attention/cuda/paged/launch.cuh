@@ -141,8 +141,18 @@ template <class T, int D, class Codec, class Mask, class Table>
 void launch_decode_fp8(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
                        cudaStream_t stream) {
   using C = fp8_decode_config<D>;
-  launch_items<paged_decode_fp8_kernel<T, D, Codec, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.decode_fp8_smem_bytes(D),
-                                                                           device, stream, params);
+  if constexpr (D % 32 == 0 && !has_rotary<Mask>) {
+    if (plan.fp8_registers) {
+      launch_items<paged_decode_fp8_kernel<T, D, Codec, Mask, Table, true>, D, C::bm>(
+          plan, C::threads, fp8_decode_smem_bytes<D, true>(), device, stream, params);
+      return;
+    }
+  } else {
+    KVTILE_REQUIRE(!plan.fp8_registers, errc::invalid_argument, "the plan asks for the fp8 register path, which has no head_dim ",
+                   D, (has_rotary<Mask> ? " or rotary variant" : ""));
+  }
+  launch_items<paged_decode_fp8_kernel<T, D, Codec, Mask, Table, false>, D, C::bm>(
+      plan, C::threads, fp8_decode_smem_bytes<D, false>(), device, stream, params);
 }
 
 // The sm_90a append kernel (append_sm90_kernel.cuh); head dims 64 and 128.
