@@ -38,6 +38,13 @@ struct e4m3 {
 };
 static_assert(sizeof(e4m3) == 1 && std::is_trivially_copyable_v<e4m3>);
 
+namespace memory::fp8 {
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float decode_e4m3(std::uint8_t c);
+}  // namespace memory::fp8
+
+// The stored value, unscaled (a reader multiplies by the pool's scale: kv_pool_view::k_scale_at).
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE float to_float(e4m3 x) { return memory::fp8::decode_e4m3(x.bits); }
+
 namespace memory {
 namespace fp8 {
 

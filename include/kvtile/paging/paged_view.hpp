@@ -76,6 +76,14 @@ struct paged_kv {
   KVTILE_HOST_DEVICE std::int64_t token_offset(std::int32_t b, std::int32_t t, std::int32_t h) const {
     return pool.offset(table.block(b, t / pool.page_size), t % pool.page_size, h);
   }
+  // The codec's scales of token t of sequence b, head h (1 for identity pools): the value of
+  // element x is to_float(k_base()[token_offset(b, t, h) + x]) * k_scale(b, t, h).
+  KVTILE_HOST_DEVICE float k_scale(std::int32_t b, std::int32_t t, std::int32_t h) const {
+    return pool.k_scale_at(table.block(b, t / pool.page_size), t % pool.page_size, h);
+  }
+  KVTILE_HOST_DEVICE float v_scale(std::int32_t b, std::int32_t t, std::int32_t h) const {
+    return pool.v_scale_at(table.block(b, t / pool.page_size), t % pool.page_size, h);
+  }
   KVTILE_HOST_DEVICE storage_type* k_base() const { return pool.k; }
   KVTILE_HOST_DEVICE storage_type* v_base() const { return pool.v; }
 };

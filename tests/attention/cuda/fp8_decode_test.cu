@@ -283,20 +283,22 @@ TEST_CASE("fp8: write_kv on the GPU writes the host's bits; block copies (kernel
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   const km::kv_shape shape{2, 7, 16, 3, 128};
-  for (kv_layout layout : {kv_layout::nhd, kv_layout::hnd}) {
+  for (kv_layout layout : {kv_layout::nhd, kv_layout::hnd})
+   for (int pad : {0, 2}) {  // token stride 384: 4 elements per lane; 386: one at a time
+    INFO("layout " << (layout == kv_layout::nhd ? "NHD" : "HND") << ", token stride " << 3 * 128 + pad);
     km::block_storage<bfloat16, km::host_memory, per_token> host(shape, layout);
     km::block_storage<bfloat16, km::cuda::device_memory, per_token> gpu(shape, layout);
-    const int n = 40;
-    auto k = kvtile_test::random_vector<bfloat16>(std::size_t(n) * 3 * 128, rng, -5.f, 5.f);
-    auto v = kvtile_test::random_vector<bfloat16>(std::size_t(n) * 3 * 128, rng, -5.f, 5.f);
+    const int n = 40, stride = 3 * 128 + pad;
+    auto k = kvtile_test::random_vector<bfloat16>(std::size_t(n) * stride, rng, -5.f, 5.f);
+    auto v = kvtile_test::random_vector<bfloat16>(std::size_t(n) * stride, rng, -5.f, 5.f);
     std::vector<std::int64_t> slots(n);
     for (int i = 0; i < n; ++i) slots[i] = (i * 37) % (7 * 16);
     slots[5] = -1;
     device_buffer<bfloat16> dk(k), dv(v);
     device_buffer<std::int64_t> ds(slots);
     for (int l = 0; l < 2; ++l) {
-      host.memory().write_kv(host.layer(l), k.data(), v.data(), 3 * 128, slots.data(), n);
-      gpu.memory().write_kv(gpu.layer(l), dk.ptr, dv.ptr, 3 * 128, ds.ptr, n);
+      host.memory().write_kv(host.layer(l), k.data(), v.data(), stride, slots.data(), n);
+      gpu.memory().write_kv(gpu.layer(l), dk.ptr, dv.ptr, stride, ds.ptr, n);
     }
     const std::vector<km::block_copy> copies{{1, 4, 16}, {2, 6, 5}};
     host.memory().copy_blocks(host.pools(), copies);
@@ -405,4 +407,24 @@ TEST_CASE("fp8 decode: plans and runs refuse what the fp8 kernel cannot take, na
                                    pr2.base.csr(pr2.base.kv_indptr.data(), pr2.base.indices.data(), pr2.base.last_page_len.data()),
                                    pr2.base.kernel_problem(), limits(), {}};
   kvtile_test::expect_error(errc::invalid_argument, "elem_bytes", [&] { (void)attn::plan(pa, {}); });
+  // A plan for 2-byte pages given an fp8 pool at run time; a per-head pool without its scales.
+  const kc::paged_plan bf16_plan = pr2.base.template plan<causal_mask>({}, limits());
+  fp8_device<bfloat16, 128, per_token> dev(pr2);
+  const auto ql = pr2.base.q_layout(dev.q_indptr.ptr);
+  const attn::arguments args{dense_tensor<bfloat16>{dev.q.ptr, ql},
+                             paging::paged_kv<bfloat16, paging::csr_page_table, per_token>{
+                                 pr2.view(dev.k8.ptr, dev.v8.ptr, nullptr, nullptr),
+                                 pr2.base.csr(dev.kv_indptr.ptr, dev.indices.ptr, dev.last_page_len.ptr)},
+                             dense_tensor<bfloat16>{dev.o.ptr, ql}, dev.lse.ptr, {}, 0.1f};
+  kvtile_test::expect_error(errc::invalid_argument, "2-byte K/V elements", [&] { attn::check(bf16_plan, args); });
+  const fp8_problem<bfloat16, 128, per_head> pr3(s2, rng, false);
+  using attn_head = kc::paged_attention<bfloat16, 128, causal_mask, paging::csr_page_table, per_head>;
+  const auto head_plan = pr3.plan<causal_mask>({}, {});
+  fp8_device<bfloat16, 128, per_head> dev3(pr3);
+  const attn_head::arguments no_scales{dense_tensor<bfloat16>{dev3.q.ptr, ql},
+                                       paging::paged_kv<bfloat16, paging::csr_page_table, per_head>{
+                                           pr3.view(dev3.k8.ptr, dev3.v8.ptr, nullptr, nullptr),
+                                           pr3.base.csr(dev3.kv_indptr.ptr, dev3.indices.ptr, dev3.last_page_len.ptr)},
+                                       dense_tensor<bfloat16>{dev3.o.ptr, ql}, dev3.lse.ptr, {}, 0.1f};
+  kvtile_test::expect_error(errc::invalid_argument, "needs its K and V scales", [&] { attn_head::check(head_plan, no_scales); });
 }

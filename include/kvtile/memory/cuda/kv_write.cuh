@@ -57,8 +57,18 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads) write_kv_kernel(detail::kv_w
   }
 }
 
-// One warp per (token, head) row: quantise K and V into an fp8 pool.
-template <class T, class Codec>
+namespace detail {
+// Four consecutive elements, loaded as one vector.
+template <class T>
+struct alignas(4 * sizeof(T)) quad {
+  T x[4];
+};
+}  // namespace detail
+
+// One warp per (token, head) row: quantise K and V into an fp8 pool. Quad: each lane takes 4
+// consecutive elements at a time (one vector load, one 4-byte store) where the shapes and
+// addresses allow it.
+template <class T, class Codec, bool Quad>
 KVTILE_KERNEL void __launch_bounds__(kWriteThreads)
     write_fp8_kernel(const memory::kv_pool_view<e4m3, Codec> pool, const T* k, const T* v, std::int64_t token_stride,
                      const std::int64_t* slots) {
@@ -66,6 +76,7 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads)
   if (slot < 0 || slot >= std::int64_t(pool.num_blocks) * pool.page_size) return;
   const auto block = std::int32_t(slot / pool.page_size), in_block = std::int32_t(slot % pool.page_size);
   const int lane = threadIdx.x % 32, d = pool.head_dim;
+  constexpr int step = Quad ? 4 : 1;
   for (int h = threadIdx.x / 32; h < pool.num_kv_heads; h += kWriteThreads / 32) {
     const std::int64_t src = std::int64_t(blockIdx.x) * token_stride + std::int64_t(h) * d;
     auto* kd = reinterpret_cast<std::uint8_t*>(pool.k_at(block, in_block, h));
@@ -73,9 +84,19 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads)
     float ks, vs;
     if constexpr (per_token_scales<Codec>) {
       float ka = 0.f, va = 0.f;
-      for (int x = lane; x < d; x += 32) {
-        ka = fmaxf(ka, fabsf(to_float(k[src + x])));
-        va = fmaxf(va, fabsf(to_float(v[src + x])));
+      for (int x = lane * step; x < d; x += 32 * step) {
+        if constexpr (Quad) {
+          const auto kq = *reinterpret_cast<const detail::quad<T>*>(k + src + x);
+          const auto vq = *reinterpret_cast<const detail::quad<T>*>(v + src + x);
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            ka = fmaxf(ka, fabsf(to_float(kq.x[j])));
+            va = fmaxf(va, fabsf(to_float(vq.x[j])));
+          }
+        } else {
+          ka = fmaxf(ka, fabsf(to_float(k[src + x])));
+          va = fmaxf(va, fabsf(to_float(v[src + x])));
+        }
       }
       for (int o = 16; o > 0; o /= 2) {
         ka = fmaxf(ka, __shfl_xor_sync(0xffffffffu, ka, o));
@@ -91,9 +112,22 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads)
       ks = pool.k_scale[h];
       vs = pool.v_scale[h];
     }
-    for (int x = lane; x < d; x += 32) {
-      kd[x] = fp8::encode_e4m3(to_float(k[src + x]) / ks);
-      vd[x] = fp8::encode_e4m3(to_float(v[src + x]) / vs);
+    for (int x = lane * step; x < d; x += 32 * step) {
+      if constexpr (Quad) {
+        const auto kq = *reinterpret_cast<const detail::quad<T>*>(k + src + x);
+        const auto vq = *reinterpret_cast<const detail::quad<T>*>(v + src + x);
+        std::uint32_t kw = 0, vw = 0;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          kw |= std::uint32_t(fp8::encode_e4m3(to_float(kq.x[j]) / ks)) << (8 * j);
+          vw |= std::uint32_t(fp8::encode_e4m3(to_float(vq.x[j]) / vs)) << (8 * j);
+        }
+        *reinterpret_cast<std::uint32_t*>(kd + x) = kw;
+        *reinterpret_cast<std::uint32_t*>(vd + x) = vw;
+      } else {
+        kd[x] = fp8::encode_e4m3(to_float(k[src + x]) / ks);
+        vd[x] = fp8::encode_e4m3(to_float(v[src + x]) / vs);
+      }
     }
   }
 }
@@ -108,7 +142,16 @@ void write_kv_device(const memory::kv_pool_view<S, Codec>& pool, const T* k, con
   check_kv_write(pool, token_stride, slots, num_tokens);
   if (num_tokens == 0) return;
   if constexpr (Codec::quantized) {
-    write_fp8_kernel<T, Codec><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(pool, k, v, token_stride, slots);
+    const auto e = std::uint64_t(sizeof(T));
+    const bool quad = pool.head_dim % 4 == 0 && (reinterpret_cast<std::uintptr_t>(k) | reinterpret_cast<std::uintptr_t>(v) |
+                                                 std::uint64_t(token_stride) * e) % (4 * e) == 0 &&
+                      (reinterpret_cast<std::uintptr_t>(pool.k) | reinterpret_cast<std::uintptr_t>(pool.v) |
+                       std::uint64_t(pool.stride_block) | std::uint64_t(pool.stride_token) | std::uint64_t(pool.stride_head)) %
+                              4 == 0;
+    if (quad)
+      write_fp8_kernel<T, Codec, true><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(pool, k, v, token_stride, slots);
+    else
+      write_fp8_kernel<T, Codec, false><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(pool, k, v, token_stride, slots);
     KVTILE_CUDA_CHECK_LAUNCH();
     return;
   } else {
