@@ -6,6 +6,10 @@
 // suite "append": a 512-token chunk over a 4k / 16k cached prefix (bottom-right causal),
 // TFLOP/s counting 4 * D * visible (query, key) pairs per query head.
 // Small problems rotate over several copies of their K/V so repeated runs do not hit in L2.
+// fp8 rows ("_fp8", "_fp8_head"): the same decode shapes over e4m3 pages with per-token-head or
+// per-head scales (the fp8 decode kernel); bytes counted as read (one byte per element, plus
+// the per-token scales).
+// Every decode row also reports tokens/s (query tokens decoded per second).
 // Peers: bench/peers/decode.py and bench/peers/append.py (PyTorch SDPA on dense K/V).
 #include <benchmark/benchmark.h>
 
@@ -23,6 +27,7 @@
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/variant.hpp"
+#include "kvtile/memory/kv_codec.hpp"
 
 // KVTILE_BENCH_APPEND_SPLIT=0 plans the append rows without split-KV (the merge's share).
 #ifndef KVTILE_BENCH_APPEND_SPLIT
@@ -44,6 +49,16 @@ __global__ void fill_random(T* p, std::int64_t n, std::uint64_t seed) {
     x *= 0xBF58476D1CE4E5B9ull;
     x ^= x >> 29;
     p[i] = T(float(x >> 40) * (2.f / 16777216.f) - 1.f);
+  }
+}
+
+// Bytes of an fp8 pool: e4m3 codes of magnitude 0.5 .. 1.875 (no NaN); as floats (the scales
+// of a per-token pool) the same bytes read as small positive numbers.
+__global__ void fill_fp8(unsigned char* p, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint64_t x = (std::uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 31;
+    p[i] = static_cast<unsigned char>(0x30u + ((x >> 20) & 0x0fu));
   }
 }
 
@@ -73,6 +88,11 @@ typename V::params variant_params() {
   return p;
 }
 
+// K/V storage of a row: bf16 pages, or fp8 pages with per-token-head or per-head scales.
+enum class kv_format { bf16, fp8_token, fp8_head };
+using fp8_token_codec = kvtile::memory::fp8_e4m3<kvtile::memory::per_token_head>;
+using fp8_head_codec = kvtile::memory::fp8_e4m3<kvtile::memory::per_head>;
+
 // One paged problem: `copies` independent sets of scattered pages over one pool.
 struct paged_setup {
   int batch, q_len, kv_len, page, copies;
@@ -87,22 +107,50 @@ struct paged_setup {
 
   kv_layout layout = kv_layout::nhd;
   variant_kind variant = variant_kind::none;
+  kv_format format = kv_format::bf16;
+  unsigned char *k8 = nullptr, *v8 = nullptr;  // fp8 pools (bytes)
+  float* head_scales = nullptr;                // fp8_head: [HKV] for K, then [HKV] for V
+
+  template <class Codec>
+  kvtile::memory::kv_pool_view<e4m3, Codec> fp8_view() const {
+    auto p = kvtile::memory::kv_pool_view<e4m3, Codec>::make(reinterpret_cast<e4m3*>(k8), reinterpret_cast<e4m3*>(v8), layout,
+                                                             num_blocks, page, HKV, D);
+    if constexpr (kvtile::memory::per_head_scales<Codec>) {
+      p.k_scale = head_scales;
+      p.v_scale = head_scales + HKV;
+    }
+    return p;
+  }
 
   paged_setup(int b, int ql, int kl, int ps, bool wgmma = true, kv_layout lay = kv_layout::nhd,
-              variant_kind var = variant_kind::none)
-      : batch(b), q_len(ql), kv_len(kl), page(ps), layout(lay), variant(var) {
+              variant_kind var = variant_kind::none, kv_format fmt = kv_format::bf16)
+      : batch(b), q_len(ql), kv_len(kl), page(ps), layout(lay), variant(var), format(fmt) {
     const int nb = (kv_len + page - 1) / page;
-    const double one = double(batch) * kv_len * HKV * D * sizeof(T) * 2;
+    // Bytes of K and V read per token and head: 2 per element (bf16), or 1 (fp8) plus the
+    // per-token scale.
+    const double per_row = format == kv_format::bf16 ? double(D) * sizeof(T)
+                                                     : double(D) + (format == kv_format::fp8_token ? sizeof(float) : 0);
+    const double one = double(batch) * kv_len * HKV * per_row * 2;
     copies = int(std::clamp(512e6 / one, 1.0, 32.0));
     num_blocks = batch * nb * copies;
     const std::int64_t pool = std::int64_t(num_blocks) * page * HKV * D;
-    k = dalloc<T>(pool);
-    v = dalloc<T>(pool);
+    if (format == kv_format::bf16) {
+      k = dalloc<T>(pool);
+      v = dalloc<T>(pool);
+      fill_random<<<1024, 256>>>(k, pool, 1);
+      fill_random<<<1024, 256>>>(v, pool, 2);
+    } else {
+      const std::int64_t bytes = std::int64_t(num_blocks) * (format == kv_format::fp8_token ? fp8_view<fp8_token_codec>().stride_block
+                                                                                           : fp8_view<fp8_head_codec>().stride_block);
+      k8 = dalloc<unsigned char>(std::size_t(bytes));
+      v8 = dalloc<unsigned char>(std::size_t(bytes));
+      fill_fp8<<<1024, 256>>>(k8, bytes, 1);
+      fill_fp8<<<1024, 256>>>(v8, bytes, 2);
+      head_scales = dcopy(std::vector<float>(2 * HKV, 1.f / 64.f));
+    }
     q = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
     o = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
     lse = dalloc<float>(std::size_t(batch) * q_len * HQ);
-    fill_random<<<1024, 256>>>(k, pool, 1);
-    fill_random<<<1024, 256>>>(v, pool, 2);
     fill_random<<<64, 256>>>(q, std::int64_t(batch) * q_len * HQ * D, 3);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<std::int32_t> qi(batch + 1), ki(batch + 1), lp(batch, kv_len - (nb - 1) * page);
@@ -117,17 +165,23 @@ struct paged_setup {
     kv_indptr = dcopy(ki);
     last = dcopy(lp);
     const paging::csr_page_table host{ki.data(), ids.data(), lp.data(), batch};
-    const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, 2};
+    const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, format == kv_format::bf16 ? 2 : 1};
     kc::plan_options opt;
     opt.split_kv = q_len == 1 || KVTILE_BENCH_APPEND_SPLIT;
     opt.use_wgmma = wgmma;
     // KVTILE_BENCH_MAX_SPLITS: cap the planner's split count (to compare split choices).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_SPLITS")) opt.max_splits = std::atoi(e);
+    // KVTILE_BENCH_WS_APPEND=1: the sm_90a append on the warp-specialised mainloop.
+    if (const char* e = std::getenv("KVTILE_BENCH_WS_APPEND")) opt.warp_specialised_append = std::atoi(e) != 0;
     // KVTILE_BENCH_MAX_CTAS: cap the TMA decode kernel's persistent CTAs (small batches).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
     // KVTILE_BENCH_EARLY_LAUNCH=0: launch the TMA decode grid without programmatic serialisation.
     if (const char* e = std::getenv("KVTILE_BENCH_EARLY_LAUNCH")) opt.early_launch = std::atoi(e) != 0;
-    dispatch([&]<class V>() { plan = kc::plan_append<V>(qi.data(), host, pr, variant_params<V>(), kc::query_device_limits(), opt); });
+    // KVTILE_BENCH_FP8_REGISTERS=1: fp8 rows convert K/V fragments in registers (plan_options::fp8_registers).
+    if (const char* e = std::getenv("KVTILE_BENCH_FP8_REGISTERS")) opt.fp8_registers = std::atoi(e) != 0;
+    dispatch([&]<class V>() {
+      plan = kc::plan_paged_attention<V>(qi.data(), host, pr, variant_params<V>(), kc::query_device_limits(), opt);
+    });
     ws = dalloc<unsigned char>(plan.workspace_bytes());
     kc::upload_plan(plan, ws);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -137,7 +191,7 @@ struct paged_setup {
     flops = 4.0 * D * HQ * batch * (double(q_len) * prefix + double(q_len) * (q_len + 1) / 2);
   }
   ~paged_setup() {
-    cudaFree(k), cudaFree(v), cudaFree(q), cudaFree(o), cudaFree(lse), cudaFree(q_indptr), cudaFree(kv_indptr),
+    cudaFree(k), cudaFree(v), cudaFree(k8), cudaFree(v8), cudaFree(head_scales), cudaFree(q), cudaFree(o), cudaFree(lse), cudaFree(q_indptr), cudaFree(kv_indptr),
         cudaFree(last), cudaFree(ws);
     for (auto* p : indices) cudaFree(p);
   }
@@ -153,12 +207,18 @@ struct paged_setup {
   void run(int copy, cudaStream_t s) {
     const auto ql = ragged_layout::varlen(q_indptr, batch, HQ, D);
     const paging::csr_page_table t{kv_indptr, indices[copy], last, batch};
-    const paging::paged_kv<T, paging::csr_page_table> kv{
-        paging::kv_pool_view<T>::make(k, v, layout, num_blocks, page, HKV, D), t};
-    dispatch([&]<class V>() {
-      kc::run_append<V, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, variant_params<V>(),
-                           1.f / std::sqrt(float(D)), s);
-    });
+    auto go = [&]<class Codec>(const paging::paged_kv<T, paging::csr_page_table, Codec>& kv) {
+      dispatch([&]<class V>() {
+        kc::run_paged_attention<V, D>(plan, ws, dense_tensor<T>{q, ql}, kv, dense_tensor<T>{o, ql}, lse, variant_params<V>(),
+                                      1.f / std::sqrt(float(D)), s);
+      });
+    };
+    if (format == kv_format::fp8_token)
+      go(paging::paged_kv<T, paging::csr_page_table, fp8_token_codec>{fp8_view<fp8_token_codec>(), t});
+    else if (format == kv_format::fp8_head)
+      go(paging::paged_kv<T, paging::csr_page_table, fp8_head_codec>{fp8_view<fp8_head_codec>(), t});
+    else
+      go(paging::paged_kv<T, paging::csr_page_table>{paging::kv_pool_view<T>::make(k, v, layout, num_blocks, page, HKV, D), t});
   }
 };
 
@@ -229,9 +289,13 @@ void time_graph(benchmark::State& st, paged_setup& p, double& seconds) {
 // graph: replayed from a CUDA graph (impl "kvtile_graph"); hnd: K/V pool in HND layout;
 // portable: the cp.async (sm_80) decode kernel also where the sm_90a TMA one runs (impl
 // "kvtile_portable").
-void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable,
-               variant_kind var) {
-  paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd, var);
+const char* format_suffix(kv_format f) {
+  return f == kv_format::fp8_token ? "_fp8" : f == kv_format::fp8_head ? "_fp8_head" : "";
+}
+
+void bm_decode_format(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable,
+                      variant_kind var, kv_format fmt) {
+  paged_setup p(batch, 1, len, page, !portable, hnd ? kv_layout::hnd : kv_layout::nhd, var, fmt);
   double seconds = 0;
   if (graph)
     time_graph(st, p, seconds);
@@ -241,10 +305,15 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
   char shape[128];
   std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d%s", batch, len, page, hnd ? " hnd" : "");
   st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" +
-              (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + impl_suffix(var) + ";unit=TB/s");
+              (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + impl_suffix(var) + format_suffix(fmt) +
+              ";unit=TB/s");
   st.counters["value"] = tbps;
+  st.counters["tokens_per_s"] = double(batch) * double(st.iterations()) / seconds;
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
   st.counters["ctas"] = double(p.plan.ctas());
+}
+void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, bool hnd, bool portable, variant_kind var) {
+  bm_decode_format(st, batch, len, page, graph, hnd, portable, var, kv_format::bf16);
 }
 
 // wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
@@ -303,6 +372,20 @@ const int registered = [] {
                                      bm_decode, g[0], g[1], 16, false, false, portable, var)
             ->UseManualTime()
             ->Unit(benchmark::kMicrosecond);
+  // fp8 pages (the fp8 decode kernel) on the main grid, per-token-head and per-head scales, and
+  // HND at one shape; compare with the bf16 rows of the same shape (same counters, bytes as read).
+  for (kv_format fmt : {kv_format::fp8_token, kv_format::fp8_head})
+    for (const auto& g : grid)
+      benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16" +
+                                    format_suffix(fmt))
+                                       .c_str(),
+                                   bm_decode_format, g[0], g[1], 16, false, false, false, variant_kind::none, fmt)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("decode/b16_l4096_page16_hnd_fp8", bm_decode_format, 16, 4096, 16, false, true, false,
+                               variant_kind::none, kv_format::fp8_token)
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond);
   for (bool wgmma : {true, false})
     for (int prefix : {4096, 16384})
       benchmark::RegisterBenchmark(

@@ -6,7 +6,10 @@
            (q_len > 1: BatchPrefillWithPagedKVCacheWrapper, causal)
   append   BatchPrefillWithPagedKVCacheWrapper, causal over the paged prefix, backends fa2 / fa3
   prefill  BatchPrefillWithRaggedKVCacheWrapper, backends fa2 / fa3
-fa3 runs on compute capability 9.x only. Each variant's output is first checked against PyTorch
+fa3 runs on compute capability 9.x only.
+  decode fp8  the same decode wrapper over float8_e4m3fn pages (kv_data_type), one K and one V
+           scale per call (impl "flashinfer_fp8", beside kvtile's "kvtile_fp8_head" rows: bytes
+           counted as read, one per K/V element) Each variant's output is first checked against PyTorch
 SDPA on a small case of the same configuration; the fastest correct variant is reported as
 impl "flashinfer" (the key "variant" names it). Pages are shuffled over the pool, as kvtile's
 benchmarks do, and small problems rotate over copies of their pages so runs read memory.
@@ -265,6 +268,93 @@ def measure(fi, a):
                       "value": round(_common.rate(a, best[0]), 4), "variant": best[1]}), flush=True)
 
 
+# ---- fp8 pages ---------------------------------------------------------------------------------
+
+FP8_SCALE = 4.0 / 448.0  # randn values within about +-4 use the whole e4m3 range
+
+
+def fp8_bytes(a):
+    """Bytes a decode over fp8 pages reads and writes: one byte per K/V element, 2-byte Q and O."""
+    return a.d * a.batch * (2.0 * _common.keys(a) * a.hkv + 4.0 * a.q_len * a.hq)
+
+
+def fp8_inputs(a, copies, dense_k=None, dense_v=None):
+    """paged_inputs with the pages quantised to e4m3 (value / FP8_SCALE, saturated)."""
+    import torch
+    inp = paged_inputs(a, copies, dense_k, dense_v)
+    inp.k = (inp.k.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+    inp.v = (inp.v.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return inp
+
+
+def fp8_wrappers(fi, a, inputs, variant):
+    import torch
+    _, backend, tc = variant
+    dt = _common.torch_dtype(a.dtype)
+    out = []
+    for c in range(inputs.copies):
+        ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+        w = fi.BatchDecodeWithPagedKVCacheWrapper(ws, a.layout.upper(), use_tensor_cores=tc, backend=backend)
+        w.plan(inputs.indptr, inputs.indices[c], inputs.last, a.hq, a.hkv, a.d, a.page, q_data_type=dt,
+               kv_data_type=torch.float8_e4m3fn)
+        out.append(w)
+    return out
+
+
+def check_fp8(fi, a, variant):
+    """The fp8 variant against SDPA over the dequantised pages of a small case (max abs error)."""
+    import torch
+    small = SimpleNamespace(**vars(a))
+    small.batch, small.len = 2, min(a.len, 3 * a.page + 5)
+    dt = _common.torch_dtype(a.dtype)
+    keys = _common.keys(small)
+    dk = torch.randn(small.batch, keys, a.hkv, a.d, device="cuda", dtype=dt)
+    dv = torch.randn(small.batch, keys, a.hkv, a.d, device="cuda", dtype=dt)
+    inp = fp8_inputs(small, 1, dk, dv)
+    w = fp8_wrappers(fi, small, inp, variant)[0]
+    o = w.run(inp.q.view(small.batch, a.hq, a.d), (inp.k, inp.v), k_scale=FP8_SCALE, v_scale=FP8_SCALE)
+    deq = lambda x: ((x.float() / FP8_SCALE).clamp(-448, 448).to(torch.float8_e4m3fn).float() * FP8_SCALE)
+    ref = reference(small, inp.q.view(small.batch, small.q_len, a.hq, a.d), deq(dk), deq(dv))
+    return float((o.reshape(-1, a.hq, a.d).float() - ref).abs().max())
+
+
+def measure_fp8(fi, a):
+    """One line for the fastest correct fp8 decode variant (impl "flashinfer_fp8"), or a skip line."""
+    import torch
+    suite, shape = a.kernel, _common.label(a)
+    if a.device != "cuda" or a.kernel != "decode" or a.q_len != 1 or a.dtype == "fp32":
+        return _common.skip(suite, shape, "flashinfer_fp8", "fp8 pages: decode (q_len 1, fp16 / bf16 queries) on CUDA only")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    kv_one = 2.0 * a.batch * _common.keys(a) * a.hkv * a.d
+    copies = int(max(1, min(8, 512e6 // kv_one)))
+    inputs = fp8_inputs(a, copies)
+    best = None
+    for variant in paged_variants(a, hopper):
+        name = describe(variant) + " kv float8_e4m3fn"
+        try:
+            err = check_fp8(fi, a, variant)
+            if not err <= TOLERANCE:
+                _common.warn(f"flashinfer {name}: differs from SDPA over the dequantised pages by {err:.3g}; not timed")
+                continue
+            ws = fp8_wrappers(fi, a, inputs, variant)
+            q = inputs.q.view(a.batch, a.hq, a.d)
+            t = _common.median_seconds(
+                lambda i: ws[i % copies].run(q, (inputs.k, inputs.v), k_scale=FP8_SCALE, v_scale=FP8_SCALE))
+            _common.warn(f"flashinfer {name} {shape}: {fp8_bytes(a) / t / 1e12:.3f} TB/s (check {err:.2g})")
+            if best is None or t < best[0]:
+                best = (t, name)
+            del ws
+        except Exception as e:
+            _common.warn(f"flashinfer {name} {shape}: {type(e).__name__}: {e}")
+    del inputs
+    torch.cuda.empty_cache()
+    if best is None:
+        return _common.skip(suite, shape, "flashinfer_fp8", "no fp8 variant ran correctly (see stderr)")
+    import json
+    print(json.dumps({"suite": suite, "shape": shape, "impl": "flashinfer_fp8", "unit": "TB/s",
+                      "value": round(fp8_bytes(a) / best[0] / 1e12, 4), "variant": best[1]}), flush=True)
+
+
 # The grids of bench/decode_bench.cu and bench/prefill_bench.cu (GQA 32 / 8 there; prefill:
 # 16k tokens, hidden 2048, H = 2048 / D query and KV heads).
 DECODE_GRID = [(1, 4096), (1, 32768), (16, 4096), (64, 2048), (64, 8192), (128, 4096), (32, 32768)]
@@ -295,6 +385,9 @@ def main():
         return 0
     for s in shapes:
         measure(fi, s)
+        # KVTILE_FLASHINFER_FP8=0 leaves out the fp8 decode rows.
+        if s.kernel == "decode" and s.q_len == 1 and os.environ.get("KVTILE_FLASHINFER_FP8", "1") != "0":
+            measure_fp8(fi, s)
     return 0
 
 

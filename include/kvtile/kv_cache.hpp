@@ -554,32 +554,43 @@ class kv_block_manager {
   bool moved_from_ = false;
 };
 
-// The bookkeeping plus the K/V pools of every layer. T is the stored element type.
+// The bookkeeping plus the K/V pools of every layer. T is the element type K/V are written in;
+// the pools store Codec::storage<T> (T itself for identity; e4m3 bytes for memory::fp8_e4m3,
+// quantised by write(); a per-head fp8 cache takes its scales through
+// storage().set_head_scales). Block copies carry a per-token fp8 pool's scales.
 template <class T, kv_layout Layout = kv_layout::nhd, memory::block_allocator Allocator = memory::lifo_allocator,
-          sharing::sharing_policy Sharing = sharing::copy_on_write, memory::memory_policy Memory = memory::host_memory>
+          sharing::sharing_policy Sharing = sharing::copy_on_write, memory::memory_policy Memory = memory::host_memory,
+          memory::kv_codec Codec = memory::identity>
 class paged_kv_cache {
  public:
   using value_type = T;
   using manager_type = kv_block_manager<Allocator, Sharing>;
-  using storage_type = memory::block_storage<T, Memory>;
+  using storage_type = memory::block_storage<T, Memory, Codec>;
+  using codec = Codec;
   static constexpr kv_layout layout = Layout;
 
   // One policy swapped, the others kept.
   template <kv_layout L>
-  using with_layout = paged_kv_cache<T, L, Allocator, Sharing, Memory>;
+  using with_layout = paged_kv_cache<T, L, Allocator, Sharing, Memory, Codec>;
   template <memory::block_allocator A>
-  using with_allocator = paged_kv_cache<T, Layout, A, Sharing, Memory>;
+  using with_allocator = paged_kv_cache<T, Layout, A, Sharing, Memory, Codec>;
   template <sharing::sharing_policy S>
-  using with_sharing = paged_kv_cache<T, Layout, Allocator, S, Memory>;
+  using with_sharing = paged_kv_cache<T, Layout, Allocator, S, Memory, Codec>;
   template <memory::memory_policy M>
-  using with_memory = paged_kv_cache<T, Layout, Allocator, Sharing, M>;
+  using with_memory = paged_kv_cache<T, Layout, Allocator, Sharing, M, Codec>;
   template <class U>
-  using with_element = paged_kv_cache<U, Layout, Allocator, Sharing, Memory>;
+  using with_element = paged_kv_cache<U, Layout, Allocator, Sharing, Memory, Codec>;
+  template <memory::kv_codec C>
+  using with_codec = paged_kv_cache<T, Layout, Allocator, Sharing, Memory, C>;
 
   // The shape and the pools' byte sizes are checked before anything (the block manager's
   // per-block arrays, the pools) is allocated.
   explicit paged_kv_cache(memory::kv_shape shape, Memory memory = {})
-      : blocks_((shape.check(sizeof(T)), shape.num_blocks), shape.page_size), storage_(shape, Layout, std::move(memory)) {}
+      : blocks_((shape.check(sizeof(typename Codec::template storage<T>),
+                             Codec::block_extra_bytes(shape.page_size, shape.num_kv_heads)),
+                 shape.num_blocks),
+                shape.page_size),
+        storage_(shape, Layout, std::move(memory)) {}
 
   const memory::kv_shape& shape() const { return storage_.shape(); }
   manager_type& blocks() { return blocks_; }
@@ -627,7 +638,7 @@ class paged_kv_cache {
     storage_.memory().write_kv(storage_.layer(layer), k, v, token_stride, slots, n);
   }
 
-  paging::kv_pool_view<T> layer(std::int32_t l) const { return storage_.layer(l); }
+  memory::kv_pool_view<typename Codec::template storage<T>, Codec> layer(std::int32_t l) const { return storage_.layer(l); }
   paging::csr_page_table_host to_csr(std::span<const sequence_id> ids) const { return blocks_.to_csr(ids); }
   paging::padded_page_table_host to_padded(std::span<const sequence_id> ids, std::int32_t max_blocks = 0) const {
     return blocks_.to_padded(ids, max_blocks);

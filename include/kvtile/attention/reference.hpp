@@ -11,6 +11,9 @@
 // values then rounded to T as a framework stores them), the logit transform on each scaled
 // score before the mask and softmax (in double where the variant offers it).
 //
+// K/V sources whose elements carry scales (paging::paged_kv over an fp8 pool: k_scale(b, t, h),
+// v_scale(b, t, h)) are read through them: scores of key j times its K scale, probabilities
+// times its V scale, in the accumulation type (so fp8 pools are read exactly, not dequantised).
 // Shapes: q, o are dense_tensor views [batch, q_len(b), num_qo_heads, head_dim];
 // kv is any kv_source with num_kv_heads heads; num_qo_heads % num_kv_heads == 0 (GQA: query
 // head h reads KV head h / (num_qo_heads / num_kv_heads)); lse is [rows, num_qo_heads] in
@@ -34,6 +37,18 @@ KVTILE_NAMESPACE_BEGIN
 namespace attention {
 
 namespace detail {
+
+// The scales of key j's K and V (1 for sources without them).
+template <class Src>
+double kv_k_scale(const Src& kv, std::int32_t b, std::int32_t j, std::int32_t h) {
+  if constexpr (requires { kv.k_scale(b, j, h); }) return double(kv.k_scale(b, j, h));
+  else return (void)kv, (void)b, (void)j, (void)h, 1.0;
+}
+template <class Src>
+double kv_v_scale(const Src& kv, std::int32_t b, std::int32_t j, std::int32_t h) {
+  if constexpr (requires { kv.v_scale(b, j, h); }) return double(kv.v_scale(b, j, h));
+  else return (void)kv, (void)b, (void)j, (void)h, 1.0;
+}
 
 template <class TQ, class TO, class Src, class Mask, class Acc, class RoundScore, class RoundOut>
 void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_kv_heads,
@@ -99,6 +114,7 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
             const auto* kr = kb + kv.token_offset(b, j, hk);
             for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
           }
+          dot *= Acc(kv_k_scale(kv, b, j, hk));
           if constexpr (has_logit_transform<Mask>) {
             const Acc sc = round_score(dot * Acc(scale));
             if constexpr (std::is_same_v<Acc, double> && has_logit_transform_f64<Mask>) s[j] = mask.logit(sc);
@@ -116,7 +132,7 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
         std::fill(acc.begin(), acc.end(), Acc(0));
         for (std::int32_t j = 0; j < kv_len; ++j) {
           if (s[j] == Acc(0)) continue;
-          const Acc p = round_score(s[j] / sum);
+          const Acc p = round_score(s[j] / sum) * Acc(kv_v_scale(kv, b, j, hk));
           const auto* vr = vb + kv.token_offset(b, j, hk);
           for (std::int32_t x = 0; x < d; ++x) acc[x] += p * Acc(to_double(vr[x]));
         }

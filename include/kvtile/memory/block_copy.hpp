@@ -42,6 +42,25 @@ struct kv_pool_set {
   std::int32_t num_kv_heads = 0;
   std::int64_t head_bytes = 0;  // 64-bit: head_dim * sizeof(T) may pass 2^31
   kv_layout layout = kv_layout::nhd;
+  // Per-token scales stored in each block after its elements (fp8_e4m3<per_token_head>):
+  // [page_size][scale_token_bytes] from scale_offset; 0 bytes: none.
+  std::int64_t scale_offset = 0;
+  std::int64_t scale_token_bytes = 0;
+
+  KVTILE_HOST_DEVICE bool has_scales() const { return scale_token_bytes > 0; }
+  // The scales of every block as a pool set of their own (one run of num_tokens *
+  // scale_token_bytes per filled block), which every copy routine runs after the elements.
+  KVTILE_HOST_DEVICE kv_pool_set scales() const {
+    kv_pool_set s = *this;
+    s.k = k + scale_offset;
+    s.v = v + scale_offset;
+    s.stride_token = scale_token_bytes;
+    s.stride_head = std::int64_t(sizeof(float));
+    s.head_bytes = std::int64_t(sizeof(float));
+    s.layout = kv_layout::nhd;
+    s.scale_offset = s.scale_token_bytes = 0;
+    return s;
+  }
 
   // The filled part of a block with n tokens is `segments` runs of `segment_bytes` each,
   // `segment_stride` apart: one run for NHD (token major), one per head for HND.
@@ -83,6 +102,7 @@ inline void copy_blocks_host(const kv_pool_set& pools, std::span<const block_cop
       }
     }
   }
+  if (pools.has_scales()) copy_blocks_host(pools.scales(), copies);
 }
 
 }  // namespace memory

@@ -42,8 +42,8 @@ struct host_memory {
   void deallocate(void* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(alignment)); }
   void zero(void* p, std::size_t bytes) { std::memset(p, 0, bytes); }
   void copy_blocks(const kv_pool_set& pools, std::span<const block_copy> copies) { copy_blocks_host(pools, copies); }
-  template <class T>
-  void write_kv(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+  template <class T, class S, class Codec>
+  void write_kv(const memory::kv_pool_view<S, Codec>& pool, const T* k, const T* v, std::int64_t token_stride,
                 const std::int64_t* slots, std::int32_t num_tokens) {
     write_kv_host(pool, k, v, token_stride, slots, num_tokens);
   }

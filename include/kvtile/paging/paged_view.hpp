@@ -61,10 +61,13 @@ concept page_table_format = std::is_trivially_copyable_v<P> && requires(const P 
   { p.batch } -> std::convertible_to<std::int32_t>;
 };
 
-// What a paged attention kernel receives: the pools of one layer and a page table.
-template <class T, page_table_format Table>
+// What a paged attention kernel receives: the pools of one layer and a page table. T is the
+// compute type; the pools store Codec::storage<T> (T itself for identity, e4m3 for fp8).
+template <class T, page_table_format Table, memory::kv_codec Codec = memory::identity>
 struct paged_kv {
-  kv_pool_view<T> pool;
+  using storage_type = typename Codec::template storage<T>;
+  using codec = Codec;
+  kv_pool_view<storage_type, Codec> pool;
   Table table;
 
   KVTILE_HOST_DEVICE std::int32_t batch() const { return table.batch; }
@@ -73,8 +76,16 @@ struct paged_kv {
   KVTILE_HOST_DEVICE std::int64_t token_offset(std::int32_t b, std::int32_t t, std::int32_t h) const {
     return pool.offset(table.block(b, t / pool.page_size), t % pool.page_size, h);
   }
-  KVTILE_HOST_DEVICE T* k_base() const { return pool.k; }
-  KVTILE_HOST_DEVICE T* v_base() const { return pool.v; }
+  // The codec's scales of token t of sequence b, head h (1 for identity pools): the value of
+  // element x is to_float(k_base()[token_offset(b, t, h) + x]) * k_scale(b, t, h).
+  KVTILE_HOST_DEVICE float k_scale(std::int32_t b, std::int32_t t, std::int32_t h) const {
+    return pool.k_scale_at(table.block(b, t / pool.page_size), t % pool.page_size, h);
+  }
+  KVTILE_HOST_DEVICE float v_scale(std::int32_t b, std::int32_t t, std::int32_t h) const {
+    return pool.v_scale_at(table.block(b, t / pool.page_size), t % pool.page_size, h);
+  }
+  KVTILE_HOST_DEVICE storage_type* k_base() const { return pool.k; }
+  KVTILE_HOST_DEVICE storage_type* v_base() const { return pool.v; }
 };
 
 static_assert(page_table_format<csr_page_table> && page_table_format<padded_page_table>);

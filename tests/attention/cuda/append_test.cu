@@ -31,6 +31,33 @@ TEST_CASE("append: ragged chunks mixed with decodes, every group and page size, 
   }
 }
 
+TEST_CASE("append: the warp-specialised sm_90a kernel (plan_options::warp_specialised_append)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const int groups[] = {1, 4, 5, 8};
+  const int pages[] = {16, 24, 64, 256, 1};  // 1: no tensor maps, the cp.async kernel runs
+  for (int i = 0; i < 8; ++i) {
+    spec s;
+    const int group = groups[i % 4];
+    s.hkv = 1 + int(rng() % 2);
+    s.hq = s.hkv * group;
+    s.page_size = pages[i % 5];
+    s.layout = i % 3 == 0 ? kv_layout::hnd : kv_layout::nhd;
+    s.opt.warp_specialised_append = true;
+    s.opt.split_kv = i % 2 == 0;
+    std::uniform_int_distribution<int> prefix(0, 700), chunk(2, 300);
+    const int c0 = chunk(rng), c4 = chunk(rng) | 1;
+    s.q_lens = {c0, 1, 5, 37, c4};
+    s.kv_lens = {prefix(rng) + c0, prefix(rng) + 1, prefix(rng) + 5, 37, prefix(rng) + c4};
+    INFO("group " << group << " page " << s.page_size << " chunks " << c0 << "," << c4);
+    if (i % 2 == 0)
+      run_and_check<bfloat16, 128, causal_mask>(s, {}, rng());
+    else
+      run_and_check<kvtile::half, 64, sliding_window_mask>(s, {200, 4}, rng());
+  }
+}
+
 TEST_CASE("append: split-KV equals unsplit for a chunk over a long prefix") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

@@ -451,3 +451,31 @@ TEST_CASE("plan: the number of work items is checked before any is stored") {
   CHECK_THROWS_WITH_AS(kc::plan_paged_attention<no_mask>(q.data(), t, pr, {}, dev),
                        doctest::Contains("8589934592 row tiles x KV heads"), kvtile::error);
 }
+
+TEST_CASE("plan: fp8 pages (elem_bytes 1) take the cp.async decode kernel, with its own shared memory; append refused") {
+  std::mt19937_64 rng(7);
+  const std::vector<std::int32_t> lens{4096, 33, 1000};
+  const host_csr t(lens, 16, 400, rng);
+  const auto q1 = indptr_of({1, 1, 1});
+  kc::paged_problem pr{32, 8, 128, 16, 400, 1};
+  const auto plan = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
+  CHECK(plan.reason.find("fp8") != std::string::npos);
+  check_partition<causal_mask>(plan, {});
+  // Q, converted K and V tiles, 3 byte stages of K and V with their scales: below the bf16 kernel's.
+  const auto fp8_smem = plan.shape.smem_bytes(128, 1);
+  CHECK(fp8_smem == std::size_t(136 * 2 * (16 + 128) + 2 * 3 * 64 * (128 + 4)));
+  CHECK(fp8_smem < plan.shape.smem_bytes(128, 2));
+  for (int d : {16, 64, 256}) CHECK(kc::paged_shape_for(kc::paged_kernel_kind::decode, d).smem_bytes(d, 1) <= 163 * 1024);
+  // More than 16 packed rows, or force_append: a named error.
+  const auto q8 = indptr_of({8, 1, 1});
+  kvtile_test::expect_error(errc::unsupported, "fp8 K/V pages run on the paged decode kernel",
+                            [&] { (void)kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90()); });
+  kc::plan_options opt;
+  opt.force_append = true;
+  kvtile_test::expect_error(errc::unsupported, "force_append",
+                            [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), opt); });
+  pr.elem_bytes = 4;
+  kvtile_test::expect_error(errc::unsupported, "got 4",
+                            [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90()); });
+}

@@ -36,12 +36,17 @@
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
 
-template <class T, int HeadDim, mask_policy Variant = causal_mask, class Table = paging::csr_page_table>
+// Codec: how the K/V pages are stored (memory/kv_codec.hpp): identity (T pages) or
+// memory::fp8_e4m3<per_head / per_token_head> (e4m3 pages; the decode kernel; plan with
+// problem.elem_bytes = 1).
+template <class T, int HeadDim, mask_policy Variant = causal_mask, class Table = paging::csr_page_table,
+          memory::kv_codec Codec = memory::identity>
 class paged_attention {
  public:
   using element = T;
   using variant = Variant;
   using table = Table;
+  using codec = Codec;
   static constexpr int head_dim = HeadDim;
 
   // What the planner reads, all on the host: the query lengths (q_indptr[batch + 1]), the host
@@ -57,7 +62,7 @@ class paged_attention {
   // What a run reads and writes on the device.
   struct arguments {
     dense_tensor<T> q;                // [batch, q_len(b), num_qo_heads, HeadDim], fixed or varlen
-    paging::paged_kv<T, Table> kv;    // the device page table and pools the plan's table mirrors
+    paging::paged_kv<T, Table, Codec> kv;  // the device page table and pools the plan's table mirrors
     dense_tensor<T> o;                // same shape as q
     float* lse = nullptr;             // [rows, num_qo_heads], natural log; null: not written
     typename Variant::params mask_params{};
@@ -68,6 +73,9 @@ class paged_attention {
   static paged_plan plan(const plan_arguments& a, const typename Variant::params& mask_params) {
     KVTILE_REQUIRE(a.problem.head_dim == HeadDim, errc::invalid_argument, "paged_attention<D=", HeadDim,
                    ">: problem head_dim is ", a.problem.head_dim);
+    constexpr int kv_bytes = int(sizeof(typename Codec::template storage<T>));
+    KVTILE_REQUIRE(a.problem.elem_bytes == kv_bytes, errc::invalid_argument, "paged_attention: problem elem_bytes is ",
+                   a.problem.elem_bytes, "; this codec stores ", kv_bytes, "-byte K/V elements");
     return plan_paged_attention<Variant>(a.q_indptr, a.host_table, a.problem, mask_params, a.device, a.options);
   }
 

@@ -74,9 +74,21 @@ struct paged_kernel_shape {
     const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
     return 1024 + (runs ? stage_bytes + 2 * q_tile + reduce : std::max(stage_bytes, reduce) + q_tile) + 16 * std::size_t(stages);
   }
+  // The fp8 decode kernel (paged/decode_fp8_kernel.cuh): a 2-byte Q tile and converted K and
+  // V tiles (rows padded by 8 elements), byte stages of K and V, and per-token scales; or the
+  // reduction area, whichever is larger.
+  constexpr std::size_t decode_fp8_smem_bytes(int head_dim) const {
+    const std::size_t row = std::size_t(head_dim + 8) * 2;
+    const std::size_t tiles = row * (block_m + 2 * std::size_t(block_n)) +
+                              2 * std::size_t(stages) * block_n * (std::size_t(head_dim) + sizeof(float));
+    const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
+    return std::max(tiles, reduce);
+  }
   // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
+  // elem_bytes: of the K/V pages (1: fp8, decode only).
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
+    if (kind == paged_kernel_kind::decode && elem_bytes == 1) return decode_fp8_smem_bytes(head_dim);
     if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
       return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 8 * (1 + 4 * std::size_t(stages));
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
@@ -131,6 +143,16 @@ struct plan_options {
   bool use_wgmma = true;      // the sm_90a kernels where device_limits::wgmma: wgmma append (D 64,
                               // 128) and TMA decode (decode_sm90_supported)
   int max_ctas = 0;           // TMA decode of small batches: at most this many CTAs (0: one per SM)
+  // fp8 pages: K and V fragments converted in registers from the byte tiles (ldmatrix over
+  // bytes, head-dim order permuted consistently in Q and K; head_dim % 32 == 0, no rotary)
+  // instead of through per-warp T tiles in shared memory. Off until a GPU A/B picks
+  // (docs/perf-log/decode.md v16).
+  bool fp8_registers = false;
+  // sm_90a append on the warp-specialised mainloop (paged/append_sm90_ws_kernel.cuh: TMA page
+  // boxes, ping-pong consumer warpgroups) instead of the cp.async wgmma one, where the pool has
+  // TMA tensor maps. Off: on the H200 it ran the 512-token append 5-6% slower than the cp.async
+  // kernel (docs/perf-log/prefill.md, sm90 v7).
+  bool warp_specialised_append = false;
   // TMA decode of small batches (persistent runs) on compute capability 9+: launch the attention
   // grid with programmatic stream serialisation, so that its CTAs are placed and set up
   // (barriers, work items, L2 prefetch of their first copies) while the kernel before it on the
@@ -167,7 +189,7 @@ struct paged_problem {
   std::int32_t head_dim = 0;
   std::int32_t page_size = 0;
   std::int32_t pool_blocks = 0;  // blocks in the K/V pool: valid block ids are [0, pool_blocks)
-  int elem_bytes = 2;
+  int elem_bytes = 2;             // bytes per stored K/V element: 2 (fp16, bf16) or 1 (fp8 e4m3)
 };
 
 struct paged_work_item {
@@ -198,6 +220,8 @@ struct paged_plan {
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
   bool early_launch = false;  // launch with programmatic serialisation (plan_options::early_launch)
+  bool fp8_registers = false;  // fp8 pages: the register path of the fp8 decode kernel (plan_options::fp8_registers)
+  bool warp_specialised_append = false;  // append_sm90 on the warp-specialised kernel (plan_options)
   // Why the planner chose shape.kind (the alternatives it had and what ruled them out); the run
   // reports it to the dispatch log (dispatch.hpp).
   std::string reason;
@@ -454,6 +478,13 @@ inline kernel_pick pick_paged_kernel(const paged_problem& pr, std::int64_t max_r
                                      const plan_options& opt) {
   const std::string d = "head_dim " + std::to_string(pr.head_dim) + ", page_size " + std::to_string(pr.page_size);
   std::string no_sm90;  // why the sm_90a kernels are out, if they are
+  if (pr.elem_bytes == 1) {  // fp8 pages: the cp.async decode kernel only, for now
+    KVTILE_REQUIRE(!opt.force_append && max_rows <= 16, errc::unsupported,
+                   "fp8 K/V pages run on the paged decode kernel (at most 16 packed query rows per request); a request "
+                   "here packs ", max_rows, opt.force_append ? " and plan_options::force_append is set" : "");
+    return {paged_kernel_kind::decode, "every request packs at most 16 query rows (" + std::to_string(max_rows) +
+                                           "); fp8 K/V pages: the cp.async decode kernel; " + d};
+  }
   if (!opt.use_wgmma) no_sm90 = "plan_options::use_wgmma is off";
   else if (!dev.wgmma) no_sm90 = "the device does not run this binary's sm_90a code (device_limits::wgmma)";
   if (!opt.force_append && max_rows <= 16) {
@@ -485,7 +516,8 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
                  pr.head_dim, " is not a multiple of 16 in [16, 256]");
   KVTILE_REQUIRE(pr.page_size >= 1, errc::invalid_argument, "page_size must be positive, got ", pr.page_size);
   KVTILE_REQUIRE(pr.pool_blocks >= 0, errc::invalid_argument, "pool_blocks is negative: ", pr.pool_blocks);
-  KVTILE_REQUIRE(pr.elem_bytes == 2, errc::unsupported, "paged attention kernels take 2-byte elements, got ", pr.elem_bytes);
+  KVTILE_REQUIRE(pr.elem_bytes == 2 || pr.elem_bytes == 1, errc::unsupported,
+                 "paged attention kernels take 2-byte (fp16, bf16) or 1-byte (fp8 e4m3) K/V elements, got ", pr.elem_bytes);
   KVTILE_REQUIRE(table.batch >= 0, errc::invalid_argument, "batch is negative: ", table.batch);
   KVTILE_REQUIRE(dev.num_sms > 0, errc::invalid_argument, "device_limits.num_sms must be positive, got ", dev.num_sms);
   KVTILE_REQUIRE(q_indptr != nullptr && q_indptr[0] == 0, errc::invalid_argument, "q_indptr must start at 0");
@@ -535,6 +567,17 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
+  if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append) {
+    plan.warp_specialised_append = true;
+    plan.reason += "; warp-specialised mainloop where the pool has TMA tensor maps (plan_options::warp_specialised_append)";
+  }
+  if (pr.elem_bytes == 1) {
+    plan.fp8_registers = opt.fp8_registers && pr.head_dim % 32 == 0 && !has_rotary<Mask>;
+    if (plan.fp8_registers)
+      plan.reason += "; fp8 fragments converted in registers (plan_options::fp8_registers)";
+    else if (opt.fp8_registers)
+      plan.reason += "; fp8 fragments through shared tiles: the register path needs head_dim % 32 == 0 and no rotary";
+  }
   const int bm = plan.shape.block_m, bn = plan.shape.block_n;
 
   // Row tiles and the key hull each one needs. Their number is checked before any is stored:

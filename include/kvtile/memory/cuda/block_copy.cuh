@@ -127,6 +127,7 @@ inline void copy_blocks_device(const kv_pool_set& pools, const block_copy* d_cop
                                                                          std::int32_t(chunk));
   });
   KVTILE_CUDA_CHECK_LAUNCH();
+  if (pools.has_scales()) copy_blocks_device(pools.scales(), d_copies, n, stream);  // the blocks' fp8 scales
 }
 
 }  // namespace memory::cuda

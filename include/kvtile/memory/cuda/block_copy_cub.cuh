@@ -15,6 +15,7 @@
 // generated host stubs for CUB's kernels name `cuda::std` unqualified, which then is ambiguous.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -81,6 +82,11 @@ inline std::size_t copy_blocks_cub_workspace(const kv_pool_set& pools, std::int3
   KVTILE_REQUIRE(max_copies >= 0, errc::invalid_argument, "number of block copies must be >= 0, got ", max_copies);
   std::size_t bytes = 0;
   KVTILE_CUDA_CHECK(detail::cub_batched(pools, nullptr, max_copies, nullptr, bytes, nullptr));
+  if (pools.has_scales()) {  // the blocks' fp8 scales: a second batch, after the first, same workspace
+    std::size_t scale_bytes = 0;
+    KVTILE_CUDA_CHECK(detail::cub_batched(pools.scales(), nullptr, max_copies, nullptr, scale_bytes, nullptr));
+    bytes = std::max(bytes, scale_bytes);
+  }
   return bytes;
 }
 
@@ -98,6 +104,11 @@ inline void copy_blocks_device_cub(const kv_pool_set& pools, const block_copy* d
   std::size_t bytes = workspace_bytes;
   KVTILE_CUDA_CHECK(detail::cub_batched(pools, d_copies, n, workspace, bytes, stream));
   KVTILE_CUDA_CHECK_LAUNCH();
+  if (pools.has_scales()) {
+    bytes = workspace_bytes;
+    KVTILE_CUDA_CHECK(detail::cub_batched(pools.scales(), d_copies, n, workspace, bytes, stream));
+    KVTILE_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace memory::cuda

@@ -70,8 +70,8 @@ class device_memory {
     copy_blocks_device(pools, copies_, std::int32_t(copies.size()), stream_);
   }
 
-  template <class T>
-  void write_kv(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+  template <class T, class S, class Codec>
+  void write_kv(const memory::kv_pool_view<S, Codec>& pool, const T* k, const T* v, std::int64_t token_stride,
                 const std::int64_t* slots, std::int32_t num_tokens) {
     write_kv_device(pool, k, v, token_stride, slots, num_tokens, stream_);
   }

@@ -4,9 +4,13 @@
 // of V with the widest vector the shapes allow (16 bytes when head_dim * sizeof(T) % 16 == 0).
 // slot_mapping (device memory) is as for memory::write_kv_host: a negative slot is skipped; a
 // slot beyond the pool is skipped too (a kernel cannot throw; write_kv_host reports it).
+// An fp8 pool (kv_codec.hpp) is written by write_fp8_kernel instead: one warp per token-head
+// row, which quantises as write_kv_host does (the same encode, so host and device pools agree
+// bit for bit); per_token_head rows first take their amax across the warp.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <cuda_runtime.h>
 
 #include "kvtile/core/cuda_check.cuh"
@@ -53,13 +57,104 @@ KVTILE_KERNEL void __launch_bounds__(kWriteThreads) write_kv_kernel(detail::kv_w
   }
 }
 
-// k, v: [num_tokens, num_kv_heads, head_dim] in device memory, token_stride elements apart;
-// slots: [num_tokens] in device memory.
+namespace detail {
+// Four consecutive elements, loaded as one vector.
 template <class T>
-void write_kv_device(const memory::kv_pool_view<T>& pool, const T* k, const T* v, std::int64_t token_stride,
+struct alignas(4 * sizeof(T)) quad {
+  T x[4];
+};
+}  // namespace detail
+
+// One warp per (token, head) row: quantise K and V into an fp8 pool. Quad: each lane takes 4
+// consecutive elements at a time (one vector load, one 4-byte store) where the shapes and
+// addresses allow it.
+template <class T, class Codec, bool Quad>
+KVTILE_KERNEL void __launch_bounds__(kWriteThreads)
+    write_fp8_kernel(const memory::kv_pool_view<e4m3, Codec> pool, const T* k, const T* v, std::int64_t token_stride,
+                     const std::int64_t* slots) {
+  const std::int64_t slot = slots[blockIdx.x];
+  if (slot < 0 || slot >= std::int64_t(pool.num_blocks) * pool.page_size) return;
+  const auto block = std::int32_t(slot / pool.page_size), in_block = std::int32_t(slot % pool.page_size);
+  const int lane = threadIdx.x % 32, d = pool.head_dim;
+  constexpr int step = Quad ? 4 : 1;
+  for (int h = threadIdx.x / 32; h < pool.num_kv_heads; h += kWriteThreads / 32) {
+    const std::int64_t src = std::int64_t(blockIdx.x) * token_stride + std::int64_t(h) * d;
+    auto* kd = reinterpret_cast<std::uint8_t*>(pool.k_at(block, in_block, h));
+    auto* vd = reinterpret_cast<std::uint8_t*>(pool.v_at(block, in_block, h));
+    float ks, vs;
+    if constexpr (per_token_scales<Codec>) {
+      float ka = 0.f, va = 0.f;
+      for (int x = lane * step; x < d; x += 32 * step) {
+        if constexpr (Quad) {
+          const auto kq = *reinterpret_cast<const detail::quad<T>*>(k + src + x);
+          const auto vq = *reinterpret_cast<const detail::quad<T>*>(v + src + x);
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            ka = fmaxf(ka, fabsf(to_float(kq.x[j])));
+            va = fmaxf(va, fabsf(to_float(vq.x[j])));
+          }
+        } else {
+          ka = fmaxf(ka, fabsf(to_float(k[src + x])));
+          va = fmaxf(va, fabsf(to_float(v[src + x])));
+        }
+      }
+      for (int o = 16; o > 0; o /= 2) {
+        ka = fmaxf(ka, __shfl_xor_sync(0xffffffffu, ka, o));
+        va = fmaxf(va, __shfl_xor_sync(0xffffffffu, va, o));
+      }
+      ks = fp8::scale_for_amax(ka);
+      vs = fp8::scale_for_amax(va);
+      if (lane == 0) {
+        *pool.scale_ptr(pool.k, block, in_block, h) = ks;
+        *pool.scale_ptr(pool.v, block, in_block, h) = vs;
+      }
+    } else {
+      ks = pool.k_scale[h];
+      vs = pool.v_scale[h];
+    }
+    for (int x = lane * step; x < d; x += 32 * step) {
+      if constexpr (Quad) {
+        const auto kq = *reinterpret_cast<const detail::quad<T>*>(k + src + x);
+        const auto vq = *reinterpret_cast<const detail::quad<T>*>(v + src + x);
+        std::uint32_t kw = 0, vw = 0;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          kw |= std::uint32_t(fp8::encode_e4m3(to_float(kq.x[j]) / ks)) << (8 * j);
+          vw |= std::uint32_t(fp8::encode_e4m3(to_float(vq.x[j]) / vs)) << (8 * j);
+        }
+        *reinterpret_cast<std::uint32_t*>(kd + x) = kw;
+        *reinterpret_cast<std::uint32_t*>(vd + x) = vw;
+      } else {
+        kd[x] = fp8::encode_e4m3(to_float(k[src + x]) / ks);
+        vd[x] = fp8::encode_e4m3(to_float(v[src + x]) / vs);
+      }
+    }
+  }
+}
+
+// k, v: [num_tokens, num_kv_heads, head_dim] in device memory, token_stride elements apart;
+// slots: [num_tokens] in device memory. An fp8 pool quantises (per_head: its scales are in
+// device memory, positive and finite: the kernel cannot check them).
+template <class T, class S, class Codec>
+void write_kv_device(const memory::kv_pool_view<S, Codec>& pool, const T* k, const T* v, std::int64_t token_stride,
                      const std::int64_t* slots, std::int32_t num_tokens, cudaStream_t stream = nullptr) {
+  static_assert(Codec::quantized || std::is_same_v<S, T>, "write_kv: an identity pool stores the new K/V's own type");
   check_kv_write(pool, token_stride, slots, num_tokens);
   if (num_tokens == 0) return;
+  if constexpr (Codec::quantized) {
+    const auto e = std::uint64_t(sizeof(T));
+    const bool quad = pool.head_dim % 4 == 0 && (reinterpret_cast<std::uintptr_t>(k) | reinterpret_cast<std::uintptr_t>(v) |
+                                                 std::uint64_t(token_stride) * e) % (4 * e) == 0 &&
+                      (reinterpret_cast<std::uintptr_t>(pool.k) | reinterpret_cast<std::uintptr_t>(pool.v) |
+                       std::uint64_t(pool.stride_block) | std::uint64_t(pool.stride_token) | std::uint64_t(pool.stride_head)) %
+                              4 == 0;
+    if (quad)
+      write_fp8_kernel<T, Codec, true><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(pool, k, v, token_stride, slots);
+    else
+      write_fp8_kernel<T, Codec, false><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(pool, k, v, token_stride, slots);
+    KVTILE_CUDA_CHECK_LAUNCH();
+    return;
+  } else {
   const auto e = std::int64_t(sizeof(T));
   detail::kv_write_args a{reinterpret_cast<std::byte*>(pool.k), reinterpret_cast<std::byte*>(pool.v),
                           reinterpret_cast<const std::byte*>(k), reinterpret_cast<const std::byte*>(v), slots,
@@ -73,6 +168,7 @@ void write_kv_device(const memory::kv_pool_view<T>& pool, const T* k, const T* v
   ::kvtile::memory::cuda::detail::with_vector(
       vec, [&]<class Vec>() { write_kv_kernel<Vec><<<unsigned(num_tokens), kWriteThreads, 0, stream>>>(a); });
   KVTILE_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace memory::cuda

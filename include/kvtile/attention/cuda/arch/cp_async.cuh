@@ -17,6 +17,14 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void cp_async_16(void* smem, const void* gmem, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
 }
 
+// Copy 4 bytes global -> shared through L1 (.ca; the only mode for sizes below 16): an fp8
+// page's per-token scale. When !valid, writes 4 zero bytes and reads nothing.
+KVTILE_DEVICE KVTILE_FORCEINLINE void cp_async_4(void* smem, const void* gmem, bool valid = true) {
+  const std::uint32_t dst = static_cast<std::uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_size));
+}
+
 KVTILE_DEVICE KVTILE_FORCEINLINE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most N committed groups are still in flight.

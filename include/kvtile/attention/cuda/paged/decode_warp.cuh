@@ -23,6 +23,7 @@
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/variant.hpp"
+#include "kvtile/memory/cuda/fp8_convert.cuh"
 #include "kvtile/paging/paged_view.hpp"
 
 KVTILE_NAMESPACE_BEGIN
@@ -30,11 +31,12 @@ namespace attention::cuda::paged {
 
 inline constexpr int merge_early = tuning::paged_merge_early;
 
-template <class T, class Table, class Mask>
+// Codec: how the pools' elements decode (memory/kv_codec.hpp); identity for fp16 / bf16 pools.
+template <class T, class Table, class Mask, class Codec = memory::identity>
 struct kernel_params {
   dense_tensor<T> q;                // [batch, q_len(b), num_qo_heads, D]
   dense_tensor<T> o;                // same shape as q
-  paging::paged_kv<T, Table> kv;    // num_kv_heads heads
+  paging::paged_kv<T, Table, Codec> kv;  // num_kv_heads heads
   float* lse;                       // [rows, num_qo_heads] natural log, or null
   typename Mask::params mask;
   float scale_log2;                 // softmax scale * log2(e)
@@ -67,8 +69,8 @@ struct item_tiles {
   int n_tiles;
   Mask mask;
 
-  template <class T, class Table>
-  KVTILE_DEVICE item_tiles(const kernel_params<T, Table, Mask>& p, int item)
+  template <class T, class Table, class Codec>
+  KVTILE_DEVICE item_tiles(const kernel_params<T, Table, Mask, Codec>& p, int item)
       : w(p.work[item]),
         rows(w.q_len * p.group),
         t_lo(w.row0 / p.group),
@@ -88,8 +90,9 @@ struct item_tiles {
   }
   // The BM packed query rows as 16-byte chunks, one call copy(r, c, src, valid) per chunk c of
   // row r (valid false past the request's rows, src then a harmless address), over NT threads.
-  template <int D, class T, class Table, class Copy>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void q_chunks(const kernel_params<T, Table, Mask>& p, int tid, int nt, Copy&& copy) const {
+  template <int D, class T, class Table, class Codec, class Copy>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void q_chunks(const kernel_params<T, Table, Mask, Codec>& p, int tid, int nt,
+                                                 Copy&& copy) const {
     constexpr int CPR = D / 8;
     for (int idx = tid; idx < BM * CPR; idx += nt) {
       const int r = idx / CPR, c = idx % CPR;
@@ -193,6 +196,77 @@ struct warp_rows {
     }
   }
 
+  // ---- fp8 pages, fragments straight from the byte tile (decode_fp8_kernel.cuh, registers) ----
+  // A dot product does not change when the head-dim axis of both Q and K is permuted. ldmatrix
+  // (b16) over byte rows gives lane (g, tq) bytes 4tq .. 4tq + 3 of a key row's 16-byte chunk;
+  // converted, they are taken as the B fragment's k-pairs (2tq, 2tq + 1) and (2tq + 8, 2tq + 9),
+  // i.e. logical k index 2tq + j <-> head dim 4tq + j, 2tq + 8 + j <-> 4tq + 2 + j (j = 0, 1).
+  // Q's A fragments are loaded with the same permutation: a0 / a1 = dims 4tq, 4tq + 1 of rows
+  // g / g + 8, a2 / a3 = dims 4tq + 2, 4tq + 3.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q_fp8_order(const T* q_s, int row0, int lane) {
+    const int g = lane / 4, tq = lane % 4;
+    KVTILE_PRAGMA_UNROLL
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint2 a = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g, kk * 16 + 4 * tq));
+      const uint2 b = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g + 8, kk * 16 + 4 * tq));
+      q[kk][0] = a.x, q[kk][1] = b.x, q[kk][2] = a.y, q[kk][3] = b.y;
+    }
+  }
+  // s = Q K^T over this warp's TPW keys: ks points at its first key row of e4m3 bytes, rows RB
+  // bytes apart. One ldmatrix_x4 reads 16 keys x 32 dims: matrices (keys +0, dims +0),
+  // (keys +8, dims +0), (keys +0, dims +16), (keys +8, dims +16).
+  template <int RB>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores_fp8(float (&s)[TPW / 8][4], const std::uint8_t* ks, int lane) const {
+    static_assert(D % 32 == 0, "scores_fp8: head_dim must be a multiple of 32");
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    const int mi = lane / 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int k2 = 0; k2 < D / 32; ++k2)
+      KVTILE_PRAGMA_UNROLL
+      for (int np = 0; np < TPW / 16; ++np) {
+        std::uint32_t r[4];
+        arch::ldmatrix_x4(r, arch::smem_addr(ks + (np * 16 + (mi % 2) * 8 + lane % 8) * RB + k2 * 32 + (mi / 2) * 16));
+        KVTILE_PRAGMA_UNROLL
+        for (int m = 0; m < 4; ++m) {
+          std::uint32_t b[2];
+          memory::cuda::e4m3x4_to<T>(r[m], b[0], b[1]);
+          arch::mma_16816<T>(s[2 * np + m % 2], q[2 * k2 + m / 2], b);
+        }
+      }
+  }
+  // O += P V over this warp's TPW keys, vs as ks above. ldmatrix_x4.trans (b16) over byte rows
+  // gives lane (g, tq) keys 2tq, 2tq + 1 x dims 2g, 2g + 1 of a 16-dim chunk (bytes k0d0, k0d1,
+  // k1d0, k1d1); a byte permute makes (k0d0, k1d0) the B fragment of dim 2g and (k0d1, k1d1)
+  // that of dim 2g + 1. So o[2dp] holds the chunk's even dims and o[2dp + 1] its odd ones: lane
+  // (g, tq) ends with dims 16dp + 4tq .. 4tq + 3 as o[2dp][0], o[2dp + 1][0], o[2dp][1],
+  // o[2dp + 1][1] (rows g; [2], [3] for g + 8), which finish_rows<..., true> writes back in order.
+  template <int RB>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate_fp8(const float (&s)[TPW / 8][4], const std::uint8_t* vs, int lane) {
+    static_assert(D % 32 == 0, "accumulate_fp8: head_dim must be a multiple of 32");
+    const int mi = lane / 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int kj = 0; kj < TPW / 16; ++kj) {
+      const std::uint32_t pa[4] = {arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]), arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]),
+                                   arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
+                                   arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
+      KVTILE_PRAGMA_UNROLL
+      for (int d2 = 0; d2 < D / 32; ++d2) {
+        std::uint32_t r[4];
+        arch::ldmatrix_x4_trans(r, arch::smem_addr(vs + (kj * 16 + (mi % 2) * 8 + lane % 8) * RB + d2 * 32 + (mi / 2) * 16));
+        KVTILE_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          std::uint32_t even[2], odd[2];  // [0]: keys +0..7, [1]: keys +8..15
+          memory::cuda::e4m3x4_to<T>(__byte_perm(r[2 * h], 0u, 0x3120u), even[0], odd[0]);
+          memory::cuda::e4m3x4_to<T>(__byte_perm(r[2 * h + 1], 0u, 0x3120u), even[1], odd[1]);
+          const int dp = 2 * d2 + h;
+          arch::mma_16816<T>(o[2 * dp], pa, even);
+          arch::mma_16816<T>(o[2 * dp + 1], pa, odd);
+        }
+      }
+    }
+  }
+
   // Scale to base 2; when `partial`, keys at or past k1 or hidden from the row's query token
   // (t_row) are -inf. j0: the key position of this warp's first key in the tile.
   template <class Mask>
@@ -209,6 +283,25 @@ struct warp_rows {
         }
         s[nt][e] = x;
       }
+  }
+
+  // Multiply each key's column of s (scores or probabilities) by that key's factor: fp8 pages
+  // with per-token scales scale their scores by the K scale and P by the V scale, instead of
+  // every element. sc: the factors of this warp's TPW keys.
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_keys(float (&s)[TPW / 8][4], const float* sc, int tq) {
+    KVTILE_PRAGMA_UNROLL
+    for (int nt = 0; nt < TPW / 8; ++nt) {
+      const float2 f = *reinterpret_cast<const float2*>(sc + nt * 8 + 2 * tq);
+      s[nt][0] *= f.x;
+      s[nt][1] *= f.y;
+      s[nt][2] *= f.x;
+      s[nt][3] *= f.y;
+    }
+  }
+  // O times f (a per-item V scale), before the epilogue.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
+    KVTILE_PRAGMA_UNROLL
+    for (int i = 0; i < D / 8; ++i) o[i][0] *= f, o[i][1] *= f, o[i][2] *= f, o[i][3] *= f;
   }
 
   // Online softmax over the tile's scores (four lanes per row): s becomes P, O is rescaled.
@@ -270,8 +363,10 @@ struct warp_rows {
 struct cta_sync {
   KVTILE_DEVICE KVTILE_FORCEINLINE void operator()() const { __syncthreads(); }
 };
-template <int BM, int NT, int WN, class T, int D, int TPW, class Table, class Mask, class Sync = cta_sync>
-KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask>& p, const paged_work_item& w, int rows,
+// FP8Order: O is in accumulate_fp8's order (each lane's four consecutive dims per 16-dim chunk).
+template <int BM, int NT, int WN, bool FP8Order = false, class T, int D, int TPW, class Table, class Mask, class Codec,
+          class Sync = cta_sync>
+KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask, Codec>& p, const paged_work_item& w, int rows,
                                                   warp_rows<T, D, TPW>& st, unsigned char* smem, Sync sync = {}) {
   constexpr int RLD = D + 4;  // fp32 reduction row stride
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -283,12 +378,21 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, 
     st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
     st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
   }
-  KVTILE_PRAGMA_UNROLL
-  for (int dt = 0; dt < D / 8; ++dt)
+  if constexpr (FP8Order) {
     KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < 2; ++i)
-      *reinterpret_cast<float2*>(red_o + (warp * 16 + g + 8 * i) * RLD + dt * 8 + 2 * tq) =
-          make_float2(st.o[dt][2 * i], st.o[dt][2 * i + 1]);
+    for (int dp = 0; dp < D / 16; ++dp)
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < 2; ++i)
+        *reinterpret_cast<float4*>(red_o + (warp * 16 + g + 8 * i) * RLD + dp * 16 + 4 * tq) =
+            make_float4(st.o[2 * dp][2 * i], st.o[2 * dp + 1][2 * i], st.o[2 * dp][2 * i + 1], st.o[2 * dp + 1][2 * i + 1]);
+  } else {
+    KVTILE_PRAGMA_UNROLL
+    for (int dt = 0; dt < D / 8; ++dt)
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < 2; ++i)
+        *reinterpret_cast<float2*>(red_o + (warp * 16 + g + 8 * i) * RLD + dt * 8 + 2 * tq) =
+            make_float2(st.o[dt][2 * i], st.o[dt][2 * i + 1]);
+  }
   if (tq == 0)
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < 2; ++i) {

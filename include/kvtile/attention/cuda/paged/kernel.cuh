@@ -188,8 +188,8 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 // launch) and waits for it here, so the launch's latency is hidden.
 inline constexpr int merge_threads = 128;
 
-template <class T, int D, int BM, class Table, class Mask>
-KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask> p) {
+template <class T, int D, int BM, class Table, class Mask, class Codec = memory::identity>
+KVTILE_KERNEL void __launch_bounds__(merge_threads) merge_partials_kernel(const kernel_params<T, Table, Mask, Codec> p) {
   constexpr int batch = 8;
   arch::wait_primary_grid();
   arch::launch_dependents();  // an early-launched attention grid after this one may be placed now

@@ -16,6 +16,7 @@
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/append_sm90_ws_kernel.cuh"
+#include "kvtile/attention/cuda/paged/decode_fp8_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
@@ -67,8 +68,9 @@ namespace paged {
 // The merge CTAs of a split plan whose partial states hold BM rows each.
 // On compute capability 9+ they are launched with programmatic stream serialisation: they start
 // while the attention grid finishes and wait for it on the device (merge_partials_kernel).
-template <class T, int D, int BM, class Mask, class Table>
-void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
+template <class T, int D, int BM, class Mask, class Table, class Codec>
+void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
+                   cudaStream_t stream) {
   if (plan.merges.empty()) return;
   cudaLaunchConfig_t cfg{};
   // Rows past plan.merge_rows hold no query in any merge item: no CTAs for them.
@@ -82,7 +84,7 @@ void launch_merges(const paged_plan& plan, const kernel_params<T, Table, Mask>& 
     cfg.attrs = &early;
     cfg.numAttrs = 1;
   }
-  KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_partials_kernel<T, D, BM, Table, Mask>, params));
+  KVTILE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge_partials_kernel<T, D, BM, Table, Mask, Codec>, params));
 }
 
 // Whether a kernel that waits on the device (see launch_items) is launched early for `plan`.
@@ -95,9 +97,9 @@ inline bool launches_early(const paged_plan& plan, int device) {
 // `Early`: the kernel waits for the grid before it on the device (arch::wait_primary_grid)
 // before touching memory that grid may write, so it may be launched with programmatic stream
 // serialisation where the plan asks for it.
-template <auto Kernel, int D, int BM, bool Early = false, class T, class Table, class Mask, class... Extra>
+template <auto Kernel, int D, int BM, bool Early = false, class T, class Table, class Mask, class Codec, class... Extra>
 void launch_items(const paged_plan& plan, int threads, std::size_t smem, int device, cudaStream_t stream,
-                  const kernel_params<T, Table, Mask>& params, const Extra&... extra) {
+                  const kernel_params<T, Table, Mask, Codec>& params, const Extra&... extra) {
   // Once per device (not a stream operation: legal while a stream is being captured).
   static std::atomic<std::uint64_t> smem_set{0};
   kvtile::detail::once_per_device(smem_set, device, [&] {
@@ -135,13 +137,32 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
   }
 }
 
-// The sm_90a append kernels, head dims 64 and 128: the warp-specialised one
-// (append_sm90_ws_kernel.cuh) where the pool has TMA tensor maps, else the cp.async one
-// (append_sm90_kernel.cuh); one plan serves both.
+// The fp8 decode kernel (decode_fp8_kernel.cuh): fp8 pages, any supported head dim.
+template <class T, int D, class Codec, class Mask, class Table>
+void launch_decode_fp8(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
+                       cudaStream_t stream) {
+  using C = fp8_decode_config<D>;
+  if constexpr (D % 32 == 0 && !has_rotary<Mask>) {
+    if (plan.fp8_registers) {
+      launch_items<paged_decode_fp8_kernel<T, D, Codec, Mask, Table, true>, D, C::bm>(
+          plan, C::threads, fp8_decode_smem_bytes<D, true>(), device, stream, params);
+      return;
+    }
+  } else {
+    KVTILE_REQUIRE(!plan.fp8_registers, errc::invalid_argument, "the plan asks for the fp8 register path, which has no head_dim ",
+                   D, (has_rotary<Mask> ? " or rotary variant" : ""));
+  }
+  launch_items<paged_decode_fp8_kernel<T, D, Codec, Mask, Table, false>, D, C::bm>(
+      plan, C::threads, fp8_decode_smem_bytes<D, false>(), device, stream, params);
+}
+
+// The sm_90a append kernels, head dims 64 and 128: the cp.async one (append_sm90_kernel.cuh),
+// or where the plan asks for it (plan_options::warp_specialised_append) and the pool has TMA
+// tensor maps, the warp-specialised one (append_sm90_ws_kernel.cuh); one plan serves both.
 template <class T, int D, class Mask, class Table>
 void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
                         cudaStream_t stream) {
-  if (decode_sm90_supported(D, params.kv.pool.page_size)) {
+  if (plan.warp_specialised_append && decode_sm90_supported(D, params.kv.pool.page_size)) {
     using G = typename append_ws_source<T, D, Mask, Table>::G;
     const tma_pool& pool = cached_tma_pool(params.kv.pool);
     launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
@@ -177,9 +198,11 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 
 // The run's checks (host values only): the tensors, pools and variant parameters against the
 // plan; throws kvtile::error naming the first value that does not fit.
-template <mask_policy Mask, int HeadDim, class T, class Table>
+// An fp8 pool (Codec fp8_e4m3) needs a plan made with problem.elem_bytes = 1 (the fp8 decode
+// kernel), its scales, and 16-byte aligned rows.
+template <mask_policy Mask, int HeadDim, class T, class Table, class Codec>
 void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
-                           const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o,
+                           const paging::paged_kv<T, Table, Codec>& kv, const dense_tensor<T>& o,
                            const typename Mask::params& mask_params, float scale) {
   static_assert(std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>,
                 "paged attention runs on fp16 or bf16 tensors");
@@ -210,12 +233,28 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
   if constexpr (has_rotary<Mask>)
     KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
                    errc::unsupported, "rotary variants run on the paged decode kernels; the plan is for ", plan.kernel());
+  constexpr int kv_bytes = int(sizeof(typename paging::paged_kv<T, Table, Codec>::storage_type));
+  KVTILE_REQUIRE(plan.problem.elem_bytes == kv_bytes, errc::invalid_argument, "the plan was made for ",
+                 plan.problem.elem_bytes, "-byte K/V elements; this pool stores ", kv_bytes,
+                 "-byte ones (paged_problem::elem_bytes)");
+  if constexpr (Codec::quantized)
+    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode, errc::unsupported,
+                   "fp8 K/V pages run on the paged decode kernel; the plan is for ", plan.kernel());
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
+  if constexpr (memory::per_head_scales<Codec>)
+    KVTILE_REQUIRE(kv.pool.k_scale && kv.pool.v_scale, errc::invalid_argument,
+                   "an fp8 per-head pool needs its K and V scales (k_scale ", kv.pool.k_scale, ", v_scale ", kv.pool.v_scale,
+                   ")");
+  if constexpr (memory::per_token_scales<Codec>)
+    KVTILE_REQUIRE(kv.pool.scale_offset % 4 == 0 && kv.pool.scale_offset > 0, errc::invalid_argument,
+                   "an fp8 per-token pool's scales must start at a positive multiple of 4 bytes into the block, got ",
+                   kv.pool.scale_offset);
+  constexpr int kv_align = 16 / kv_bytes;  // elements per 16 bytes
   const bool ok_align = paged::aligned16(q.data) && paged::aligned16(o.data) && paged::aligned16(kv.pool.k) &&
                         paged::aligned16(kv.pool.v) && q.layout.stride_token % 8 == 0 && q.layout.stride_head % 8 == 0 &&
                         q.layout.stride_batch % 8 == 0 && o.layout.stride_token % 4 == 0 && o.layout.stride_head % 4 == 0 &&
-                        o.layout.stride_batch % 4 == 0 && kv.pool.stride_block % 8 == 0 && kv.pool.stride_token % 8 == 0 &&
-                        kv.pool.stride_head % 8 == 0;
+                        o.layout.stride_batch % 4 == 0 && kv.pool.stride_block % kv_align == 0 &&
+                        kv.pool.stride_token % kv_align == 0 && kv.pool.stride_head % kv_align == 0;
   KVTILE_REQUIRE(ok_align, errc::invalid_argument,
                  "paged attention needs 16-byte aligned q, o, k, v and strides that are multiples of 8 elements");
 }
@@ -223,9 +262,9 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
 // Run a plan: o (and lse, [rows, num_qo_heads], may be null) = attention of q over kv.
 // q and o: [batch, q_len(b), num_qo_heads, HeadDim] (fixed or varlen), with the lengths the
 // plan was made for; kv: the device page table and pools the plan's host table mirrors.
-template <mask_policy Mask, int HeadDim, class T, class Table>
+template <mask_policy Mask, int HeadDim, class T, class Table, class Codec>
 void run_paged_attention(const paged_plan& plan, void* workspace, const dense_tensor<T>& q,
-                         const paging::paged_kv<T, Table>& kv, const dense_tensor<T>& o, float* lse,
+                         const paging::paged_kv<T, Table, Codec>& kv, const dense_tensor<T>& o, float* lse,
                          typename Mask::params mask_params, float scale, cudaStream_t stream = nullptr) {
   check_paged_attention<Mask, HeadDim>(plan, q, kv, o, mask_params, scale);
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
@@ -240,7 +279,7 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   if (dispatch_log_enabled()) log_dispatch({"cuda::run_paged_attention", plan.kernel(), plan.reason});
 
   auto* base = static_cast<unsigned char*>(workspace);
-  paged::kernel_params<T, Table, Mask> params;
+  paged::kernel_params<T, Table, Mask, Codec> params;
   params.q = q;
   params.o = o;
   params.kv = kv;
@@ -254,6 +293,10 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.merges = reinterpret_cast<const paged_merge_item*>(base + plan.merge_offset());
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
+  if constexpr (Codec::quantized) {
+    paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // check: the plan is for decode
+    return;
+  } else {
   const bool sm90_kind = plan.shape.kind == paged_kernel_kind::append_sm90 || plan.shape.kind == paged_kernel_kind::decode_sm90;
   if (sm90_kind)
     KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for an sm_90a kernel, but device ",
@@ -277,6 +320,7 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
     paged::launch<T, HeadDim, paged_kernel_kind::decode>(plan, params, device, stream);
   } else {
     paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, device, stream);
+  }
   }
 }
 
