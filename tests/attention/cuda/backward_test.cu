@@ -337,7 +337,10 @@ TEST_CASE("backward: a run captured in a CUDA graph and replayed gives the direc
       dp.dq_d.upload(std::vector<T>(dp.q.size(), kvtile_test::poison<T>()));
       dp.dk_d.upload(std::vector<T>(dp.k.size(), kvtile_test::poison<T>()));
       dp.dv_d.upload(std::vector<T>(dp.v.size(), kvtile_test::poison<T>()));
-      KVTILE_CUDA_CHECK(cudaMemset(ws.ptr, 0xFF, ws.n));
+      KVTILE_CUDA_CHECK(cudaDeviceSynchronize());  // the uploads, before a stream that does not wait for them
+      // On the replay's own stream: a plain cudaMemset runs on the legacy stream, which a
+      // non-blocking stream does not wait for, and would race with the replay.
+      KVTILE_CUDA_CHECK(cudaMemsetAsync(ws.ptr, 0xFF, ws.n, stream));
       KVTILE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
       KVTILE_CUDA_CHECK(cudaStreamSynchronize(stream));
       const auto dq = dp.dq_d.download(), dk = dp.dk_d.download(), dv = dp.dv_d.download();
