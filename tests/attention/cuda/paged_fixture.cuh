@@ -192,7 +192,7 @@ outcome check_against_reference(const problem<T, D>& pr, typename Mask::params m
       if (std::isnan(lse[i])) r.nan = true;
     }
   }
-  INFO("kernel max err " << r.err << ", naive " << element_name<T> << " max err " << r.naive_err << ", lse err "
+  INFO("kernel max err " << r.err << ", naive " << std::string(element_name<T>) << " max err " << r.naive_err << ", lse err "
                          << r.lse_err);
   CHECK_FALSE(r.nan);
   CHECK(r.err <= 2 * r.naive_err + 2e-3);
