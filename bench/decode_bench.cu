@@ -177,7 +177,7 @@ struct paged_setup {
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
     // KVTILE_BENCH_EARLY_LAUNCH=0: launch the TMA decode grid without programmatic serialisation.
     if (const char* e = std::getenv("KVTILE_BENCH_EARLY_LAUNCH")) opt.early_launch = std::atoi(e) != 0;
-    // KVTILE_BENCH_FP8_REGISTERS=1: fp8 rows convert K/V fragments in registers (plan_options::fp8_registers).
+    // KVTILE_BENCH_FP8_REGISTERS=0: fp8 rows through shared tiles instead of registers (plan_options::fp8_registers).
     if (const char* e = std::getenv("KVTILE_BENCH_FP8_REGISTERS")) opt.fp8_registers = std::atoi(e) != 0;
     dispatch([&]<class V>() {
       plan = kc::plan_paged_attention<V>(qi.data(), host, pr, variant_params<V>(), kc::query_device_limits(), opt);

@@ -145,9 +145,10 @@ struct plan_options {
   int max_ctas = 0;           // TMA decode of small batches: at most this many CTAs (0: one per SM)
   // fp8 pages: K and V fragments converted in registers from the byte tiles (ldmatrix over
   // bytes, head-dim order permuted consistently in Q and K; head_dim % 32 == 0, no rotary)
-  // instead of through per-warp T tiles in shared memory. Off until a GPU A/B picks
-  // (docs/perf-log/decode.md v16).
-  bool fp8_registers = false;
+  // instead of through per-warp T tiles in shared memory. On by default: on the H200 it read
+  // 1.05-1.44x faster than the shared tiles on every decode row (docs/perf-log/decode.md v16);
+  // configurations it cannot take use the shared tiles.
+  bool fp8_registers = true;
   // sm_90a append on the warp-specialised mainloop (paged/append_sm90_ws_kernel.cuh: TMA page
   // boxes, ping-pong consumer warpgroups) instead of the cp.async wgmma one, where the pool has
   // TMA tensor maps. Off: on the H200 it ran the 512-token append 5-6% slower than the cp.async
