@@ -186,6 +186,20 @@ TEST_CASE("cuda::prefill's dispatch: the warp-specialised kernel on fixed and va
   const auto varlen = P::dispatch(v);
   INFO(varlen.kernel << ": " << varlen.reason);
   CHECK(std::string(varlen.kernel).find("warp-specialised") != std::string::npos);
+  // D 64: short queries take the 128-row tile, long ones the 192-row default (tuning.hpp).
+  using P64 = cuda::prefill<bfloat16, 64, causal_mask>;
+  alignas(16) static bfloat16 buf64[2048 * 64];
+  P64::arguments s64;
+  s64.q = {buf64, ragged_layout::fixed(1, 1024, 1, 64)};
+  s64.kv = {buf64, buf64, ragged_layout::fixed(1, 1024, 1, 64)};
+  s64.o = {buf64, ragged_layout::fixed(1, 1024, 1, 64)};
+  const auto c_short = P64::dispatch(s64);
+  INFO(c_short.kernel << ": " << c_short.reason);
+  CHECK(c_short.reason.find("<128, 128, 12, 3>") != std::string::npos);
+  s64.q.layout = s64.kv.layout = s64.o.layout = ragged_layout::fixed(1, 2048, 1, 64);
+  const auto c_long = P64::dispatch(s64);
+  INFO(c_long.kernel << ": " << c_long.reason);
+  CHECK(c_long.reason.find("<192, 128, 16, 3>") != std::string::npos);
   auto strided = a;  // sequences 2 x 32 tokens apart: no tensor map of rows
   strided.q.layout = strided.o.layout = ragged_layout::fixed(1, 32, 1, 128);
   strided.q.layout.stride_batch = strided.o.layout.stride_batch = 64 * 128;

@@ -209,6 +209,14 @@ class prefill {
  private:
   static constexpr const char* portable_name = "prefill (mma.sync, sm_80+)";
 
+  // The sm_90a tile for short queries where the user kept the default (tuning.hpp).
+  using short_tile = typename tuning::prefill_sm90_short_tile<HeadDim>::type;
+  static constexpr bool has_short_tile = default_tile && !std::is_void_v<short_tile>;
+  static bool short_queries(const arguments& a) {
+    if constexpr (has_short_tile) return detail::prefill_max_q_len(a) <= tuning::prefill_sm90_short_q;
+    else return false;
+  }
+
   template <class Tl>
   static std::string tile_text() {
     return "<" + std::to_string(Tl::block_q) + ", " + std::to_string(Tl::block_kv) + ", " + std::to_string(Tl::warps) +
@@ -231,6 +239,15 @@ class prefill {
       } else if (!detail::sm90_kernels_available(device)) {
         c.kernel = portable_name;
         c.reason = "this binary has no sm_90a code (build for CUDA architecture 90a); " + d;
+      } else if (a != nullptr && short_queries(*a)) {
+        if constexpr (has_short_tile) {
+          using sm90_short = detail::sm90_prefill_kernels<T, HeadDim, short_tile, Mask>;
+          const bool tma = sm90_short::tma(detail::make_prefill_params<T, Mask, HeadDim>(*a));
+          c.kernel = sm90_short::name(tma);
+          c.reason = d + ", tile " + tile_text<short_tile>() + " (the default for queries of at most " +
+                     std::to_string(tuning::prefill_sm90_short_q) + " tokens at this head dim)";
+          if (!tma) c.reason += "; " + sm90_short::why_not_tma() + " " + tile_text<typename sm90_short::cp_async_tile>();
+        }
       } else {
         using sm90 = detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>;
         const bool tma = a == nullptr || sm90::tma(detail::make_prefill_params<T, Mask, HeadDim>(*a));
@@ -269,10 +286,20 @@ class prefill {
     const typename kernel_t::params p = detail::make_prefill_params<T, Mask, HeadDim>(a);
     if constexpr (sm90_dispatch) {
       using sm90 = detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>;
-      if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device) && sm90::can_launch(p)) {
-        if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
-        sm90::launch(p, detail::prefill_max_q_len(a), device, stream);
-        return;
+      if (allow_sm90 && major == 9 && detail::sm90_kernels_available(device)) {
+        if constexpr (has_short_tile) {
+          using sm90_short = detail::sm90_prefill_kernels<T, HeadDim, short_tile, Mask>;
+          if (short_queries(a) && sm90_short::can_launch(p)) {
+            if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
+            sm90_short::launch(p, detail::prefill_max_q_len(a), device, stream);
+            return;
+          }
+        }
+        if (sm90::can_launch(p)) {
+          if (dispatch_log_enabled()) log_dispatch(choose(device, allow_sm90, &a));
+          sm90::launch(p, detail::prefill_max_q_len(a), device, stream);
+          return;
+        }
       }
     }
     KVTILE_REQUIRE(portable_tile, errc::unsupported, "prefill tile ", tile_text<Tile>(), " with D=", HeadDim,
