@@ -29,6 +29,28 @@ namespace attention::cuda::paged {
 template <int D>
 using append_sm90_tile = detail::sm90_cp_async_default_tile_t<D>;
 
+// The epilogue of a paged append CTA, for both sm_90a mainloops: the normalised row r of the
+// source's work item (query token src.token(r), query head src.head(r)), o[2j], o[2j + 1] its
+// columns 8j + 2t, 8j + 2t + 1 and lse in natural log, to O and the LSE, or for a split item to
+// the fp32 partial state of its BM-row tile.
+template <int D, int BM, class T, class Table, class Mask, class Source>
+KVTILE_DEVICE KVTILE_FORCEINLINE void store_append_row(const kernel_params<T, Table, Mask>& p, const paged_work_item& w,
+                                                       const Source& src, int r, const float* o, float lse, int t) {
+  if (w.partial < 0) {
+    const int tok = src.token(r), h = src.head(r);
+    if (p.lse != nullptr && t == 0) p.lse[p.q.layout.row(w.batch, tok) * p.num_qo_heads + h] = lse;
+    T* dst = p.o.at(w.batch, tok, h) + 2 * t;
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+  } else {
+    const std::int64_t prow = std::int64_t(w.partial) * BM + r;
+    float* dst = p.partial_o + prow * D + 2 * t;
+    KVTILE_PRAGMA_UNROLL
+    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[2 * j], o[2 * j + 1]);
+    if (t == 0) p.partial_lse[prow] = lse;
+  }
+}
+
 template <class T, int D, class Mask, class Table>
 struct append_sm90_source {
   using Tile = append_sm90_tile<D>;
@@ -119,19 +141,7 @@ struct append_sm90_source {
     }
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
-    if (w.partial < 0) {
-      const int tok = token(r), h = head(r);
-      if (p.lse != nullptr && t == 0) p.lse[p.q.layout.row(w.batch, tok) * p.num_qo_heads + h] = lse;
-      T* dst = p.o.at(w.batch, tok, h) + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
-    } else {
-      const std::int64_t prow = std::int64_t(w.partial) * G::block_q + r;
-      float* dst = p.partial_o + prow * D + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[2 * j], o[2 * j + 1]);
-      if (t == 0) p.partial_lse[prow] = lse;
-    }
+    store_append_row<D, G::block_q>(p, w, *this, r, o, lse, t);
   }
 };
 

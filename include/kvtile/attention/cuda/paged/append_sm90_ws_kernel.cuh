@@ -20,6 +20,7 @@
 
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/tma.cuh"
+#include "kvtile/attention/cuda/paged/append_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_sm90_kernel.cuh"
 #include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
@@ -86,19 +87,7 @@ struct append_ws_source {
     issue_tile(dst, k0, bar, &pool.v);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
-    if (w.partial < 0) {
-      const int tok = token(r), h = head(r);
-      if (p.lse != nullptr && t == 0) p.lse[p.q.layout.row(w.batch, tok) * p.num_qo_heads + h] = lse;
-      T* dst = p.o.at(w.batch, tok, h) + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
-    } else {
-      const std::int64_t prow = std::int64_t(w.partial) * G::block_q + r;
-      float* dst = p.partial_o + prow * D + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) *reinterpret_cast<float2*>(dst + j * 8) = make_float2(o[2 * j], o[2 * j + 1]);
-      if (t == 0) p.partial_lse[prow] = lse;
-    }
+    store_append_row<D, G::block_q>(p, w, *this, r, o, lse, t);
   }
 
  private:

@@ -139,6 +139,46 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void copy_rows_sw128(std::uint32_t smem, const 
   }
 }
 
+// ---- the softmax on a wgmma score fragment, shared by both sm_90a mainloops ----------------
+// A thread holds rows g and g + 8 (half 0 and 1) of its warp's 16 and, per 8-key group j,
+// columns 8j + 2t + {0, 1}: s[4j + 2 half + {0, 1}] (arch/wgmma.cuh).
+
+// The row's max over the tile (its quad of lanes reduced).
+template <int N>
+KVTILE_DEVICE KVTILE_FORCEINLINE float fragment_row_max(const float (&s)[N], int half) {
+  float mx = neg_inf;
+  KVTILE_PRAGMA_UNROLL
+  for (int j = 0; j < N / 4; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+  mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  return max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+// s <- exp2(s * scale_log2 - base) over the row's columns of this lane; returns their sum (the
+// quad is summed once, at the end of the row).
+template <int N>
+KVTILE_DEVICE KVTILE_FORCEINLINE float fragment_row_exp2(float (&s)[N], int half, float scale_log2, float base) {
+  float sum = 0.f;
+  KVTILE_PRAGMA_UNROLL
+  for (int j = 0; j < N / 4; ++j)
+    KVTILE_PRAGMA_UNROLL
+    for (int c = 0; c < 2; ++c) {
+      float& x = s[4 * j + 2 * half + c];
+      x = arch::fast_exp2(fmaf(x, scale_log2, -base));
+      sum += x;
+    }
+  return sum;
+}
+// P (fp32 in the score fragment) as the register A fragments of P V's 16-key steps.
+template <class T, int N>
+KVTILE_DEVICE KVTILE_FORCEINLINE void fragment_to_a(const float (&s)[N], std::uint32_t (&pa)[N / 8][4]) {
+  KVTILE_PRAGMA_UNROLL
+  for (int j = 0; j < N / 8; ++j) {
+    pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
+    pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
+    pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
+    pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
+  }
+}
+
 // What the sm_90a attention core reads and writes, for one CTA: a policy object built by the
 // kernel entry (dense_sm90_source below for cuda::prefill, paged::append_sm90_source for paged
 // K/V). It provides
@@ -266,32 +306,11 @@ struct sm90_attention_core {
       o_to_states();
       KVTILE_PRAGMA_UNROLL
       for (int half = 0; half < 2; ++half) {
-        float mx = neg_inf;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
-        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = st[half].enter_tile(mx * scale_log2);
-        float sum = 0.f;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::block_kv / 8; ++j)
-          KVTILE_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[4 * j + 2 * half + c];
-            x = arch::fast_exp2(fmaf(x, scale_log2, -base));
-            sum += x;
-          }
-        st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
+        const float base = st[half].enter_tile(fragment_row_max(s, half) * scale_log2);
+        st[half].l += fragment_row_exp2(s, half, scale_log2, base);
       }
       states_to_o();
-      // P as the register A fragment of each 16-key step.
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < G::kv_steps; ++j) {
-        pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
-        pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
-        pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
-        pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
-      }
+      fragment_to_a<T>(s, pa);
     };
     // O += P V of the tile in ring slot `stage`, committed, not waited.
     auto issue_pv = [&](int stage, const std::uint32_t (&pa)[G::kv_steps][4]) {

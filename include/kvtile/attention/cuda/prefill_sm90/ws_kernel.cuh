@@ -329,35 +329,12 @@ struct sm90_ws_core {
       }
       KVTILE_PRAGMA_UNROLL
       for (int half = 0; half < 2; ++half) {
-        float mx = neg_inf;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::block_kv / 8; ++j) mx = max_f(mx, max_f(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
-        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         float base;
-        factor[half] = st[half].enter_tile(mx * scale_log2, base);
-        float sum = 0.f;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::block_kv / 8; ++j)
-          KVTILE_PRAGMA_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            float& x = s[4 * j + 2 * half + c];
-            x = arch::fast_exp2(fmaf(x, scale_log2, -base));
-            sum += x;
-          }
-        st[half].l += sum;  // this lane's columns; the quad is summed once, at the end
+        factor[half] = st[half].enter_tile(fragment_row_max(s, half) * scale_log2, base);
+        st[half].l += fragment_row_exp2(s, half, scale_log2, base);
       }
     };
-    // P (fp32, in s) as the register A fragments of the 16-key steps of P V.
-    auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) {
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < G::kv_steps; ++j) {
-        pa[j][0] = arch::pack2<T>(s[8 * j + 0], s[8 * j + 1]);
-        pa[j][1] = arch::pack2<T>(s[8 * j + 2], s[8 * j + 3]);
-        pa[j][2] = arch::pack2<T>(s[8 * j + 4], s[8 * j + 5]);
-        pa[j][3] = arch::pack2<T>(s[8 * j + 6], s[8 * j + 7]);
-      }
-    };
+    auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) { fragment_to_a<T>(s, pa); };
     auto rescale_o = [&](const float (&factor)[2]) {
       KVTILE_PRAGMA_UNROLL
       for (int j = 0; j < D / 8; ++j) {
