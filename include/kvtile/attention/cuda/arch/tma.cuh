@@ -6,12 +6,14 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda.h>  // CUtensorMap and its enums (types only)
 #include <cuda_runtime.h>
 
 #include "kvtile/core/config.hpp"
 #include "kvtile/core/error.hpp"
+#include "kvtile/core/numeric.hpp"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define KVTILE_TMA_AVAILABLE 1
@@ -92,6 +94,12 @@ namespace attention::cuda::detail {
 using tensor_map_encode_fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                           const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                           CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The tensor-map element type of a 2-byte kvtile element (bf16 or fp16).
+template <class T>
+constexpr CUtensorMapDataType tensor_map_type() {
+  return std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
 
 // The driver's cuTensorMapEncodeTiled, looked up once.
 inline tensor_map_encode_fn tensor_map_encoder() {

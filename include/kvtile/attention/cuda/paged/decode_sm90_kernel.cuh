@@ -80,7 +80,7 @@ tma_pool make_tma_pool(const paging::kv_pool_view<T>& pool) {
   const cuuint32_t box[4] = {64, head_outer ? cuuint32_t(box_rows) : 1u, head_outer ? 1u : cuuint32_t(box_rows), 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   const auto encode = detail::tensor_map_encoder();
-  const auto type = std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const auto type = detail::tensor_map_type<T>();
   for (int which = 0; which < 2; ++which) {
     CUtensorMap& map = which == 0 ? m.k : m.v;
     void* base = const_cast<T*>(which == 0 ? pool.k : pool.v);

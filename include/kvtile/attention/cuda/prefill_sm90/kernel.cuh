@@ -439,6 +439,17 @@ struct sm90_attention_core {
   }
 };
 
+// The epilogue of a dense prefill row, for both sm_90a mainloops: token `row` of sequence b,
+// query head h; o[2j], o[2j + 1] are its columns 8j + 2t, 8j + 2t + 1, lse in natural log.
+template <int D, class T, class Mask>
+KVTILE_DEVICE KVTILE_FORCEINLINE void store_dense_row(const prefill_params<T, Mask>& p, int b, int row, int h, const float* o,
+                                                      float lse, int t) {
+  if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
+  T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
+  KVTILE_PRAGMA_UNROLL
+  for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+}
+
 // The dense source: CTA (q tile, query head, sequence) of cuda::prefill's arguments; rows are
 // `stride` apart, so a thread walks its rows with one pointer increment each.
 template <class T, int D, class Tile, class Mask>
@@ -483,11 +494,7 @@ struct dense_sm90_source {
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void prefetch(int) const {}
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
-    const int row = q0 + r;
-    if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
-    T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
-    KVTILE_PRAGMA_UNROLL
-    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+    store_dense_row<D>(p, b, q0 + r, h, o, lse, t);
   }
 };
 

@@ -160,12 +160,7 @@ struct dense_ws_source {
       arch::tma_load_3d(dst + c * G::block_kv * 128, &P.v, c * 64, h / P.p.group, row, bar);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
-    const auto& p = P.p;
-    const int row = token(r);
-    if (p.lse != nullptr && t == 0) p.lse[p.q_layout.row(b, row) * p.q_layout.heads + h] = lse;
-    T* dst = p.o + p.o_layout.offset(b, row, h) + 2 * t;
-    KVTILE_PRAGMA_UNROLL
-    for (int j = 0; j < D / 8; ++j) *reinterpret_cast<std::uint32_t*>(dst + j * 8) = arch::pack2<T>(o[2 * j], o[2 * j + 1]);
+    store_dense_row<D>(P.p, b, token(r), h, o, lse, t);
   }
 };
 
@@ -492,9 +487,8 @@ CUtensorMap make_dense_tma(const T* base, const ragged_layout& l, int box_rows) 
   const cuuint64_t strides[2] = {cuuint64_t(l.stride_head) * eb, cuuint64_t(l.stride_token) * eb};
   const cuuint32_t box[3] = {64, 1, cuuint32_t(box_rows)};
   const cuuint32_t unit[3] = {1, 1, 1};
-  const auto type = std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUtensorMap map;
-  const CUresult r = tensor_map_encoder()(&map, type, 3, const_cast<T*>(base), dims, strides, box, unit,
+  const CUresult r = tensor_map_encoder()(&map, tensor_map_type<T>(), 3, const_cast<T*>(base), dims, strides, box, unit,
                                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   KVTILE_REQUIRE(r == CUDA_SUCCESS, errc::unsupported, "cuTensorMapEncodeTiled refused a dense tensor (error ", int(r),
