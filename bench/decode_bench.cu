@@ -7,8 +7,8 @@
 // TFLOP/s counting 4 * D * visible (query, key) pairs per query head.
 // Small problems rotate over several copies of their K/V so repeated runs do not hit in L2.
 // fp8 rows ("_fp8", "_fp8_head"): the same decode shapes over e4m3 pages with per-token-head or
-// per-head scales (the fp8 decode kernel); bytes counted as read (one byte per element, plus
-// the per-token scales).
+// per-head scales (on Hopper the TMA decode kernel; "_portable_fp8": the cp.async one); bytes
+// counted as read (one byte per element, plus the per-token scales).
 // Every decode row also reports tokens/s (query tokens decoded per second).
 // Peers: bench/peers/decode.py and bench/peers/append.py (PyTorch SDPA on dense K/V).
 #include <benchmark/benchmark.h>
@@ -372,16 +372,20 @@ const int registered = [] {
                                      bm_decode, g[0], g[1], 16, false, false, portable, var)
             ->UseManualTime()
             ->Unit(benchmark::kMicrosecond);
-  // fp8 pages (the fp8 decode kernel) on the main grid, per-token-head and per-head scales, and
-  // HND at one shape; compare with the bf16 rows of the same shape (same counters, bytes as read).
+  // fp8 pages on the main grid, per-token-head and per-head scales (the cp.async kernel too, with
+  // per-token scales), and HND at one shape; compare with the bf16 rows of the same shape (same
+  // counters, bytes as read).
   for (kv_format fmt : {kv_format::fp8_token, kv_format::fp8_head})
-    for (const auto& g : grid)
-      benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16" +
-                                    format_suffix(fmt))
-                                       .c_str(),
-                                   bm_decode_format, g[0], g[1], 16, false, false, false, variant_kind::none, fmt)
-          ->UseManualTime()
-          ->Unit(benchmark::kMicrosecond);
+    for (bool portable : {false, true})
+      for (const auto& g : grid) {
+        if (portable && fmt != kv_format::fp8_token) continue;
+        benchmark::RegisterBenchmark(("decode/b" + std::to_string(g[0]) + "_l" + std::to_string(g[1]) + "_page16" +
+                                      (portable ? "_portable" : "") + format_suffix(fmt))
+                                         .c_str(),
+                                     bm_decode_format, g[0], g[1], 16, false, false, portable, variant_kind::none, fmt)
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   benchmark::RegisterBenchmark("decode/b16_l4096_page16_hnd_fp8", bm_decode_format, 16, 4096, 16, false, true, false,
                                variant_kind::none, kv_format::fp8_token)
       ->UseManualTime()

@@ -164,16 +164,22 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
   std::vector<T> unused;
   pr.base.template reference<Mask>(mp, scale, o_exact, lse_exact, unused);
 
+  // The cp.async kernel both ways, and the TMA kernel where the device and the problem allow it.
   constexpr bool registers_possible = D % 32 == 0 && !has_rotary<Mask>;
-  for (bool registers : {false, true}) {
-    if (registers && !registers_possible) continue;
-    INFO("fp8 fragments " << std::string(registers ? "in registers" : "through shared tiles"));
+  const bool tma_possible = limits().wgmma && !has_rotary<Mask> && kc::decode_sm90_supported(D, s.page_size, 1);
+  enum class path { shared_tiles, registers, tma };
+  for (path way : {path::shared_tiles, path::registers, path::tma}) {
+    if ((way == path::registers && !registers_possible) || (way == path::tma && !tma_possible)) continue;
+    const bool registers = way != path::shared_tiles;
+    const char* way_name = way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
+    INFO("fp8 path: " << way_name);
     kc::plan_options opt = s.opt;
     opt.fp8_registers = registers;
+    opt.use_wgmma = way == path::tma;
     const auto plan = pr.template plan<Mask>(mp, opt);
     INFO("kernel " << std::string(kc::to_string(plan.shape.kind)) << " (" << plan.reason << "), work items " << plan.work.size()
                    << ", partials " << plan.num_partials);
-    CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
+    CHECK(plan.shape.kind == (way == path::tma ? kc::paged_kernel_kind::decode_sm90 : kc::paged_kernel_kind::decode));
     CHECK(plan.fp8_registers == registers);
     fp8_device<T, D, Codec> dev(pr);
     dev.template run<Mask>(plan, mp, scale);
@@ -198,7 +204,7 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
     CHECK(lse_err <= 2e-3);
     const auto eq = kvtile_test::compare(o, o_exact);
     MESSAGE("fp8 " << codec_name<Codec>() << " " << std::string(element_name<T>) << " D=" << D
-                   << (outliers ? " outlier K" : " uniform K") << (registers ? " (registers)" : " (shared tiles)")
+                   << (outliers ? " outlier K" : " uniform K") << " (" << way_name << ")"
                    << ": max |o - o(unquantised)| = " << eq.max_abs << ", relative L2 " << eq.rel_l2
                    << " (vs fp64 over dequantised: " << ek.max_abs << ")");
     CHECK(eq.rel_l2 < 0.15);

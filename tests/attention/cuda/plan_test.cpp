@@ -452,15 +452,36 @@ TEST_CASE("plan: the number of work items is checked before any is stored") {
                        doctest::Contains("8589934592 row tiles x KV heads"), kvtile::error);
 }
 
-TEST_CASE("plan: fp8 pages (elem_bytes 1) take the cp.async decode kernel, with its own shared memory; append refused") {
+TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their own shared memory; append refused") {
   std::mt19937_64 rng(7);
   const std::vector<std::int32_t> lens{4096, 33, 1000};
   const host_csr t(lens, 16, 400, rng);
   const auto q1 = indptr_of({1, 1, 1});
   kc::paged_problem pr{32, 8, 128, 16, 400, 1};
-  const auto plan = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90());
+  // Hopper, D = 128: the TMA kernel, 128-key tiles (a stage moves a bf16 stage's bytes) whose
+  // per-token scales sit beside the byte tiles.
+  const auto tma = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(tma.shape.kind == kc::paged_kernel_kind::decode_sm90);
+  CHECK(tma.shape.block_n == 128);
+  CHECK(tma.fp8_registers);
+  CHECK(tma.reason.find("fp8") != std::string::npos);
+  check_partition<causal_mask>(tma, {});
+  const auto bf16_stages = kc::paged_shape_for(kc::paged_kernel_kind::decode_sm90, 128).decode_sm90_smem_bytes(128, 2, false);
+  CHECK(tma.shape.decode_sm90_smem_bytes(128, 1, false) == bf16_stages + 2 * 3 * 128 * 4);
+  // A rotary variant, a head dim of half a panel, a page of one slot, or no wgmma: the cp.async kernel.
+  const auto rope = kc::plan_paged_attention<rotary<causal_mask>>(q1.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(rope.shape.kind == kc::paged_kernel_kind::decode);
+  CHECK(rope.reason.find("rotary") != std::string::npos);
+  kc::paged_problem pr64 = pr;
+  pr64.head_dim = 64;
+  const auto d64 = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr64, {}, h100_sm90());
+  CHECK(d64.shape.kind == kc::paged_kernel_kind::decode);
+  CHECK(d64.reason.find("multiple of 128") != std::string::npos);
+  kc::plan_options no_wgmma;
+  no_wgmma.use_wgmma = false;
+  const auto plan = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), no_wgmma);
   CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
-  CHECK(plan.reason.find("fp8") != std::string::npos);
+  CHECK(plan.reason.find("use_wgmma") != std::string::npos);
   check_partition<causal_mask>(plan, {});
   // Q, converted K and V tiles, 3 byte stages of K and V with their scales: below the bf16 kernel's.
   const auto fp8_smem = plan.shape.smem_bytes(128, 1);

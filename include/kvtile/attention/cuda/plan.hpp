@@ -68,9 +68,11 @@ struct paged_kernel_shape {
   // area, full and empty mbarriers. CTAs that run several items (`runs`) keep two Q tiles and a
   // reduction area of their own (the next item's tiles are in flight meanwhile); a CTA of one
   // item reduces in its stages, free by then.
+  // fp8 pages (elem_bytes 1) add each stage's per-token K and V scales; Q is 2-byte always.
   constexpr std::size_t decode_sm90_smem_bytes(int head_dim, int elem_bytes, bool runs) const {
-    const std::size_t stage_bytes = 2 * std::size_t(stages) * block_n * head_dim * elem_bytes;
-    const std::size_t q_tile = std::size_t(block_m) * (head_dim + 8) * elem_bytes;
+    const std::size_t stage_bytes =
+        2 * std::size_t(stages) * block_n * (std::size_t(head_dim) * elem_bytes + (elem_bytes == 1 ? sizeof(float) : 0));
+    const std::size_t q_tile = std::size_t(block_m) * (head_dim + 8) * 2;
     const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
     return 1024 + (runs ? stage_bytes + 2 * q_tile + reduce : std::max(stage_bytes, reduce) + q_tile) + 16 * std::size_t(stages);
   }
@@ -104,14 +106,16 @@ struct paged_kernel_shape {
 
 // The shapes kvtile ships (tuning lives here, one place). Keys per tile shrink for head dims
 // above 128 to keep the K/V stages within shared memory.
-constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim) {
+// elem_bytes: of the K/V pages (1: fp8).
+constexpr paged_kernel_shape paged_shape_for(paged_kernel_kind kind, int head_dim, int elem_bytes = 2) {
   // Decode: 3 stages measured +2-8% over 2 on H100 (docs/perf-log/decode.md v4); at D > 128
   // three stages would exceed sm_80's 163 KB per CTA.
   if (kind == paged_kernel_kind::decode) return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : 3};
   // TMA decode: one persistent CTA per SM (227 KB); D = 256 fits two stages beside the
-  // reduction area.
+  // reduction area. fp8 pages: 128 keys per tile, so that a stage moves the bytes of a bf16
+  // one (decode.md v17).
   if (kind == paged_kernel_kind::decode_sm90)
-    return {kind, 16, 64, 1, 4, head_dim > 128 ? 2 : tuning::decode_sm90_stages};
+    return {kind, 16, elem_bytes == 1 ? 128 : 64, 1, 4, head_dim > 128 ? 2 : tuning::decode_sm90_stages};
   // Hopper: the warp-specialised prefill kernel's default tiles (prefill_sm90/ws_kernel.cuh: a
   // producer warpgroup and 128 / 192 query rows of consumers), 3 stages. The cp.async kernel
   // that runs pools without tensor maps takes the same rows and keys per item.
@@ -167,9 +171,10 @@ struct plan_options {
 // Head dims the sm_90a append kernel is built for.
 constexpr bool append_sm90_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-// Problems the sm_90a decode kernel takes: head dims of whole 128-byte swizzled panels, and page
-// sizes whose every 64-key tile splits into TMA boxes of at least 8 rows (1 KB, the swizzle's
-// period) that never cross a page: gcd(page_size, 64) >= 8.
+// Problems the sm_90a decode kernel takes: head dims of whole 128-byte swizzled panels (64
+// elements of 2 bytes, 128 fp8 ones), and page sizes whose every 64-key tile splits into TMA
+// boxes of at least 8 rows (1 KB of 2-byte rows, the swizzle's period) that never cross a page:
+// gcd(page_size, 64) >= 8. fp8 tiles of 128 keys are two such runs of boxes.
 constexpr int decode_sm90_box_rows(int page_size) {
   int a = page_size, b = 64;
   while (b != 0) {
@@ -179,8 +184,8 @@ constexpr int decode_sm90_box_rows(int page_size) {
   }
   return a;
 }
-constexpr bool decode_sm90_supported(int head_dim, int page_size) {
-  return head_dim % 64 == 0 && head_dim <= 256 && page_size >= 1 && decode_sm90_box_rows(page_size) >= 8;
+constexpr bool decode_sm90_supported(int head_dim, int page_size, int elem_bytes = 2) {
+  return head_dim % (128 / elem_bytes) == 0 && head_dim <= 256 && page_size >= 1 && decode_sm90_box_rows(page_size) >= 8;
 }
 
 // The attention problem, as the planner sees it.
@@ -475,19 +480,29 @@ struct kernel_pick {
 };
 
 // The kernel shape for a batch whose largest request packs max_rows query rows, and why.
+// rotary: the variant rotates K as it is loaded (the fp8 TMA path has no rotary: its fragments
+// come in a permuted head-dim order).
 inline kernel_pick pick_paged_kernel(const paged_problem& pr, std::int64_t max_rows, const device_limits& dev,
-                                     const plan_options& opt) {
+                                     const plan_options& opt, bool rotary) {
   const std::string d = "head_dim " + std::to_string(pr.head_dim) + ", page_size " + std::to_string(pr.page_size);
   std::string no_sm90;  // why the sm_90a kernels are out, if they are
-  if (pr.elem_bytes == 1) {  // fp8 pages: the cp.async decode kernel only, for now
-    KVTILE_REQUIRE(!opt.force_append && max_rows <= 16, errc::unsupported,
-                   "fp8 K/V pages run on the paged decode kernel (at most 16 packed query rows per request); a request "
-                   "here packs ", max_rows, opt.force_append ? " and plan_options::force_append is set" : "");
-    return {paged_kernel_kind::decode, "every request packs at most 16 query rows (" + std::to_string(max_rows) +
-                                           "); fp8 K/V pages: the cp.async decode kernel; " + d};
-  }
   if (!opt.use_wgmma) no_sm90 = "plan_options::use_wgmma is off";
   else if (!dev.wgmma) no_sm90 = "the device does not run this binary's sm_90a code (device_limits::wgmma)";
+  if (pr.elem_bytes == 1) {  // fp8 pages: the decode kernels
+    KVTILE_REQUIRE(!opt.force_append && max_rows <= 16, errc::unsupported,
+                   "fp8 K/V pages run on the paged decode kernels (at most 16 packed query rows per request); a request "
+                   "here packs ", max_rows, opt.force_append ? " and plan_options::force_append is set" : "");
+    const std::string rows = "every request packs at most 16 query rows (" + std::to_string(max_rows) + "); fp8 K/V pages";
+    if (!no_sm90.empty()) return {paged_kernel_kind::decode, rows + ", " + no_sm90 + "; " + d};
+    if (rotary)
+      return {paged_kernel_kind::decode,
+              rows + " with a rotary variant: the cp.async kernel (the TMA kernel's fp8 fragments are in a permuted "
+                     "head-dim order); " + d};
+    if (!decode_sm90_supported(pr.head_dim, pr.page_size, 1))
+      return {paged_kernel_kind::decode,
+              rows + ": the TMA decode kernel needs a head_dim multiple of 128 and gcd(page_size, 64) >= 8; " + d};
+    return {paged_kernel_kind::decode_sm90, rows + "; " + d};
+  }
   if (!opt.force_append && max_rows <= 16) {
     const std::string rows = "every request packs at most 16 query rows (" + std::to_string(max_rows) + "); ";
     if (!no_sm90.empty()) return {paged_kernel_kind::decode, rows + no_sm90 + "; " + d};
@@ -560,10 +575,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     KVTILE_REQUIRE(max_rows <= 16 && !opt.force_append, errc::unsupported, "rotary variant ", Mask::name,
                    ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
                    "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
-  const detail::kernel_pick pick = detail::pick_paged_kernel(pr, max_rows, dev, opt);
+  const detail::kernel_pick pick = detail::pick_paged_kernel(pr, max_rows, dev, opt, has_rotary<Mask>);
   const paged_kernel_kind kind = pick.kind;
   plan.reason = pick.reason;
-  plan.shape = paged_shape_for(kind, pr.head_dim);
+  plan.shape = paged_shape_for(kind, pr.head_dim, pr.elem_bytes);
   const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
@@ -572,7 +587,9 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     plan.warp_specialised_append = true;
     plan.reason += "; warp-specialised mainloop where the pool has TMA tensor maps (plan_options::warp_specialised_append)";
   }
-  if (pr.elem_bytes == 1) {
+  if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode_sm90) {
+    plan.fp8_registers = true;  // the TMA kernel's only path
+  } else if (pr.elem_bytes == 1) {
     plan.fp8_registers = opt.fp8_registers && pr.head_dim % 32 == 0 && !has_rotary<Mask>;
     if (plan.fp8_registers)
       plan.reason += "; fp8 fragments converted in registers (plan_options::fp8_registers)";

@@ -95,10 +95,13 @@ using tensor_map_encode_fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuu
                                           const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                           CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// The tensor-map element type of a 2-byte kvtile element (bf16 or fp16).
+// The tensor-map element type of a kvtile element: bf16, fp16, or a byte (fp8 e4m3: TMA
+// moves it, the kernel decodes it).
 template <class T>
 constexpr CUtensorMapDataType tensor_map_type() {
-  return std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  static_assert(sizeof(T) == 2 || sizeof(T) == 1, "tensor_map_type: 2-byte or 1-byte elements");
+  if constexpr (sizeof(T) == 1) return CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  else return std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 
 // The driver's cuTensorMapEncodeTiled, looked up once.

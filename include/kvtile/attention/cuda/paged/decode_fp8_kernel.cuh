@@ -43,12 +43,6 @@ namespace attention::cuda::paged {
 template <int D>
 using fp8_decode_config = kernel_config<paged_kernel_kind::decode, D>;
 
-// fp16 probabilities times a per-token V scale (amax / 448, about 2e-3 for values near 1) would
-// fall into fp16's subnormals; they are carried times 2^8 and O is divided by 2^8 at the end.
-// bf16 has fp32's range and needs no bias.
-template <class T>
-inline constexpr float fp8_p_bias = std::is_same_v<T, kvtile::half> ? 256.f : 1.f;
-
 // Bytes between byte rows of a stage: D + 16 on the register path (ldmatrix over 8 rows of 16
 // bytes without bank conflicts), D when each warp converts its rows to a T tile.
 template <int D, bool Registers>
@@ -169,12 +163,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   int t_row[2];
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + 16 * wm + g + 8 * i) / group;
-  // per_head: the K scale joins the softmax scale, the V scale multiplies O at the end.
-  float scale_log2 = p.scale_log2, o_factor = 1.f / fp8_p_bias<T>;
-  if constexpr (memory::per_head_scales<Codec>) {
-    scale_log2 *= pool.k_scale[kvh];
-    o_factor = pool.v_scale[kvh];
-  }
+  const item_scales<T, Codec> scales(pool, kvh, p.scale_log2);
 
   int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
@@ -216,9 +205,8 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
     arch::cp_async_wait<ST - 1>();
     __syncthreads();
 
-    // This warp's rows of the stage's byte tiles.
-    const std::uint8_t* k8 = k8_s + (stage_r * BN + wn * TPW) * RB;
-    const std::uint8_t* v8 = v8_s + (stage_r * BN + wn * TPW) * RB;
+    const std::uint8_t* k8 = k8_s + stage_r * BN * RB;  // the stage's byte tiles
+    const std::uint8_t* v8 = v8_s + stage_r * BN * RB;
     if constexpr (!Registers) {
       // Convert this warp's rows (the previous tile's ldmatrix reads of kt / vt are done: they
       // are warp-synchronous, and __syncwarp orders them before these stores).
@@ -227,10 +215,10 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
       for (int idx = lane; idx < TPW * CPR; idx += 32) {
         const int r = idx / CPR, c = idx % CPR;
         uint4 lo, hi;
-        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(k8 + r * RB + c * 16), lo, hi);
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(k8 + (wn * TPW + r) * RB + c * 16), lo, hi);
         *reinterpret_cast<uint4*>(kt + r * LD + c * 16) = lo;
         *reinterpret_cast<uint4*>(kt + r * LD + c * 16 + 8) = hi;
-        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(v8 + r * RB + c * 16), lo, hi);
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(v8 + (wn * TPW + r) * RB + c * 16), lo, hi);
         *reinterpret_cast<uint4*>(vt + r * LD + c * 16) = lo;
         *reinterpret_cast<uint4*>(vt + r * LD + c * 16 + 8) = hi;
       }
@@ -240,25 +228,16 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
     float s[TPW / 8][4];
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     if constexpr (Registers)
-      st.template scores_fp8<RB>(s, k8, lane);
+      st.template scores_fp8<padded_byte_rows<RB>>(s, k8, wn * TPW, lane);
     else
       st.template scores<padded_tile<D>>(s, kt, 0, lane, mask, k0 + wn * TPW);
-    if constexpr (token_scales) st.scale_keys(s, ksc_s + stage_r * BN + wn * TPW, tq);
+    scales.keys(s, ksc_s + stage_r * BN + wn * TPW, tq);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-    st.scale_mask(s, scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
+    st.scale_mask(s, scales.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.softmax(s);
-    if constexpr (token_scales) {
-      const float* vsc = vsc_s + stage_r * BN + wn * TPW;
-      if constexpr (fp8_p_bias<T> != 1.f) {
-        KVTILE_PRAGMA_UNROLL
-        for (int nt = 0; nt < TPW / 8; ++nt)
-          KVTILE_PRAGMA_UNROLL
-          for (int e = 0; e < 4; ++e) s[nt][e] *= fp8_p_bias<T>;
-      }
-      st.scale_keys(s, vsc, tq);
-    }
+    scales.values(s, vsc_s + stage_r * BN + wn * TPW, tq);
     if constexpr (Registers)
-      st.template accumulate_fp8<RB>(s, v8, lane);
+      st.template accumulate_fp8<padded_byte_rows<RB>>(s, v8, wn * TPW, lane);
     else
       st.template accumulate<padded_tile<D>>(s, vt, 0, lane);
     __syncthreads();  // this stage is refilled next
@@ -270,11 +249,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   arch::cp_async_wait<0>();
   __syncthreads();
   if constexpr (merge_early == 2) arch::launch_dependents();
-  if constexpr (token_scales) {
-    if constexpr (fp8_p_bias<T> != 1.f) st.scale_o(o_factor);
-  } else {
-    st.scale_o(o_factor);
-  }
+  scales.finish(st);
   finish_rows<BM, NT, WN, Registers>(p, w, rows, st, smem_raw);
 }
 

@@ -36,6 +36,7 @@
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/paged/decode_warp.cuh"
 #include "kvtile/core/fast_divmod.hpp"
+#include "kvtile/memory/kv_codec.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -47,25 +48,29 @@ struct tma_pool {
   std::int32_t head_outer;  // 1: the map's dims are (D, slots, heads, blocks) (HND); 0: (D, heads, slots, blocks)
 };
 
-template <int D>
+// EB: bytes per stored K/V element (2: fp16 / bf16, 1: fp8 e4m3).
+template <int D, int EB = 2>
 struct decode_sm90_config {
-  static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::decode_sm90, D);
+  static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::decode_sm90, D, EB);
   static constexpr int bm = shape.block_m, bn = shape.block_n, wn = shape.warps_n, stages = shape.stages;
   static constexpr int consumers = shape.threads();  // the warps that compute
   static constexpr int threads = consumers + 32;     // and one producer warp issuing the copies
-  static constexpr int panel = 64;  // columns per swizzled panel (128 bytes of 2-byte elements)
-  static_assert(D % panel == 0 && D <= 256, "decode_sm90: head_dim must be a multiple of 64 up to 256");
+  static constexpr int panel = 128 / EB;             // columns per swizzled panel (128 bytes)
+  static_assert(D % panel == 0 && D <= 256, "decode_sm90: head_dim must be whole 128-byte panels, up to 256");
   static_assert(bm == 16 && shape.warps_m == 1 && bn % (16 * wn) == 0, "decode_sm90: one row group of 16, 16-key warp slices");
   static_assert(bn / 8 <= 32, "decode_sm90: one lane of warp 0 per box of a tile (box_rows >= 8)");
 };
 
-// The K and V tensor maps of a pool (host). The pool's layout picks the order of the middle
-// dims so strides grow outward; throws errc::unsupported for a pool TMA cannot describe.
+// The K and V tensor maps of a pool (host): boxes of 128 bytes of a row (64 fp16 / bf16
+// elements, 128 fp8 ones) x box_rows slots. The pool's layout picks the order of the middle dims
+// so strides grow outward; throws errc::unsupported for a pool TMA cannot describe. An fp8
+// pool's per-token scales sit after each block's elements, outside what the maps cover.
 template <class T>
 tma_pool make_tma_pool(const paging::kv_pool_view<T>& pool) {
   const int box_rows = decode_sm90_box_rows(pool.page_size);
-  KVTILE_REQUIRE(box_rows >= 8 && pool.head_dim % 64 == 0, errc::unsupported, "the TMA decode kernel needs head_dim % 64 == 0 (got ",
-                 pool.head_dim, ") and gcd(page_size, 64) >= 8 (page_size ", pool.page_size, ")");
+  constexpr int panel = 128 / int(sizeof(T));
+  KVTILE_REQUIRE(box_rows >= 8 && pool.head_dim % panel == 0, errc::unsupported, "the TMA decode kernel needs head_dim % ", panel,
+                 " == 0 (got ", pool.head_dim, ") and gcd(page_size, 64) >= 8 (page_size ", pool.page_size, ")");
   const std::uint64_t eb = sizeof(T);
   const bool head_outer = pool.stride_head > pool.stride_token;
   tma_pool m;
@@ -77,7 +82,7 @@ tma_pool make_tma_pool(const paging::kv_pool_view<T>& pool) {
   const std::int64_t s1 = head_outer ? pool.stride_token : pool.stride_head;
   const std::int64_t s2 = head_outer ? pool.stride_head : pool.stride_token;
   const cuuint64_t strides[3] = {cuuint64_t(s1) * eb, cuuint64_t(s2) * eb, cuuint64_t(pool.stride_block) * eb};
-  const cuuint32_t box[4] = {64, head_outer ? cuuint32_t(box_rows) : 1u, head_outer ? 1u : cuuint32_t(box_rows), 1};
+  const cuuint32_t box[4] = {cuuint32_t(panel), head_outer ? cuuint32_t(box_rows) : 1u, head_outer ? 1u : cuuint32_t(box_rows), 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   const auto encode = detail::tensor_map_encoder();
   const auto type = detail::tensor_map_type<T>();
@@ -121,39 +126,49 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 
 // Runs: CTA c runs the items [p.cta_items[c], p.cta_items[c + 1]) (one CTA per SM); otherwise
 // CTA c runs item c (two CTAs per SM up to D = 128).
-template <class T, int D, class Mask, class Table, bool Runs>
-KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 2)
-    paged_decode_sm90_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
-  {  // The layout below fits what the launch gives (paged_kernel_shape::decode_sm90_smem_bytes).
-    using C = decode_sm90_config<D>;
-    constexpr std::size_t stages = std::size_t(2) * C::stages * C::bn * D * sizeof(T);
-    constexpr std::size_t q_tile = std::size_t(C::bm) * (D + 8) * sizeof(T);
-    constexpr std::size_t reduce = std::size_t(C::wn) * 16 * ((D + 4) * 4 + 8);
-    constexpr std::size_t end = 1024 + (Runs ? stages + 2 * q_tile + reduce : (reduce > stages ? reduce : stages) + q_tile) +
-                                16 * std::size_t(C::stages);
-    static_assert(end <= C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), Runs), "decode_sm90: layout exceeds its shared memory");
-  }
-#if KVTILE_WGMMA_AVAILABLE
-  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
-  using C = decode_sm90_config<D>;
+//
+// Codec: the pool's element format. fp8 e4m3 pages (memory/kv_codec.hpp) move as bytes, 128
+// keys per tile so that a stage holds the bytes of a bf16 one; each consumer warp reads its 32
+// keys' fragments straight from the swizzled byte tile and converts them in registers
+// (decode_warp.cuh: scores_fp8, accumulate_fp8; Q in the matching head-dim order). Per-token
+// scales come with the tile: the producer's lanes copy them with cp.async, and each lane's
+// completion is one more arrival on the stage's `full` barrier.
+template <class T, int D, class Mask, class Table, bool Runs, class Codec = memory::identity>
+KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename Codec::template storage<T>))>::threads,
+                                     Runs ? 1 : 2)
+    paged_decode_sm90_kernel(const kernel_params<T, Table, Mask, Codec> p, const __grid_constant__ tma_pool pool) {
+  using S = typename Codec::template storage<T>;  // the stored element: T, or e4m3 bytes
+  constexpr int EB = int(sizeof(S));
+  constexpr bool FP8 = Codec::quantized;
+  constexpr bool token_scales = memory::per_token_scales<Codec>;
+  using C = decode_sm90_config<D, EB>;
+  static_assert(!FP8 || !has_rotary<Mask>, "decode_sm90: fp8 fragments come in a permuted head-dim order, no rotary");
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::consumers;
-  constexpr int TPW = BN / WN;  // keys per warp per tile
-  constexpr int CPR = D / 8;    // 16-byte chunks per Q row
+  constexpr int TPW = BN / WN;    // keys per warp per tile
   constexpr int PANELS = D / C::panel;
   constexpr int Q_TILE = BM * (D + 8);                    // elements of one padded Q tile
   constexpr int RED_BYTES = WN * 16 * ((D + 4) * 4 + 8);  // finish_rows' reduction area
   constexpr int CONSUMER_BAR = 1;                         // named barrier of the NT consumer threads
-  using Layout = swizzled_tile<D, BN>;
-  using View = item_tiles<BM, BN, Mask>;
+  // The stages: K and V tiles, then (fp8) each stage's K and V scales.
+  constexpr std::size_t STAGE_BYTES = std::size_t(2) * ST * BN * (D * EB + (FP8 ? sizeof(float) : 0));
+  static_assert(1024 + (Runs ? STAGE_BYTES + 2 * Q_TILE * sizeof(T) + RED_BYTES
+                             : (RED_BYTES > STAGE_BYTES ? RED_BYTES : STAGE_BYTES) + Q_TILE * sizeof(T)) +
+                        16 * std::size_t(ST) <=
+                    C::shape.decode_sm90_smem_bytes(D, EB, Runs),
+                "decode_sm90: layout exceeds the shared memory the launch gives");
+#if KVTILE_WGMMA_AVAILABLE
+  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  using Bytes = swizzled_byte_tile<D * EB, BN>;  // byte offsets in a stage's K or V tile
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // 128-byte swizzled boxes land on 1024-byte boundaries.
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
-  T* k_s = reinterpret_cast<T*>(smem);
-  T* v_s = k_s + ST * BN * D;
+  S* k_s = reinterpret_cast<S*>(smem);
+  S* v_s = k_s + ST * BN * D;
+  float* ksc_s = reinterpret_cast<float*>(v_s + ST * BN * D);  // fp8 per-token scales: [ST][BN] for K, then V
+  float* vsc_s = ksc_s + ST * BN;
   // Runs: two padded Q tiles (this item's and the next one's) and a reduction area of its own;
   // one item: one Q tile, and the epilogue reduces in the stages (every copy has landed by then).
-  constexpr std::size_t STAGE_BYTES = std::size_t(2) * ST * BN * D * sizeof(T);
   constexpr std::size_t RED_OVER_STAGES = RED_BYTES > STAGE_BYTES ? RED_BYTES - STAGE_BYTES : 0;
   T* q_s = reinterpret_cast<T*>(smem + STAGE_BYTES + (Runs ? 0 : RED_OVER_STAGES));
   unsigned char* red = Runs ? reinterpret_cast<unsigned char*>(q_s + 2 * Q_TILE) : smem;
@@ -166,16 +181,19 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
   if (tid == 0) {
     KVTILE_PRAGMA_UNROLL
     for (int s = 0; s < ST; ++s) {
-      arch::mbarrier_init(arch::smem_addr(full + s), 1);
+      // The copies' transaction bytes and the arrival that sets them; per-token scales: one
+      // more arrival per producer lane, when its scale copies have landed.
+      arch::mbarrier_init(arch::smem_addr(full + s), token_scales ? 33 : 1);
       arch::mbarrier_init(arch::smem_addr(empty + s), WN);
     }
     arch::fence_barrier_init();
   }
   __syncthreads();  // barriers initialised
 
+  using View = item_tiles<BM, BN, Mask>;
   if (warp == WN) {
     // The producer warp walks the CTA's items tile by tile, ST stages ahead of the consumers at
-    // most: lane i issues box i of a tile (BN / box_rows <= 8 boxes); its block id and slot are
+    // most: lane i issues box i of a tile (BN / box_rows <= 16 boxes); its block id and slot are
     // loaded for the next tile right after a tile is issued, while the warp waits for a stage.
     const int box = pool.box_rows;
     const fast_divmod page(p.kv.pool.page_size);
@@ -223,12 +241,13 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     for (int j = 0; tile < fv.n_tiles; ++j) {
       const int stage = j % ST;
       if (j >= ST) arch::mbarrier_wait(arch::smem_addr(empty + stage), ((j / ST) - 1) & 1);
-      const int boxes = (fv.key1(tile) - fv.key0(tile) + box - 1) / box;
+      const int k0 = fv.key0(tile), k1 = fv.key1(tile);
+      const int boxes = (k1 - k0 + box - 1) / box;
       const std::uint32_t bar = arch::smem_addr(full + stage);
-      if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * D * sizeof(T) * 2);
+      if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * D * EB * 2);
       __syncwarp();
+      const int kvh = fv.w.kv_head;
       if (lane < boxes) {
-        const int kvh = fv.w.kv_head;
         const int c1 = pool.head_outer ? slot : kvh, c2 = pool.head_outer ? kvh : slot;
         KVTILE_PRAGMA_UNROLL
         for (int pn = 0; pn < PANELS; ++pn) {
@@ -236,6 +255,21 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
           arch::tma_load_4d(arch::smem_addr(k_s + off), &pool.k, pn * C::panel, c1, c2, blk, bar);
           arch::tma_load_4d(arch::smem_addr(v_s + off), &pool.v, pn * C::panel, c1, c2, blk, bar);
         }
+      }
+      if constexpr (token_scales) {
+        // Row r's scales, from the block and slot of the lane that holds its box; rows past
+        // the tile's keys get zeros (their scores are masked, and P * 0 stays 0 where an
+        // unwritten slot's scale might be anything).
+        KVTILE_PRAGMA_UNROLL
+        for (int i = 0; i < BN / 32; ++i) {
+          const int r = lane + 32 * i, owner = r / box;
+          const std::int32_t rb = __shfl_sync(0xffffffffu, blk, owner);
+          const std::int32_t rs = __shfl_sync(0xffffffffu, slot, owner) + r % box;
+          const bool valid = k0 + r < k1;
+          arch::cp_async_4(ksc_s + stage * BN + r, valid ? p.kv.pool.scale_ptr(p.kv.pool.k, rb, rs, kvh) : static_cast<const void*>(p.kv.pool.k), valid);
+          arch::cp_async_4(vsc_s + stage * BN + r, valid ? p.kv.pool.scale_ptr(p.kv.pool.v, rb, rs, kvh) : static_cast<const void*>(p.kv.pool.v), valid);
+        }
+        arch::cp_async_mbarrier_arrive(bar);
       }
       tile = fv.next_tile(tile + 1);
       seek();
@@ -276,19 +310,24 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     consumers_sync();  // this item's Q has landed; the previous item's epilogue is done with `red`
     const View it(p, item);
     const Mask& mask = it.mask;
+    const item_scales<T, Codec> scales(p.kv.pool, it.w.kv_head, p.scale_log2);
     warp_rows<T, D, TPW> st;
     st.init();
-    st.load_q(q_s + buf * Q_TILE, 0, lane);
     int t_row[2];
     KVTILE_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) t_row[r] = (it.w.row0 + g + 8 * r) / p.group;
-    st.rotate_q(mask, t_row, lane);
+    if constexpr (FP8) {
+      st.load_q_fp8_order(q_s + buf * Q_TILE, 0, lane);
+    } else {
+      st.load_q(q_s + buf * Q_TILE, 0, lane);
+      st.rotate_q(mask, t_row, lane);
+    }
 
     for (int cur = it.next_tile(0); cur < it.n_tiles; cur = it.next_tile(cur + 1), ++i) {
       const int stage = i % ST;
       arch::mbarrier_wait(arch::smem_addr(full + stage), (i / ST) & 1);
-      const T* ks = k_s + stage * BN * D;
-      T* vs = v_s + stage * BN * D;
+      const S* ks = k_s + stage * BN * D;
+      S* vs = v_s + stage * BN * D;
       const int k0 = it.key0(cur), k1 = it.key1(cur);
       if (k1 - k0 < BN) {
         // The item's last tile: V rows past its end (a box's unwritten slots, or a stage's older
@@ -296,20 +335,29 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
         // reads of this stage's previous tile are ordered through the mbarriers already, but
         // not visibly to a race checker); the copies that refill the stage are ordered after
         // these writes by the proxy fence and the empty barrier.
+        constexpr int CPR = D * EB / 16;  // 16-byte chunks per row
         consumers_sync();
         for (int idx = tid; idx < (BN - (k1 - k0)) * CPR; idx += NT) {
-          const int r = k1 - k0 + idx / CPR, c = (idx % CPR) * 8;
-          *reinterpret_cast<uint4*>(vs + Layout::at(r, c)) = make_uint4(0, 0, 0, 0);
+          const int r = k1 - k0 + idx / CPR, c = (idx % CPR) * 16;
+          *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(vs) + Bytes::at(r, c)) = make_uint4(0, 0, 0, 0);
         }
         arch::fence_proxy_async_shared();
         consumers_sync();
       }
       float s[TPW / 8][4];
-      st.template scores<Layout>(s, ks, wn * TPW, lane, mask, k0);
+      if constexpr (FP8)
+        st.template scores_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(ks), wn * TPW, lane);
+      else
+        st.template scores<swizzled_tile<D, BN>>(s, ks, wn * TPW, lane, mask, k0);
+      scales.keys(s, ksc_s + stage * BN + wn * TPW, tq);
       const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-      st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
+      st.scale_mask(s, scales.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
       st.softmax(s);
-      st.template accumulate<Layout>(s, vs, wn * TPW, lane);
+      scales.values(s, vsc_s + stage * BN + wn * TPW, tq);
+      if constexpr (FP8)
+        st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
+      else
+        st.template accumulate<swizzled_tile<D, BN>>(s, vs, wn * TPW, lane);
       __syncwarp();
       if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
     }
@@ -317,7 +365,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     if constexpr (merge_early == 2)
       if (item + 1 == item_end) arch::launch_dependents();
     if constexpr (!Runs) consumers_sync();  // the reduction area overlays the stages: every warp is past its last tile
-    finish_rows<BM, NT, WN>(p, it.w, it.rows, st, red, consumers_sync);
+    scales.finish(st);
+    finish_rows<BM, NT, WN, FP8>(p, it.w, it.rows, st, red, consumers_sync);
   }
 #else
   (void)p;

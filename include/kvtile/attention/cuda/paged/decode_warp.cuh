@@ -109,12 +109,24 @@ template <int D>
 struct padded_tile {  // rows D + 8 elements apart: ldmatrix without bank conflicts
   static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return row * (D + 8) + col; }
 };
-template <int D, int Rows>
-struct swizzled_tile {  // D / 64 panels of [Rows][64]; the 16-byte chunk index is XORed with row % 8
-  static_assert(D % 64 == 0, "swizzled_tile: D must be a multiple of 64");
+// Byte offset of (row, byte column) in a tile of 1-byte elements (fp8 pages); col is a multiple
+// of 16. Rows RowBytes apart (cp.async), or the 128-byte swizzle a TMA box writes: RowBytes / 128
+// panels of [Rows][128 bytes], the 16-byte chunk index XORed with row % 8.
+template <int RowBytes>
+struct padded_byte_rows {
+  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return row * RowBytes + col; }
+};
+template <int RowBytes, int Rows>
+struct swizzled_byte_tile {
+  static_assert(RowBytes % 128 == 0, "swizzled_byte_tile: rows must be whole 128-byte panels");
   static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) {
-    return (col / 64) * (Rows * 64) + row * 64 + ((((col % 64) / 8) ^ (row % 8)) * 8);
+    return (col / 128) * (Rows * 128) + row * 128 + ((((col % 128) / 16) ^ (row % 8)) * 16);
   }
+};
+template <int D, int Rows>
+struct swizzled_tile {  // the same swizzle over 2-byte elements: D / 64 panels of [Rows][64]
+  static_assert(D % 64 == 0, "swizzled_tile: D must be a multiple of 64");
+  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return swizzled_byte_tile<2 * D, Rows>::at(row, 2 * col) / 2; }
 };
 
 // The state of one warp's 16 packed rows (two per thread: g and g + 8) against TPW keys per tile.
@@ -212,11 +224,11 @@ struct warp_rows {
       q[kk][0] = a.x, q[kk][1] = b.x, q[kk][2] = a.y, q[kk][3] = b.y;
     }
   }
-  // s = Q K^T over this warp's TPW keys: ks points at its first key row of e4m3 bytes, rows RB
-  // bytes apart. One ldmatrix_x4 reads 16 keys x 32 dims: matrices (keys +0, dims +0),
-  // (keys +8, dims +0), (keys +0, dims +16), (keys +8, dims +16).
-  template <int RB>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void scores_fp8(float (&s)[TPW / 8][4], const std::uint8_t* ks, int lane) const {
+  // s = Q K^T over keys [key0, key0 + TPW) of the e4m3 tile at ks (byte offsets: Layout, a
+  // padded_byte_rows or swizzled_byte_tile). One ldmatrix_x4 reads 16 keys x 32 dims: matrices
+  // (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims +16), (keys +8, dims +16).
+  template <class Layout>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores_fp8(float (&s)[TPW / 8][4], const std::uint8_t* ks, int key0, int lane) const {
     static_assert(D % 32 == 0, "scores_fp8: head_dim must be a multiple of 32");
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -226,7 +238,7 @@ struct warp_rows {
       KVTILE_PRAGMA_UNROLL
       for (int np = 0; np < TPW / 16; ++np) {
         std::uint32_t r[4];
-        arch::ldmatrix_x4(r, arch::smem_addr(ks + (np * 16 + (mi % 2) * 8 + lane % 8) * RB + k2 * 32 + (mi / 2) * 16));
+        arch::ldmatrix_x4(r, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi % 2) * 8 + lane % 8, k2 * 32 + (mi / 2) * 16)));
         KVTILE_PRAGMA_UNROLL
         for (int m = 0; m < 4; ++m) {
           std::uint32_t b[2];
@@ -235,14 +247,15 @@ struct warp_rows {
         }
       }
   }
-  // O += P V over this warp's TPW keys, vs as ks above. ldmatrix_x4.trans (b16) over byte rows
+  // O += P V over keys [key0, key0 + TPW) of the e4m3 tile at vs, as scores_fp8. ldmatrix_x4.trans (b16) over byte rows
   // gives lane (g, tq) keys 2tq, 2tq + 1 x dims 2g, 2g + 1 of a 16-dim chunk (bytes k0d0, k0d1,
   // k1d0, k1d1); a byte permute makes (k0d0, k1d0) the B fragment of dim 2g and (k0d1, k1d1)
   // that of dim 2g + 1. So o[2dp] holds the chunk's even dims and o[2dp + 1] its odd ones: lane
   // (g, tq) ends with dims 16dp + 4tq .. 4tq + 3 as o[2dp][0], o[2dp + 1][0], o[2dp][1],
   // o[2dp + 1][1] (rows g; [2], [3] for g + 8), which finish_rows<..., true> writes back in order.
-  template <int RB>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate_fp8(const float (&s)[TPW / 8][4], const std::uint8_t* vs, int lane) {
+  template <class Layout>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate_fp8(const float (&s)[TPW / 8][4], const std::uint8_t* vs, int key0,
+                                                       int lane) {
     static_assert(D % 32 == 0, "accumulate_fp8: head_dim must be a multiple of 32");
     const int mi = lane / 8;
     KVTILE_PRAGMA_UNROLL
@@ -253,7 +266,8 @@ struct warp_rows {
       KVTILE_PRAGMA_UNROLL
       for (int d2 = 0; d2 < D / 32; ++d2) {
         std::uint32_t r[4];
-        arch::ldmatrix_x4_trans(r, arch::smem_addr(vs + (kj * 16 + (mi % 2) * 8 + lane % 8) * RB + d2 * 32 + (mi / 2) * 16));
+        arch::ldmatrix_x4_trans(
+            r, arch::smem_addr(vs + Layout::at(key0 + kj * 16 + (mi % 2) * 8 + lane % 8, d2 * 32 + (mi / 2) * 16)));
         KVTILE_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
           std::uint32_t even[2], odd[2];  // [0]: keys +0..7, [1]: keys +8..15
@@ -285,19 +299,6 @@ struct warp_rows {
       }
   }
 
-  // Multiply each key's column of s (scores or probabilities) by that key's factor: fp8 pages
-  // with per-token scales scale their scores by the K scale and P by the V scale, instead of
-  // every element. sc: the factors of this warp's TPW keys.
-  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_keys(float (&s)[TPW / 8][4], const float* sc, int tq) {
-    KVTILE_PRAGMA_UNROLL
-    for (int nt = 0; nt < TPW / 8; ++nt) {
-      const float2 f = *reinterpret_cast<const float2*>(sc + nt * 8 + 2 * tq);
-      s[nt][0] *= f.x;
-      s[nt][1] *= f.y;
-      s[nt][2] *= f.x;
-      s[nt][3] *= f.y;
-    }
-  }
   // O times f (a per-item V scale), before the epilogue.
   KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
     KVTILE_PRAGMA_UNROLL
@@ -350,6 +351,75 @@ struct warp_rows {
         arch::mma_16816<T>(o[2 * dp], pa, b0);
         arch::mma_16816<T>(o[2 * dp + 1], pa, b1);
       }
+    }
+  }
+};
+
+// fp16 probabilities times a per-token V scale (amax / 448, about 2e-3 for values near 1) would
+// fall into fp16's subnormals; they are carried times 2^8 and O is divided by 2^8 at the end.
+// bf16 has fp32's range and needs no bias.
+template <class T>
+inline constexpr float fp8_p_bias = std::is_same_v<T, kvtile::half> ? 256.f : 1.f;
+
+// How a work item's scores and probabilities take the codec's scales, the same in every decode
+// kernel that reads fp8 pages (scales multiply scores and probabilities, never elements):
+//   per_head        the K scale joins the softmax scale, the V scale multiplies O at the end:
+//                   nothing per tile;
+//   per_token_head  S column j times k_scale[j] before the softmax (keys()), P column j times
+//                   v_scale[j] (and fp16's bias) after it (values()), O divided by the bias.
+// For the identity codec every step is nothing and scale_log2 is the plan's.
+template <class T, class Codec>
+struct item_scales {
+  static constexpr bool token = memory::per_token_scales<Codec>;
+  float scale_log2;     // softmax scale * log2(e), times the K scale of per_head pools
+  float o_factor = 1.f;  // what O takes before the epilogue
+
+  template <class Pool>
+  KVTILE_DEVICE KVTILE_FORCEINLINE item_scales(const Pool& pool, int kv_head, float plan_scale_log2) : scale_log2(plan_scale_log2) {
+    if constexpr (memory::per_head_scales<Codec>) {
+      scale_log2 *= pool.k_scale[kv_head];
+      o_factor = pool.v_scale[kv_head];
+    } else if constexpr (token) {
+      o_factor = 1.f / fp8_p_bias<T>;
+    } else {
+      (void)pool, (void)kv_head;
+    }
+  }
+  // ksc / vsc: the scales of this warp's keys of the tile.
+  template <int N>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void keys(float (&s)[N][4], const float* ksc, int tq) const {
+    if constexpr (token) scale_columns(s, ksc, tq);
+    else (void)s, (void)ksc, (void)tq;
+  }
+  template <int N>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void values(float (&s)[N][4], const float* vsc, int tq) const {
+    if constexpr (token) {
+      if constexpr (fp8_p_bias<T> != 1.f)
+        KVTILE_PRAGMA_UNROLL
+        for (int nt = 0; nt < N; ++nt)
+          KVTILE_PRAGMA_UNROLL
+          for (int e = 0; e < 4; ++e) s[nt][e] *= fp8_p_bias<T>;
+      scale_columns(s, vsc, tq);
+    } else {
+      (void)s, (void)vsc, (void)tq;
+    }
+  }
+  template <class Rows>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void finish(Rows& st) const {
+    if (o_factor != 1.f) st.scale_o(o_factor);
+  }
+
+ private:
+  // Each key's column of s times that key's factor (sc: the factors of the warp's keys).
+  template <int N>
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_columns(float (&s)[N][4], const float* sc, int tq) {
+    KVTILE_PRAGMA_UNROLL
+    for (int nt = 0; nt < N; ++nt) {
+      const float2 f = *reinterpret_cast<const float2*>(sc + nt * 8 + 2 * tq);
+      s[nt][0] *= f.x;
+      s[nt][1] *= f.y;
+      s[nt][2] *= f.x;
+      s[nt][3] *= f.y;
     }
   }
 };

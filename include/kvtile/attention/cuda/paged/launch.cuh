@@ -174,22 +174,24 @@ void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Ma
   }
 }
 
-// The sm_90a TMA decode kernel (decode_sm90_kernel.cuh); head dims multiple of 64.
-template <class T, int D, class Mask, class Table>
-void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
+// The sm_90a TMA decode kernel (decode_sm90_kernel.cuh); head dims of whole 128-byte panels
+// (multiples of 64 for fp16 / bf16 pages, of 128 for fp8 ones).
+template <class T, int D, class Mask, class Table, class Codec>
+void launch_decode_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
                         cudaStream_t stream) {
-  using C = decode_sm90_config<D>;
-  const tma_pool& pool = cached_tma_pool(params.kv.pool);
+  using S = typename paging::paged_kv<T, Table, Codec>::storage_type;
+  using C = decode_sm90_config<D, int(sizeof(S))>;
+  const tma_pool& pool = cached_tma_pool<S>(params.kv.pool);
   const bool runs = !plan.cta_items.empty();
-  const std::size_t smem = C::shape.decode_sm90_smem_bytes(D, int(sizeof(T)), runs);
-  kernel_params<T, Table, Mask> p = params;
+  const std::size_t smem = C::shape.decode_sm90_smem_bytes(D, int(sizeof(S)), runs);
+  kernel_params<T, Table, Mask, Codec> p = params;
   p.early = launches_early(plan, device) ? 1 : 0;
   if (runs)
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true>, D, C::bm, true>(plan, C::threads, smem, device, stream, p,
-                                                                                    pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, true, Codec>, D, C::bm, true>(plan, C::threads, smem, device,
+                                                                                           stream, p, pool);
   else
-    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false>, D, C::bm, true>(plan, C::threads, smem, device, stream, p,
-                                                                                     pool);
+    launch_items<paged_decode_sm90_kernel<T, D, Mask, Table, false, Codec>, D, C::bm, true>(plan, C::threads, smem, device,
+                                                                                            stream, p, pool);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -238,8 +240,8 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
                  plan.problem.elem_bytes, "-byte K/V elements; this pool stores ", kv_bytes,
                  "-byte ones (paged_problem::elem_bytes)");
   if constexpr (Codec::quantized)
-    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode, errc::unsupported,
-                   "fp8 K/V pages run on the paged decode kernel; the plan is for ", plan.kernel());
+    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
+                   errc::unsupported, "fp8 K/V pages run on the paged decode kernels; the plan is for ", plan.kernel());
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
   if constexpr (memory::per_head_scales<Codec>)
     KVTILE_REQUIRE(kv.pool.k_scale && kv.pool.v_scale, errc::invalid_argument,
@@ -294,7 +296,17 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
   params.partial_o = reinterpret_cast<float*>(base + plan.partial_o_offset());
   params.partial_lse = reinterpret_cast<float*>(base + plan.partial_lse_offset());
   if constexpr (Codec::quantized) {
-    paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // check: the plan is for decode
+    if (plan.shape.kind == paged_kernel_kind::decode_sm90) {
+      KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for an sm_90a kernel, but device ",
+                     device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+      if constexpr (HeadDim % 128 == 0 && !has_rotary<Mask>)
+        paged::launch_decode_sm90<T, HeadDim>(plan, params, device, stream);
+      else
+        KVTILE_FAIL(errc::invalid_argument, "plan is for the sm_90a decode kernel, which reads fp8 pages of head_dim a ",
+                    "multiple of 128 without rotary; head_dim ", HeadDim, has_rotary<Mask> ? " with a rotary variant" : "");
+    } else {
+      paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // check: the plan is for decode
+    }
     return;
   } else {
   const bool sm90_kind = plan.shape.kind == paged_kernel_kind::append_sm90 || plan.shape.kind == paged_kernel_kind::decode_sm90;
