@@ -131,8 +131,8 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 // keys per tile so that a stage holds the bytes of a bf16 one; each consumer warp reads its 32
 // keys' fragments straight from the swizzled byte tile and converts them in registers
 // (decode_warp.cuh: scores_fp8, accumulate_fp8; Q in the matching head-dim order). Per-token
-// scales come with the tile: the producer's lanes copy them with cp.async, and each lane's
-// completion is one more arrival on the stage's `full` barrier.
+// scales come with the tile: the producer's lanes copy them with cp.async, and each lane
+// arrives on the stage's `full` barrier once they have landed.
 template <class T, int D, class Mask, class Table, bool Runs, class Codec = memory::identity>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename Codec::template storage<T>))>::threads,
                                      Runs ? 1 : 2)
@@ -182,7 +182,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
     KVTILE_PRAGMA_UNROLL
     for (int s = 0; s < ST; ++s) {
       // The copies' transaction bytes and the arrival that sets them; per-token scales: one
-      // more arrival per producer lane, when its scale copies have landed.
+      // more arrival per producer lane, once its scale copies have landed.
       arch::mbarrier_init(arch::smem_addr(full + s), token_scales ? 33 : 1);
       arch::mbarrier_init(arch::smem_addr(empty + s), WN);
     }
@@ -259,21 +259,33 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       if constexpr (token_scales) {
         // Row r's scales, from the block and slot of the lane that holds its box; rows past
         // the tile's keys get zeros (their scores are masked, and P * 0 stays 0 where an
-        // unwritten slot's scale might be anything).
+        // unwritten slot's scale might be anything). One cp.async group per tile; the previous
+        // tile's group, a whole tile old, is waited for now and its stage's barrier gets the
+        // lane's arrival (consumers need it only after the tile in between).
         KVTILE_PRAGMA_UNROLL
         for (int i = 0; i < BN / 32; ++i) {
           const int r = lane + 32 * i, owner = r / box;
           const std::int32_t rb = __shfl_sync(0xffffffffu, blk, owner);
           const std::int32_t rs = __shfl_sync(0xffffffffu, slot, owner) + r % box;
           const bool valid = k0 + r < k1;
-          arch::cp_async_4(ksc_s + stage * BN + r, valid ? p.kv.pool.scale_ptr(p.kv.pool.k, rb, rs, kvh) : static_cast<const void*>(p.kv.pool.k), valid);
-          arch::cp_async_4(vsc_s + stage * BN + r, valid ? p.kv.pool.scale_ptr(p.kv.pool.v, rb, rs, kvh) : static_cast<const void*>(p.kv.pool.v), valid);
+          const auto& kv = p.kv.pool;
+          arch::cp_async_4(ksc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.k, rb, rs, kvh)) : kv.k, valid);
+          arch::cp_async_4(vsc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.v, rb, rs, kvh)) : kv.v, valid);
         }
-        arch::cp_async_mbarrier_arrive(bar);
+        arch::cp_async_commit();
+        if (j > 0) {
+          arch::cp_async_wait<1>();
+          arch::mbarrier_arrive(arch::smem_addr(full + (j - 1) % ST));
+        }
       }
       tile = fv.next_tile(tile + 1);
       seek();
       fetch_blocks();
+      if constexpr (token_scales)
+        if (tile >= fv.n_tiles) {  // the last tile's scales
+          arch::cp_async_wait<0>();
+          arch::mbarrier_arrive(arch::smem_addr(full + j % ST));
+        }
     }
     if constexpr (merge_early == 2) arch::launch_dependents();
     return;
