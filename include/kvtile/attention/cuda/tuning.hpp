@@ -109,6 +109,11 @@ struct prefill_sm90_tile<HeadDim> {
   using type = tile_shape<128, 64, 12, 2>;
 };
 
+// The warp-specialised prefill persistent (one CTA per SM walking the work tiles, the next
+// tile's Q and K/V loading under the last P V and the epilogue) wherever there is more than one
+// wave of work tiles (docs/perf-log/prefill.md, sm90 v9).
+inline constexpr bool prefill_sm90_persistent = true;
+
 // Default tiles of the cp.async wgmma kernel (prefill_sm90/kernel.cuh), which runs what the TMA
 // kernel cannot map (varlen layouts, strided batches): three warpgroups at D = 64 (registers
 // allow it), two at D = 128; three stages so that a slot is refilled half a tile after its P V

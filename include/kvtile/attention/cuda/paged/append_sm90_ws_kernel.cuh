@@ -118,7 +118,7 @@ KVTILE_KERNEL void __launch_bounds__(append_ws_source<T, D, Mask, Table>::G::thr
   extern __shared__ __align__(1024) unsigned char append_ws_smem[];
   using S = append_ws_source<T, D, Mask, Table>;
   const S src(p, pool);
-  detail::sm90_ws_core<T, D, typename S::Tile, Mask>::run(src, append_ws_smem);
+  detail::sm90_ws_core<T, D, typename S::Tile, Mask>::run(detail::ws_single_schedule<S>{src}, append_ws_smem);
 #else
   (void)p, (void)pool;
 #endif

@@ -132,7 +132,8 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 // keys' fragments straight from the swizzled byte tile and converts them in registers
 // (decode_warp.cuh: scores_fp8, accumulate_fp8; Q in the matching head-dim order). Per-token
 // scales come with the tile: the producer's lanes copy them with cp.async, and each lane
-// arrives on the stage's `full` barrier once they have landed.
+// arrives on the stage's `full` barrier once they have landed. Every consumer lane then
+// releases the stage itself (it read scales with plain loads, which the next copies overwrite).
 template <class T, int D, class Mask, class Table, bool Runs, class Codec = memory::identity>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename Codec::template storage<T>))>::threads,
                                      Runs ? 1 : 2)
@@ -149,6 +150,9 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   constexpr int Q_TILE = BM * (D + 8);                    // elements of one padded Q tile
   constexpr int RED_BYTES = WN * 16 * ((D + 4) * 4 + 8);  // finish_rows' reduction area
   constexpr int CONSUMER_BAR = 1;                         // named barrier of the NT consumer threads
+  // Arrivals that free a stage: one per consumer warp, or one per consumer thread where the
+  // threads read cp.async-written scales from it.
+  constexpr int EMPTY_ARRIVALS = token_scales ? NT : WN;
   // The stages: K and V tiles, then (fp8) each stage's K and V scales.
   constexpr std::size_t STAGE_BYTES = std::size_t(2) * ST * BN * (D * EB + (FP8 ? sizeof(float) : 0));
   static_assert(1024 + (Runs ? STAGE_BYTES + 2 * Q_TILE * sizeof(T) + RED_BYTES
@@ -184,7 +188,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       // The copies' transaction bytes and the arrival that sets them; per-token scales: one
       // more arrival per producer lane, once its scale copies have landed.
       arch::mbarrier_init(arch::smem_addr(full + s), token_scales ? 33 : 1);
-      arch::mbarrier_init(arch::smem_addr(empty + s), WN);
+      arch::mbarrier_init(arch::smem_addr(empty + s), EMPTY_ARRIVALS);
     }
     arch::fence_barrier_init();
   }
@@ -259,9 +263,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       if constexpr (token_scales) {
         // Row r's scales, from the block and slot of the lane that holds its box; rows past
         // the tile's keys get zeros (their scores are masked, and P * 0 stays 0 where an
-        // unwritten slot's scale might be anything). One cp.async group per tile; the previous
-        // tile's group, a whole tile old, is waited for now and its stage's barrier gets the
-        // lane's arrival (consumers need it only after the tile in between).
+        // unwritten slot's scale might be anything). Each lane's arrival on the stage's `full`
+        // barrier comes when its copies have landed (cp.async.mbarrier.arrive), without a wait.
         KVTILE_PRAGMA_UNROLL
         for (int i = 0; i < BN / 32; ++i) {
           const int r = lane + 32 * i, owner = r / box;
@@ -272,20 +275,11 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
           arch::cp_async_4(ksc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.k, rb, rs, kvh)) : kv.k, valid);
           arch::cp_async_4(vsc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.v, rb, rs, kvh)) : kv.v, valid);
         }
-        arch::cp_async_commit();
-        if (j > 0) {
-          arch::cp_async_wait<1>();
-          arch::mbarrier_arrive(arch::smem_addr(full + (j - 1) % ST));
-        }
+        arch::cp_async_mbarrier_arrive(bar);
       }
       tile = fv.next_tile(tile + 1);
       seek();
       fetch_blocks();
-      if constexpr (token_scales)
-        if (tile >= fv.n_tiles) {  // the last tile's scales
-          arch::cp_async_wait<0>();
-          arch::mbarrier_arrive(arch::smem_addr(full + j % ST));
-        }
     }
     if constexpr (merge_early == 2) arch::launch_dependents();
     return;
@@ -370,8 +364,12 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
       else
         st.template accumulate<swizzled_tile<D, BN>>(s, vs, wn * TPW, lane);
-      __syncwarp();
-      if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
+      if constexpr (token_scales) {
+        arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this thread is done with the stage
+      } else {
+        __syncwarp();
+        if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
+      }
     }
 
     if constexpr (merge_early == 2)

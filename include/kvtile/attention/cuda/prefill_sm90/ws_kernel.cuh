@@ -18,7 +18,10 @@
 //                        while one warpgroup runs its softmax the next issues its GEMMs.
 //
 // The sources of the tiles are policies (dense_ws_source below; the paged append can add its
-// own): a source says where the CTA's rows and keys are and issues the TMA copies. The score
+// own): a source says where the CTA's rows and keys are and issues the TMA copies. A schedule
+// says which work tiles a CTA runs: one (ws_single_schedule, the launch grid being the work
+// grid), or, persistent, a CTA per SM walking every work tile (ws_dense_schedule), the next
+// tile's Q and K/V streaming in while the consumers finish the last one. The score
 // transform, the mask and the softmax statistics are the parts every mainloop shares
 // (scores.cuh, mask.hpp, softmax_state.hpp's softmax_row_stats).
 //
@@ -88,9 +91,9 @@ struct ws_geometry {
   static constexpr int panels = D / 64;        // 64-column (128-byte) panels of a row
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // one K or V tile
-  // Aligned base (+1024), Q, the K and V rings, the mbarriers (q_full, then full_k, full_v,
-  // empty_k, empty_v per slot).
-  static constexpr std::size_t smem_bytes = 1024 + q_bytes + 2 * std::size_t(stages) * kv_bytes + 8 * (1 + 4 * stages);
+  // Aligned base (+1024), Q, the K and V rings, the mbarriers (q_full, q_empty, then full_k,
+  // full_v, empty_k, empty_v per slot).
+  static constexpr std::size_t smem_bytes = 1024 + q_bytes + 2 * std::size_t(stages) * kv_bytes + 8 * (2 + 4 * stages);
 };
 
 // The dense source's parameters: cuda::prefill's, and the three tensor maps (the kernel takes
@@ -99,6 +102,8 @@ template <class T, class Mask>
 struct ws_dense_params {
   prefill_params<T, Mask> p;
   CUtensorMap q, k, v;
+  std::int32_t q_tiles;  // query tiles of the longest sequence
+  std::int32_t persistent;  // 1: gridDim.x CTAs walk every work tile (ws_persistent_schedule)
 };
 
 // Dense Q, K, V through TMA: CTA (q tile, query head, sequence). Each tensor is a 3-D map
@@ -119,9 +124,9 @@ struct dense_ws_source {
   Mask mask;
   float scale_log2;
 
-  KVTILE_DEVICE dense_ws_source(const params& pp, int q_tile)
-      : P(pp), b(int(blockIdx.z)), h(int(blockIdx.y)), q0(q_tile * G::block_q),
-        mask(pp.p.mask, pp.p.q_layout.len_of(int(blockIdx.z)), pp.p.kv_layout.len_of(int(blockIdx.z))) {
+  KVTILE_DEVICE dense_ws_source(const params& pp, int q_tile, int head, int batch)
+      : P(pp), b(batch), h(head), q0(q_tile * G::block_q),
+        mask(pp.p.mask, pp.p.q_layout.len_of(batch), pp.p.kv_layout.len_of(batch)) {
     const auto& p = P.p;
     const int q_len = p.q_layout.len_of(b);
     const int n = min_i(G::block_q, q_len - q0);
@@ -173,7 +178,22 @@ inline constexpr bool ws_q_by_consumers = requires { requires Source::q_by_consu
 template <class Source>
 inline constexpr bool ws_zero_v_tail = requires { requires Source::zero_v_tail; };
 
-// The warp-specialised core over any source (see the file comment).
+// Which work tiles a CTA runs, in order: `for_each(f)` calls f(source) for each. The producer
+// and the consumers walk the same sequence; every pipeline counter runs on across its tiles.
+// One source (a CTA per work tile, the launch grid being the work grid):
+template <class Source>
+struct ws_single_schedule {
+  const Source& src;
+  template <class F>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
+    f(src);
+  }
+};
+
+// The warp-specialised core over any source and schedule (see the file comment). Across the work
+// tiles of a persistent CTA the K/V ring, its barrier phases and the ping-pong turns run on; Q has
+// a `q_empty` barrier (one arrival per consumer warp once its last Q K^T of a tile is done), so the
+// producer loads the next tile's Q while the consumers finish the last P V and the epilogue.
 template <class T, int D, class Tile, class Mask>
 struct sm90_ws_core {
   using G = ws_geometry<T, D, Tile>;
@@ -182,39 +202,45 @@ struct sm90_ws_core {
   static constexpr int turn_barrier = 1;  // named barriers 1 .. consumers: whose turn to issue
   static constexpr int consumers_barrier = 1 + G::consumers;  // every consumer thread
 
+  // A work tile's extent, as both roles see it: the rows it stores, their query positions, the
+  // keys, and the visible key tiles (next_tile).
   template <class Source>
-  static KVTILE_DEVICE void run(const Source& src, unsigned char* smem_raw) {
-    const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
-    const Mask mask = src.mask;
-    const int row_lo = src.row_lo, row_hi = src.row_hi;  // the CTA rows it stores
-    const int q0 = src.token(row_lo), q1 = src.token(max_i(row_hi, row_lo + 1) - 1) + 1;  // their query positions
-    const int kv_lo = src.kv_lo, kv_hi = src.kv_hi, kv_limit = src.kv_limit;
-    const int n_tiles = row_hi > row_lo && kv_hi > kv_lo ? (kv_hi - kv_lo + G::block_kv - 1) / G::block_kv : 0;
+  struct extent {
+    const Source& src;
+    int row_lo, row_hi, q0, q1, kv_lo, kv_hi, kv_limit, n_tiles;
+    KVTILE_DEVICE explicit extent(const Source& s)
+        : src(s), row_lo(s.row_lo), row_hi(s.row_hi), q0(s.token(s.row_lo)), q1(s.token(max_i(s.row_hi, s.row_lo + 1) - 1) + 1),
+          kv_lo(s.kv_lo), kv_hi(s.kv_hi), kv_limit(s.kv_limit),
+          n_tiles(s.row_hi > s.row_lo && s.kv_hi > s.kv_lo ? (s.kv_hi - s.kv_lo + G::block_kv - 1) / G::block_kv : 0) {}
+    KVTILE_DEVICE KVTILE_FORCEINLINE int next_tile(int i) const {
+      while (i < n_tiles && src.mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
+                                tile_visibility::empty)
+        ++i;
+      return i;
+    }
+  };
 
+  template <class Schedule>
+  static KVTILE_DEVICE void run(const Schedule& schedule, unsigned char* smem_raw) {
+    const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
     const std::uint32_t raw = arch::smem_addr(smem_raw);
     const std::uint32_t q_base = (raw + 1023u) & ~1023u;            // [block_q rows] SW128
     const std::uint32_t k_base = q_base + G::q_bytes;               // [stages][block_kv rows]
     const std::uint32_t v_base = k_base + G::stages * G::kv_bytes;  // [stages][block_kv rows]
     const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
-    const std::uint32_t q_full = bars;
-    auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(1 + slot); };
-    auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(1 + G::stages + slot); };
-    auto empty_k = [&](int slot) { return bars + 8u * std::uint32_t(1 + 2 * G::stages + slot); };
-    auto empty_v = [&](int slot) { return bars + 8u * std::uint32_t(1 + 3 * G::stages + slot); };
-
-    auto next_tile = [&](int i) {
-      while (i < n_tiles && mask.classify(q0, q1, kv_lo + i * G::block_kv, kv_lo + (i + 1) * G::block_kv) ==
-                                tile_visibility::empty)
-        ++i;
-      return i;
-    };
+    const std::uint32_t q_full = bars, q_empty = bars + 8u;
+    auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + slot); };
+    auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + G::stages + slot); };
+    auto empty_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + 2 * G::stages + slot); };
+    auto empty_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + 3 * G::stages + slot); };
 
     if (tid == 0) {
       arch::mbarrier_init(q_full, 1);
+      arch::mbarrier_init(q_empty, 4 * G::consumers);  // one arrival per consumer warp
       for (int x = 0; x < G::stages; ++x) {
         arch::mbarrier_init(full_k(x), 1);
         arch::mbarrier_init(full_v(x), 1);
-        arch::mbarrier_init(empty_k(x), 4 * G::consumers);  // one arrival per consumer warp
+        arch::mbarrier_init(empty_k(x), 4 * G::consumers);
         arch::mbarrier_init(empty_v(x), 4 * G::consumers);
       }
       arch::fence_barrier_init();
@@ -223,17 +249,23 @@ struct sm90_ws_core {
 
     if (warp < 4) {  // ---- producer warpgroup ----
       if constexpr (G::reallocate) arch::warpgroup_registers_dec<G::producer_regs>();
-      const int first = next_tile(0);
-      if (tid == 0 && first < n_tiles) {  // Q only where a tile is visible: every copy is waited for
-        if constexpr (!ws_q_by_consumers<Source>) {
+      if (tid != 0) return;
+      int c = 0;       // K/V tiles issued: slot c % stages
+      int q_uses = 0;  // work tiles with a Q
+      schedule.for_each([&](const auto& src) {
+        const extent<std::decay_t<decltype(src)>> e(src);
+        const int first = e.next_tile(0);
+        if (first >= e.n_tiles) return;  // Q only where a tile is visible: every copy is waited for
+        if constexpr (!ws_q_by_consumers<std::decay_t<decltype(src)>>) {
+          if (q_uses > 0) arch::mbarrier_wait(q_empty, std::uint32_t((q_uses - 1) & 1));  // the last Q's readers are done
           arch::mbarrier_arrive_expect_tx(q_full, G::q_bytes);
           src.issue_q(q_base, q_full);
         }
-        int c = 0;
-        for (int i = first; i < n_tiles; i = next_tile(i + 1), ++c) {
+        ++q_uses;
+        for (int i = first; i < e.n_tiles; i = e.next_tile(i + 1), ++c) {
           const int slot = c % G::stages;
           const std::uint32_t reuse = std::uint32_t((c / G::stages - 1) & 1);  // the slot's previous use
-          const int k0 = kv_lo + i * G::block_kv;
+          const int k0 = e.kv_lo + i * G::block_kv;
           if (c >= G::stages) arch::mbarrier_wait(empty_k(slot), reuse);
           arch::mbarrier_arrive_expect_tx(full_k(slot), G::kv_bytes);
           src.issue_k(k_base + slot * G::kv_bytes, k0, full_k(slot));
@@ -241,7 +273,7 @@ struct sm90_ws_core {
           arch::mbarrier_arrive_expect_tx(full_v(slot), G::kv_bytes);
           src.issue_v(v_base + slot * G::kv_bytes, k0, full_v(slot));
         }
-      }
+      });
       return;
     }
 
@@ -249,11 +281,8 @@ struct sm90_ws_core {
     if constexpr (G::reallocate) arch::warpgroup_registers_inc<G::consumer_regs>();
     const int cw = warp / 4 - 1, wq = warp % 4;  // consumer warpgroup, warp in it
     const int g = lane / 4, t = lane % 4;
-    const int wr0 = max_i(cw * 64, row_lo), wr1 = min_i(cw * 64 + 64, row_hi);  // this warpgroup's stored rows
-    const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
     const int row_local = cw * 64 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
-    const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
-    const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
+    const int ctid = tid - 128;                   // among the consumer threads
     const std::uint32_t q_wg = q_base + std::uint32_t(cw) * 64 * 128;
     constexpr std::uint32_t sbo = 1024;
 
@@ -268,23 +297,6 @@ struct sm90_ws_core {
     if constexpr (G::consumers > 1)
       if (cw == G::consumers - 1) arch::named_barrier_arrive(turn_barrier, 256);
 
-    float o[G::o_regs];
-    KVTILE_PRAGMA_UNROLL
-    for (int x = 0; x < G::o_regs; ++x) o[x] = 0.f;
-    arch::fence_operands(o);
-    softmax_row_stats st[2];  // rows g and g + 8 of this warp's 16
-    st[0].init();
-    st[1].init();
-
-    // A tile this warpgroup sees nothing of is computed as a partial one whose every score is
-    // masked (P = 0, the statistics unchanged): the GEMMs of every tile are issued alike, so the
-    // wgmma pipeline has no branch in it.
-    auto visibility = [&](int k0) {
-      tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
-      if (vis == tile_visibility::empty || k0 + G::block_kv > kv_limit || src.k_start(k0) != k0)
-        vis = tile_visibility::partial;
-      return vis;
-    };
     auto issue_qk = [&](float (&s)[G::s_regs], int slot) {
       const std::uint32_t k_tile = k_base + std::uint32_t(slot) * G::kv_bytes;
       arch::wgmma_fence();
@@ -297,147 +309,209 @@ struct sm90_ws_core {
       }
       arch::wgmma_commit();
     };
-    auto issue_pv = [&](int slot, const std::uint32_t (&pa)[G::kv_steps][4]) {
-      const std::uint32_t v_tile = v_base + std::uint32_t(slot) * G::kv_bytes;
-      arch::wgmma_fence();
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < G::kv_steps; ++j) {
-        const std::uint64_t db = arch::sw128_desc(v_tile + std::uint32_t(j) * 16 * 128, G::block_kv * 128, sbo);
-        pv_op::template rs<1>(o, pa[j], db, 1);
-      }
-      arch::wgmma_commit();
-    };
-    // Scores of a tile -> the variant's transform, the mask, the online softmax, in place (s
-    // becomes P in fp32); returns the factors the accumulator rows must take.
-    auto softmax = [&](float (&s)[G::s_regs], int k0, tile_visibility vis, float (&factor)[2]) {
-      apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
-      if (vis == tile_visibility::partial) {
-        const bool none = wq0 >= wq1 || mask.classify(wq0, wq1, k0, k0 + G::block_kv) == tile_visibility::empty;
-        const int ks = src.k_start(k0);  // the key of the tile's first shared-memory row
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::block_kv / 8; ++j)
-          KVTILE_PRAGMA_UNROLL
-          for (int c = 0; c < 4; ++c) {
-            const int col = ks + j * 8 + 2 * t + (c % 2);
-            if (none || !(col >= k0 && col < kv_limit && mask.visible(row_pos[c / 2], col))) s[4 * j + c] = neg_inf;
-          }
-      }
-      KVTILE_PRAGMA_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        float base;
-        factor[half] = st[half].enter_tile(fragment_row_max(s, half) * scale_log2, base);
-        st[half].l += fragment_row_exp2(s, half, scale_log2, base);
-      }
-    };
-    auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) { fragment_to_a<T>(s, pa); };
-    auto rescale_o = [&](const float (&factor)[2]) {
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) {
-        o[4 * j + 0] *= factor[0];
-        o[4 * j + 1] *= factor[0];
-        o[4 * j + 2] *= factor[1];
-        o[4 * j + 3] *= factor[1];
-      }
-    };
-    auto release_k = [&](int slot) {
-      if (lane == 0) arch::mbarrier_arrive(empty_k(slot));
-    };
-    auto release_v = [&](int slot) {
-      if (lane == 0) arch::mbarrier_arrive(empty_v(slot));
+    auto release = [&](std::uint32_t bar) {
+      if (lane == 0) arch::mbarrier_arrive(bar);
     };
     auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
 
-    const int ctid = tid - 128;  // among the consumer threads
-    int i = next_tile(0);
-    if (i < n_tiles) {
-      if constexpr (ws_q_by_consumers<Source>) {
-        src.load_q(q_base, ctid, 128 * G::consumers);
-        arch::cp_async_commit();
-        arch::cp_async_wait<0>();
-        arch::fence_proxy_async_shared();  // the copies, to the wgmma's async proxy
-        arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
-      } else {
-        arch::mbarrier_wait(q_full, 0);
-      }
-      // The first tile: S, softmax; its P V waits for the next tile's Q K^T.
-      float s[G::s_regs];
-      float factor[2];
-      std::uint32_t pa[G::kv_steps][4];
-      int k0 = kv_lo + i * G::block_kv;
-      arch::mbarrier_wait(full_k(0), 0);
-      wait_turn();
-      issue_qk(s, 0);
-      pass_turn();
-      arch::wgmma_wait<0>();
-      arch::fence_operands(s);
-      release_k(0);
-      softmax(s, k0, visibility(k0), factor);
-      pack_p(s, pa);
-      int c = 1;  // visible tiles so far
-      for (i = next_tile(i + 1); i < n_tiles; i = next_tile(i + 1), ++c) {
-        const int slot = c % G::stages, prev = (c - 1) % G::stages;
-        k0 = kv_lo + i * G::block_kv;
+    int c = 0;       // K/V tiles consumed: slot c % stages, phase v_parity(c)
+    int q_uses = 0;  // work tiles with a Q
+    schedule.for_each([&](const auto& src) {
+      using Source = std::decay_t<decltype(src)>;
+      const extent<Source> e(src);
+      const Mask& mask = src.mask;
+      const int wr0 = max_i(cw * 64, e.row_lo), wr1 = min_i(cw * 64 + 64, e.row_hi);  // this warpgroup's stored rows
+      const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
+      const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
+      const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
+
+      float o[G::o_regs];
+      KVTILE_PRAGMA_UNROLL
+      for (int x = 0; x < G::o_regs; ++x) o[x] = 0.f;
+      arch::fence_operands(o);
+      softmax_row_stats st[2];  // rows g and g + 8 of this warp's 16
+      st[0].init();
+      st[1].init();
+
+      // A tile this warpgroup sees nothing of is computed as a partial one whose every score is
+      // masked (P = 0, the statistics unchanged): the GEMMs of every tile are issued alike, so
+      // the wgmma pipeline has no branch in it.
+      auto visibility = [&](int k0) {
+        tile_visibility vis = wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
+        if (vis == tile_visibility::empty || k0 + G::block_kv > e.kv_limit || src.k_start(k0) != k0)
+          vis = tile_visibility::partial;
+        return vis;
+      };
+      auto issue_pv = [&](int slot, const std::uint32_t (&pa)[G::kv_steps][4]) {
+        const std::uint32_t v_tile = v_base + std::uint32_t(slot) * G::kv_bytes;
+        arch::wgmma_fence();
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::kv_steps; ++j) {
+          const std::uint64_t db = arch::sw128_desc(v_tile + std::uint32_t(j) * 16 * 128, G::block_kv * 128, sbo);
+          pv_op::template rs<1>(o, pa[j], db, 1);
+        }
+        arch::wgmma_commit();
+      };
+      // Scores of a tile -> the variant's transform, the mask, the online softmax, in place (s
+      // becomes P in fp32); returns the factors the accumulator rows must take.
+      auto softmax = [&](float (&s)[G::s_regs], int k0, tile_visibility vis, float (&factor)[2]) {
+        apply_logits(mask, s, src.scale_log2);  // a variant's logit transform (nothing for a mask)
+        if (vis == tile_visibility::partial) {
+          const bool none = wq0 >= wq1 || mask.classify(wq0, wq1, k0, k0 + G::block_kv) == tile_visibility::empty;
+          const int ks = src.k_start(k0);  // the key of the tile's first shared-memory row
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < G::block_kv / 8; ++j)
+            KVTILE_PRAGMA_UNROLL
+            for (int cc = 0; cc < 4; ++cc) {
+              const int col = ks + j * 8 + 2 * t + (cc % 2);
+              if (none || !(col >= k0 && col < e.kv_limit && mask.visible(row_pos[cc / 2], col))) s[4 * j + cc] = neg_inf;
+            }
+        }
+        KVTILE_PRAGMA_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          float base;
+          factor[half] = st[half].enter_tile(fragment_row_max(s, half) * scale_log2, base);
+          st[half].l += fragment_row_exp2(s, half, scale_log2, base);
+        }
+      };
+      auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) { fragment_to_a<T>(s, pa); };
+      auto rescale_o = [&](const float (&factor)[2]) {
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          o[4 * j + 0] *= factor[0];
+          o[4 * j + 1] *= factor[0];
+          o[4 * j + 2] *= factor[1];
+          o[4 * j + 3] *= factor[1];
+        }
+      };
+
+      int i = e.next_tile(0);
+      if (i < e.n_tiles) {
+        if constexpr (ws_q_by_consumers<Source>) {
+          // The consumer threads copy Q, once every warp is past its last Q K^T of the tile before.
+          if (q_uses > 0) arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+          src.load_q(q_base, ctid, 128 * G::consumers);
+          arch::cp_async_commit();
+          arch::cp_async_wait<0>();
+          arch::fence_proxy_async_shared();  // the copies, to the wgmma's async proxy
+          arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+        } else {
+          arch::mbarrier_wait(q_full, std::uint32_t(q_uses & 1));
+        }
+        ++q_uses;
+        // The first tile: S, softmax; its P V waits for the next tile's Q K^T.
+        float s[G::s_regs];
+        float factor[2];
+        std::uint32_t pa[G::kv_steps][4];
+        int k0 = e.kv_lo + i * G::block_kv;
+        int slot = c % G::stages;
         arch::mbarrier_wait(full_k(slot), v_parity(c));
         wait_turn();
-        issue_qk(s, slot);      // S of this tile ...
-        rescale_o(factor);      // (O is no wgmma's operand now: the last P V was waited for)
-        arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
-        issue_pv(prev, pa);     // ... and P V of the previous one, in flight together
+        issue_qk(s, slot);
         pass_turn();
-        arch::wgmma_wait<1>();  // S
+        arch::wgmma_wait<0>();
         arch::fence_operands(s);
-        release_k(slot);
+        release(empty_k(slot));
         softmax(s, k0, visibility(k0), factor);
-        arch::wgmma_wait<0>();  // P V
-        arch::fence_operands(o);
-        release_v(prev);
         pack_p(s, pa);
-      }
-      // The last tile's P V.
-      const int prev = (c - 1) % G::stages;
-      rescale_o(factor);
-      arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
-      if constexpr (ws_zero_v_tail<Source>) {
-        const int ks = src.k_start(k0), n_valid = kv_limit - ks;
-        if (n_valid < G::block_kv) {  // zero V rows [n_valid, block_kv) of the slot, then publish
-          const std::uint32_t v_tile = v_base + std::uint32_t(prev) * G::kv_bytes;
-          constexpr int chunks = D / 8;
-          for (int x = ctid; x < (G::block_kv - n_valid) * chunks; x += 128 * G::consumers) {
-            const int r = n_valid + x / chunks, cc = x % chunks;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(v_tile + arch::sw128_offset(G::block_kv, r, cc)),
-                         "r"(0u)
-                         : "memory");
+        for (i = e.next_tile(i + 1), ++c; i < e.n_tiles; i = e.next_tile(i + 1), ++c) {
+          const int prev = (c - 1) % G::stages;
+          slot = c % G::stages;
+          k0 = e.kv_lo + i * G::block_kv;
+          arch::mbarrier_wait(full_k(slot), v_parity(c));
+          wait_turn();
+          issue_qk(s, slot);      // S of this tile ...
+          rescale_o(factor);      // (O is no wgmma's operand now: the last P V was waited for)
+          arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+          issue_pv(prev, pa);     // ... and P V of the previous one, in flight together
+          pass_turn();
+          arch::wgmma_wait<1>();  // S
+          arch::fence_operands(s);
+          release(empty_k(slot));
+          softmax(s, k0, visibility(k0), factor);
+          arch::wgmma_wait<0>();  // P V
+          arch::fence_operands(o);
+          release(empty_v(prev));
+          pack_p(s, pa);
+        }
+        // Every Q K^T of this tile is done: the producer may load the next Q.
+        if constexpr (!ws_q_by_consumers<Source>) release(q_empty);
+        // The last tile's P V.
+        const int prev = (c - 1) % G::stages;
+        rescale_o(factor);
+        arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+        if constexpr (ws_zero_v_tail<Source>) {
+          const int ks = src.k_start(k0), n_valid = e.kv_limit - ks;
+          if (n_valid < G::block_kv) {  // zero V rows [n_valid, block_kv) of the slot, then publish
+            const std::uint32_t v_tile = v_base + std::uint32_t(prev) * G::kv_bytes;
+            constexpr int chunks = D / 8;
+            for (int x = ctid; x < (G::block_kv - n_valid) * chunks; x += 128 * G::consumers) {
+              const int r = n_valid + x / chunks, cc = x % chunks;
+              asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(v_tile + arch::sw128_offset(G::block_kv, r, cc)),
+                           "r"(0u)
+                           : "memory");
+            }
+            arch::fence_proxy_async_shared();
+            arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
           }
-          arch::fence_proxy_async_shared();
-          arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+        }
+        issue_pv(prev, pa);
+        arch::wgmma_wait<0>();
+        arch::fence_operands(o);
+        release(empty_v(prev));
+      }
+
+      // Epilogue: quad sum of l, LSE, normalise, store from the fragments.
+      KVTILE_PRAGMA_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
+        st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
+        const int row = row_local + r * 8;
+        if (row >= e.row_lo && row < e.row_hi) {
+          const float inv = st[r].inv_l();
+          float out[D / 4];
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < D / 8; ++j) {
+            out[2 * j] = o[4 * j + 2 * r] * inv;
+            out[2 * j + 1] = o[4 * j + 2 * r + 1] * inv;
+          }
+          src.store(row, out, st[r].lse(), t);
         }
       }
-      issue_pv(prev, pa);
-      arch::wgmma_wait<0>();
-      arch::fence_operands(o);
-      release_v(prev);
-    }
+    });
     // The first warpgroup takes the last turn the last one handed on, so no arrival is left
     // pending on a named barrier when the CTA exits.
     if constexpr (G::consumers > 1)
       if (cw == 0) arch::named_barrier_sync(turn_barrier, 256);
+  }
+};
 
-    // Epilogue: quad sum of l, LSE, normalise, store from the fragments.
-    KVTILE_PRAGMA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
-      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
-      const int row = row_local + r * 8;
-      if (row >= row_lo && row < row_hi) {
-        const float inv = st[r].inv_l();
-        float out[D / 4];
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < D / 8; ++j) {
-          out[2 * j] = o[4 * j + 2 * r] * inv;
-          out[2 * j + 1] = o[4 * j + 2 * r + 1] * inv;
-        }
-        src.store(row, out, st[r].lse(), t);
-      }
+// The dense prefill's work tiles (q tile, query head, sequence), heaviest (causal) first: work
+// w is q tile q_tiles - 1 - w / (heads * batch). A CTA per work tile (the launch grid: q tiles x
+// heads x batch, the block scheduler handing tiles to free SMs), or persistent: gridDim.x CTAs,
+// CTA c taking in round k the work k * gridDim.x + c, the order reversed every other round (a
+// snake) so that no CTA gets the heavier end of every round.
+template <class T, int D, class G, class Mask>
+struct ws_dense_schedule {
+  const ws_dense_params<T, Mask>& p;
+  template <class F>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
+    const int heads = p.p.q_layout.heads, batch = p.p.q_layout.batch;
+    auto run = [&](int q_tile, int h, int b) {
+      if (q_tile * G::block_q >= p.p.q_layout.len_of(b)) return;  // past this sequence's queries
+      const dense_ws_source<T, D, G, Mask> src(p, q_tile, h, b);
+      f(src);
+    };
+    if (!p.persistent) {
+      run(int(gridDim.x) - 1 - int(blockIdx.x), int(blockIdx.y), int(blockIdx.z));
+      return;
+    }
+    const int per_q = heads * batch, total = p.q_tiles * per_q, ctas = int(gridDim.x), cta = int(blockIdx.x);
+    for (int round = 0;; ++round) {
+      const int w = round * ctas + (round % 2 == 0 ? cta : ctas - 1 - cta);
+      if (w >= total) break;
+      const int rest = w % per_q;
+      run(p.q_tiles - 1 - w / per_q, rest % heads, rest / heads);
     }
   }
 };
@@ -448,10 +522,7 @@ struct prefill_sm90_ws_kernel {
   using params = ws_dense_params<T, Mask>;
 
   static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
-    const int q_tile = int(gridDim.x) - 1 - int(blockIdx.x);  // heaviest (causal) tiles first
-    if (q_tile * G::block_q >= p.p.q_layout.len_of(int(blockIdx.z))) return;
-    const dense_ws_source<T, D, G, Mask> src(p, q_tile);
-    sm90_ws_core<T, D, Tile, Mask>::run(src, smem_raw);
+    sm90_ws_core<T, D, Tile, Mask>::run(ws_dense_schedule<T, D, G, Mask>{p}, smem_raw);
   }
 };
 
@@ -505,10 +576,17 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   KVTILE_REQUIRE(G::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
                  G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", G::smem_bytes,
                  " bytes of shared memory, device ", device, " allows ", smem_optin);
-  const dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
+  dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
   if (g.x == 0 || g.y == 0 || g.z == 0) return;
   typename Kernel::params kp;
   kp.p = p;
+  kp.q_tiles = std::int32_t(g.x);
+  // Persistent: one CTA per SM walks the work tiles (ws_dense_schedule), where there are more.
+  int sms = 0;
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const std::int64_t work = std::int64_t(g.x) * g.y * g.z;
+  kp.persistent = tuning::prefill_sm90_persistent && work > sms ? 1 : 0;
+  if (kp.persistent) g = dim3(unsigned(sms), 1, 1);
   kp.q = make_dense_tma(p.q, p.q_layout, G::block_q);
   kp.k = make_dense_tma(p.k, p.kv_layout, G::block_kv);
   kp.v = make_dense_tma(p.v, p.kv_layout, G::block_kv);
