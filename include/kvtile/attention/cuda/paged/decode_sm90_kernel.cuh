@@ -265,6 +265,11 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
   int i = 0;  // tiles consumed: stage i % ST, barrier phase (i / ST) & 1
   for (int item = item_begin; item < item_end; ++item) {
     const int buf = (item - item_begin) & 1;
+    const View it(p, item);
+    const Mask& mask = it.mask;
+    // A rotary variant's table for this item (the previous item's last reads of it are before
+    // the first barrier of its epilogue).
+    fill_rotary_table<D>(mask, tid, NT);
     // The next item's Q goes into the other tile (its last reader, the previous item, is past
     // a barrier) while this item runs.
     if (item + 1 < item_end) {
@@ -273,15 +278,13 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D>::threads, Runs ? 1 : 
     } else {
       arch::cp_async_wait<0>();
     }
-    consumers_sync();  // this item's Q has landed; the previous item's epilogue is done with `red`
-    const View it(p, item);
-    const Mask& mask = it.mask;
+    consumers_sync();  // this item's Q and table are there; the previous item's epilogue is done with `red`
     warp_rows<T, D, TPW> st;
     st.init();
-    st.load_q(q_s + buf * Q_TILE, 0, lane);
     int t_row[2];
     KVTILE_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) t_row[r] = (it.w.row0 + g + 8 * r) / p.group;
+    st.load_q(q_s + buf * Q_TILE, 0, lane);
     st.rotate_q(mask, t_row, lane);
 
     for (int cur = it.next_tile(0); cur < it.n_tiles; cur = it.next_tile(cur + 1), ++i) {
