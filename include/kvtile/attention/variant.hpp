@@ -253,6 +253,9 @@ struct rotary : Mask {
     int rotary_dim = 0;
   };
   static constexpr rotary_layout rotary_layout_v = Layout;
+  // This rotary<>, as the variants built on it see it: a kernel may rely on its key_position
+  // (key j at j) where a derived variant does not hide it (cuda/scores.cuh).
+  using rotary_base = rotary;
   static constexpr const char* name =
       detail::wrapped_name<Layout == rotary_layout::half_split ? detail::rotary_half_prefix
                                                                : detail::rotary_interleaved_prefix,

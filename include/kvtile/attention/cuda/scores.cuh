@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/variant.hpp"
@@ -49,92 +50,169 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void apply_logits(const Variant& v, A& s, float
 // of one register; half-split pairs (d, d + R/2) sit in the same register slot of k-steps kk and
 // kk + R/32 (R a multiple of 32). So Q and K fragments are rotated in registers, where the
 // mainloop holds them anyway: no extra shared-memory pass, no barrier.
+//
+// What a key costs is the angle's cosine and sine, not the four FMAs of the rotation: the
+// multi-function unit does a quarter of the FMA rate. So per pair a thread reads its frequency
+// from a table built once per work item (not an exp2 per key), takes the exact cosine and sine
+// only for key g of a K fragment, and derives key g + 8's (8 positions on) by one complex
+// multiply with the table's cosine and sine of 8 x the frequency. Every key g is exact, so no
+// error accumulates from tile to tile; key g + 8 adds the rounding of one multiply.
 
-// cos and sin of pair p's angle at position pos: inv_freq = theta^(-2p/R) as exp2(p * c) with
-// c = -2 log2(theta) / R, the fp32 product pos * inv_freq as on the CPU (rotary_cos_sin), then a
+// A pair's entry of the table, one 16-byte load: x the frequency theta^(-2p/R) (rotary_inv_freq,
+// as on the CPU), y and z the cosine and sine of 8 x it; w unused.
+using rotary_pair_entry = float4;
+
+// The CTA's table, R / 2 <= D / 2 entries, in static shared memory of its own (the kernels'
+// dynamic layouts do not change; 1 KB at D = 128).
+template <int D>
+KVTILE_DEVICE KVTILE_FORCEINLINE rotary_pair_entry* rotary_table() {
+  __shared__ rotary_pair_entry table[D / 2];
+  return table;
+}
+
+// cos and sin of the angle pos * freq: the fp32 product as on the CPU (rotary_cos_sin), a
 // two-constant reduction to [-pi, pi] and the hardware sine and cosine, whose error there is
-// about 2^-21 (the angle's own fp32 rounding, ~ulp(pos * inv_freq), is what every backend has).
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotary_cos_sin_fast(int pos, int pair, float c, float& cs, float& sn) {
-  const float angle = float(pos) * exp2f(float(pair) * c);
-  const float k = rintf(angle * 0.15915494309189535f);  // 1 / (2 pi)
-  float r = fmaf(-k, 6.28318548202514648f, angle);       // 2 pi, high part (fp32)
-  r = fmaf(-k, -1.7484555314695172e-7f, r);              // 2 pi - high part
+// about 2^-21 (the angle's own fp32 rounding, ~ulp(pos * freq), is what every backend has). The
+// nearest multiple of 2 pi is rounded by adding 1.5 * 2^23 (exact below 2^22 turns, i.e. for
+// every position an int converted to float keeps): two FMA-unit operations, where rintf would
+// take the slower conversion unit.
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotary_cos_sin_fast(float pos, float freq, float& cs, float& sn) {
+  constexpr float round_bias = 12582912.f;  // 1.5 * 2^23
+  const float angle = pos * freq;
+  const float k = fmaf(angle, 0.15915494309189535f, round_bias) - round_bias;  // rint(angle / (2 pi))
+  float r = fmaf(-k, 6.28318548202514648f, angle);                            // 2 pi, high part (fp32)
+  r = fmaf(-k, -1.7484555314695172e-7f, r);                                   // 2 pi - high part
   __sincosf(r, &sn, &cs);
 }
 
-// The constant c of rotary_cos_sin_fast for a variant.
-template <class Variant>
-KVTILE_DEVICE KVTILE_FORCEINLINE float rotary_log2_step(const Variant& v, int rotary_dims) {
-  return -2.f * log2f(v.rotary_theta()) / float(rotary_dims);
-}
-
-// Rotates one 16-bit pair register (x: column `col`, y: its partner) in place; lo/hi are two
-// registers holding partners element-wise (half-split) or lo == hi (interleaved, both halves).
-template <class T>
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_pair_regs(std::uint32_t& lo, std::uint32_t& hi, int pos, int pair0, float c,
-                                                       bool interleaved) {
-  const float2 a = arch::unpack2<T>(lo);
-  if (interleaved) {
-    float cs, sn;
-    rotary_cos_sin_fast(pos, pair0, c, cs, sn);
-    float x = a.x, y = a.y;
-    rotary_rotate_pair(x, y, cs, sn);
-    lo = arch::pack2<T>(x, y);
+// Fills the table for a work item's variant, over threads [0, nt); the caller's next barrier
+// makes it visible, and no thread may still read the previous item's entries. Nothing for
+// other variants.
+template <int D, class Variant>
+KVTILE_DEVICE KVTILE_FORCEINLINE void fill_rotary_table(const Variant& v, int tid, int nt) {
+  if constexpr (has_rotary<Variant>) {
+    rotary_pair_entry* t = rotary_table<D>();
+    const int R = v.rotary_dims(D);
+    for (int p = tid; p < R / 2; p += nt) {
+      const float f = rotary_inv_freq(p, R, v.rotary_theta());
+      float c8, s8;
+      rotary_cos_sin_fast(8.f, f, c8, s8);
+      t[p] = make_float4(f, c8, s8, 0.f);
+    }
   } else {
-    const float2 b = arch::unpack2<T>(hi);
-    float x0 = a.x, y0 = b.x, x1 = a.y, y1 = b.y;
-    float cs, sn;
-    rotary_cos_sin_fast(pos, pair0, c, cs, sn);
-    rotary_rotate_pair(x0, y0, cs, sn);
-    rotary_cos_sin_fast(pos, pair0 + 1, c, cs, sn);
-    rotary_rotate_pair(x1, y1, cs, sn);
-    lo = arch::pack2<T>(x0, x1);
-    hi = arch::pack2<T>(y0, y1);
+    (void)v, (void)tid, (void)nt;
   }
 }
 
-// Rotates fragments f[kk][4] of D columns in place. reg_row(r) says which of the thread's two
-// rows register r holds (0 or 1), reg_col(r) its 8-column offset in the k-step (0 or 8); pos[2]
-// are the rows' positions. FullDims: rotary_dims == D, so every partner index is known at
-// compile time (the common case); otherwise the partner k-step is selected at run time.
-template <class T, int D, bool FullDims, class Variant, class RegRow, class RegCol>
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_fragments_as(const Variant& v, std::uint32_t (&f)[D / 16][4],
-                                                          const int (&pos)[2], int tq, RegRow reg_row, RegCol reg_col) {
-  const int R = FullDims ? D : v.rotary_dims(D);
-  const float c = rotary_log2_step(v, R);
-  constexpr bool interleaved = Variant::rotary_layout_v == rotary_layout::interleaved;
-  const int half_steps = FullDims ? D / 32 : R / 32;  // k-steps between a half-split pair's columns
+// Whether key j of V sits at position j (rotary<>'s key_position, not hidden by a derived
+// variant): then keys g and g + 8 of a fragment are 8 positions apart and key g + 8 takes the
+// table's step. Otherwise both keys get their exact angle.
+template <class V>
+concept rotary_keys_consecutive = requires { typename V::rotary_base; } &&
+                                  std::is_same_v<decltype(&V::key_position), int (V::rotary_base::*)(int) const>;
+
+// Calls f(std::integral_constant<int, HS>{}) for HS = R / 32 in [1, D / 32]: the rotary dims
+// as a compile-time value, so a half-split pair's partner k-step (kk + HS) is a constant and
+// no register array is indexed at run time (which would put the fragments in local memory).
+// One uniform branch per call; the code of the fragments' rotation exists once per HS.
+template <int D, class F>
+KVTILE_DEVICE KVTILE_FORCEINLINE void with_rotary_steps(int rotary_dims, F&& f) {
+  const int hs = rotary_dims / 32;
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (void)((hs == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+  }(std::make_integer_sequence<int, D / 32>{});
+}
+
+// The K side (warp_rows::scores). A B fragment's registers: k0 key g cols +0, k1 key g cols +8,
+// k2 key g+8 cols +0, k3 key g+8 cols +8. rotate_key_pairs rotates one pair of key g (x0, y0)
+// and the same pair of key g + 8 (x1, y1) with the pair's table entry t; pos_g, pos_g8: the
+// keys' positions (pos_g8 read only when they are not consecutive).
+template <bool Consecutive>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_key_pairs(const rotary_pair_entry& t, float pos_g, float pos_g8, float& x0,
+                                                       float& y0, float& x1, float& y1) {
+  float cs, sn;
+  rotary_cos_sin_fast(pos_g, t.x, cs, sn);
+  rotary_rotate_pair(x0, y0, cs, sn);
+  if constexpr (Consecutive) {
+    (void)pos_g8;
+    const float c = cs;
+    cs = c * t.y - sn * t.z;  // angle + 8 freq
+    sn = sn * t.y + c * t.z;
+  } else {
+    rotary_cos_sin_fast(pos_g8, t.x, cs, sn);
+  }
+  rotary_rotate_pair(x1, y1, cs, sn);
+}
+
+// Rotates the interleaved pairs of one K fragment kf (one k-step, first pair index p0 = kk * 8 +
+// tq): register h (and 2 + h for key g + 8) holds pair p0 + 4h in its two halves.
+template <class T, bool Consecutive>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_interleaved(std::uint32_t (&kf)[4], const rotary_pair_entry* table, int p0,
+                                                           float pos_g, float pos_g8) {
   KVTILE_PRAGMA_UNROLL
-  for (int kk = 0; kk < (interleaved ? D / 16 : D / 32); ++kk) {
-    if (interleaved ? kk * 16 >= R : kk >= half_steps) continue;
-    KVTILE_PRAGMA_UNROLL
-    for (int r = 0; r < 4; ++r) {
-      const int col = kk * 16 + reg_col(r) + 2 * tq;  // the register's first column
-      if constexpr (interleaved) {
-        rotate_pair_regs<T>(f[kk][r], f[kk][r], pos[reg_row(r)], col / 2, c, true);
-      } else if constexpr (FullDims) {
-        rotate_pair_regs<T>(f[kk][r], f[kk + D / 32][r], pos[reg_row(r)], col, c, false);
-      } else {
-        std::uint32_t partner = 0;
-        KVTILE_PRAGMA_UNROLL
-        for (int k2 = 0; k2 < D / 16; ++k2)
-          if (k2 == kk + half_steps) partner = f[k2][r];
-        rotate_pair_regs<T>(f[kk][r], partner, pos[reg_row(r)], col, c, false);
-        KVTILE_PRAGMA_UNROLL
-        for (int k2 = 0; k2 < D / 16; ++k2)
-          if (k2 == kk + half_steps) f[k2][r] = partner;
+  for (int h = 0; h < 2; ++h) {
+    const rotary_pair_entry t = table[p0 + 4 * h];
+    float2 a = arch::unpack2<T>(kf[h]), b = arch::unpack2<T>(kf[2 + h]);
+    rotate_key_pairs<Consecutive>(t, pos_g, pos_g8, a.x, a.y, b.x, b.y);
+    kf[h] = arch::pack2<T>(a.x, a.y);
+    kf[2 + h] = arch::pack2<T>(b.x, b.y);
+  }
+}
+
+// Rotates the half-split pairs of two K fragments: lo the first halves (columns from p0 = kk *
+// 16 + 2tq), hi the partners R/2 columns on, element-wise: register h holds pairs p0 + 8h and
+// p0 + 8h + 1 in its two halves.
+template <class T, bool Consecutive>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_half_split(std::uint32_t (&lo)[4], std::uint32_t (&hi)[4],
+                                                          const rotary_pair_entry* table, int p0, float pos_g, float pos_g8) {
+  KVTILE_PRAGMA_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const rotary_pair_entry t0 = table[p0 + 8 * h], t1 = table[p0 + 8 * h + 1];
+    float2 xa = arch::unpack2<T>(lo[h]), ya = arch::unpack2<T>(hi[h]);          // key g
+    float2 xb = arch::unpack2<T>(lo[2 + h]), yb = arch::unpack2<T>(hi[2 + h]);  // key g + 8
+    rotate_key_pairs<Consecutive>(t0, pos_g, pos_g8, xa.x, ya.x, xb.x, yb.x);
+    rotate_key_pairs<Consecutive>(t1, pos_g, pos_g8, xa.y, ya.y, xb.y, yb.y);
+    lo[h] = arch::pack2<T>(xa.x, xa.y);
+    hi[h] = arch::pack2<T>(ya.x, ya.y);
+    lo[2 + h] = arch::pack2<T>(xb.x, xb.y);
+    hi[2 + h] = arch::pack2<T>(yb.x, yb.y);
+  }
+}
+
+// Rotates Q's A fragments q[D/16][4] over R = 32 HS dims at the rows' positions pos[2]: a0 row g
+// cols +0, a1 row g+8 cols +0, a2 row g cols +8, a3 row g+8 cols +8. Once per work item; both
+// rows exact (their positions need not be 8 apart).
+template <class T, int D, int HS, rotary_layout Layout>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_q_fragments(std::uint32_t (&q)[D / 16][4], const int (&pos)[2], int tq) {
+  const rotary_pair_entry* table = rotary_table<D>();
+  const float pf[2] = {float(pos[0]), float(pos[1])};
+  KVTILE_PRAGMA_UNROLL
+  for (int r = 0; r < 4; ++r) {
+    const int row = r % 2, h = r / 2;
+    if constexpr (Layout == rotary_layout::interleaved) {
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 0; kk < 2 * HS; ++kk) {
+        float cs, sn;
+        rotary_cos_sin_fast(pf[row], table[kk * 8 + 4 * h + tq].x, cs, sn);
+        float2 a = arch::unpack2<T>(q[kk][r]);
+        rotary_rotate_pair(a.x, a.y, cs, sn);
+        q[kk][r] = arch::pack2<T>(a.x, a.y);
+      }
+    } else {
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 0; kk < HS; ++kk) {
+        const int p = kk * 16 + 8 * h + 2 * tq;
+        float2 x = arch::unpack2<T>(q[kk][r]), y = arch::unpack2<T>(q[kk + HS][r]);
+        float cs, sn;
+        rotary_cos_sin_fast(pf[row], table[p].x, cs, sn);
+        rotary_rotate_pair(x.x, y.x, cs, sn);
+        rotary_cos_sin_fast(pf[row], table[p + 1].x, cs, sn);
+        rotary_rotate_pair(x.y, y.y, cs, sn);
+        q[kk][r] = arch::pack2<T>(x.x, x.y);
+        q[kk + HS][r] = arch::pack2<T>(y.x, y.y);
       }
     }
   }
-}
-
-template <class T, int D, class Variant, class RegRow, class RegCol>
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_fragments(const Variant& v, std::uint32_t (&f)[D / 16][4], const int (&pos)[2],
-                                                       int tq, RegRow reg_row, RegCol reg_col) {
-  if (v.rotary_dims(D) == D)
-    rotate_fragments_as<T, D, true>(v, f, pos, tq, reg_row, reg_col);
-  else
-    rotate_fragments_as<T, D, false>(v, f, pos, tq, reg_row, reg_col);
 }
 
 // What the CUDA kernels take of a variant: masks and logit transforms everywhere; rotary on the

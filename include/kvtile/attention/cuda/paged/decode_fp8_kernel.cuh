@@ -178,7 +178,8 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
   }
-  arch::cp_async_wait<ST - 1>();  // the Q group has landed
+  fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
+  arch::cp_async_wait<ST - 1>();         // the Q group has landed
   __syncthreads();
 
   if constexpr (Registers) {

@@ -152,13 +152,15 @@ struct warp_rows {
   }
 
   // A rotary variant: rotate the Q fragments (rows g and g + 8: query tokens t_row[0], t_row[1])
-  // at the variant's query positions, once per work item. Nothing for other variants.
+  // at the variant's query positions, once per work item, after a barrier that made
+  // fill_rotary_table's entries visible. Nothing for other variants.
   template <class Variant>
   KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_q(const Variant& v, const int (&t_row)[2], int lane) {
     if constexpr (has_rotary<Variant>) {
       const int pos[2] = {v.query_position(t_row[0]), v.query_position(t_row[1])};
-      // A fragment: a0 row g cols +0, a1 row g+8 cols +0, a2 row g cols +8, a3 row g+8 cols +8.
-      rotate_fragments<T, D>(v, q, pos, lane % 4, [](int r) { return r % 2; }, [](int r) { return (r / 2) * 8; });
+      with_rotary_steps<D>(v.rotary_dims(D), [&](auto hs) {
+        rotate_q_fragments<T, D, hs.value, Variant::rotary_layout_v>(q, pos, lane % 4);
+      });
     } else {
       (void)v, (void)t_row, (void)lane;
     }
@@ -171,39 +173,72 @@ struct warp_rows {
                                                int k_tile) const {
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-    const int mi = lane / 8;
-    auto k_addr = [&](int np, int kk) {
-      return arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8));
-    };
     if constexpr (has_rotary<Variant>) {
-      KVTILE_PRAGMA_UNROLL
-      for (int np = 0; np < TPW / 16; ++np) {
-        std::uint32_t kf[D / 16][4];
-        KVTILE_PRAGMA_UNROLL
-        for (int kk = 0; kk < D / 16; ++kk) arch::ldmatrix_x4(kf[kk], k_addr(np, kk));
-        // B fragments of K: k0 key g cols +0, k1 key g cols +8, k2 key g+8 cols +0, k3 key g+8 cols +8.
-        const int j = k_tile + key0 + np * 16 + lane / 4;
-        const int pos[2] = {v.key_position(j), v.key_position(j + 8)};
-        rotate_fragments<T, D>(v, kf, pos, lane % 4, [](int r) { return r / 2; }, [](int r) { return (r % 2) * 8; });
-        KVTILE_PRAGMA_UNROLL
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const std::uint32_t b0[2] = {kf[kk][0], kf[kk][1]}, b1[2] = {kf[kk][2], kf[kk][3]};
-          arch::mma_16816<T>(s[2 * np], q[kk], b0);
-          arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
-        }
-      }
+      with_rotary_steps<D>(v.rotary_dims(D), [&](auto hs) { rotated_scores<Layout, hs.value>(s, ks, key0, lane, v, k_tile); });
     } else {
       (void)v, (void)k_tile;
+      const int mi = lane / 8;
       KVTILE_PRAGMA_UNROLL
       for (int kk = 0; kk < D / 16; ++kk) {
         KVTILE_PRAGMA_UNROLL
         for (int np = 0; np < TPW / 16; ++np) {
           std::uint32_t kf[4];
-          arch::ldmatrix_x4(kf, k_addr(np, kk));
+          arch::ldmatrix_x4(kf, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8)));
           const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
           arch::mma_16816<T>(s[2 * np], q[kk], b0);
           arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
         }
+      }
+    }
+  }
+
+  // scores() of a rotary variant over R = 32 HS dims, s zeroed: one K fragment (interleaved) or
+  // a half-split pair of them (k-steps kk and kk + HS) at a time is loaded, rotated and
+  // multiplied, so only those registers are live beside Q and O; k-steps past the rotary dims
+  // are multiplied as they are. The keys of a B fragment: k0 / k1 key g, k2 / k3 key g + 8.
+  template <class Layout, int HS, class Variant>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void rotated_scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane, const Variant& v,
+                                                       int k_tile) const {
+    constexpr bool consecutive = rotary_keys_consecutive<Variant>;
+    constexpr bool interleaved = Variant::rotary_layout_v == rotary_layout::interleaved;
+    const rotary_pair_entry* table = rotary_table<D>();
+    const int tq = lane % 4, mi = lane / 8;
+    KVTILE_PRAGMA_UNROLL
+    for (int np = 0; np < TPW / 16; ++np) {
+      const int j = k_tile + key0 + np * 16 + lane / 4;
+      const float pos_g = float(v.key_position(j)), pos_g8 = consecutive ? 0.f : float(v.key_position(j + 8));
+      auto load = [&](std::uint32_t(&kf)[4], int kk) {
+        arch::ldmatrix_x4(kf, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8)));
+      };
+      auto multiply = [&](const std::uint32_t(&kf)[4], int kk) {
+        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        arch::mma_16816<T>(s[2 * np], q[kk], b0);
+        arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+      };
+      if constexpr (interleaved) {
+        KVTILE_PRAGMA_UNROLL
+        for (int kk = 0; kk < 2 * HS; ++kk) {
+          std::uint32_t kf[4];
+          load(kf, kk);
+          rotate_k_interleaved<T, consecutive>(kf, table, kk * 8 + tq, pos_g, pos_g8);
+          multiply(kf, kk);
+        }
+      } else {
+        KVTILE_PRAGMA_UNROLL
+        for (int kk = 0; kk < HS; ++kk) {
+          std::uint32_t lo[4], hi[4];
+          load(lo, kk);
+          load(hi, kk + HS);
+          rotate_k_half_split<T, consecutive>(lo, hi, table, kk * 16 + 2 * tq, pos_g, pos_g8);
+          multiply(lo, kk);
+          multiply(hi, kk + HS);
+        }
+      }
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 2 * HS; kk < D / 16; ++kk) {
+        std::uint32_t kf[4];
+        load(kf, kk);
+        multiply(kf, kk);
       }
     }
   }

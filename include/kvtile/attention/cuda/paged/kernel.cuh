@@ -140,7 +140,8 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
   }
-  arch::cp_async_wait<ST - 1>();  // the Q group has landed
+  fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
+  arch::cp_async_wait<ST - 1>();         // the Q group has landed
   __syncthreads();
 
   st.load_q(q_s, 16 * wm, lane);
