@@ -305,11 +305,9 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   int i = 0;  // tiles consumed: stage i % ST, barrier phase (i / ST) & 1
   for (int item = item_begin; item < item_end; ++item) {
     const int buf = (item - item_begin) & 1;
-    const View it(p, item);
-    const Mask& mask = it.mask;
     // A rotary variant's table for this item (the previous item's last reads of it are before
     // the first barrier of its epilogue).
-    fill_rotary_table<D>(mask, tid, NT);
+    if constexpr (has_rotary<Mask>) fill_rotary_table<D>(View(p, item).mask, tid, NT);
     // The next item's Q goes into the other tile (its last reader, the previous item, is past
     // a barrier) while this item runs.
     if (item + 1 < item_end) {
@@ -319,6 +317,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       arch::cp_async_wait<0>();
     }
     consumers_sync();  // this item's Q and table are there; the previous item's epilogue is done with `red`
+    const View it(p, item);
+    const Mask& mask = it.mask;
     const item_scales<T, Codec> scales(p.kv.pool, it.w.kv_head, p.scale_log2);
     warp_rows<T, D, TPW> st;
     st.init();
