@@ -168,6 +168,26 @@ TEST_CASE("prefill_sm90 warp-specialised kernel, 50 repetitions") {
   }
 }
 
+// More work tiles (q tile, head, sequence) than SMs: the warp-specialised kernel runs
+// persistent CTAs that walk several tiles each, the K/V ring, its barrier phases, the ping-pong
+// turns and the Q buffer running on from tile to tile (tiles of different lengths, varlen and
+// fixed, causal and not, repeated with fresh inputs).
+TEST_CASE("prefill_sm90 warp-specialised kernel: persistent CTAs over more work tiles than SMs") {
+  if (!sm90_here()) return;
+  int sms = 0;
+  REQUIRE(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess);
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed << ", " << sms << " SMs");
+  std::mt19937_64 rng(seed);
+  for (int r = 0; r < 3; ++r) {
+    // D 128 causal varlen: 10 q tiles x 10 heads x 3 sequences; D 128 full: 5 x 12 x 3; D 64
+    // (three consumer warpgroups) varlen: 6 x 8 x 3. Each above 132 work tiles.
+    check_prefill<k128_causal>({{900, 250, 1200}, {900, 250, 1200}, true, 10, 2}, {}, rng);
+    check_prefill<k128_none>({{600, 600, 600}, {600, 600, 600}, false, 12, 4}, {}, rng);
+    check_prefill<ws64_three>({{700, 333, 1001}, {700, 333, 1001}, true, 8, 2}, {}, rng, r % 2 == 0);
+  }
+}
+
 TEST_CASE("cuda::prefill's dispatch: the warp-specialised kernel on fixed and varlen tensors, cp.async on strided batches") {
   if (!sm90_here()) return;
   using P = cuda::prefill<bfloat16, 128, causal_mask>;
@@ -223,6 +243,7 @@ TEST_CASE("prefill_sm90 small set (sanitizer)") {
   check_prefill<k128_window>({{150}, {150}, false, 2, 1}, {40, 3}, rng);
   check_prefill<ws64_three>({{200}, {200}, false, 1, 1}, {}, rng);
   check_prefill<ws128_one>({{70}, {130}, false, 2, 1}, {}, rng);
+  check_prefill<k64_causal>({{200, 200}, {200, 200}, false, 80, 8}, {}, rng);  // 2 x 80 x 2 work tiles: persistent
 }
 
 TEST_CASE("prefill_sm90 argument errors and unsupported devices") {
