@@ -204,7 +204,7 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
     CHECK(lse_err <= 2e-3);
     const auto eq = kvtile_test::compare(o, o_exact);
     MESSAGE("fp8 " << codec_name<Codec>() << " " << std::string(element_name<T>) << " D=" << D
-                   << (outliers ? " outlier K" : " uniform K") << " (" << way_name << ")"
+                   << (outliers ? " outlier K" : " uniform K") << " (" << std::string(way_name) << ")"
                    << ": max |o - o(unquantised)| = " << eq.max_abs << ", relative L2 " << eq.rel_l2
                    << " (vs fp64 over dequantised: " << ek.max_abs << ")");
     CHECK(eq.rel_l2 < 0.15);
