@@ -109,10 +109,13 @@ struct prefill_sm90_tile<HeadDim> {
   using type = tile_shape<128, 64, 12, 2>;
 };
 
-// The warp-specialised prefill persistent (one CTA per SM walking the work tiles, the next
-// tile's Q and K/V loading under the last P V and the epilogue) wherever there is more than one
-// wave of work tiles (docs/perf-log/prefill.md, sm90 v9).
-inline constexpr bool prefill_sm90_persistent = true;
+// The warp-specialised prefill runs persistent CTAs (one per SM walking the work tiles, the next
+// tile's Q and K/V loading under the last P V and the epilogue) where the longest query sequence
+// has at most this many tokens and there is more than one wave of work tiles. H200, bf16, 16k
+// tokens per call, against a CTA per tile (docs/perf-log/prefill.md, sm90 v9): S 512 +4-13%,
+// S 1024 +0-4%; from S 2048 on 1-14% slower (29% at D 128 causal 16k): over many rounds the
+// CTAs of a static schedule drift apart, and the tiles running at once stop sharing K/V in L2.
+inline constexpr int prefill_sm90_persistent_max_q = 1024;
 
 // Default tiles of the cp.async wgmma kernel (prefill_sm90/kernel.cuh), which runs what the TMA
 // kernel cannot map (varlen layouts, strided batches): three warpgroups at D = 64 (registers

@@ -7,7 +7,7 @@
 //           mantissa one bit right of the top byte) give the value times 2^-8 for normals and
 //           subnormals alike (fp16's exponent bias is 8 more than e4m3's), so one fp16x2
 //           multiply by 2^8 finishes it; the NaN code S.1111.111 is then mapped to NaN.
-// bf16: integer ops and one bf16x2 multiply (e4m3x4_to_bf16x2x2), exact.
+// bf16 goes through fp16 -> fp32 -> bf16, exact.
 #pragma once
 
 #include <cstdint>
@@ -41,30 +41,19 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void e4m3x4_to_half2x2(std::uint32_t x, std::ui
 #endif
 }
 
-// Four e4m3 values -> two bf16x2 words, by integer ops and one multiply per pair (no conversion
-// instructions): the e4m3 bits placed in a bf16's (sign to bit 15, exponent and mantissa four
-// bits right of the top byte) are the value times 2^-120 for normals and subnormals alike (bf16's
-// exponent bias is 120 more than e4m3's), so a bf16x2 multiply by 2^120 finishes it, exactly;
-// the NaN code S.1111.111 comes out as +-480, which no finite code gives, and is mapped to NaN.
-KVTILE_DEVICE KVTILE_FORCEINLINE void e4m3x4_to_bf16x2x2(std::uint32_t x, std::uint32_t& lo, std::uint32_t& hi) {
-  auto pair = [](std::uint32_t u) {  // u: the two bytes at bits 8..15 and 24..31
-    std::uint32_t h = (u & 0x80008000u) | ((u & 0x7f007f00u) >> 4);
-    const __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&h), __floats2bfloat162_rn(0x1p120f, 0x1p120f));
-    const std::uint32_t r = *reinterpret_cast<const std::uint32_t*>(&v);
-    const std::uint32_t a = r & 0x7fff7fffu;  // magnitudes
-    return r | ((a & 0xffffu) == 0x43f0u ? 0x7fc0u : 0u) | ((a >> 16) == 0x43f0u ? 0x7fc00000u : 0u);
-  };
-  lo = pair(__byte_perm(x, 0u, 0x1404u));  // bytes 0, 1 to the top of each half
-  hi = pair(__byte_perm(x, 0u, 0x3424u));  // bytes 2, 3
-}
-
 // Four e4m3 values -> two words of T pairs (T = kvtile::half or kvtile::bfloat16).
 template <class T>
 KVTILE_DEVICE KVTILE_FORCEINLINE void e4m3x4_to(std::uint32_t x, std::uint32_t& lo, std::uint32_t& hi) {
-  if constexpr (std::is_same_v<T, kvtile::bfloat16>)
-    e4m3x4_to_bf16x2x2(x, lo, hi);
-  else
-    e4m3x4_to_half2x2(x, lo, hi);
+  e4m3x4_to_half2x2(x, lo, hi);
+  if constexpr (std::is_same_v<T, kvtile::bfloat16>) {
+    auto to_bf16 = [](std::uint32_t h) {
+      const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+      __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+      return *reinterpret_cast<std::uint32_t*>(&b);
+    };
+    lo = to_bf16(lo);
+    hi = to_bf16(hi);
+  }
 }
 
 // 16 e4m3 values (one 16-byte chunk) -> 16 T values (two 16-byte chunks).
