@@ -499,19 +499,22 @@ struct ws_dense_schedule {
   const ws_dense_params<T, Mask>& p;
   template <class F>
   KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
-    // One loop for both (one copy of the core's body in the kernel): a CTA per tile runs one
-    // round of one CTA, its work tile the block's linear index.
-    const int heads = p.p.q_layout.heads, total = p.q_tiles * heads * p.p.q_layout.batch;
-    const int ctas = p.persistent ? int(gridDim.x) : 1, cta = p.persistent ? int(blockIdx.x) : 0;
-    const int base = p.persistent ? 0 : int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
-    const int rounds = p.persistent ? (total + ctas - 1) / ctas : 1;
-    for (int round = 0; round < rounds; ++round) {
-      const int w = base + round * ctas + (round % 2 == 0 ? cta : ctas - 1 - cta);
-      if (w >= total) break;
-      const int q_tile = p.q_tiles - 1 - w % p.q_tiles, rest = w / p.q_tiles, b = rest / heads;
-      if (q_tile * G::block_q >= p.p.q_layout.len_of(b)) continue;  // past this sequence's queries
-      const dense_ws_source<T, D, G, Mask> src(p, q_tile, rest % heads, b);
+    const int heads = p.p.q_layout.heads, batch = p.p.q_layout.batch;
+    auto run = [&](int q_tile, int h, int b) {
+      if (q_tile * G::block_q >= p.p.q_layout.len_of(b)) return;  // past this sequence's queries
+      const dense_ws_source<T, D, G, Mask> src(p, q_tile, h, b);
       f(src);
+    };
+    if (!p.persistent) {
+      run(int(gridDim.x) - 1 - int(blockIdx.x), int(blockIdx.y), int(blockIdx.z));
+      return;
+    }
+    const int total = p.q_tiles * heads * batch, ctas = int(gridDim.x), cta = int(blockIdx.x);
+    for (int round = 0;; ++round) {
+      const int w = round * ctas + (round % 2 == 0 ? cta : ctas - 1 - cta);
+      if (w >= total) break;
+      const int rest = w / p.q_tiles;
+      run(p.q_tiles - 1 - w % p.q_tiles, rest % heads, rest / heads);
     }
   }
 };
@@ -581,12 +584,13 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   typename Kernel::params kp;
   kp.p = p;
   kp.q_tiles = std::int32_t(g.x);
-  // Persistent: one CTA per SM walks the work tiles (ws_dense_schedule), where there are more
-  // and they are short (tuning::prefill_sm90_persistent_max_q).
+  // Persistent: one CTA per SM walks the work tiles (ws_dense_schedule), where there are more.
   int sms = 0;
   KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const std::int64_t work = std::int64_t(g.x) * g.y * g.z;
-  kp.persistent = max_q_len <= tuning::prefill_sm90_persistent_max_q && work > sms ? 1 : 0;
+  KVTILE_REQUIRE(work < (std::int64_t(1) << 31), errc::unsupported, "prefill_sm90: ", work,
+                 " work tiles (q tiles x heads x sequences); the kernel indexes fewer than 2^31");
+  kp.persistent = tuning::prefill_sm90_persistent && work > sms ? 1 : 0;
   if (kp.persistent) g = dim3(unsigned(sms), 1, 1);
   kp.q = make_dense_tma(p.q, p.q_layout, G::block_q);
   kp.k = make_dense_tma(p.k, p.kv_layout, G::block_kv);
