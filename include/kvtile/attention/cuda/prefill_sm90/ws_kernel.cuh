@@ -584,13 +584,14 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   typename Kernel::params kp;
   kp.p = p;
   kp.q_tiles = std::int32_t(g.x);
-  // Persistent: one CTA per SM walks the work tiles (ws_dense_schedule), where there are more.
+  // Persistent: one CTA per SM walks the work tiles (ws_dense_schedule), where there are more
+  // and they are short (tuning::prefill_sm90_persistent_max_q).
   int sms = 0;
   KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const std::int64_t work = std::int64_t(g.x) * g.y * g.z;
   KVTILE_REQUIRE(work < (std::int64_t(1) << 31), errc::unsupported, "prefill_sm90: ", work,
                  " work tiles (q tiles x heads x sequences); the kernel indexes fewer than 2^31");
-  kp.persistent = tuning::prefill_sm90_persistent && work > sms ? 1 : 0;
+  kp.persistent = max_q_len <= tuning::prefill_sm90_persistent_max_q && work > sms ? 1 : 0;
   if (kp.persistent) g = dim3(unsigned(sms), 1, 1);
   kp.q = make_dense_tma(p.q, p.q_layout, G::block_q);
   kp.k = make_dense_tma(p.k, p.kv_layout, G::block_kv);
