@@ -42,7 +42,8 @@ namespace attention::cuda {
 // 16 per warp, for head dims above 128); append_sm90: the Hopper wgmma kernel (head dims 64 and
 // 128, binaries with sm_90a code), 64 packed rows per warpgroup; decode_sm90: the decode shape
 // with K/V pages copied by the Tensor Memory Accelerator (decode_sm90_supported: head dims 64,
-// 128, 192, 256 and page sizes sharing a factor of 8 with the 64-key tile; sm_90a binaries).
+// 128, 192, 256 -- 128 and 256 for fp8 pages -- and page sizes sharing a factor of 8 with the
+// 64-key tile; sm_90a binaries). fp8 pages run on decode or decode_sm90.
 enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90, decode_sm90 };
 
 constexpr const char* to_string(paged_kernel_kind k) {
@@ -76,7 +77,7 @@ struct paged_kernel_shape {
     const std::size_t reduce = std::size_t(warps_m) * warps_n * 16 * (std::size_t(head_dim + 4) * 4 + 8);
     return 1024 + (runs ? stage_bytes + 2 * q_tile + reduce : std::max(stage_bytes, reduce) + q_tile) + 16 * std::size_t(stages);
   }
-  // The fp8 decode kernel (paged/decode_fp8_kernel.cuh): a 2-byte Q tile and converted K and
+  // The cp.async fp8 decode kernel (paged/decode_fp8_kernel.cuh): a 2-byte Q tile and converted K and
   // V tiles (rows padded by 8 elements), byte stages of K and V, and per-token scales; or the
   // reduction area, whichever is larger.
   constexpr std::size_t decode_fp8_smem_bytes(int head_dim) const {
@@ -226,7 +227,7 @@ struct paged_plan {
   int ctas_per_sm = 1;
   int chunk_tiles = 0;  // key tiles per split chunk (0: no split; TMA decode: the most tiles of a CTA)
   bool early_launch = false;  // launch with programmatic serialisation (plan_options::early_launch)
-  bool fp8_registers = false;  // fp8 pages: the register path of the fp8 decode kernel (plan_options::fp8_registers)
+  bool fp8_registers = false;  // fp8 pages: fragments converted in registers (always on the TMA kernel; plan_options::fp8_registers)
   bool warp_specialised_append = false;  // append_sm90 on the warp-specialised kernel (plan_options)
   // Why the planner chose shape.kind (the alternatives it had and what ruled them out); the run
   // reports it to the dispatch log (dispatch.hpp).

@@ -1,4 +1,6 @@
-// kvtile/attention/cuda/paged/decode_fp8_kernel.cuh: paged decode over fp8 (e4m3) K/V pages.
+// kvtile/attention/cuda/paged/decode_fp8_kernel.cuh: paged decode over fp8 (e4m3) K/V pages
+// with cp.async (sm_80+; on Hopper the TMA decode kernel reads fp8 pages where it can:
+// decode_sm90_kernel.cuh, plan.reason says which runs).
 //
 // The cp.async decode kernel (kernel.cuh) with pages of one byte per element: the same work
 // items, warps (16 packed rows, WN warps splitting each key tile) and warp arithmetic
@@ -10,14 +12,14 @@
 //   in registers (memory/cuda/fp8_convert.cuh) into a
 //   padded T tile of its own (no CTA barrier: a warp
 //   reads only the rows it converted)
-//   S = Q K^T; per_token_head: S column j times k_scale[j]
+//   S = Q K^T; per_token_head: S column j times k_scale[j]  -- item_scales (decode_warp.cuh)
 //   scale, mask, online softmax; per_token_head: P column j times v_scale[j]
 //   O += P V
 //
 // per_head scales cost nothing per tile: the K scale is folded into the softmax scale, the V
 // scale into O before the epilogue. Scales multiply scores and probabilities, never elements.
-// Two ways from the byte tile to the mma fragments (Registers, an A/B pending its measurement,
-// docs/perf-log/decode.md v16; plan_options::fp8_registers picks):
+// Two ways from the byte tile to the mma fragments (Registers; plan_options::fp8_registers
+// picks, true by default: 1.05-1.44x the shared tiles on the H200, docs/perf-log/decode.md v16):
 //   false  each warp converts its rows into a padded T tile of its own in shared memory, then
 //          the bf16 kernels' ldmatrix path (one extra write and read of the tile per warp);
 //   true   ldmatrix / ldmatrix.trans over the byte rows (padded to D + 16 bytes: conflict-free)

@@ -137,7 +137,7 @@ void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params,
   }
 }
 
-// The fp8 decode kernel (decode_fp8_kernel.cuh): fp8 pages, any supported head dim.
+// The cp.async fp8 decode kernel (decode_fp8_kernel.cuh): fp8 pages, any supported head dim.
 template <class T, int D, class Codec, class Mask, class Table>
 void launch_decode_fp8(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
                        cudaStream_t stream) {
