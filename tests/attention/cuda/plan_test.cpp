@@ -500,3 +500,31 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their ow
   kvtile_test::expect_error(errc::unsupported, "got 4",
                             [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90()); });
 }
+
+TEST_CASE("plan: the kernel types answer can_implement and their shared memory; the planner takes the first that can") {
+  namespace pk = kc::paged_kernels;
+  const kc::device_limits hopper = h100_sm90();
+  const kc::plan_options opt;
+  kc::paged_problem pr{32, 8, 96, 16, 400, 2};
+  const kc::paged_request r{pr, 4, hopper, opt, false};
+  // D 96: no 128-byte panels for the TMA decode kernel, no sm_90a append kernel.
+  CHECK(pk::decode_sm90::can_implement(r).find("multiple of 64") != std::string::npos);
+  CHECK(pk::decode::can_implement(r).empty());
+  CHECK(pk::append_sm90::can_implement(r).find("head_dim 64 and 128") != std::string::npos);
+  CHECK(pk::append::can_implement(r).empty());
+  CHECK(pk::decode::smem_bytes(pr) == kc::paged_shape_for(kc::paged_kernel_kind::decode, 96).smem_bytes(96, 2));
+  // The plan's reason names what the faster kernel could not take, then the one that runs.
+  std::mt19937_64 rng(11);
+  const host_csr t(std::vector<std::int32_t>{300, 17}, 16, 400, rng);
+  const auto q1 = indptr_of({1, 1});
+  const auto plan = kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, hopper);
+  INFO(plan.reason);
+  CHECK(plan.shape.kind == kc::paged_kernel_kind::decode);
+  CHECK(plan.reason.find("decode_sm90: the TMA decode kernel needs a head_dim multiple of 64") != std::string::npos);
+  // Without the device's sm_90a code every sm_90a kernel says so.
+  kc::device_limits sm80 = hopper;
+  sm80.wgmma = false;
+  const kc::paged_request r80{pr, 4, sm80, opt, false};
+  CHECK(pk::decode_sm90::can_implement(r80).find("device_limits::wgmma") != std::string::npos);
+  CHECK(pk::append_sm90::can_implement(r80).find("device_limits::wgmma") != std::string::npos);
+}

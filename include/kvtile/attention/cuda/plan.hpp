@@ -473,51 +473,123 @@ void plan_decode_runs(paged_plan& plan, const std::vector<tile_task>& tasks, con
 // table are HOST arrays (the host mirror of what the run reads on the device). Query token t of
 // request b sits at key position t + kv_len(b) - q_len(b) (the chunk is the cache's tail), so
 // q_len(b) <= kv_len(b) is required (except with no_mask). Throws kvtile::error before any work on bad input.
+// ---- the paged kernels, as the planner asks them ------------------------------------------------
+//
+// Each kernel the paged entry points launch is a type here: its kind (what run_paged_attention
+// dispatches on), its shape (paged_shape_for: tiles, warps, stages), its dynamic shared memory,
+// and can_implement: empty when it runs a batch, else why not. The planner takes the first type
+// of paged_decode_kernels (every request packs at most 16 query rows) or paged_append_kernels
+// (the others) that can, and its reason names what each faster one could not take. A new kernel
+// is a type here, its place in one of the lists, and its launch (paged/launch.cuh).
+
+// What a batch asks of a kernel.
+struct paged_request {
+  const paged_problem& problem;
+  std::int64_t max_rows;     // packed query rows of its largest request
+  const device_limits& dev;
+  const plan_options& opt;
+  bool rotary;               // the variant rotates K as it is loaded
+};
+
+namespace paged_kernels {
+
+// Common parts: the shape and shared memory of a kind; why the sm_90a kernels are out, if so.
+template <paged_kernel_kind Kind>
+struct kernel_base {
+  static constexpr paged_kernel_kind kind = Kind;
+  static constexpr paged_kernel_shape shape(const paged_problem& pr) { return paged_shape_for(Kind, pr.head_dim, pr.elem_bytes); }
+  static constexpr std::size_t smem_bytes(const paged_problem& pr) { return shape(pr).smem_bytes(pr.head_dim, pr.elem_bytes); }
+};
+inline std::string no_sm90(const paged_request& r) {
+  if (!r.opt.use_wgmma) return "plan_options::use_wgmma is off";
+  if (!r.dev.wgmma) return "the device does not run this binary's sm_90a code (device_limits::wgmma)";
+  return {};
+}
+inline constexpr const char* fp8_decode_only =
+    "fp8 K/V pages run on the paged decode kernels (at most 16 packed query rows per request)";
+
+// The TMA decode kernel (paged/decode_sm90_kernel.cuh).
+struct decode_sm90 : kernel_base<paged_kernel_kind::decode_sm90> {
+  static std::string can_implement(const paged_request& r) {
+    if (std::string why = no_sm90(r); !why.empty()) return why;
+    const paged_problem& pr = r.problem;
+    if (pr.elem_bytes == 1 && r.rotary)
+      return "fp8 K/V pages with a rotary variant (the TMA kernel's fp8 fragments are in a permuted head-dim order)";
+    if (!decode_sm90_supported(pr.head_dim, pr.page_size, pr.elem_bytes))
+      return std::string("the TMA decode kernel needs a head_dim multiple of ") + (pr.elem_bytes == 1 ? "128 (fp8 pages)" : "64") +
+             " and gcd(page_size, 64) >= 8";
+    return {};
+  }
+};
+// The cp.async decode kernels (paged/kernel.cuh; fp8 pages: paged/decode_fp8_kernel.cuh).
+struct decode : kernel_base<paged_kernel_kind::decode> {
+  static std::string can_implement(const paged_request&) { return {}; }
+};
+// The sm_90a append kernel (paged/append_sm90_kernel.cuh; its warp-specialised twin where
+// plan_options::warp_specialised_append asks and the pool has tensor maps).
+struct append_sm90 : kernel_base<paged_kernel_kind::append_sm90> {
+  static std::string can_implement(const paged_request& r) {
+    if (r.problem.elem_bytes == 1) return fp8_decode_only;
+    if (std::string why = no_sm90(r); !why.empty()) return why;
+    if (!append_sm90_head_dim(r.problem.head_dim)) return "the sm_90a append kernel takes head_dim 64 and 128";
+    return {};
+  }
+};
+// The mma.sync append kernel (paged/append_kernel.cuh).
+struct append : kernel_base<paged_kernel_kind::append> {
+  static std::string can_implement(const paged_request& r) {
+    if (r.problem.elem_bytes == 1) return fp8_decode_only;
+    return {};
+  }
+};
+
+}  // namespace paged_kernels
+
+// The candidates, fastest first.
+template <class... Kernels>
+struct paged_kernel_list {};
+using paged_decode_kernels = paged_kernel_list<paged_kernels::decode_sm90, paged_kernels::decode>;
+using paged_append_kernels = paged_kernel_list<paged_kernels::append_sm90, paged_kernels::append>;
+
 namespace detail {
 
 struct kernel_pick {
   paged_kernel_kind kind;
   std::string reason;
+  std::size_t smem_bytes;  // the kernel's answer for this problem
 };
 
-// The kernel shape for a batch whose largest request packs max_rows query rows, and why.
-// rotary: the variant rotates K as it is loaded (the fp8 TMA path has no rotary: its fragments
-// come in a permuted head-dim order).
-inline kernel_pick pick_paged_kernel(const paged_problem& pr, std::int64_t max_rows, const device_limits& dev,
-                                     const plan_options& opt, bool rotary) {
+// The first kernel of the list that can run the request; `rows` says why the list was chosen.
+template <class... Kernels>
+kernel_pick pick_from(paged_kernel_list<Kernels...>, const paged_request& r, const std::string& rows) {
+  const paged_problem& pr = r.problem;
   const std::string d = "head_dim " + std::to_string(pr.head_dim) + ", page_size " + std::to_string(pr.page_size);
-  std::string no_sm90;  // why the sm_90a kernels are out, if they are
-  if (!opt.use_wgmma) no_sm90 = "plan_options::use_wgmma is off";
-  else if (!dev.wgmma) no_sm90 = "the device does not run this binary's sm_90a code (device_limits::wgmma)";
-  if (pr.elem_bytes == 1) {  // fp8 pages: the decode kernels
-    KVTILE_REQUIRE(!opt.force_append && max_rows <= 16, errc::unsupported,
-                   "fp8 K/V pages run on the paged decode kernels (at most 16 packed query rows per request); a request "
-                   "here packs ", max_rows, opt.force_append ? " and plan_options::force_append is set" : "");
-    const std::string rows = "every request packs at most 16 query rows (" + std::to_string(max_rows) + "); fp8 K/V pages";
-    if (!no_sm90.empty()) return {paged_kernel_kind::decode, rows + ", " + no_sm90 + "; " + d};
-    if (rotary)
-      return {paged_kernel_kind::decode,
-              rows + " with a rotary variant: the cp.async kernel (the TMA kernel's fp8 fragments are in a permuted "
-                     "head-dim order); " + d};
-    if (!decode_sm90_supported(pr.head_dim, pr.page_size, 1))
-      return {paged_kernel_kind::decode,
-              rows + ": the TMA decode kernel needs a head_dim multiple of 128 and gcd(page_size, 64) >= 8; " + d};
-    return {paged_kernel_kind::decode_sm90, rows + "; " + d};
-  }
-  if (!opt.force_append && max_rows <= 16) {
-    const std::string rows = "every request packs at most 16 query rows (" + std::to_string(max_rows) + "); ";
-    if (!no_sm90.empty()) return {paged_kernel_kind::decode, rows + no_sm90 + "; " + d};
-    if (!decode_sm90_supported(pr.head_dim, pr.page_size))
-      return {paged_kernel_kind::decode,
-              rows + "the TMA decode kernel needs a head_dim multiple of 64 and gcd(page_size, 64) >= 8; " + d};
-    return {paged_kernel_kind::decode_sm90, rows + d};
-  }
-  const std::string rows = opt.force_append ? std::string("plan_options::force_append; ")
-                                            : "a request packs " + std::to_string(max_rows) + " query rows (> 16); ";
-  if (!no_sm90.empty()) return {paged_kernel_kind::append, rows + no_sm90 + "; " + d};
-  if (!append_sm90_head_dim(pr.head_dim))
-    return {paged_kernel_kind::append, rows + "the sm_90a append kernel takes head_dim 64 and 128; " + d};
-  return {paged_kernel_kind::append_sm90, rows + d};
+  std::string skipped;  // what the faster kernels could not take
+  kernel_pick out{};
+  bool found = false;
+  auto ask = [&](auto kernel) {
+    using K = decltype(kernel);
+    if (found) return;
+    const std::string why = K::can_implement(r);
+    if (why.empty()) {
+      out = {K::kind, rows + "; " + skipped + (pr.elem_bytes == 1 ? "fp8 K/V pages; " : "") + d, K::smem_bytes(pr)};
+      found = true;
+    } else {
+      skipped += std::string(to_string(K::kind)) + ": " + why + "; ";
+    }
+  };
+  (ask(Kernels{}), ...);
+  KVTILE_REQUIRE(found, errc::unsupported, rows, ": no paged kernel takes the batch (", skipped, d, ")");
+  return out;
+}
+
+inline kernel_pick pick_paged_kernel(const paged_request& r) {
+  if (!r.opt.force_append && r.max_rows <= 16)
+    return pick_from(paged_decode_kernels{}, r,
+                     "every request packs at most 16 query rows (" + std::to_string(r.max_rows) + ")");
+  return pick_from(paged_append_kernels{}, r,
+                   r.opt.force_append ? std::string("plan_options::force_append")
+                                      : "a request packs " + std::to_string(r.max_rows) + " query rows (> 16)");
 }
 
 }  // namespace detail
@@ -576,11 +648,11 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     KVTILE_REQUIRE(max_rows <= 16 && !opt.force_append, errc::unsupported, "rotary variant ", Mask::name,
                    ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
                    "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
-  const detail::kernel_pick pick = detail::pick_paged_kernel(pr, max_rows, dev, opt, has_rotary<Mask>);
+  const detail::kernel_pick pick = detail::pick_paged_kernel({pr, max_rows, dev, opt, has_rotary<Mask>});
   const paged_kernel_kind kind = pick.kind;
   plan.reason = pick.reason;
   plan.shape = paged_shape_for(kind, pr.head_dim, pr.elem_bytes);
-  const std::size_t smem = plan.shape.smem_bytes(pr.head_dim, pr.elem_bytes);
+  const std::size_t smem = pick.smem_bytes;
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
