@@ -141,18 +141,11 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   using S = typename Codec::template storage<T>;  // the stored element: T, or e4m3 bytes
   constexpr int EB = int(sizeof(S));
   constexpr bool FP8 = Codec::quantized;
-  constexpr bool token_scales = memory::per_token_scales<Codec>;
   using C = decode_sm90_config<D, EB>;
   static_assert(!FP8 || !has_rotary<Mask>, "decode_sm90: fp8 fragments come in a permuted head-dim order, no rotary");
-  constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::consumers;
-  constexpr int TPW = BN / WN;    // keys per warp per tile
-  constexpr int PANELS = D / C::panel;
+  constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages;
   constexpr int Q_TILE = BM * (D + 8);                    // elements of one padded Q tile
   constexpr int RED_BYTES = WN * 16 * ((D + 4) * 4 + 8);  // finish_rows' reduction area
-  constexpr int CONSUMER_BAR = 1;                         // named barrier of the NT consumer threads
-  // Arrivals that free a stage: one per consumer warp, or one per consumer thread where the
-  // threads read cp.async-written scales from it.
-  constexpr int EMPTY_ARRIVALS = token_scales ? NT : WN;
   // The stages: K and V tiles, then (fp8) each stage's K and V scales.
   constexpr std::size_t STAGE_BYTES = std::size_t(2) * ST * BN * (D * EB + (FP8 ? sizeof(float) : 0));
   static_assert(1024 + (Runs ? STAGE_BYTES + 2 * Q_TILE * sizeof(T) + RED_BYTES
@@ -162,6 +155,14 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
                 "decode_sm90: layout exceeds the shared memory the launch gives");
 #if KVTILE_WGMMA_AVAILABLE
   if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  constexpr bool token_scales = memory::per_token_scales<Codec>;
+  constexpr int NT = C::consumers;
+  constexpr int TPW = BN / WN;  // keys per warp per tile
+  constexpr int PANELS = D / C::panel;
+  constexpr int CONSUMER_BAR = 1;  // named barrier of the NT consumer threads
+  // Arrivals that free a stage: one per consumer warp, or one per consumer thread where the
+  // threads read cp.async-written scales from it.
+  constexpr int EMPTY_ARRIVALS = token_scales ? NT : WN;
   using Bytes = swizzled_byte_tile<D * EB, BN>;  // byte offsets in a stage's K or V tile
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
