@@ -169,9 +169,8 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
 
   int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
-  fetch_blocks(fetch);
-  KVTILE_PRAGMA_UNROLL
-  for (int s = 0; s < ST - 1; ++s) {
+  // The next visible tile's copies into the next stage (an empty group past the last tile).
+  auto issue_next = [&] {
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = it.next_tile(fetch + 1);
@@ -179,7 +178,10 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
-  }
+  };
+  fetch_blocks(fetch);
+  KVTILE_PRAGMA_UNROLL
+  for (int s = 0; s < ST - 1; ++s) issue_next();
   fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
   arch::cp_async_wait<ST - 1>();         // the Q group has landed
   __syncthreads();
@@ -198,13 +200,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
-    if (fetch < n_tiles) {
-      load_kv(stage_w, fetch);
-      fetch = it.next_tile(fetch + 1);
-      fetch_blocks(fetch);
-    }
-    arch::cp_async_commit();
-    stage_w = (stage_w + 1) % ST;
+    issue_next();
     arch::cp_async_wait<ST - 1>();
     __syncthreads();
 
@@ -234,11 +230,9 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
       st.template scores_fp8<padded_byte_rows<RB>>(s, k8, wn * TPW, lane);
     else
       st.template scores<padded_tile<D>>(s, kt, 0, lane, mask, k0 + wn * TPW);
-    scales.keys(s, ksc_s + stage_r * BN + wn * TPW, tq);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-    st.scale_mask(s, scales.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
-    st.softmax(s);
-    scales.values(s, vsc_s + stage_r * BN + wn * TPW, tq);
+    st.tile_softmax(s, scales, ksc_s + stage_r * BN + wn * TPW, vsc_s + stage_r * BN + wn * TPW, partial, k0 + wn * TPW, k1, mask,
+                    t_row, tq);
     if constexpr (Registers)
       st.template accumulate_fp8<padded_byte_rows<RB>>(s, v8, wn * TPW, lane);
     else

@@ -359,11 +359,9 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         st.template scores_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(ks), wn * TPW, lane);
       else
         st.template scores<swizzled_tile<D, BN>>(s, ks, wn * TPW, lane, mask, k0);
-      scales.keys(s, ksc_s + stage * BN + wn * TPW, tq);
       const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-      st.scale_mask(s, scales.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
-      st.softmax(s);
-      scales.values(s, vsc_s + stage * BN + wn * TPW, tq);
+      st.tile_softmax(s, scales, ksc_s + stage * BN + wn * TPW, vsc_s + stage * BN + wn * TPW, partial, k0 + wn * TPW, k1, mask,
+                      t_row, tq);
       if constexpr (FP8)
         st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
       else

@@ -295,9 +295,8 @@ struct warp_rows {
     const int mi = lane / 8;
     KVTILE_PRAGMA_UNROLL
     for (int kj = 0; kj < TPW / 16; ++kj) {
-      const std::uint32_t pa[4] = {arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]), arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]),
-                                   arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
-                                   arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
+      std::uint32_t pa[4];
+      p_fragment(s, kj, pa);
       KVTILE_PRAGMA_UNROLL
       for (int d2 = 0; d2 < D / 32; ++d2) {
         std::uint32_t r[4];
@@ -340,6 +339,29 @@ struct warp_rows {
     for (int i = 0; i < D / 8; ++i) o[i][0] *= f, o[i][1] *= f, o[i][2] *= f, o[i][3] *= f;
   }
 
+  // One tile's scores to probabilities, the same in every 16-row kernel: the codec's K scales
+  // (item_scales; nothing for 2-byte pages), scale and mask (this warp's keys from j0;
+  // `partial`: some are past k1 or hidden), the online softmax, the codec's V scales. ksc / vsc:
+  // the stage's scales of this warp's keys (read only with per-token scales).
+  template <class Scales, class Mask>
+  KVTILE_DEVICE KVTILE_FORCEINLINE void tile_softmax(float (&s)[TPW / 8][4], const Scales& scales, const float* ksc,
+                                                     const float* vsc, bool partial, int j0, int k1, const Mask& mask,
+                                                     const int (&t_row)[2], int tq) {
+    scales.keys(s, ksc, tq);
+    scale_mask(s, scales.scale_log2, partial, j0, k1, mask, t_row, tq);
+    softmax(s);
+    scales.values(s, vsc, tq);
+  }
+
+  // P of keys [16 kj, 16 kj + 16) of the warp's slice, repacked from the S accumulators as the A
+  // fragment of P V.
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void p_fragment(const float (&s)[TPW / 8][4], int kj, std::uint32_t (&pa)[4]) {
+    pa[0] = arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]);
+    pa[1] = arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]);
+    pa[2] = arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]);
+    pa[3] = arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3]);
+  }
+
   // Online softmax over the tile's scores (four lanes per row): s becomes P, O is rescaled.
   KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(float (&s)[TPW / 8][4]) {
     KVTILE_PRAGMA_UNROLL
@@ -375,9 +397,8 @@ struct warp_rows {
     const int mi = lane / 8;
     KVTILE_PRAGMA_UNROLL
     for (int kj = 0; kj < TPW / 16; ++kj) {
-      const std::uint32_t pa[4] = {arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]), arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]),
-                                   arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]),
-                                   arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3])};
+      std::uint32_t pa[4];
+      p_fragment(s, kj, pa);
       KVTILE_PRAGMA_UNROLL
       for (int dp = 0; dp < D / 16; ++dp) {
         std::uint32_t vf[4];

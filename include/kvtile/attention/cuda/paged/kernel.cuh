@@ -126,12 +126,12 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   int t_row[2];
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + 16 * wm + g + 8 * i) / group;
+  const item_scales<T, memory::identity> scales(p.kv.pool, kvh, p.scale_log2);
 
   int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
-  fetch_blocks(fetch);
-  KVTILE_PRAGMA_UNROLL
-  for (int s = 0; s < ST - 1; ++s) {
+  // The next visible tile's copies into the next stage (an empty group past the last tile).
+  auto issue_next = [&] {
     if (fetch < n_tiles) {
       load_kv(stage_w, fetch);
       fetch = it.next_tile(fetch + 1);
@@ -139,7 +139,10 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     }
     arch::cp_async_commit();
     stage_w = (stage_w + 1) % ST;
-  }
+  };
+  fetch_blocks(fetch);
+  KVTILE_PRAGMA_UNROLL
+  for (int s = 0; s < ST - 1; ++s) issue_next();
   fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
   arch::cp_async_wait<ST - 1>();         // the Q group has landed
   __syncthreads();
@@ -149,13 +152,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 
   // ---- main loop -----------------------------------------------------------------------------
   while (cur < n_tiles) {
-    if (fetch < n_tiles) {
-      load_kv(stage_w, fetch);
-      fetch = it.next_tile(fetch + 1);
-      fetch_blocks(fetch);
-    }
-    arch::cp_async_commit();
-    stage_w = (stage_w + 1) % ST;
+    issue_next();
     arch::cp_async_wait<ST - 1>();
     __syncthreads();
 
@@ -165,8 +162,7 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane, mask, k0);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-    st.scale_mask(s, p.scale_log2, partial, k0 + wn * TPW, k1, mask, t_row, tq);
-    st.softmax(s);
+    st.tile_softmax(s, scales, nullptr, nullptr, partial, k0 + wn * TPW, k1, mask, t_row, tq);
     st.template accumulate<padded_tile<D>>(s, vs, wn * TPW, lane);
     __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
