@@ -554,9 +554,9 @@ using paged_append_kernels = paged_kernel_list<paged_kernels::append_sm90, paged
 namespace detail {
 
 struct kernel_pick {
-  paged_kernel_kind kind;
+  paged_kernel_shape shape;  // the kernel's shape (and kind) for this problem
   std::string reason;
-  std::size_t smem_bytes;  // the kernel's answer for this problem
+  std::size_t smem_bytes;    // its shared memory for this problem
 };
 
 // The first kernel of the list that can run the request; `rows` says why the list was chosen.
@@ -572,7 +572,7 @@ kernel_pick pick_from(paged_kernel_list<Kernels...>, const paged_request& r, con
     if (found) return;
     const std::string why = K::can_implement(r);
     if (why.empty()) {
-      out = {K::kind, rows + "; " + skipped + (pr.elem_bytes == 1 ? "fp8 K/V pages; " : "") + d, K::smem_bytes(pr)};
+      out = {K::shape(pr), rows + "; " + skipped + (pr.elem_bytes == 1 ? "fp8 K/V pages; " : "") + d, K::smem_bytes(pr)};
       found = true;
     } else {
       skipped += std::string(to_string(K::kind)) + ": " + why + "; ";
@@ -649,9 +649,9 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
                    ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
                    "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
   const detail::kernel_pick pick = detail::pick_paged_kernel({pr, max_rows, dev, opt, has_rotary<Mask>});
-  const paged_kernel_kind kind = pick.kind;
+  const paged_kernel_kind kind = pick.shape.kind;
   plan.reason = pick.reason;
-  plan.shape = paged_shape_for(kind, pr.head_dim, pr.elem_bytes);
+  plan.shape = pick.shape;
   const std::size_t smem = pick.smem_bytes;
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
