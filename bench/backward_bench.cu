@@ -1,6 +1,8 @@
 // Attention backward on the GPU (cuda::backward): bf16, D 64 and 128, S 1024..16384, causal and
 // not, 16k tokens per call, hidden 2048 (heads = 2048 / D), the atomic dQ (impl=kvtile) and the
-// deterministic dQ (impl=kvtile_det); plus a tile sweep at S = 4096. The forward's O and LSE are
+// deterministic dQ (impl=kvtile_det), both as run() dispatches them (the sm_90a kernel on
+// Hopper), and the mma.sync kernels through run_portable() (impl=kvtile_mma, kvtile_mma_det);
+// plus a tile sweep of the mma.sync kernel at S = 4096. The forward's O and LSE are
 // computed once, outside the timing. CUDA-event manual time; the counter `value` is TFLOP/s
 // (decimal) with FLOPs = 2.5 * the forward's 4 * B * H * S * S * D, halved for causal (the
 // count FlashAttention and the PyTorch peers use: the backward's five matrix products against
@@ -61,7 +63,8 @@ struct buffers {
 };
 
 template <class Kernel>
-void run_backward(benchmark::State& state, const std::string& suite, const std::string& impl, bool deterministic) {
+void run_backward(benchmark::State& state, const std::string& suite, const std::string& impl, bool deterministic,
+                  bool portable = false) {
   constexpr int D = Kernel::head_dim;
   using Mask = typename Kernel::mask;
   const int S = int(state.range(0));
@@ -94,13 +97,19 @@ void run_backward(benchmark::State& state, const std::string& suite, const std::
   cudaEvent_t start, stop;
   KVTILE_CUDA_CHECK(cudaEventCreate(&start));
   KVTILE_CUDA_CHECK(cudaEventCreate(&stop));
-  Kernel::run(args, buf.workspace);  // warm-up: module load, shared-memory attributes
+  auto run = [&] {
+    if (portable)
+      Kernel::run_portable(args, buf.workspace);
+    else
+      Kernel::run(args, buf.workspace);
+  };
+  run();  // warm-up: module load, shared-memory attributes
   KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
   const int reps = flops < 1e11 ? 8 : flops < 1e12 ? 2 : 1;
   double total_s = 0;
   for (auto _ : state) {
     KVTILE_CUDA_CHECK(cudaEventRecord(start));
-    for (int r = 0; r < reps; ++r) Kernel::run(args, buf.workspace);
+    for (int r = 0; r < reps; ++r) run();
     KVTILE_CUDA_CHECK(cudaEventRecord(stop));
     KVTILE_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
@@ -129,6 +138,16 @@ void grid_row_det(benchmark::State& state) {
   run_backward<cuda::backward<T, D, Mask>>(state, "backward", "kvtile_det", true);
 }
 
+template <int D, class Mask>
+void grid_row_mma(benchmark::State& state) {
+  run_backward<cuda::backward<T, D, Mask>>(state, "backward", "kvtile_mma", false, true);
+}
+
+template <int D, class Mask>
+void grid_row_mma_det(benchmark::State& state) {
+  run_backward<cuda::backward<T, D, Mask>>(state, "backward", "kvtile_mma_det", true, true);
+}
+
 template <int D, class Mask, int BQ, int BKV, int W>
 void tile_row(benchmark::State& state) {
   run_backward<cuda::backward<T, D, Mask, tile_shape<BQ, BKV, W, 2>>>(
@@ -154,6 +173,14 @@ BENCHMARK(grid_row_det<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<64, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<128, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma_det<64, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma_det<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma_det<128, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_mma_det<128, causal_mask>)->Apply(grid_args);
 
 // Tile sweep at S = 4096 (B = 4), <BlockQ, BlockKV, Warps> (BlockKV = 16 * Warps, Stages 2).
 // Defaults: <64, 64, 4> at D = 64, <32, 64, 4> at D = 128.

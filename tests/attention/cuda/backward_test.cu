@@ -127,14 +127,18 @@ struct device_problem {
   struct grads {
     std::vector<T> dq, dk, dv;
   };
-  grads run(bool deterministic) {
+  // portable: the mma.sync kernels even where run() would take the sm_90a one.
+  grads run(bool deterministic, bool portable = false) {
     dq_d.upload(std::vector<T>(q.size(), kvtile_test::poison<T>()));
     dk_d.upload(std::vector<T>(k.size(), kvtile_test::poison<T>()));
     dv_d.upload(std::vector<T>(v.size(), kvtile_test::poison<T>()));
     args.deterministic = deterministic;
     device_buffer<unsigned char> ws(Kernel::workspace_size(args));
     KVTILE_CUDA_CHECK(cudaMemset(ws.ptr, 0xFF, ws.n));  // NaN: the passes must write what they read
-    Kernel::run(args, ws.ptr, nullptr);
+    if (portable)
+      Kernel::run_portable(args, ws.ptr, nullptr);
+    else
+      Kernel::run(args, ws.ptr, nullptr);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
     return {dq_d.download(), dk_d.download(), dv_d.download()};
   }
@@ -152,8 +156,16 @@ void check_rule(const char* what, const std::vector<T>& got, const std::vector<T
   CHECK(err.rel_l2 <= 2 * base.rel_l2 + 1e-3);
 }
 
+// Whether run() takes the sm_90a kernel for Kernel's arguments on this device (then the tests
+// check the mma.sync kernels through run_portable() too).
+template <class Kernel>
+bool runs_sm90(const typename Kernel::arguments& a) {
+  return std::string(Kernel::dispatch(a).kernel).find("wgmma") != std::string::npos;
+}
+
 // The backward of `Kernel` on one problem against the fp64 reference, with the rule; both dQ
-// modes unless `modes` says one (1: atomic, 2: deterministic, 3: both).
+// modes unless `modes` says one (1: atomic, 2: deterministic, 3: both), on every kernel family
+// run() or run_portable() reaches on this device.
 template <class Kernel>
 void check_backward(const problem& pb, typename Kernel::mask::params mp, std::mt19937_64& rng, int modes = 3) {
   using T = typename Kernel::element;
@@ -173,14 +185,16 @@ void check_backward(const problem& pb, typename Kernel::mask::params mp, std::mt
   naive_attention_backward_lowp<Mask>(q_h, kv_h, pb.hkv, mp, dp.scale(), do_h, dense_tensor<T>{dq_low.data(), ql},
                                       dense_tensor<T>{dk_low.data(), kl}, dense_tensor<T>{dv_low.data(), kl});
 
-  for (int mode = 1; mode <= 2; ++mode) {
-    if (!(modes & mode)) continue;
-    INFO((mode == 2 ? "deterministic dQ" : "atomic dQ"));
-    const auto g = dp.run(mode == 2);
-    check_rule("dQ", g.dq, dq_low, dq_ref);
-    check_rule("dK", g.dk, dk_low, dk_ref);
-    check_rule("dV", g.dv, dv_low, dv_ref);
-  }
+  const int paths = runs_sm90<Kernel>(dp.args) ? 2 : 1;
+  for (int path = 0; path < paths; ++path)
+    for (int mode = 1; mode <= 2; ++mode) {
+      if (!(modes & mode)) continue;
+      INFO((mode == 2 ? "deterministic dQ" : "atomic dQ") << (path == 0 ? "" : ", mma.sync kernels (run_portable)"));
+      const auto g = dp.run(mode == 2, path == 1);
+      check_rule("dQ", g.dq, dq_low, dq_ref);
+      check_rule("dK", g.dk, dk_low, dk_ref);
+      check_rule("dV", g.dv, dv_low, dv_ref);
+    }
 }
 
 using b64_causal = cuda::backward<bfloat16, 64, causal_mask>;
@@ -422,6 +436,23 @@ TEST_CASE("backward: fully masked rows get dQ = 0, keys no query sees get dK = d
       CHECK(to_float(g.dk[j * 128 + x]) == 0.f);
       CHECK(to_float(g.dv[j * 128 + x]) == 0.f);
     }
+}
+
+TEST_CASE("backward dispatch: the wgmma kernel on Hopper at D 64 / 128, the mma.sync kernels elsewhere, with the reason") {
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  int device = 0, major = 0;
+  KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+  KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  device_problem<b128_causal> d128({{17}, {17}, false, 2, 1}, {}, rng);
+  device_problem<b96_window> d96({{17}, {17}, false, 2, 1}, {8, 0}, rng);
+  device_problem<b64_user> user({{17}, {17}, false, 2, 1}, {}, rng);
+  const kvtile::attention::cuda::kernel_choice c128 = b128_causal::dispatch(d128.args);
+  MESSAGE("D=128 causal: " << std::string(c128.kernel) << " (" << c128.reason << ")");
+  CHECK(runs_sm90<b128_causal>(d128.args) == (major == 9 && kvtile::attention::cuda::detail::sm90_kernels_available(device)));
+  CHECK_FALSE(runs_sm90<b96_window>(d96.args));
+  CHECK(b96_window::dispatch(d96.args).reason.find("head dims 64 and 128") != std::string::npos);
+  CHECK_FALSE(runs_sm90<b64_user>(user.args));
+  CHECK(b64_user::dispatch(user.args).reason.find("user tile") != std::string::npos);
 }
 
 TEST_CASE("backward argument errors name the offending value") {

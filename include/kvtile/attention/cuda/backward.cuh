@@ -1,6 +1,8 @@
 // kvtile/attention/cuda/backward.cuh: attention backward on NVIDIA GPUs (sm_80+), recomputing
 // the scores from the forward's saved LSE (FlashAttention-2's backward). Portable mma.sync
-// kernels (backward/kernel.cuh, backward/dq_kernel.cuh), which also run on Hopper.
+// kernels (backward/kernel.cuh, backward/dq_kernel.cuh) on every device; on Hopper (a binary
+// with sm_90a code) head dims 64 and 128 with the default tile run the main kernel on warpgroup
+// MMA instead (backward/sm90_kernel.cuh). dispatch(args) says which, and why.
 //
 //   using kernel = kvtile::attention::cuda::backward<kvtile::bfloat16, 128, causal_mask>;
 //   kernel::arguments args{q, kv, o, d_o, lse, dq, dk, dv, {}, scale};
@@ -41,6 +43,7 @@
 #include "kvtile/attention/cuda/backward/kernel.cuh"
 #include "kvtile/attention/cuda/backward/params.cuh"
 #include "kvtile/attention/cuda/backward/passes.cuh"
+#include "kvtile/attention/cuda/backward/sm90_kernel.cuh"
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
@@ -87,6 +90,10 @@ class backward {
   static constexpr std::size_t shared_memory_bytes = geometry::smem_bytes;  // of the K/V-outer kernel
   static constexpr std::size_t dq_shared_memory_bytes = dq_geometry::smem_bytes;  // of the Q-outer dQ kernel
   static constexpr int threads = geometry::threads;
+  // Whether run() takes the sm_90a main kernel on a Hopper device (with this binary's sm_90a
+  // code): head dims 64 and 128 with the default tile (a user's tile is the mma.sync kernel's).
+  static constexpr bool sm90_capable =
+      detail::backward_sm90_head_dim<HeadDim> && std::is_same_v<Tile, default_backward_tile_t<HeadDim>>;
 
   struct arguments {
     dense_tensor<const T> q;    // [batch, q_len, qo_heads, HeadDim]
@@ -198,23 +205,58 @@ class backward {
     return w.total;
   }
 
-  // Which kernels run(a) launches, and why (nothing is launched). One family today, the
-  // mma.sync kernels on every device (Hopper included: there is no wgmma backward yet), with
-  // the dQ mode the arguments ask for; every run reports it to the dispatch log (dispatch.hpp).
+  // Which kernels run(a) launches on the current device, and why (nothing is launched); every
+  // run reports it to the dispatch log (dispatch.hpp).
   static kernel_choice dispatch(const arguments& a) {
-    kernel_choice c;
-    c.entry = "cuda::backward";
-    c.kernel = a.deterministic ? "backward (mma.sync, sm_80+), Q-outer dQ without atomics"
-                               : "backward (mma.sync, sm_80+), dQ by fp32 atomics";
-    c.reason = "D " + std::to_string(HeadDim) + ", mask " + Mask::name + ", tile <" + std::to_string(Tile::block_q) +
-               ", " + std::to_string(Tile::block_kv) + ", " + std::to_string(Tile::warps) + ", " +
-               std::to_string(Tile::stages) + ">; the only backward kernels (no sm_90a wgmma backward yet)";
-    return c;
+    int device = 0;
+    KVTILE_CUDA_CHECK(cudaGetDevice(&device));
+    return choose(a, use_sm90(device, true));
   }
 
   // Checks, launches the three kernels on `stream`. Asynchronous; graph-capturable (no
-  // allocation, no synchronisation; cudaFuncSetAttribute is host-side).
-  static void run(const arguments& a, void* workspace, cudaStream_t stream = nullptr) {
+  // allocation, no synchronisation; cudaFuncSetAttribute is host-side). The first run on a
+  // device asks whether its sm_90a code is loaded: make it outside a graph capture.
+  static void run(const arguments& a, void* workspace, cudaStream_t stream = nullptr) { launch(a, workspace, stream, true); }
+
+  // The mma.sync kernels on every device, never the sm_90a one (to compare the two paths).
+  static void run_portable(const arguments& a, void* workspace, cudaStream_t stream = nullptr) {
+    launch(a, workspace, stream, false);
+  }
+
+ private:
+  using sm90_kernel_t = std::conditional_t<sm90_capable, detail::backward_sm90_kernel<T, HeadDim, Mask>, void>;
+
+  static bool use_sm90(int device, bool allow) {
+    if constexpr (sm90_capable)
+      return allow && kvtile::detail::compute_capability_major(device) == 9 && detail::sm90_kernels_available(device);
+    else
+      return (void)device, (void)allow, false;
+  }
+
+  static kernel_choice choose(const arguments& a, bool sm90) {
+    kernel_choice c;
+    c.entry = "cuda::backward";
+    const std::string shape = "D " + std::to_string(HeadDim) + ", mask " + Mask::name;
+    if (sm90) {
+      c.kernel = a.deterministic ? "backward (wgmma, sm_90a), Q-outer mma.sync dQ without atomics"
+                                 : "backward (wgmma, sm_90a), dQ by fp32 atomics";
+      c.reason = shape + ", 128 keys per CTA over two warpgroups, 64-query steps";
+      return c;
+    }
+    c.kernel = a.deterministic ? "backward (mma.sync, sm_80+), Q-outer dQ without atomics"
+                               : "backward (mma.sync, sm_80+), dQ by fp32 atomics";
+    c.reason = shape + ", tile <" + std::to_string(Tile::block_q) + ", " + std::to_string(Tile::block_kv) + ", " +
+               std::to_string(Tile::warps) + ", " + std::to_string(Tile::stages) + ">; ";
+    if (!detail::backward_sm90_head_dim<HeadDim>)
+      c.reason += "the sm_90a kernel takes head dims 64 and 128";
+    else if (!sm90_capable)
+      c.reason += "a user tile runs on the mma.sync kernel (the sm_90a kernel has its own)";
+    else
+      c.reason += "not a Hopper device running this binary's sm_90a code, or the portable path was asked for";
+    return c;
+  }
+
+  static void launch(const arguments& a, void* workspace, cudaStream_t stream, bool allow_sm90) {
     check(a);
     const layout_t w = workspace_layout(a);
     if (a.q.layout.batch == 0) return;
@@ -231,12 +273,14 @@ class backward {
     KVTILE_REQUIRE(major >= 8, errc::unsupported, "backward needs compute capability 8.0 or newer, device ", device,
                    " has major ", major);
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    const std::size_t need = a.deterministic ? std::max(shared_memory_bytes, dq_shared_memory_bytes) : shared_memory_bytes;
+    const bool sm90 = use_sm90(device, allow_sm90);
+    const std::size_t main_smem = sm90 ? sm90_smem_bytes() : shared_memory_bytes;
+    const std::size_t need = a.deterministic ? std::max(main_smem, dq_shared_memory_bytes) : main_smem;
     KVTILE_REQUIRE(need <= std::size_t(smem_optin), errc::unsupported, "backward tile <", Tile::block_q, ", ",
                    Tile::block_kv, ", ", Tile::warps, ", ", Tile::stages, "> with D=", HeadDim, " needs ", need,
                    " bytes of shared memory, device ", device, " allows ", smem_optin);
 
-    if (dispatch_log_enabled()) log_dispatch(dispatch(a));
+    if (dispatch_log_enabled()) log_dispatch(choose(a, sm90));
 
     params_t p{};
     p.q = a.q.data;
@@ -272,8 +316,17 @@ class backward {
       KVTILE_CUDA_CHECK_LAUNCH();
     }
     // The K/V-outer kernel also runs without queries: it writes dK = dV = 0.
-    const dim3 g = detail::backward_grid<geometry>(a.kv.layout, max_kv);
-    if (g.x > 0) launch_smem(&detail::backward_entry<kernel_t>, g, threads, shared_memory_bytes, stream, p);
+    if constexpr (sm90_capable) {
+      if (sm90) {
+        const dim3 g = detail::backward_sm90_grid(a.kv.layout, max_kv);
+        if (g.x > 0)
+          launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, p);
+      }
+    }
+    if (!sm90) {
+      const dim3 g = detail::backward_grid<geometry>(a.kv.layout, max_kv);
+      if (g.x > 0) launch_smem(&detail::backward_entry<kernel_t>, g, threads, shared_memory_bytes, stream, p);
+    }
     if (!any_q) return;
     if (a.deterministic) {
       const dim3 gq(unsigned((max_q + dq_geometry::block_q - 1) / dq_geometry::block_q), unsigned(a.q.layout.heads),
@@ -285,7 +338,13 @@ class backward {
     }
   }
 
- private:
+  static constexpr std::size_t sm90_smem_bytes() {
+    if constexpr (sm90_capable)
+      return sm90_kernel_t::G::smem_bytes;
+    else
+      return 0;
+  }
+
   struct layout_t {
     std::int64_t rows = 0;
     std::size_t dq_acc = 0, lse2 = 0, delta = 0, total = 0;

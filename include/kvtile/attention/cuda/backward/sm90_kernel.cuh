@@ -1,0 +1,357 @@
+// kvtile/attention/cuda/backward/sm90_kernel.cuh: the main kernel of the attention backward on
+// Hopper (sm_90a): K/V outer, as backward/kernel.cuh, with warpgroup MMA (wgmma) instead of
+// mma.sync.
+//
+// A CTA of two warpgroups owns 128 keys of one (sequence, KV head); warpgroup w owns keys
+// [64 w, 64 w + 64) of the block and keeps their dK and dV (64 x D fp32 each) in registers
+// across every query tile of every query head of the GQA group. K and V stay in shared memory;
+// the 64-row Q and dO tiles come through a two-slot cp.async ring, all tiles in the 128-byte
+// swizzled layout (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
+//   S^T = K Q^T, dP^T = V dO^T        m64n64k16, A and B from shared memory (K-major)
+//   P^T, dS^T                          element-wise on the fragments (exp2 of the saved LSE)
+//   dV += P^T dO, dK += dS^T Q         m64nDk16, A = P^T / dS^T from registers, B = dO / Q
+//                                      from shared memory (MN-major: the transpose bit)
+//   dQ += dS K                         dS^T goes to shared memory and is read back as an
+//                                      MN-major A (m64n64k16, both operands transposed); the
+//                                      step's dQ is added to the fp32 workspace with float2
+//                                      reductions. At D = 128 the warpgroups split dQ's columns
+//                                      (each reads both warpgroups' dS^T: a CTA barrier); at
+//                                      D = 64 each adds the product over its own 64 keys (a
+//                                      warpgroup barrier, twice the reductions).
+// Without a dQ workspace (deterministic mode) the dQ product is skipped and the Q-outer
+// mma.sync kernel (dq_kernel.cuh) computes dQ.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include <cuda_runtime.h>
+
+#include "kvtile/attention/cuda/arch/cp_async.cuh"
+#include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
+#include "kvtile/attention/cuda/arch/mbarrier.cuh"
+#include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/arch/wgmma.cuh"
+#include "kvtile/attention/cuda/backward/kernel.cuh"
+#include "kvtile/attention/cuda/backward/params.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/mask.hpp"
+#include "kvtile/attention/variant.hpp"
+
+KVTILE_NAMESPACE_BEGIN
+namespace attention::cuda::detail {
+
+// Head dims the sm_90a backward takes (the swizzled tiles hold 64-element column blocks).
+template <int D>
+inline constexpr bool backward_sm90_head_dim = D == 64 || D == 128;
+
+template <class T, int D>
+struct backward_sm90_geometry {
+  static_assert(backward_sm90_head_dim<D>, "backward_sm90: head dim must be 64 or 128");
+  static constexpr int block_q = 64;    // query rows per step (the M of dQ, the N of S^T)
+  static constexpr int block_kv = 128;  // keys per CTA, 64 per warpgroup
+  static constexpr int warpgroups = 2;
+  static constexpr int threads = 128 * warpgroups;
+  static constexpr int chunks = D / 8;  // 16-byte chunks per row (load_tile_sw128)
+  static constexpr int d_steps = D / 16;
+  static constexpr int q_steps = block_q / 16;
+  // dQ of a step: D = 128 splits its columns over the warpgroups (64 each, every key), D = 64
+  // its keys (all columns, the warpgroup's 64 keys).
+  static constexpr bool dq_split_keys = D == 64;
+  static constexpr int dq_k_steps = (dq_split_keys ? 64 : block_kv) / 16;
+
+  static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // K or V
+  static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);    // one slot of Q or dO
+  static constexpr std::uint32_t ds_bytes = std::uint32_t(block_kv) * block_q * sizeof(T);  // dS^T
+  static constexpr std::uint32_t stat_bytes = 2 * 2 * block_q * sizeof(float);  // lse2, Delta x 2 slots
+  // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
+  static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 4 * std::size_t(q_bytes) + ds_bytes +
+                                            stat_bytes + 1024;
+  static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0, "tiles stay 1024-byte aligned");
+};
+
+template <class T, int D, class Mask>
+struct backward_sm90_kernel {
+  using G = backward_sm90_geometry<T, D>;
+  using params = backward_params<T, Mask>;
+  using sq_op = arch::wgmma_op<T, 64>;  // S^T, dP^T and dQ: m64n64
+  using acc_op = arch::wgmma_op<T, D>;  // dV, dK: m64nD
+
+  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+    const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int wg = warp / 4, wq = warp % 4;
+    const int b = int(blockIdx.z), hk = int(blockIdx.y);
+    const int kv_len = p.kv_layout.len_of(b);
+    const int k0 = int(blockIdx.x) * G::block_kv;
+    if (k0 >= kv_len) return;
+    const int k1 = min_i(k0 + G::block_kv, kv_len);
+    const int q_len = p.q_layout.len_of(b);
+    const Mask mask(p.mask, q_len, kv_len);
+    const bool with_dq = p.dq_acc != nullptr;
+    const std::int32_t heads = p.q_layout.heads;
+    constexpr std::uint32_t sbo = 1024;  // 8-row groups of a swizzled tile
+
+    // Shared memory: K, V [128 keys]; Q, dO [2 slots][64 rows]; dS^T [128 keys][64 queries];
+    // lse2, Delta [2 slots][64] fp32.
+    const std::uint32_t raw = arch::smem_addr(smem_raw);
+    const std::uint32_t k_base = (raw + 1023u) & ~1023u;
+    const std::uint32_t v_base = k_base + G::kv_bytes;
+    const std::uint32_t q_base = v_base + G::kv_bytes;
+    const std::uint32_t do_base = q_base + 2 * G::q_bytes;
+    const std::uint32_t ds_base = do_base + 2 * G::q_bytes;
+    unsigned char* const smem = smem_raw + (k_base - raw);  // generic pointer of k_base
+    float* const s_lse = reinterpret_cast<float*>(smem + (ds_base + G::ds_bytes - k_base));
+    float* const s_delta = s_lse + 2 * G::block_q;
+
+    const std::int64_t kv_stride = p.kv_layout.stride_token;
+    load_tile_sw128<T, G, G::block_kv>(k_base, p.k + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
+    load_tile_sw128<T, G, G::block_kv>(v_base, p.v + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
+    arch::cp_async_commit();
+
+    // Steps: (query head of the group, query tile), the ones the mask hides from every key of
+    // the block skipped.
+    const int n_qt = (q_len + G::block_q - 1) / G::block_q, total = p.group * n_qt;
+    auto next_step = [&](int i) {
+      for (; i < total; ++i) {
+        const int q0 = (i % n_qt) * G::block_q;
+        if (mask.classify(q0, min_i(q0 + G::block_q, q_len), k0, k1) != tile_visibility::empty) break;
+      }
+      return i;
+    };
+    // A step's row statistics are read into registers when its tiles are fetched and stored
+    // after the current step's work (their latency hides behind it); threads 0..63 hold them.
+    float pend_l2 = std::numeric_limits<float>::infinity(), pend_dl = 0.f;
+    auto fetch = [&](int i, int slot) {
+      if (i < total) {
+        const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, rows = q_len - q0;
+        load_tile_sw128<T, G, G::block_q>(q_base + slot * G::q_bytes, p.q + p.q_layout.offset(b, q0, h),
+                                          p.q_layout.stride_token, rows, tid);
+        load_tile_sw128<T, G, G::block_q>(do_base + slot * G::q_bytes, p.d_o + p.do_layout.offset(b, q0, h),
+                                          p.do_layout.stride_token, rows, tid);
+        pend_l2 = std::numeric_limits<float>::infinity();  // padding rows: P = 0
+        pend_dl = 0.f;
+        if (tid < G::block_q && tid < rows) {
+          const std::int64_t at = std::int64_t(h) * p.ws_rows + p.q_layout.row(b, q0 + tid);
+          pend_l2 = p.lse2[at];
+          pend_dl = p.delta[at];
+        }
+      }
+      arch::cp_async_commit();
+    };
+    auto store_stats = [&](int slot) {
+      if (tid < G::block_q) {
+        s_lse[slot * G::block_q + tid] = pend_l2;
+        s_delta[slot * G::block_q + tid] = pend_dl;
+      }
+    };
+
+    float dv[D / 2], dk[D / 2];
+    KVTILE_PRAGMA_UNROLL
+    for (int x = 0; x < D / 2; ++x) dv[x] = dk[x] = 0.f;
+    arch::fence_operands(dv);
+    arch::fence_operands(dk);
+
+    const int wk0 = k0 + wg * 64;     // this warpgroup's first key
+    const int key_row = wq * 16 + g;  // this thread's keys: wk0 + key_row, + 8
+    const std::uint32_t k_wg = k_base + wg * 64 * 128, v_wg = v_base + wg * 64 * 128;  // A rows of S^T, dP^T
+    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
+
+    int cur = next_step(0), slot = 0;
+    fetch(cur, 0);
+    store_stats(0);
+    while (cur < total) {
+      const int nxt = next_step(cur + 1);
+      // Barrier: this step's Q / dO (and K / V) landed and are published to the async proxy,
+      // and every warpgroup is done with the previous step (its slot, dS^T, statistics).
+      arch::cp_async_wait<0>();
+      arch::fence_proxy_async_shared();
+      __syncthreads();
+      fetch(nxt, slot ^ 1);
+
+      const int h = hk * p.group + cur / n_qt, q0 = (cur % n_qt) * G::block_q;
+      const int q1 = min_i(q0 + G::block_q, q_len);
+      tile_visibility vis = wk0 < kv_len ? mask.classify(q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
+      if (vis == tile_visibility::full && wk0 + 64 > kv_len) vis = tile_visibility::partial;
+      const std::uint32_t q_slot = q_base + slot * G::q_bytes, do_slot = do_base + slot * G::q_bytes;
+
+      if (vis != tile_visibility::empty) {
+        // S^T = K Q^T and dP^T = V dO^T, two commit groups: P^T is computed while dP^T runs.
+        float s[32], dp[32];
+        arch::fence_operands(s);
+        arch::fence_operands(dp);
+        arch::wgmma_fence();
+        KVTILE_PRAGMA_UNROLL
+        for (int kd = 0; kd < G::d_steps; ++kd) {
+          const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
+          sq_op::ss(s, arch::sw128_desc(k_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
+                    arch::sw128_desc(q_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
+        }
+        arch::wgmma_commit();
+        KVTILE_PRAGMA_UNROLL
+        for (int kd = 0; kd < G::d_steps; ++kd) {
+          const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
+          sq_op::ss(dp, arch::sw128_desc(v_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
+                    arch::sw128_desc(do_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
+        }
+        arch::wgmma_commit();
+        arch::wgmma_wait<1>();
+        arch::fence_operands(s);
+
+        // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
+        // Masked pairs and keys past kv_len get P = 0; padding query rows have lse2 = +inf.
+        const float* lse_slot = s_lse + slot * G::block_q;
+        const float* delta_slot = s_delta + slot * G::block_q;
+        float grad[has_logit_transform<Mask> ? 32 : 1];
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const float2 l2 = *reinterpret_cast<const float2*>(lse_slot + j * 8 + 2 * t);
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 4; ++c) {
+            float x = s[4 * j + c], d = 1.f;
+            logit_and_derivative(mask, x, d, p.scale);
+            if constexpr (has_logit_transform<Mask>) grad[4 * j + c] = d;
+            if (vis == tile_visibility::partial) {
+              const int key = wk0 + key_row + (c / 2) * 8, qi = q0 + j * 8 + 2 * t + (c % 2);
+              if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
+            }
+            s[4 * j + c] = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
+          }
+        }
+        arch::wgmma_wait<0>();
+        arch::fence_operands(dp);
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          const float2 dl = *reinterpret_cast<const float2*>(delta_slot + j * 8 + 2 * t);
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < 4; ++c) {
+            float ds = s[4 * j + c] * (dp[4 * j + c] - (c % 2 ? dl.y : dl.x));
+            if constexpr (has_logit_transform<Mask>) ds *= grad[4 * j + c];
+            dp[4 * j + c] = ds;
+          }
+        }
+
+        // dV += P^T dO and dK += dS^T Q: the fragments of 16 queries are the A of one k-step;
+        // dO and Q are MN-major B operands (rows = queries, the k dimension).
+        std::uint32_t pa[G::q_steps][4], da[G::q_steps][4];
+        fragment_to_a<T>(s, pa);
+        fragment_to_a<T>(dp, da);
+        arch::fence_operands(dv);
+        arch::fence_operands(dk);
+        arch::wgmma_fence();
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::q_steps; ++j)
+          acc_op::template rs<1>(dv, pa[j], arch::sw128_desc(do_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::q_steps; ++j)
+          acc_op::template rs<1>(dk, da[j], arch::sw128_desc(q_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
+        arch::wgmma_commit();
+
+        if (with_dq) {
+          // dS^T rows (keys) of this thread into the [128 keys][64 queries] swizzled tile:
+          // da[j][0 / 1] are rows key_row / + 8 at queries 16j + 2t, da[j][2 / 3] at 16j + 8 + 2t.
+          const int r0 = wg * 64 + key_row;
+          KVTILE_PRAGMA_UNROLL
+          for (int j = 0; j < G::q_steps; ++j) {
+            KVTILE_PRAGMA_UNROLL
+            for (int x = 0; x < 4; ++x) {
+              const int r = r0 + (x % 2) * 8, c = 2 * j + x / 2;
+              *reinterpret_cast<std::uint32_t*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c) +
+                                                4 * t) = da[j][x];
+            }
+          }
+        }
+      } else if (with_dq && !G::dq_split_keys) {
+        // No key of this warpgroup is visible: its dS^T rows are 0 (the other one reads them).
+        for (int id = tid % 128; id < 64 * 8; id += 128) {
+          const int r = wg * 64 + id / 8, c = id % 8;
+          *reinterpret_cast<uint4*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c)) =
+              make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+
+      if (with_dq) {
+        // dQ += dS K: A = dS^T read transposed (MN-major), B = K read transposed (rows are
+        // keys, the k dimension). The step's 64 x 64 product goes to the fp32 workspace.
+        arch::fence_proxy_async_shared();
+        if constexpr (G::dq_split_keys)
+          arch::named_barrier_sync(1 + wg, 128);
+        else
+          __syncthreads();
+        if (!G::dq_split_keys || vis != tile_visibility::empty) {
+          const std::uint32_t key0 = G::dq_split_keys ? wg * 64 : 0;  // first key row of the product
+          const std::uint32_t col_block = G::dq_split_keys ? 0 : wg;  // dQ columns [64 col_block, + 64)
+          float acc[32];
+          arch::fence_operands(acc);
+          arch::wgmma_fence();
+          KVTILE_PRAGMA_UNROLL
+          for (int ks = 0; ks < G::dq_k_steps; ++ks) {
+            const std::uint32_t row = (key0 + ks * 16) * 128;
+            sq_op::template ss_t<1, 1>(acc, arch::sw128_desc(ds_base + row, G::block_kv * 128, sbo),
+                                       arch::sw128_desc(k_base + col_block * G::block_kv * 128 + row,
+                                                        G::block_kv * 128, sbo),
+                                       ks > 0 ? 1 : 0);
+          }
+          arch::wgmma_commit();
+          arch::wgmma_wait<0>();
+          arch::fence_operands(acc);
+          // acc[4j + 2 half + {0, 1}]: query q0 + 16 wq + g + 8 half, column 64 col_block + 8j + 2t.
+          KVTILE_PRAGMA_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            const int qi = q0 + wq * 16 + g + half * 8;
+            if (qi >= q_len) continue;
+            float* dst = p.dq_acc + (p.q_layout.row(b, qi) * heads + h) * D + col_block * 64 + 2 * t;
+            KVTILE_PRAGMA_UNROLL
+            for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+          }
+        }
+      }
+      // dV and dK of the step complete before the next barrier (their B operands are this
+      // slot's Q and dO, refilled after it).
+      arch::wgmma_wait<0>();
+      arch::fence_operands(dv);
+      arch::fence_operands(dk);
+      if (nxt < total) store_stats(slot ^ 1);
+      slot ^= 1;
+      cur = nxt;
+    }
+    arch::cp_async_wait<0>();
+
+    // Epilogue: rows key_row and key_row + 8 of this warpgroup's keys; dK = scale * dS^T Q.
+    KVTILE_PRAGMA_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int key = wk0 + key_row + half * 8;
+      if (key >= kv_len) continue;
+      T* dk_row = p.dk + p.dk_layout.offset(b, key, hk) + 2 * t;
+      T* dv_row = p.dv + p.dv_layout.offset(b, key, hk) + 2 * t;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<std::uint32_t*>(dk_row + j * 8) =
+            arch::pack2<T>(dk[4 * j + 2 * half] * p.scale, dk[4 * j + 2 * half + 1] * p.scale);
+        *reinterpret_cast<std::uint32_t*>(dv_row + j * 8) = arch::pack2<T>(dv[4 * j + 2 * half], dv[4 * j + 2 * half + 1]);
+      }
+    }
+  }
+};
+
+// (key blocks of 128, kv_heads, batch).
+inline dim3 backward_sm90_grid(const ragged_layout& kv, std::int32_t max_kv_len) {
+  return dim3(unsigned((max_kv_len + 127) / 128), unsigned(kv.heads), unsigned(kv.batch));
+}
+
+// Entry point; the body exists only in the sm_90a device pass (elsewhere an empty kernel that
+// the host never launches: cuda::backward asks sm90_kernels_available first).
+template <class Kernel>
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1) backward_sm90_entry(const typename Kernel::params p) {
+#if KVTILE_WGMMA_AVAILABLE
+  extern __shared__ __align__(16) unsigned char backward_sm90_smem[];
+  Kernel::run(p, backward_sm90_smem);
+#else
+  (void)p;
+#endif
+}
+
+}  // namespace attention::cuda::detail
+KVTILE_NAMESPACE_END
