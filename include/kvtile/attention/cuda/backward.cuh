@@ -240,7 +240,8 @@ class backward {
     if (sm90) {
       c.kernel = a.deterministic ? "backward (wgmma, sm_90a), Q-outer mma.sync dQ without atomics"
                                  : "backward (wgmma, sm_90a), dQ by fp32 atomics";
-      c.reason = shape + ", 128 keys per CTA over two warpgroups, 64-query steps";
+      c.reason = shape + ", " + std::to_string(64 * sm90_warpgroups()) + " keys per CTA over " +
+                 std::to_string(sm90_warpgroups()) + " warpgroup(s), 64-query steps";
       return c;
     }
     c.kernel = a.deterministic ? "backward (mma.sync, sm_80+), Q-outer dQ without atomics"
@@ -318,7 +319,7 @@ class backward {
     // The K/V-outer kernel also runs without queries: it writes dK = dV = 0.
     if constexpr (sm90_capable) {
       if (sm90) {
-        const dim3 g = detail::backward_sm90_grid(a.kv.layout, max_kv);
+        const dim3 g = detail::backward_sm90_grid<typename sm90_kernel_t::G>(a.kv.layout, max_kv);
         if (g.x > 0)
           launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, p);
       }
@@ -338,6 +339,12 @@ class backward {
     }
   }
 
+  static constexpr int sm90_warpgroups() {
+    if constexpr (sm90_capable)
+      return sm90_kernel_t::G::warpgroups;
+    else
+      return 0;
+  }
   static constexpr std::size_t sm90_smem_bytes() {
     if constexpr (sm90_capable)
       return sm90_kernel_t::G::smem_bytes;

@@ -69,6 +69,16 @@ inline constexpr int backward_max_dkv_cols = 128;
 template <int HeadDim, int BlockKV>
 inline constexpr int backward_dq_block_kv = HeadDim > 128 && BlockKV > 32 ? 32 : BlockKV;
 
+// ---- backward, Hopper wgmma kernel (sm_90a) -------------------------------------------------
+
+// Warpgroups per CTA of the sm_90a backward (backward/sm90_kernel.cuh), 64 keys each: two share
+// the Q / dO tiles of a step (one CTA per SM); one runs two CTAs per SM, which overlap each
+// other's waits, for twice the Q / dO loads and dQ reductions per key. Measured on an H200
+// (docs/perf-log/backward.md, v4; bf16, S 1k..16k): one is 1.06-1.13x two at D = 64, two is
+// 1.06-1.31x one at D = 128.
+template <int HeadDim>
+inline constexpr int backward_sm90_warpgroups = HeadDim <= 64 ? 1 : 2;
+
 // ---- prefill and paged append, Hopper wgmma kernel (sm_90a) ---------------------------------
 
 // Default tiles of the warp-specialised kernel (prefill_sm90/ws_kernel.cuh, TMA producer warp

@@ -47,20 +47,24 @@ namespace attention::cuda::detail {
 template <int D>
 inline constexpr bool backward_sm90_head_dim = D == 64 || D == 128;
 
-template <class T, int D>
+template <class T, int D, int Warpgroups>
 struct backward_sm90_geometry {
   static_assert(backward_sm90_head_dim<D>, "backward_sm90: head dim must be 64 or 128");
-  static constexpr int block_q = 64;    // query rows per step (the M of dQ, the N of S^T)
-  static constexpr int block_kv = 128;  // keys per CTA, 64 per warpgroup
-  static constexpr int warpgroups = 2;
+  static_assert(Warpgroups == 1 || Warpgroups == 2, "backward_sm90: one or two warpgroups per CTA");
+  static constexpr int warpgroups = Warpgroups;
+  static constexpr int block_q = 64;                // query rows per step (the M of dQ, the N of S^T)
+  static constexpr int block_kv = 64 * warpgroups;  // keys per CTA, 64 per warpgroup
   static constexpr int threads = 128 * warpgroups;
+  static constexpr int min_ctas = 3 - warpgroups;  // CTAs per SM the registers are budgeted for
   static constexpr int chunks = D / 8;  // 16-byte chunks per row (load_tile_sw128)
   static constexpr int d_steps = D / 16;
   static constexpr int q_steps = block_q / 16;
-  // dQ of a step: D = 128 splits its columns over the warpgroups (64 each, every key), D = 64
-  // its keys (all columns, the warpgroup's 64 keys).
-  static constexpr bool dq_split_keys = D == 64;
+  // dQ of a step: with two warpgroups at D = 128 they split its columns (64 each, over every
+  // key of the CTA); otherwise each warpgroup adds the product over its own 64 keys, all
+  // columns (64 at a time).
+  static constexpr bool dq_split_keys = warpgroups == 1 || D == 64;
   static constexpr int dq_k_steps = (dq_split_keys ? 64 : block_kv) / 16;
+  static constexpr int dq_col_blocks = dq_split_keys ? D / 64 : 1;  // per warpgroup
 
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // K or V
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);    // one slot of Q or dO
@@ -72,9 +76,9 @@ struct backward_sm90_geometry {
   static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0, "tiles stay 1024-byte aligned");
 };
 
-template <class T, int D, class Mask>
+template <class T, int D, class Mask, int Warpgroups = tuning::backward_sm90_warpgroups<D>>
 struct backward_sm90_kernel {
-  using G = backward_sm90_geometry<T, D>;
+  using G = backward_sm90_geometry<T, D, Warpgroups>;
   using params = backward_params<T, Mask>;
   using sq_op = arch::wgmma_op<T, 64>;  // S^T, dP^T and dQ: m64n64
   using acc_op = arch::wgmma_op<T, D>;  // dV, dK: m64nD
@@ -111,6 +115,12 @@ struct backward_sm90_kernel {
     load_tile_sw128<T, G, G::block_kv>(v_base, p.v + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
     arch::cp_async_commit();
 
+    // The sequence's first query token: its Q and dO element offsets and its packed row (the
+    // lengths and offsets of a varlen batch are read from the device once, here).
+    const T* const q_seq = p.q + p.q_layout.offset(b, 0, 0);
+    const T* const do_seq = p.d_o + p.do_layout.offset(b, 0, 0);
+    const std::int64_t q_row0 = p.q_layout.row(b, 0);
+
     // Steps: (query head of the group, query tile), the ones the mask hides from every key of
     // the block skipped.
     const int n_qt = (q_len + G::block_q - 1) / G::block_q, total = p.group * n_qt;
@@ -121,31 +131,26 @@ struct backward_sm90_kernel {
       }
       return i;
     };
-    // A step's row statistics are read into registers when its tiles are fetched and stored
-    // after the current step's work (their latency hides behind it); threads 0..63 hold them.
-    float pend_l2 = std::numeric_limits<float>::infinity(), pend_dl = 0.f;
+    // A step's tiles and row statistics, one cp.async group (threads 0..63 copy the statistics;
+    // padding rows get lse2 = Delta = 0 and are masked as queries past q_len).
     auto fetch = [&](int i, int slot) {
       if (i < total) {
         const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, rows = q_len - q0;
-        load_tile_sw128<T, G, G::block_q>(q_base + slot * G::q_bytes, p.q + p.q_layout.offset(b, q0, h),
-                                          p.q_layout.stride_token, rows, tid);
-        load_tile_sw128<T, G, G::block_q>(do_base + slot * G::q_bytes, p.d_o + p.do_layout.offset(b, q0, h),
-                                          p.do_layout.stride_token, rows, tid);
-        pend_l2 = std::numeric_limits<float>::infinity();  // padding rows: P = 0
-        pend_dl = 0.f;
-        if (tid < G::block_q && tid < rows) {
-          const std::int64_t at = std::int64_t(h) * p.ws_rows + p.q_layout.row(b, q0 + tid);
-          pend_l2 = p.lse2[at];
-          pend_dl = p.delta[at];
+        load_tile_sw128<T, G, G::block_q>(
+            q_base + slot * G::q_bytes, q_seq + std::int64_t(q0) * p.q_layout.stride_token + std::int64_t(h) * p.q_layout.stride_head,
+            p.q_layout.stride_token, rows, tid);
+        load_tile_sw128<T, G, G::block_q>(
+            do_base + slot * G::q_bytes,
+            do_seq + std::int64_t(q0) * p.do_layout.stride_token + std::int64_t(h) * p.do_layout.stride_head,
+            p.do_layout.stride_token, rows, tid);
+        if (tid < G::block_q) {
+          const bool ok = tid < rows;
+          const std::int64_t at = ok ? std::int64_t(h) * p.ws_rows + q_row0 + q0 + tid : 0;
+          arch::cp_async_4(s_lse + slot * G::block_q + tid, p.lse2 + at, ok);
+          arch::cp_async_4(s_delta + slot * G::block_q + tid, p.delta + at, ok);
         }
       }
       arch::cp_async_commit();
-    };
-    auto store_stats = [&](int slot) {
-      if (tid < G::block_q) {
-        s_lse[slot * G::block_q + tid] = pend_l2;
-        s_delta[slot * G::block_q + tid] = pend_dl;
-      }
     };
 
     float dv[D / 2], dk[D / 2];
@@ -161,7 +166,6 @@ struct backward_sm90_kernel {
 
     int cur = next_step(0), slot = 0;
     fetch(cur, 0);
-    store_stats(0);
     while (cur < total) {
       const int nxt = next_step(cur + 1);
       // Barrier: this step's Q / dO (and K / V) landed and are published to the async proxy,
@@ -174,7 +178,7 @@ struct backward_sm90_kernel {
       const int h = hk * p.group + cur / n_qt, q0 = (cur % n_qt) * G::block_q;
       const int q1 = min_i(q0 + G::block_q, q_len);
       tile_visibility vis = wk0 < kv_len ? mask.classify(q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
-      if (vis == tile_visibility::full && wk0 + 64 > kv_len) vis = tile_visibility::partial;
+      if (vis == tile_visibility::full && (wk0 + 64 > kv_len || q0 + G::block_q > q_len)) vis = tile_visibility::partial;
       const std::uint32_t q_slot = q_base + slot * G::q_bytes, do_slot = do_base + slot * G::q_bytes;
 
       if (vis != tile_visibility::empty) {
@@ -201,7 +205,8 @@ struct backward_sm90_kernel {
         arch::fence_operands(s);
 
         // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
-        // Masked pairs and keys past kv_len get P = 0; padding query rows have lse2 = +inf.
+        // Masked pairs, keys past kv_len and padding query rows get P = 0 (a row that sees no
+        // key has lse2 = +inf: P = 0 too).
         const float* lse_slot = s_lse + slot * G::block_q;
         const float* delta_slot = s_delta + slot * G::block_q;
         float grad[has_logit_transform<Mask> ? 32 : 1];
@@ -282,7 +287,9 @@ struct backward_sm90_kernel {
           __syncthreads();
         if (!G::dq_split_keys || vis != tile_visibility::empty) {
           const std::uint32_t key0 = G::dq_split_keys ? wg * 64 : 0;  // first key row of the product
-          const std::uint32_t col_block = G::dq_split_keys ? 0 : wg;  // dQ columns [64 col_block, + 64)
+          KVTILE_PRAGMA_UNROLL
+          for (int cb = 0; cb < G::dq_col_blocks; ++cb) {
+          const std::uint32_t col_block = G::dq_split_keys ? cb : wg;  // dQ columns [64 col_block, + 64)
           float acc[32];
           arch::fence_operands(acc);
           arch::wgmma_fence();
@@ -302,9 +309,10 @@ struct backward_sm90_kernel {
           for (int half = 0; half < 2; ++half) {
             const int qi = q0 + wq * 16 + g + half * 8;
             if (qi >= q_len) continue;
-            float* dst = p.dq_acc + (p.q_layout.row(b, qi) * heads + h) * D + col_block * 64 + 2 * t;
+            float* dst = p.dq_acc + ((q_row0 + qi) * heads + h) * D + col_block * 64 + 2 * t;
             KVTILE_PRAGMA_UNROLL
             for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+          }
           }
         }
       }
@@ -313,7 +321,6 @@ struct backward_sm90_kernel {
       arch::wgmma_wait<0>();
       arch::fence_operands(dv);
       arch::fence_operands(dk);
-      if (nxt < total) store_stats(slot ^ 1);
       slot ^= 1;
       cur = nxt;
     }
@@ -336,15 +343,16 @@ struct backward_sm90_kernel {
   }
 };
 
-// (key blocks of 128, kv_heads, batch).
-inline dim3 backward_sm90_grid(const ragged_layout& kv, std::int32_t max_kv_len) {
-  return dim3(unsigned((max_kv_len + 127) / 128), unsigned(kv.heads), unsigned(kv.batch));
+// (key blocks, kv_heads, batch).
+template <class G>
+dim3 backward_sm90_grid(const ragged_layout& kv, std::int32_t max_kv_len) {
+  return dim3(unsigned((max_kv_len + G::block_kv - 1) / G::block_kv), unsigned(kv.heads), unsigned(kv.batch));
 }
 
 // Entry point; the body exists only in the sm_90a device pass (elsewhere an empty kernel that
 // the host never launches: cuda::backward asks sm90_kernels_available first).
 template <class Kernel>
-KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, 1) backward_sm90_entry(const typename Kernel::params p) {
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, Kernel::G::min_ctas) backward_sm90_entry(const typename Kernel::params p) {
 #if KVTILE_WGMMA_AVAILABLE
   extern __shared__ __align__(16) unsigned char backward_sm90_smem[];
   Kernel::run(p, backward_sm90_smem);
