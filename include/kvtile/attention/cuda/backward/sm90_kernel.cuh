@@ -2,11 +2,12 @@
 // Hopper (sm_90a): K/V outer, as backward/kernel.cuh, with warpgroup MMA (wgmma) instead of
 // mma.sync.
 //
-// A CTA of two warpgroups owns 128 keys of one (sequence, KV head); warpgroup w owns keys
-// [64 w, 64 w + 64) of the block and keeps their dK and dV (64 x D fp32 each) in registers
-// across every query tile of every query head of the GQA group. K and V stay in shared memory;
-// the 64-row Q and dO tiles come through a two-slot cp.async ring, all tiles in the 128-byte
-// swizzled layout (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
+// A CTA of one or two warpgroups (tuning::backward_sm90_warpgroups) owns 64 keys per
+// warpgroup of one (sequence, KV head); warpgroup w owns keys [64 w, 64 w + 64) of the block and
+// keeps their dK and dV (64 x D fp32 each) in registers across every query tile of every query
+// head of the GQA group. K and V stay in shared memory; the 64-row Q and dO tiles and their row
+// statistics come through a cp.async ring, all tiles in the 128-byte swizzled layout
+// (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
 //   S^T = K Q^T, dP^T = V dO^T        m64n64k16, A and B from shared memory (K-major)
 //   P^T, dS^T                          element-wise on the fragments (exp2 of the saved LSE)
 //   dV += P^T dO, dK += dS^T Q         m64nDk16, A = P^T / dS^T from registers, B = dO / Q
@@ -14,10 +15,10 @@
 //   dQ += dS K                         dS^T goes to shared memory and is read back as an
 //                                      MN-major A (m64n64k16, both operands transposed); the
 //                                      step's dQ is added to the fp32 workspace with float2
-//                                      reductions. At D = 128 the warpgroups split dQ's columns
-//                                      (each reads both warpgroups' dS^T: a CTA barrier); at
-//                                      D = 64 each adds the product over its own 64 keys (a
-//                                      warpgroup barrier, twice the reductions).
+//                                      reductions. At D = 128 the two warpgroups split dQ's
+//                                      columns (each reads both warpgroups' dS^T: a CTA
+//                                      barrier); at D = 64 each adds the product over its own
+//                                      64 keys (a warpgroup barrier).
 // Without a dQ workspace (deterministic mode) the dQ product is skipped and the Q-outer
 // mma.sync kernel (dq_kernel.cuh) computes dQ.
 #pragma once
@@ -59,20 +60,21 @@ struct backward_sm90_geometry {
   static constexpr int chunks = D / 8;  // 16-byte chunks per row (load_tile_sw128)
   static constexpr int d_steps = D / 16;
   static constexpr int q_steps = block_q / 16;
-  // dQ of a step: with two warpgroups at D = 128 they split its columns (64 each, over every
-  // key of the CTA); otherwise each warpgroup adds the product over its own 64 keys, all
-  // columns (64 at a time).
-  static constexpr bool dq_split_keys = warpgroups == 1 || D == 64;
+  // dQ of a step is one m64n64 product per warpgroup: at D = 128 the two warpgroups split its
+  // columns (64 each, over every key of the CTA); at D = 64 each adds the product over its own
+  // 64 keys.
+  static constexpr bool dq_split_keys = D == 64;
+  static_assert(warpgroups == 2 || D == 64, "backward_sm90: one warpgroup per CTA only at D = 64");
   static constexpr int dq_k_steps = (dq_split_keys ? 64 : block_kv) / 16;
-  static constexpr int dq_col_blocks = dq_split_keys ? D / 64 : 1;  // per warpgroup
+  static constexpr int stages = 2;  // Q / dO / statistics ring slots
 
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // K or V
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);    // one slot of Q or dO
   static constexpr std::uint32_t ds_bytes = std::uint32_t(block_kv) * block_q * sizeof(T);  // dS^T
-  static constexpr std::uint32_t stat_bytes = 2 * 2 * block_q * sizeof(float);  // lse2, Delta x 2 slots
+  static constexpr std::uint32_t stat_bytes = 2 * stages * block_q * sizeof(float);  // lse2, Delta per slot
   // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
-  static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 4 * std::size_t(q_bytes) + ds_bytes +
-                                            stat_bytes + 1024;
+  static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 2 * std::size_t(stages) * q_bytes +
+                                            ds_bytes + stat_bytes + 1024;
   static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0, "tiles stay 1024-byte aligned");
 };
 
@@ -98,17 +100,17 @@ struct backward_sm90_kernel {
     const std::int32_t heads = p.q_layout.heads;
     constexpr std::uint32_t sbo = 1024;  // 8-row groups of a swizzled tile
 
-    // Shared memory: K, V [128 keys]; Q, dO [2 slots][64 rows]; dS^T [128 keys][64 queries];
-    // lse2, Delta [2 slots][64] fp32.
+    // Shared memory: K, V [block_kv keys]; Q, dO [stages][64 rows]; dS^T [block_kv keys][64
+    // queries]; lse2, Delta [stages][64] fp32.
     const std::uint32_t raw = arch::smem_addr(smem_raw);
     const std::uint32_t k_base = (raw + 1023u) & ~1023u;
     const std::uint32_t v_base = k_base + G::kv_bytes;
     const std::uint32_t q_base = v_base + G::kv_bytes;
-    const std::uint32_t do_base = q_base + 2 * G::q_bytes;
-    const std::uint32_t ds_base = do_base + 2 * G::q_bytes;
+    const std::uint32_t do_base = q_base + G::stages * G::q_bytes;
+    const std::uint32_t ds_base = do_base + G::stages * G::q_bytes;
     unsigned char* const smem = smem_raw + (k_base - raw);  // generic pointer of k_base
     float* const s_lse = reinterpret_cast<float*>(smem + (ds_base + G::ds_bytes - k_base));
-    float* const s_delta = s_lse + 2 * G::block_q;
+    float* const s_delta = s_lse + G::stages * G::block_q;
 
     const std::int64_t kv_stride = p.kv_layout.stride_token;
     load_tile_sw128<T, G, G::block_kv>(k_base, p.k + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
@@ -164,156 +166,197 @@ struct backward_sm90_kernel {
     const std::uint32_t k_wg = k_base + wg * 64 * 128, v_wg = v_base + wg * 64 * 128;  // A rows of S^T, dP^T
     const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
 
-    int cur = next_step(0), slot = 0;
-    fetch(cur, 0);
-    while (cur < total) {
-      const int nxt = next_step(cur + 1);
-      // Barrier: this step's Q / dO (and K / V) landed and are published to the async proxy,
-      // and every warpgroup is done with the previous step (its slot, dS^T, statistics).
+    // A step's query head, first query and visibility to this warpgroup's keys.
+    struct step_t {
+      int h = 0, q0 = 0;
+      tile_visibility vis = tile_visibility::empty;
+    };
+    auto step_info = [&](int i) {
+      step_t st;
+      st.h = hk * p.group + i / n_qt;
+      st.q0 = (i % n_qt) * G::block_q;
+      const int q1 = min_i(st.q0 + G::block_q, q_len);
+      st.vis = wk0 < kv_len ? mask.classify(st.q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
+      if (st.vis == tile_visibility::full && (wk0 + 64 > kv_len || st.q0 + G::block_q > q_len))
+        st.vis = tile_visibility::partial;
+      return st;
+    };
+    // S^T = K Q^T and dP^T = V dO^T of the tiles in ring slot `sl`, two commit groups (P^T is
+    // computed while dP^T runs).
+    auto issue_sdp = [&](float (&s)[32], float (&dp)[32], int sl) {
+      const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
+      arch::fence_operands(s);
+      arch::fence_operands(dp);
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < G::d_steps; ++kd) {
+        const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
+        sq_op::ss(s, arch::sw128_desc(k_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
+                  arch::sw128_desc(q_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
+      }
+      arch::wgmma_commit();
+      KVTILE_PRAGMA_UNROLL
+      for (int kd = 0; kd < G::d_steps; ++kd) {
+        const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
+        sq_op::ss(dp, arch::sw128_desc(v_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
+                  arch::sw128_desc(do_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
+      }
+      arch::wgmma_commit();
+    };
+    // Barrier: the tiles of the next step landed (the only cp.async group in flight) and are
+    // published to the async proxy.
+    auto tiles_landed = [&] {
       arch::cp_async_wait<0>();
       arch::fence_proxy_async_shared();
       __syncthreads();
-      fetch(nxt, slot ^ 1);
+    };
 
-      const int h = hk * p.group + cur / n_qt, q0 = (cur % n_qt) * G::block_q;
-      const int q1 = min_i(q0 + G::block_q, q_len);
-      tile_visibility vis = wk0 < kv_len ? mask.classify(q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
-      if (vis == tile_visibility::full && (wk0 + 64 > kv_len || q0 + G::block_q > q_len)) vis = tile_visibility::partial;
-      const std::uint32_t q_slot = q_base + slot * G::q_bytes, do_slot = do_base + slot * G::q_bytes;
+    // A visible step from its S^T and dP^T (the last two commit groups, waited here): P^T and
+    // dS^T on the fragments, dV += P^T dO and dK += dS^T Q issued (one commit group), and dS^T
+    // stored to `ds_tile` for dQ.
+    auto grads = [&](float (&s)[32], float (&dp)[32], const step_t& st, int sl, std::uint32_t ds_tile) {
+      const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
+      arch::wgmma_wait<1>();
+      arch::fence_operands(s);
 
-      if (vis != tile_visibility::empty) {
-        // S^T = K Q^T and dP^T = V dO^T, two commit groups: P^T is computed while dP^T runs.
-        float s[32], dp[32];
-        arch::fence_operands(s);
-        arch::fence_operands(dp);
-        arch::wgmma_fence();
+      // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
+      // Masked pairs, keys past kv_len and padding query rows get P = 0 (a row that sees no
+      // key has lse2 = +inf: P = 0 too).
+      const float* lse_slot = s_lse + sl * G::block_q;
+      const float* delta_slot = s_delta + sl * G::block_q;
+      float grad[has_logit_transform<Mask> ? 32 : 1];
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < 8; ++j) {
+        const float2 l2 = *reinterpret_cast<const float2*>(lse_slot + j * 8 + 2 * t);
         KVTILE_PRAGMA_UNROLL
-        for (int kd = 0; kd < G::d_steps; ++kd) {
-          const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
-          sq_op::ss(s, arch::sw128_desc(k_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
-                    arch::sw128_desc(q_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
-        }
-        arch::wgmma_commit();
-        KVTILE_PRAGMA_UNROLL
-        for (int kd = 0; kd < G::d_steps; ++kd) {
-          const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
-          sq_op::ss(dp, arch::sw128_desc(v_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
-                    arch::sw128_desc(do_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
-        }
-        arch::wgmma_commit();
-        arch::wgmma_wait<1>();
-        arch::fence_operands(s);
-
-        // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
-        // Masked pairs, keys past kv_len and padding query rows get P = 0 (a row that sees no
-        // key has lse2 = +inf: P = 0 too).
-        const float* lse_slot = s_lse + slot * G::block_q;
-        const float* delta_slot = s_delta + slot * G::block_q;
-        float grad[has_logit_transform<Mask> ? 32 : 1];
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          const float2 l2 = *reinterpret_cast<const float2*>(lse_slot + j * 8 + 2 * t);
-          KVTILE_PRAGMA_UNROLL
-          for (int c = 0; c < 4; ++c) {
-            float x = s[4 * j + c], d = 1.f;
-            logit_and_derivative(mask, x, d, p.scale);
-            if constexpr (has_logit_transform<Mask>) grad[4 * j + c] = d;
-            if (vis == tile_visibility::partial) {
-              const int key = wk0 + key_row + (c / 2) * 8, qi = q0 + j * 8 + 2 * t + (c % 2);
-              if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
-            }
-            s[4 * j + c] = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
+        for (int c = 0; c < 4; ++c) {
+          float x = s[4 * j + c], d = 1.f;
+          logit_and_derivative(mask, x, d, p.scale);
+          if constexpr (has_logit_transform<Mask>) grad[4 * j + c] = d;
+          if (st.vis == tile_visibility::partial) {
+            const int key = wk0 + key_row + (c / 2) * 8, qi = st.q0 + j * 8 + 2 * t + (c % 2);
+            if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
           }
+          s[4 * j + c] = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
         }
-        arch::wgmma_wait<0>();
-        arch::fence_operands(dp);
+      }
+      arch::wgmma_wait<0>();
+      arch::fence_operands(dp);
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < 8; ++j) {
+        const float2 dl = *reinterpret_cast<const float2*>(delta_slot + j * 8 + 2 * t);
         KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          const float2 dl = *reinterpret_cast<const float2*>(delta_slot + j * 8 + 2 * t);
-          KVTILE_PRAGMA_UNROLL
-          for (int c = 0; c < 4; ++c) {
-            float ds = s[4 * j + c] * (dp[4 * j + c] - (c % 2 ? dl.y : dl.x));
-            if constexpr (has_logit_transform<Mask>) ds *= grad[4 * j + c];
-            dp[4 * j + c] = ds;
-          }
-        }
-
-        // dV += P^T dO and dK += dS^T Q: the fragments of 16 queries are the A of one k-step;
-        // dO and Q are MN-major B operands (rows = queries, the k dimension).
-        std::uint32_t pa[G::q_steps][4], da[G::q_steps][4];
-        fragment_to_a<T>(s, pa);
-        fragment_to_a<T>(dp, da);
-        arch::fence_operands(dv);
-        arch::fence_operands(dk);
-        arch::wgmma_fence();
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::q_steps; ++j)
-          acc_op::template rs<1>(dv, pa[j], arch::sw128_desc(do_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::q_steps; ++j)
-          acc_op::template rs<1>(dk, da[j], arch::sw128_desc(q_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
-        arch::wgmma_commit();
-
-        if (with_dq) {
-          // dS^T rows (keys) of this thread into the [128 keys][64 queries] swizzled tile:
-          // da[j][0 / 1] are rows key_row / + 8 at queries 16j + 2t, da[j][2 / 3] at 16j + 8 + 2t.
-          const int r0 = wg * 64 + key_row;
-          KVTILE_PRAGMA_UNROLL
-          for (int j = 0; j < G::q_steps; ++j) {
-            KVTILE_PRAGMA_UNROLL
-            for (int x = 0; x < 4; ++x) {
-              const int r = r0 + (x % 2) * 8, c = 2 * j + x / 2;
-              *reinterpret_cast<std::uint32_t*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c) +
-                                                4 * t) = da[j][x];
-            }
-          }
-        }
-      } else if (with_dq && !G::dq_split_keys) {
-        // No key of this warpgroup is visible: its dS^T rows are 0 (the other one reads them).
-        for (int id = tid % 128; id < 64 * 8; id += 128) {
-          const int r = wg * 64 + id / 8, c = id % 8;
-          *reinterpret_cast<uint4*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c)) =
-              make_uint4(0u, 0u, 0u, 0u);
+        for (int c = 0; c < 4; ++c) {
+          float ds = s[4 * j + c] * (dp[4 * j + c] - (c % 2 ? dl.y : dl.x));
+          if constexpr (has_logit_transform<Mask>) ds *= grad[4 * j + c];
+          dp[4 * j + c] = ds;
         }
       }
 
+      // dV += P^T dO and dK += dS^T Q: the fragments of 16 queries are the A of one k-step;
+      // dO and Q are MN-major B operands (rows = queries, the k dimension).
+      std::uint32_t pa[G::q_steps][4], da[G::q_steps][4];
+      fragment_to_a<T>(s, pa);
+      fragment_to_a<T>(dp, da);
+      arch::fence_operands(dv);
+      arch::fence_operands(dk);
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::q_steps; ++j)
+        acc_op::template rs<1>(dv, pa[j], arch::sw128_desc(do_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < G::q_steps; ++j)
+        acc_op::template rs<1>(dk, da[j], arch::sw128_desc(q_slot + j * 16 * 128, G::block_q * 128, sbo), 1);
+      arch::wgmma_commit();
+
       if (with_dq) {
-        // dQ += dS K: A = dS^T read transposed (MN-major), B = K read transposed (rows are
-        // keys, the k dimension). The step's 64 x 64 product goes to the fp32 workspace.
-        arch::fence_proxy_async_shared();
-        if constexpr (G::dq_split_keys)
-          arch::named_barrier_sync(1 + wg, 128);
-        else
-          __syncthreads();
-        if (!G::dq_split_keys || vis != tile_visibility::empty) {
-          const std::uint32_t key0 = G::dq_split_keys ? wg * 64 : 0;  // first key row of the product
+        // dS^T rows (keys) of this thread into the [block_kv keys][64 queries] swizzled tile:
+        // da[j][0 / 1] are rows key_row / + 8 at queries 16j + 2t, da[j][2 / 3] at 16j + 8 + 2t.
+        const int r0 = wg * 64 + key_row;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < G::q_steps; ++j) {
           KVTILE_PRAGMA_UNROLL
-          for (int cb = 0; cb < G::dq_col_blocks; ++cb) {
-          const std::uint32_t col_block = G::dq_split_keys ? cb : wg;  // dQ columns [64 col_block, + 64)
-          float acc[32];
-          arch::fence_operands(acc);
-          arch::wgmma_fence();
-          KVTILE_PRAGMA_UNROLL
-          for (int ks = 0; ks < G::dq_k_steps; ++ks) {
-            const std::uint32_t row = (key0 + ks * 16) * 128;
-            sq_op::template ss_t<1, 1>(acc, arch::sw128_desc(ds_base + row, G::block_kv * 128, sbo),
-                                       arch::sw128_desc(k_base + col_block * G::block_kv * 128 + row,
-                                                        G::block_kv * 128, sbo),
-                                       ks > 0 ? 1 : 0);
+          for (int x = 0; x < 4; ++x) {
+            const int r = r0 + (x % 2) * 8, c = 2 * j + x / 2;
+            *reinterpret_cast<std::uint32_t*>(smem + (ds_tile - k_base) + arch::sw128_offset(G::block_kv, r, c) + 4 * t) =
+                da[j][x];
           }
-          arch::wgmma_commit();
+        }
+      }
+    };
+    // A step no key of this warpgroup sees: its dS^T rows are 0 where the other warpgroup reads
+    // them (dQ's columns split over the warpgroups).
+    auto zero_ds = [&](std::uint32_t ds_tile) {
+      if (with_dq && !G::dq_split_keys)
+        for (int id = tid % 128; id < 64 * 8; id += 128) {
+          const int r = wg * 64 + id / 8, c = id % 8;
+          *reinterpret_cast<uint4*>(smem + (ds_tile - k_base) + arch::sw128_offset(G::block_kv, r, c)) =
+              make_uint4(0u, 0u, 0u, 0u);
+        }
+    };
+    // dQ += dS K: A = dS^T read transposed (MN-major), B = K read transposed (rows are keys,
+    // the k dimension); the step's 64 x 64 product, columns [64 col_block, + 64), after the
+    // barrier that completes dS^T. One commit group (none when the product is 0).
+    const std::uint32_t col_block = G::dq_split_keys ? 0 : wg;
+    auto dq_product = [&](const step_t& st) { return with_dq && (!G::dq_split_keys || st.vis != tile_visibility::empty); };
+    auto issue_dq = [&](float (&acc)[32], const step_t& st, std::uint32_t ds_tile) {
+      arch::fence_proxy_async_shared();
+      if constexpr (G::dq_split_keys)
+        arch::named_barrier_sync(1 + wg, 128);
+      else
+        __syncthreads();
+      if (!dq_product(st)) return;
+      const std::uint32_t key0 = G::dq_split_keys ? wg * 64 : 0;  // first key row of the product
+      arch::fence_operands(acc);
+      arch::wgmma_fence();
+      KVTILE_PRAGMA_UNROLL
+      for (int ks = 0; ks < G::dq_k_steps; ++ks) {
+        const std::uint32_t row = (key0 + ks * 16) * 128;
+        sq_op::template ss_t<1, 1>(acc, arch::sw128_desc(ds_tile + row, G::block_kv * 128, sbo),
+                                   arch::sw128_desc(k_base + col_block * G::block_kv * 128 + row, G::block_kv * 128, sbo),
+                                   ks > 0 ? 1 : 0);
+      }
+      arch::wgmma_commit();
+    };
+    // The completed product added to the fp32 workspace: acc[4j + 2 half + {0, 1}] is query
+    // q0 + 16 wq + g + 8 half, column 64 col_block + 8j + 2t.
+    auto reduce_dq = [&](float (&acc)[32], const step_t& st) {
+      arch::fence_operands(acc);
+      KVTILE_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int qi = st.q0 + wq * 16 + g + half * 8;
+        if (qi >= q_len) continue;
+        float* dst = p.dq_acc + ((q_row0 + qi) * heads + st.h) * D + col_block * 64 + 2 * t;
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+      }
+    };
+
+    int cur = next_step(0);
+    fetch(cur, 0);
+    // A step at a time: its own S^T and dP^T after the barrier that lands its tiles, the next
+    // step's tiles fetched into the other slot. (Software-pipelining the steps, the next step's
+    // S^T and dP^T issued before this step's dQ reductions, lost 14-19% at D = 64 and spills at
+    // D = 128: docs/perf-log/backward.md, v5.)
+    int slot = 0;
+    while (cur < total) {
+      const int nxt = next_step(cur + 1);
+      tiles_landed();  // this step's tiles; every warpgroup is past the previous step
+      fetch(nxt, slot ^ 1);
+      const step_t st = step_info(cur);
+      if (st.vis != tile_visibility::empty) {
+        float s[32], dp[32];
+        issue_sdp(s, dp, slot);
+        grads(s, dp, st, slot, ds_base);
+      } else {
+        zero_ds(ds_base);
+      }
+      if (with_dq) {
+        float acc[32];
+        issue_dq(acc, st, ds_base);
+        if (dq_product(st)) {
           arch::wgmma_wait<0>();
-          arch::fence_operands(acc);
-          // acc[4j + 2 half + {0, 1}]: query q0 + 16 wq + g + 8 half, column 64 col_block + 8j + 2t.
-          KVTILE_PRAGMA_UNROLL
-          for (int half = 0; half < 2; ++half) {
-            const int qi = q0 + wq * 16 + g + half * 8;
-            if (qi >= q_len) continue;
-            float* dst = p.dq_acc + ((q_row0 + qi) * heads + h) * D + col_block * 64 + 2 * t;
-            KVTILE_PRAGMA_UNROLL
-            for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-          }
-          }
+          reduce_dq(acc, st);
         }
       }
       // dV and dK of the step complete before the next barrier (their B operands are this
