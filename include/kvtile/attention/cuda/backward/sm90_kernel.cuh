@@ -134,7 +134,8 @@ struct backward_sm90_kernel {
       return i;
     };
     // A step's tiles and row statistics, one cp.async group (threads 0..63 copy the statistics;
-    // padding rows get lse2 = Delta = 0 and are masked as queries past q_len).
+    // padding rows get lse2 = +inf, so P = 0 there, and Delta = 0; the barrier that lands the
+    // copies publishes those stores too).
     auto fetch = [&](int i, int slot) {
       if (i < total) {
         const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, rows = q_len - q0;
@@ -145,11 +146,13 @@ struct backward_sm90_kernel {
             do_base + slot * G::q_bytes,
             do_seq + std::int64_t(q0) * p.do_layout.stride_token + std::int64_t(h) * p.do_layout.stride_head,
             p.do_layout.stride_token, rows, tid);
-        if (tid < G::block_q) {
-          const bool ok = tid < rows;
-          const std::int64_t at = ok ? std::int64_t(h) * p.ws_rows + q_row0 + q0 + tid : 0;
-          arch::cp_async_4(s_lse + slot * G::block_q + tid, p.lse2 + at, ok);
-          arch::cp_async_4(s_delta + slot * G::block_q + tid, p.delta + at, ok);
+        if (tid < rows && tid < G::block_q) {
+          const std::int64_t at = std::int64_t(h) * p.ws_rows + q_row0 + q0 + tid;
+          arch::cp_async_4(s_lse + slot * G::block_q + tid, p.lse2 + at);
+          arch::cp_async_4(s_delta + slot * G::block_q + tid, p.delta + at);
+        } else if (tid < G::block_q) {  // a padding row: P = 0
+          s_lse[slot * G::block_q + tid] = std::numeric_limits<float>::infinity();
+          s_delta[slot * G::block_q + tid] = 0.f;
         }
       }
       arch::cp_async_commit();
@@ -177,8 +180,7 @@ struct backward_sm90_kernel {
       st.q0 = (i % n_qt) * G::block_q;
       const int q1 = min_i(st.q0 + G::block_q, q_len);
       st.vis = wk0 < kv_len ? mask.classify(st.q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
-      if (st.vis == tile_visibility::full && (wk0 + 64 > kv_len || st.q0 + G::block_q > q_len))
-        st.vis = tile_visibility::partial;
+      if (st.vis == tile_visibility::full && wk0 + 64 > kv_len) st.vis = tile_visibility::partial;
       return st;
     };
     // S^T = K Q^T and dP^T = V dO^T of the tiles in ring slot `sl`, two commit groups (P^T is
@@ -214,14 +216,14 @@ struct backward_sm90_kernel {
     // A visible step from its S^T and dP^T (the last two commit groups, waited here): P^T and
     // dS^T on the fragments, dV += P^T dO and dK += dS^T Q issued (one commit group), and dS^T
     // stored to `ds_tile` for dQ.
-    auto grads = [&](float (&s)[32], float (&dp)[32], const step_t& st, int sl, std::uint32_t ds_tile) {
+    auto grads = [&](float (&s)[32], float (&dp)[32], tile_visibility vis, int q0, int sl, std::uint32_t ds_tile) {
       const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
       arch::wgmma_wait<1>();
       arch::fence_operands(s);
 
       // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
-      // Masked pairs, keys past kv_len and padding query rows get P = 0 (a row that sees no
-      // key has lse2 = +inf: P = 0 too).
+      // Masked pairs and keys past kv_len get P = 0; padding query rows and rows that see no
+      // key have lse2 = +inf, so P = 0 there too.
       const float* lse_slot = s_lse + sl * G::block_q;
       const float* delta_slot = s_delta + sl * G::block_q;
       float grad[has_logit_transform<Mask> ? 32 : 1];
@@ -233,9 +235,9 @@ struct backward_sm90_kernel {
           float x = s[4 * j + c], d = 1.f;
           logit_and_derivative(mask, x, d, p.scale);
           if constexpr (has_logit_transform<Mask>) grad[4 * j + c] = d;
-          if (st.vis == tile_visibility::partial) {
-            const int key = wk0 + key_row + (c / 2) * 8, qi = st.q0 + j * 8 + 2 * t + (c % 2);
-            if (!(key < kv_len && qi < q_len && mask.visible(qi, key))) x = neg_inf;
+          if (vis == tile_visibility::partial) {
+            const int key = wk0 + key_row + (c / 2) * 8, qi = q0 + j * 8 + 2 * t + (c % 2);
+            if (!(key < kv_len && mask.visible(qi, key))) x = neg_inf;
           }
           s[4 * j + c] = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
         }
@@ -347,7 +349,7 @@ struct backward_sm90_kernel {
       if (st.vis != tile_visibility::empty) {
         float s[32], dp[32];
         issue_sdp(s, dp, slot);
-        grads(s, dp, st, slot, ds_base);
+        grads(s, dp, st.vis, st.q0, slot, ds_base);
       } else {
         zero_ds(ds_base);
       }
