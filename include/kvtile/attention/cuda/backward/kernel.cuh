@@ -65,6 +65,20 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void atomic_add2(float* p, float a, float b) {
 #endif
 }
 
+// The epilogue of a K/V-outer kernel for one key: dK (times the softmax scale) and dV of key
+// `key`, head hk, from column `col` on: tile n of 8 columns holds the pairs dk(n, 0..1) and
+// dv(n, 0..1) at columns col + 8n, col + 8n + 1.
+template <class T, int Tiles, class Params, class DK, class DV>
+KVTILE_DEVICE KVTILE_FORCEINLINE void store_dkv_row(const Params& p, int b, int key, int hk, int col, DK&& dk, DV&& dv) {
+  T* dk_row = p.dk + p.dk_layout.offset(b, key, hk) + col;
+  T* dv_row = p.dv + p.dv_layout.offset(b, key, hk) + col;
+  KVTILE_PRAGMA_UNROLL
+  for (int n = 0; n < Tiles; ++n) {
+    *reinterpret_cast<std::uint32_t*>(dk_row + n * 8) = arch::pack2<T>(dk(n, 0) * p.scale, dk(n, 1) * p.scale);
+    *reinterpret_cast<std::uint32_t*>(dv_row + n * 8) = arch::pack2<T>(dv(n, 0), dv(n, 1));
+  }
+}
+
 template <class T, int D, class Tile, class Mask>
 struct backward_kernel {
   using G = backward_geometry<T, D, Tile>;
@@ -320,15 +334,10 @@ struct backward_kernel {
     KVTILE_PRAGMA_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int key = wk0 + g + half * 8;
-      if (key >= kv_len) continue;
-      T* dk_row = p.dk + p.dk_layout.offset(b, key, hk) + col0 + 2 * t;
-      T* dv_row = p.dv + p.dv_layout.offset(b, key, hk) + col0 + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int n = 0; n < G::c_tiles; ++n) {
-        *reinterpret_cast<std::uint32_t*>(dk_row + n * 8) =
-            arch::pack2<T>(dk[n][2 * half] * p.scale, dk[n][2 * half + 1] * p.scale);
-        *reinterpret_cast<std::uint32_t*>(dv_row + n * 8) = arch::pack2<T>(dv[n][2 * half], dv[n][2 * half + 1]);
-      }
+      if (key < kv_len)
+        store_dkv_row<T, G::c_tiles>(
+            p, b, key, hk, col0 + 2 * t, [&](int n, int c) { return dk[n][2 * half + c]; },
+            [&](int n, int c) { return dv[n][2 * half + c]; });
     }
   }
 };

@@ -186,24 +186,21 @@ struct backward_sm90_kernel {
     // S^T = K Q^T and dP^T = V dO^T of the tiles in ring slot `sl`, two commit groups (P^T is
     // computed while dP^T runs).
     auto issue_sdp = [&](float (&s)[32], float (&dp)[32], int sl) {
-      const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
+      // acc = A B^T over D: A this warpgroup's 64 rows of K or V, B the slot's Q or dO tile.
+      auto product = [&](float (&acc)[32], std::uint32_t a_rows, std::uint32_t b_tile) {
+        KVTILE_PRAGMA_UNROLL
+        for (int kd = 0; kd < G::d_steps; ++kd) {
+          const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
+          sq_op::ss(acc, arch::sw128_desc(a_rows + col * G::block_kv * 128 + in_atom, 16, sbo),
+                    arch::sw128_desc(b_tile + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
+        }
+        arch::wgmma_commit();
+      };
       arch::fence_operands(s);
       arch::fence_operands(dp);
       arch::wgmma_fence();
-      KVTILE_PRAGMA_UNROLL
-      for (int kd = 0; kd < G::d_steps; ++kd) {
-        const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
-        sq_op::ss(s, arch::sw128_desc(k_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
-                  arch::sw128_desc(q_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
-      }
-      arch::wgmma_commit();
-      KVTILE_PRAGMA_UNROLL
-      for (int kd = 0; kd < G::d_steps; ++kd) {
-        const std::uint32_t col = kd / 4, in_atom = (kd % 4) * 32;
-        sq_op::ss(dp, arch::sw128_desc(v_wg + col * G::block_kv * 128 + in_atom, 16, sbo),
-                  arch::sw128_desc(do_slot + col * G::block_q * 128 + in_atom, 16, sbo), kd > 0 ? 1 : 0);
-      }
-      arch::wgmma_commit();
+      product(s, k_wg, q_base + sl * G::q_bytes);
+      product(dp, v_wg, do_base + sl * G::q_bytes);
     };
     // Barrier: the tiles of the next step landed (the only cp.async group in flight) and are
     // published to the async proxy.
@@ -375,15 +372,10 @@ struct backward_sm90_kernel {
     KVTILE_PRAGMA_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int key = wk0 + key_row + half * 8;
-      if (key >= kv_len) continue;
-      T* dk_row = p.dk + p.dk_layout.offset(b, key, hk) + 2 * t;
-      T* dv_row = p.dv + p.dv_layout.offset(b, key, hk) + 2 * t;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < D / 8; ++j) {
-        *reinterpret_cast<std::uint32_t*>(dk_row + j * 8) =
-            arch::pack2<T>(dk[4 * j + 2 * half] * p.scale, dk[4 * j + 2 * half + 1] * p.scale);
-        *reinterpret_cast<std::uint32_t*>(dv_row + j * 8) = arch::pack2<T>(dv[4 * j + 2 * half], dv[4 * j + 2 * half + 1]);
-      }
+      if (key < kv_len)
+        store_dkv_row<T, D / 8>(
+            p, b, key, hk, 2 * t, [&](int j, int c) { return dk[4 * j + 2 * half + c]; },
+            [&](int j, int c) { return dv[4 * j + 2 * half + c]; });
     }
   }
 };
