@@ -210,7 +210,7 @@ class backward {
   static kernel_choice dispatch(const arguments& a) {
     int device = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
-    return choose(a, use_sm90(device, true));
+    return choose(a, use_sm90(a, device, true));
   }
 
   // Checks, launches the three kernels on `stream`. Asynchronous; graph-capturable (no
@@ -226,11 +226,19 @@ class backward {
  private:
   using sm90_kernel_t = std::conditional_t<sm90_capable, detail::backward_sm90_kernel<T, HeadDim, Mask>, void>;
 
-  static bool use_sm90(int device, bool allow) {
+  // Q and dO as tensor maps describe them (the sm_90a kernel loads them by TMA); a fixed layout
+  // of no query rows has no tensor map (its run only zeroes dK and dV: the mma.sync kernel).
+  static bool sm90_layouts_ok(const arguments& a) {
+    const bool rows = a.q.layout.indptr != nullptr || (a.q.layout.len > 0 && a.q.layout.batch > 0);
+    return rows && detail::dense_tma_layout_ok(a.q.data, a.q.layout) &&
+           detail::dense_tma_layout_ok(a.d_o.data, a.d_o.layout);
+  }
+  static bool use_sm90(const arguments& a, int device, bool allow) {
     if constexpr (sm90_capable)
-      return allow && kvtile::detail::compute_capability_major(device) == 9 && detail::sm90_kernels_available(device);
+      return allow && sm90_layouts_ok(a) && kvtile::detail::compute_capability_major(device) == 9 &&
+             detail::sm90_kernels_available(device);
     else
-      return (void)device, (void)allow, false;
+      return (void)a, (void)device, (void)allow, false;
   }
 
   static kernel_choice choose(const arguments& a, bool sm90) {
@@ -252,6 +260,9 @@ class backward {
       c.reason += "the sm_90a kernel takes head dims 64 and 128";
     else if (!sm90_capable)
       c.reason += "a user tile runs on the mma.sync kernel (the sm_90a kernel has its own)";
+    else if (!sm90_layouts_ok(a))
+      c.reason += "q or d_o has a layout no tensor map describes (the sm_90a kernel loads them by TMA: 16-byte "
+                  "aligned, batches of a fixed length contiguous, 1 to 2^31 - 1 rows)";
     else
       c.reason += "not a Hopper device running this binary's sm_90a code, or the portable path was asked for";
     return c;
@@ -274,7 +285,7 @@ class backward {
     KVTILE_REQUIRE(major >= 8, errc::unsupported, "backward needs compute capability 8.0 or newer, device ", device,
                    " has major ", major);
     KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    const bool sm90 = use_sm90(device, allow_sm90);
+    const bool sm90 = use_sm90(a, device, allow_sm90);
     const std::size_t main_smem = sm90 ? sm90_smem_bytes() : shared_memory_bytes;
     const std::size_t need = a.deterministic ? std::max(main_smem, dq_shared_memory_bytes) : main_smem;
     KVTILE_REQUIRE(need <= std::size_t(smem_optin), errc::unsupported, "backward tile <", Tile::block_q, ", ",
@@ -320,8 +331,13 @@ class backward {
     if constexpr (sm90_capable) {
       if (sm90) {
         const dim3 g = detail::backward_sm90_grid<typename sm90_kernel_t::G>(a.kv.layout, max_kv);
-        if (g.x > 0)
-          launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, p);
+        if (g.x > 0) {
+          typename sm90_kernel_t::params kp;
+          kp.p = p;
+          kp.q = detail::make_dense_tma(p.q, p.q_layout, sm90_kernel_t::G::block_q);
+          kp.d_o = detail::make_dense_tma(p.d_o, p.do_layout, sm90_kernel_t::G::block_q);
+          launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, kp);
+        }
       }
     }
     if (!sm90) {
@@ -374,8 +390,8 @@ class backward {
     return w;
   }
 
-  template <class Fn>
-  static void launch_smem(Fn* fn, dim3 grid, int block, std::size_t smem, cudaStream_t stream, const params_t& p) {
+  template <class Fn, class Params>
+  static void launch_smem(Fn* fn, dim3 grid, int block, std::size_t smem, cudaStream_t stream, const Params& p) {
     if (smem > 48 * 1024)
       KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     fn<<<grid, block, smem, stream>>>(p);

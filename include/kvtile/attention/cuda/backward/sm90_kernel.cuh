@@ -5,9 +5,9 @@
 // A CTA of one or two warpgroups (tuning::backward_sm90_warpgroups) owns 64 keys per
 // warpgroup of one (sequence, KV head); warpgroup w owns keys [64 w, 64 w + 64) of the block and
 // keeps their dK and dV (64 x D fp32 each) in registers across every query tile of every query
-// head of the GQA group. K and V stay in shared memory; the 64-row Q and dO tiles and their row
-// statistics come through a cp.async ring, all tiles in the 128-byte swizzled layout
-// (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
+// head of the GQA group. K and V stay in shared memory (cp.async); the 64-row Q and dO tiles
+// come through a two-slot ring by TMA (one thread issues them, an mbarrier per slot), their row
+// statistics by cp.async, all tiles in the 128-byte swizzled layout (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
 //   S^T = K Q^T, dP^T = V dO^T        m64n64k16, A and B from shared memory (K-major)
 //   P^T, dS^T                          element-wise on the fragments (exp2 of the saved LSE)
 //   dV += P^T dO, dK += dS^T Q         m64nDk16, A = P^T / dS^T from registers, B = dO / Q
@@ -33,10 +33,12 @@
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mbarrier.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/arch/tma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/backward/kernel.cuh"
 #include "kvtile/attention/cuda/backward/params.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
+#include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/variant.hpp"
@@ -73,19 +75,29 @@ struct backward_sm90_geometry {
   static constexpr std::uint32_t ds_bytes = std::uint32_t(block_kv) * block_q * sizeof(T);  // dS^T
   static constexpr std::uint32_t stat_bytes = 2 * stages * block_q * sizeof(float);  // lse2, Delta per slot
   // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
+  // + 8 per slot: the mbarrier its Q and dO copies complete on.
   static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 2 * std::size_t(stages) * q_bytes +
-                                            ds_bytes + stat_bytes + 1024;
+                                            ds_bytes + stat_bytes + 8 * stages + 1024;
   static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0, "tiles stay 1024-byte aligned");
+};
+
+// The kernel's parameters: the backward's, and the tensor maps of Q and dO (a __grid_constant__
+// parameter, where the TMA reads them).
+template <class T, class Mask>
+struct backward_sm90_params {
+  backward_params<T, Mask> p;
+  CUtensorMap q, d_o;
 };
 
 template <class T, int D, class Mask, int Warpgroups = tuning::backward_sm90_warpgroups<D>>
 struct backward_sm90_kernel {
   using G = backward_sm90_geometry<T, D, Warpgroups>;
-  using params = backward_params<T, Mask>;
+  using params = backward_sm90_params<T, Mask>;
   using sq_op = arch::wgmma_op<T, 64>;  // S^T, dP^T and dQ: m64n64
   using acc_op = arch::wgmma_op<T, D>;  // dV, dK: m64nD
 
-  static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
+  static KVTILE_DEVICE void run(const params& P, unsigned char* smem_raw) {
+    const backward_params<T, Mask>& p = P.p;
     const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int wg = warp / 4, wq = warp % 4;
@@ -111,17 +123,21 @@ struct backward_sm90_kernel {
     unsigned char* const smem = smem_raw + (k_base - raw);  // generic pointer of k_base
     float* const s_lse = reinterpret_cast<float*>(smem + (ds_base + G::ds_bytes - k_base));
     float* const s_delta = s_lse + G::stages * G::block_q;
+    const std::uint32_t full_bars = ds_base + G::ds_bytes + G::stat_bytes;  // [stages] mbarriers
+    if (tid == 0) {
+      for (int x = 0; x < G::stages; ++x) arch::mbarrier_init(full_bars + 8 * x, 1);
+      arch::fence_barrier_init();
+    }
 
     const std::int64_t kv_stride = p.kv_layout.stride_token;
     load_tile_sw128<T, G, G::block_kv>(k_base, p.k + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
     load_tile_sw128<T, G, G::block_kv>(v_base, p.v + p.kv_layout.offset(b, k0, hk), kv_stride, kv_len - k0, tid);
     arch::cp_async_commit();
 
-    // The sequence's first query token: its Q and dO element offsets and its packed row (the
-    // lengths and offsets of a varlen batch are read from the device once, here).
-    const T* const q_seq = p.q + p.q_layout.offset(b, 0, 0);
-    const T* const do_seq = p.d_o + p.do_layout.offset(b, 0, 0);
+    // The packed row of the sequence's first query token (the offsets of a varlen batch are
+    // read from the device once, here).
     const std::int64_t q_row0 = p.q_layout.row(b, 0);
+    const bool varlen_q = p.q_layout.indptr != nullptr;
 
     // Steps: (query head of the group, query tile), the ones the mask hides from every key of
     // the block skipped.
@@ -133,26 +149,36 @@ struct backward_sm90_kernel {
       }
       return i;
     };
-    // A step's tiles and row statistics, one cp.async group (threads 0..63 copy the statistics;
-    // padding rows get lse2 = +inf, so P = 0 there, and Delta = 0; the barrier that lands the
-    // copies publishes those stores too).
+    // A step's Q and dO tiles come by TMA (thread 0; they complete on the slot's mbarrier), its
+    // row statistics by cp.async (threads 0..63). A tile is the 64 tokens from q_start on: q0,
+    // or, for a varlen tile that would run past its sequence's end (and perhaps past the
+    // tensor's), the 64 that end there (dense_ws_source does the same). Rows of the tile that are
+    // not the step's queries (before q0, or past the end of a fixed-length sequence) get
+    // lse2 = +inf, so P = 0 there, and Delta = 0.
+    auto window = [&](int q0) { return varlen_q && q0 + G::block_q > q_len ? q_len - G::block_q : q0; };
     auto fetch = [&](int i, int slot) {
       if (i < total) {
-        const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, rows = q_len - q0;
-        load_tile_sw128<T, G, G::block_q>(
-            q_base + slot * G::q_bytes, q_seq + std::int64_t(q0) * p.q_layout.stride_token + std::int64_t(h) * p.q_layout.stride_head,
-            p.q_layout.stride_token, rows, tid);
-        load_tile_sw128<T, G, G::block_q>(
-            do_base + slot * G::q_bytes,
-            do_seq + std::int64_t(q0) * p.do_layout.stride_token + std::int64_t(h) * p.do_layout.stride_head,
-            p.do_layout.stride_token, rows, tid);
-        if (tid < rows && tid < G::block_q) {
-          const std::int64_t at = std::int64_t(h) * p.ws_rows + q_row0 + q0 + tid;
-          arch::cp_async_4(s_lse + slot * G::block_q + tid, p.lse2 + at);
-          arch::cp_async_4(s_delta + slot * G::block_q + tid, p.delta + at);
-        } else if (tid < G::block_q) {  // a padding row: P = 0
-          s_lse[slot * G::block_q + tid] = std::numeric_limits<float>::infinity();
-          s_delta[slot * G::block_q + tid] = 0.f;
+        const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, q_start = window(q0);
+        if (tid == 0) {
+          const std::uint32_t bar = full_bars + 8 * slot;
+          const int row = int(q_row0) + q_start;
+          arch::mbarrier_arrive_expect_tx(bar, 2 * G::q_bytes);
+          KVTILE_PRAGMA_UNROLL
+          for (int c = 0; c < D / 64; ++c) {
+            arch::tma_load_3d(q_base + slot * G::q_bytes + c * G::block_q * 128, &P.q, c * 64, h, row, bar);
+            arch::tma_load_3d(do_base + slot * G::q_bytes + c * G::block_q * 128, &P.d_o, c * 64, h, row, bar);
+          }
+        }
+        if (tid < G::block_q) {
+          const int token = q_start + tid;
+          if (token >= q0 && token < q_len) {
+            const std::int64_t at = std::int64_t(h) * p.ws_rows + q_row0 + token;
+            arch::cp_async_4(s_lse + slot * G::block_q + tid, p.lse2 + at);
+            arch::cp_async_4(s_delta + slot * G::block_q + tid, p.delta + at);
+          } else {
+            s_lse[slot * G::block_q + tid] = std::numeric_limits<float>::infinity();
+            s_delta[slot * G::block_q + tid] = 0.f;
+          }
         }
       }
       arch::cp_async_commit();
@@ -171,13 +197,14 @@ struct backward_sm90_kernel {
 
     // A step's query head, first query and visibility to this warpgroup's keys.
     struct step_t {
-      int h = 0, q0 = 0;
+      int h = 0, q0 = 0, q_start = 0;  // q_start: the token of the tile's first row
       tile_visibility vis = tile_visibility::empty;
     };
     auto step_info = [&](int i) {
       step_t st;
       st.h = hk * p.group + i / n_qt;
       st.q0 = (i % n_qt) * G::block_q;
+      st.q_start = window(st.q0);
       const int q1 = min_i(st.q0 + G::block_q, q_len);
       st.vis = wk0 < kv_len ? mask.classify(st.q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
       if (st.vis == tile_visibility::full && wk0 + 64 > kv_len) st.vis = tile_visibility::partial;
@@ -202,18 +229,20 @@ struct backward_sm90_kernel {
       product(s, k_wg, q_base + sl * G::q_bytes);
       product(dp, v_wg, do_base + sl * G::q_bytes);
     };
-    // Barrier: the tiles of the next step landed (the only cp.async group in flight) and are
-    // published to the async proxy.
-    auto tiles_landed = [&] {
+    // Barrier: step `it`'s tiles (in slot it % 2, the mbarrier's phase it / 2) and statistics
+    // landed, and every thread is past the step before. The first also publishes K and V
+    // (cp.async, the generic proxy) to the async proxy.
+    auto tiles_landed = [&](int it) {
       arch::cp_async_wait<0>();
-      arch::fence_proxy_async_shared();
+      if (it == 0) arch::fence_proxy_async_shared();
+      arch::mbarrier_wait(full_bars + 8 * (it % 2), std::uint32_t((it / 2) & 1));
       __syncthreads();
     };
 
     // A visible step from its S^T and dP^T (the last two commit groups, waited here): P^T and
     // dS^T on the fragments, dV += P^T dO and dK += dS^T Q issued (one commit group), and dS^T
     // stored to `ds_tile` for dQ.
-    auto grads = [&](float (&s)[32], float (&dp)[32], tile_visibility vis, int q0, int sl, std::uint32_t ds_tile) {
+    auto grads = [&](float (&s)[32], float (&dp)[32], tile_visibility vis, int q_start, int sl, std::uint32_t ds_tile) {
       const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
       arch::wgmma_wait<1>();
       arch::fence_operands(s);
@@ -233,7 +262,7 @@ struct backward_sm90_kernel {
           logit_and_derivative(mask, x, d, p.scale);
           if constexpr (has_logit_transform<Mask>) grad[4 * j + c] = d;
           if (vis == tile_visibility::partial) {
-            const int key = wk0 + key_row + (c / 2) * 8, qi = q0 + j * 8 + 2 * t + (c % 2);
+            const int key = wk0 + key_row + (c / 2) * 8, qi = q_start + j * 8 + 2 * t + (c % 2);
             if (!(key < kv_len && mask.visible(qi, key))) x = neg_inf;
           }
           s[4 * j + c] = arch::fast_exp2(fmaf(x, scale_log2, -(c % 2 ? l2.y : l2.x)));
@@ -317,20 +346,22 @@ struct backward_sm90_kernel {
       }
       arch::wgmma_commit();
     };
-    // The completed product added to the fp32 workspace: acc[4j + 2 half + {0, 1}] is query
-    // q0 + 16 wq + g + 8 half, column 64 col_block + 8j + 2t.
+    // The completed product added to the fp32 workspace: acc[4j + 2 half + {0, 1}] is tile row
+    // 16 wq + g + 8 half (token q_start + row; only the step's queries are added), column
+    // 64 col_block + 8j + 2t.
     auto reduce_dq = [&](float (&acc)[32], const step_t& st) {
       arch::fence_operands(acc);
       KVTILE_PRAGMA_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int qi = st.q0 + wq * 16 + g + half * 8;
-        if (qi >= q_len) continue;
+        const int qi = st.q_start + wq * 16 + g + half * 8;
+        if (qi < st.q0 || qi >= q_len) continue;
         float* dst = p.dq_acc + ((q_row0 + qi) * heads + st.h) * D + col_block * 64 + 2 * t;
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
       }
     };
 
+    __syncthreads();  // the mbarriers are initialised
     int cur = next_step(0);
     fetch(cur, 0);
     // A step at a time: its own S^T and dP^T after the barrier that lands its tiles, the next
@@ -338,15 +369,15 @@ struct backward_sm90_kernel {
     // S^T and dP^T issued before this step's dQ reductions, lost 14-19% at D = 64 and spills at
     // D = 128: docs/perf-log/backward.md, v5.)
     int slot = 0;
-    while (cur < total) {
+    for (int it = 0; cur < total; ++it) {
       const int nxt = next_step(cur + 1);
-      tiles_landed();  // this step's tiles; every warpgroup is past the previous step
+      tiles_landed(it);  // this step's tiles; every warpgroup is past the previous step
       fetch(nxt, slot ^ 1);
       const step_t st = step_info(cur);
       if (st.vis != tile_visibility::empty) {
         float s[32], dp[32];
         issue_sdp(s, dp, slot);
-        grads(s, dp, st.vis, st.q0, slot, ds_base);
+        grads(s, dp, st.vis, st.q_start, slot, ds_base);
       } else {
         zero_ds(ds_base);
       }
@@ -389,7 +420,8 @@ dim3 backward_sm90_grid(const ragged_layout& kv, std::int32_t max_kv_len) {
 // Entry point; the body exists only in the sm_90a device pass (elsewhere an empty kernel that
 // the host never launches: cuda::backward asks sm90_kernels_available first).
 template <class Kernel>
-KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, Kernel::G::min_ctas) backward_sm90_entry(const typename Kernel::params p) {
+KVTILE_KERNEL void __launch_bounds__(Kernel::G::threads, Kernel::G::min_ctas)
+    backward_sm90_entry(const __grid_constant__ typename Kernel::params p) {
 #if KVTILE_WGMMA_AVAILABLE
   extern __shared__ __align__(16) unsigned char backward_sm90_smem[];
   Kernel::run(p, backward_sm90_smem);
