@@ -7,7 +7,8 @@
 // keeps their dK and dV (64 x D fp32 each) in registers across every query tile of every query
 // head of the GQA group. K and V stay in shared memory (cp.async); the 64-row Q and dO tiles
 // come through a two-slot ring by TMA (one thread issues them, an mbarrier per slot), their row
-// statistics by cp.async, all tiles in the 128-byte swizzled layout (arch/wgmma.cuh). Per step and warpgroup, with the accumulators' rows on keys:
+// statistics by cp.async, all tiles in the 128-byte swizzled layout (arch/wgmma.cuh). Per step
+// and warpgroup, with the accumulators' rows on keys:
 //   S^T = K Q^T, dP^T = V dO^T        m64n64k16, A and B from shared memory (K-major)
 //   P^T, dS^T                          element-wise on the fragments (exp2 of the saved LSE)
 //   dV += P^T dO, dK += dS^T Q         m64nDk16, A = P^T / dS^T from registers, B = dO / Q
@@ -247,7 +248,8 @@ struct backward_sm90_kernel {
       arch::wgmma_wait<1>();
       arch::fence_operands(s);
 
-      // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2), query q0 + 8j + 2t + c % 2.
+      // P^T in place: s[4j + c] is key wk0 + key_row + 8 (c / 2) and tile row 8j + 2t + c % 2
+      // (token q_start + row).
       // Masked pairs and keys past kv_len get P = 0; padding query rows and rows that see no
       // key have lse2 = +inf, so P = 0 there too.
       const float* lse_slot = s_lse + sl * G::block_q;
