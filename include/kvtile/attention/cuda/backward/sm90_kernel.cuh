@@ -156,10 +156,23 @@ struct backward_sm90_kernel {
     // tensor's), the 64 that end there (dense_ws_source does the same). Rows of the tile that are
     // not the step's queries (before q0, or past the end of a fixed-length sequence) get
     // lse2 = +inf, so P = 0 there, and Delta = 0.
-    auto window = [&](int q0) { return varlen_q && q0 + G::block_q > q_len ? q_len - G::block_q : q0; };
+    // Step i's query head, first query, the token of its tile's first row, and (step_info) its
+    // visibility to this warpgroup's keys.
+    struct step_t {
+      int h = 0, q0 = 0, q_start = 0;
+      tile_visibility vis = tile_visibility::empty;
+    };
+    auto step_at = [&](int i) {
+      step_t st;
+      st.h = hk * p.group + i / n_qt;
+      st.q0 = (i % n_qt) * G::block_q;
+      st.q_start = varlen_q && st.q0 + G::block_q > q_len ? q_len - G::block_q : st.q0;
+      return st;
+    };
     auto fetch = [&](int i, int slot) {
       if (i < total) {
-        const int h = hk * p.group + i / n_qt, q0 = (i % n_qt) * G::block_q, q_start = window(q0);
+        const step_t st = step_at(i);
+        const int h = st.h, q0 = st.q0, q_start = st.q_start;
         if (tid == 0) {
           const std::uint32_t bar = full_bars + 8 * slot;
           const int row = int(q_row0) + q_start;
@@ -196,16 +209,8 @@ struct backward_sm90_kernel {
     const std::uint32_t k_wg = k_base + wg * 64 * 128, v_wg = v_base + wg * 64 * 128;  // A rows of S^T, dP^T
     const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
 
-    // A step's query head, first query and visibility to this warpgroup's keys.
-    struct step_t {
-      int h = 0, q0 = 0, q_start = 0;  // q_start: the token of the tile's first row
-      tile_visibility vis = tile_visibility::empty;
-    };
     auto step_info = [&](int i) {
-      step_t st;
-      st.h = hk * p.group + i / n_qt;
-      st.q0 = (i % n_qt) * G::block_q;
-      st.q_start = window(st.q0);
+      step_t st = step_at(i);
       const int q1 = min_i(st.q0 + G::block_q, q_len);
       st.vis = wk0 < kv_len ? mask.classify(st.q0, q1, wk0, wk0 + 64) : tile_visibility::empty;
       if (st.vis == tile_visibility::full && wk0 + 64 > kv_len) st.vis = tile_visibility::partial;
@@ -230,20 +235,20 @@ struct backward_sm90_kernel {
       product(s, k_wg, q_base + sl * G::q_bytes);
       product(dp, v_wg, do_base + sl * G::q_bytes);
     };
-    // Barrier: step `it`'s tiles (in slot it % 2, the mbarrier's phase it / 2) and statistics
-    // landed, and every thread is past the step before. The first also publishes K and V
-    // (cp.async, the generic proxy) to the async proxy.
+    // Barrier: step `it`'s tiles (in slot it % stages, the mbarrier's phase it / stages) and
+    // statistics landed, and every thread is past the step before. The first also publishes K
+    // and V (cp.async, the generic proxy) to the async proxy.
     auto tiles_landed = [&](int it) {
       arch::cp_async_wait<0>();
       if (it == 0) arch::fence_proxy_async_shared();
-      arch::mbarrier_wait(full_bars + 8 * (it % 2), std::uint32_t((it / 2) & 1));
+      arch::mbarrier_wait(full_bars + 8 * (it % G::stages), std::uint32_t((it / G::stages) & 1));
       __syncthreads();
     };
 
     // A visible step from its S^T and dP^T (the last two commit groups, waited here): P^T and
     // dS^T on the fragments, dV += P^T dO and dK += dS^T Q issued (one commit group), and dS^T
-    // stored to `ds_tile` for dQ.
-    auto grads = [&](float (&s)[32], float (&dp)[32], tile_visibility vis, int q_start, int sl, std::uint32_t ds_tile) {
+    // stored for dQ.
+    auto grads = [&](float (&s)[32], float (&dp)[32], tile_visibility vis, int q_start, int sl) {
       const std::uint32_t q_slot = q_base + sl * G::q_bytes, do_slot = do_base + sl * G::q_bytes;
       arch::wgmma_wait<1>();
       arch::fence_operands(s);
@@ -308,7 +313,7 @@ struct backward_sm90_kernel {
           KVTILE_PRAGMA_UNROLL
           for (int x = 0; x < 4; ++x) {
             const int r = r0 + (x % 2) * 8, c = 2 * j + x / 2;
-            *reinterpret_cast<std::uint32_t*>(smem + (ds_tile - k_base) + arch::sw128_offset(G::block_kv, r, c) + 4 * t) =
+            *reinterpret_cast<std::uint32_t*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c) + 4 * t) =
                 da[j][x];
           }
         }
@@ -316,11 +321,11 @@ struct backward_sm90_kernel {
     };
     // A step no key of this warpgroup sees: its dS^T rows are 0 where the other warpgroup reads
     // them (dQ's columns split over the warpgroups).
-    auto zero_ds = [&](std::uint32_t ds_tile) {
+    auto zero_ds = [&] {
       if (with_dq && !G::dq_split_keys)
         for (int id = tid % 128; id < 64 * 8; id += 128) {
           const int r = wg * 64 + id / 8, c = id % 8;
-          *reinterpret_cast<uint4*>(smem + (ds_tile - k_base) + arch::sw128_offset(G::block_kv, r, c)) =
+          *reinterpret_cast<uint4*>(smem + (ds_base - k_base) + arch::sw128_offset(G::block_kv, r, c)) =
               make_uint4(0u, 0u, 0u, 0u);
         }
     };
@@ -329,7 +334,7 @@ struct backward_sm90_kernel {
     // barrier that completes dS^T. One commit group (none when the product is 0).
     const std::uint32_t col_block = G::dq_split_keys ? 0 : wg;
     auto dq_product = [&](const step_t& st) { return with_dq && (!G::dq_split_keys || st.vis != tile_visibility::empty); };
-    auto issue_dq = [&](float (&acc)[32], const step_t& st, std::uint32_t ds_tile) {
+    auto issue_dq = [&](float (&acc)[32], const step_t& st) {
       arch::fence_proxy_async_shared();
       if constexpr (G::dq_split_keys)
         arch::named_barrier_sync(1 + wg, 128);
@@ -342,7 +347,7 @@ struct backward_sm90_kernel {
       KVTILE_PRAGMA_UNROLL
       for (int ks = 0; ks < G::dq_k_steps; ++ks) {
         const std::uint32_t row = (key0 + ks * 16) * 128;
-        sq_op::template ss_t<1, 1>(acc, arch::sw128_desc(ds_tile + row, G::block_kv * 128, sbo),
+        sq_op::template ss_t<1, 1>(acc, arch::sw128_desc(ds_base + row, G::block_kv * 128, sbo),
                                    arch::sw128_desc(k_base + col_block * G::block_kv * 128 + row, G::block_kv * 128, sbo),
                                    ks > 0 ? 1 : 0);
       }
@@ -379,13 +384,13 @@ struct backward_sm90_kernel {
       if (st.vis != tile_visibility::empty) {
         float s[32], dp[32];
         issue_sdp(s, dp, slot);
-        grads(s, dp, st.vis, st.q_start, slot, ds_base);
+        grads(s, dp, st.vis, st.q_start, slot);
       } else {
-        zero_ds(ds_base);
+        zero_ds();
       }
       if (with_dq) {
         float acc[32];
-        issue_dq(acc, st, ds_base);
+        issue_dq(acc, st);
         if (dq_product(st)) {
           arch::wgmma_wait<0>();
           reduce_dq(acc, st);
