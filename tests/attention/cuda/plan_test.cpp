@@ -452,6 +452,29 @@ TEST_CASE("plan: the number of work items is checked before any is stored") {
                        doctest::Contains("8589934592 row tiles x KV heads"), kvtile::error);
 }
 
+TEST_CASE("plan: device_limits past any GPU are refused; at the bound, a small batch's plan stays small") {
+  // With 2^31 - 1 SMs a single decode of 640M keys was cut into a run per four key tiles:
+  // millions of work items, and a CTA-count search quadratic in them.
+  const kc::paged_problem pr{8, 1, 128, 1 << 24, 40, 2};
+  const std::vector<std::int32_t> q{0, 1}, indptr{0, 40}, last{1 << 24};
+  std::vector<std::int32_t> indices(40);
+  std::iota(indices.begin(), indices.end(), 0);
+  const paging::csr_page_table t{indptr.data(), indices.data(), last.data(), 1};
+  kc::device_limits dev = h100_sm90();
+  for (const int sms : {0, -1, kc::max_plan_sms + 1, 1 << 30, 2147483647}) {
+    dev.num_sms = sms;
+    const std::string message = "num_sms must be in [1, 1024], got " + std::to_string(sms);
+    CHECK_THROWS_WITH_AS(kc::plan_paged_attention<causal_mask>(q.data(), t, pr, {}, dev),
+                         doctest::Contains(message.c_str()), kvtile::error);
+  }
+  dev.num_sms = kc::max_plan_sms;
+  const auto plan = kc::plan_paged_attention<causal_mask>(q.data(), t, pr, {}, dev);
+  REQUIRE(plan.shape.kind == kc::paged_kernel_kind::decode_sm90);
+  CHECK(plan.ctas() <= std::size_t(kc::max_plan_sms));
+  CHECK(plan.work.size() <= 2 * std::size_t(kc::max_plan_sms));
+  check_partition<causal_mask>(plan, {});
+}
+
 TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their own shared memory; append refused") {
   std::mt19937_64 rng(7);
   const std::vector<std::int32_t> lens{4096, 33, 1000};

@@ -141,6 +141,9 @@ struct device_limits {
   bool wgmma = false;  // runs this binary's sm_90a kernels (query_device_limits asks the device)
 };
 
+// The most multiprocessors a plan is made for (device_limits::num_sms).
+inline constexpr int max_plan_sms = 1024;
+
 struct plan_options {
   bool split_kv = true;    // allow splitting a row tile's keys over several CTAs
   int max_splits = 128;    // at most this many partial states per row tile
@@ -608,7 +611,10 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   KVTILE_REQUIRE(pr.elem_bytes == 2 || pr.elem_bytes == 1, errc::unsupported,
                  "paged attention kernels take 2-byte (fp16, bf16) or 1-byte (fp8 e4m3) K/V elements, got ", pr.elem_bytes);
   KVTILE_REQUIRE(table.batch >= 0, errc::invalid_argument, "batch is negative: ", table.batch);
-  KVTILE_REQUIRE(dev.num_sms > 0, errc::invalid_argument, "device_limits.num_sms must be positive, got ", dev.num_sms);
+  // The bound keeps a plan's size and the CTA-count search linear in the batch: a small batch is
+  // cut into up to num_sms runs, and the search tries half of them (no GPU has 1024 SMs).
+  KVTILE_REQUIRE(dev.num_sms > 0 && dev.num_sms <= max_plan_sms, errc::invalid_argument,
+                 "device_limits.num_sms must be in [1, ", max_plan_sms, "], got ", dev.num_sms);
   KVTILE_REQUIRE(q_indptr != nullptr && q_indptr[0] == 0, errc::invalid_argument, "q_indptr must start at 0");
   detail::check_page_table(table, pr);
 
