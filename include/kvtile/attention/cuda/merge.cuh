@@ -6,7 +6,7 @@
 // LSE -inf, merge to zeros and -inf, never NaN). Split-KV decoding, cascade (shared-prefix)
 // attention and context parallelism all end with this merge.
 //
-//   merge_state_step        device: fold one state into a running one (4 output values per call)
+//   merge_state_step        device (merge_step.cuh): fold one state into a running one
 //   merge_states            host: o = merge(a, b) row by row; o may alias a or b
 //   merge_state_list        host: o = merge of num_states states stacked [num_states, rows, D]
 //
@@ -17,8 +17,7 @@
 
 #include <cuda_runtime.h>
 
-#include "kvtile/attention/cuda/arch/mma.cuh"
-#include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/cuda/merge_step.cuh"
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/numeric.hpp"
@@ -26,36 +25,7 @@
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda {
 
-// (o, lse) <- merge((o, lse), (ob, lse_b)) for four output values of one row.
-KVTILE_DEVICE KVTILE_FORCEINLINE void merge_state_step(float (&o)[4], float& lse, const float (&ob)[4], float lse_b) {
-  const merge_weights w = merge_lse(lse, lse_b);
-  KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < 4; ++i) o[i] = w.wa * o[i] + w.wb * ob[i];
-  lse = w.lse;
-}
-
 namespace detail {
-
-template <class T>
-KVTILE_DEVICE KVTILE_FORCEINLINE void load4(float (&v)[4], const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 x = *reinterpret_cast<const float4*>(p);
-    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
-  } else {
-    const uint2 x = *reinterpret_cast<const uint2*>(p);
-    const float2 a = arch::unpack2<T>(x.x), b = arch::unpack2<T>(x.y);
-    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-  }
-}
-
-template <class T>
-KVTILE_DEVICE KVTILE_FORCEINLINE void store4(T* p, const float (&v)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-    *reinterpret_cast<uint2*>(p) = make_uint2(arch::pack2<T>(v[0], v[1]), arch::pack2<T>(v[2], v[3]));
-  }
-}
 
 // One thread per (row, 4 values). States i = 0..n-1 of row r are at o + i*state_stride + r*D.
 template <class TIn, class TOut>

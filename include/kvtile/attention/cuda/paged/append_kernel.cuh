@@ -6,7 +6,8 @@
 // Four warps own 32 rows each (two 16-row MMA tiles), so every K and V fragment a warp loads with
 // ldmatrix feeds two MMAs; every warp reads every K/V tile. S, P and O stay in registers.
 //
-// Per key tile of 64 keys (2-stage cp.async ring, K and V in separate commit groups):
+// Per key tile of 64 keys (2-stage cp.async ring, K and V in separate commit groups), the
+// mma.sync mainloop part (mma_warp.cuh) between the waits:
 //   wait K, barrier, refill the freed stage      S = Q K^T (raw dot products, fp32)
 //   mask (only on partial tiles)                  online softmax in base 2: one FFMA + ex2
 //   [D > 64: wait V, barrier]                     O += P V, P re-packed from S
@@ -24,12 +25,11 @@
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/mma_warp.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
-#include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
-#include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/core/fast_divmod.hpp"
 
 KVTILE_NAMESPACE_BEGIN
@@ -52,7 +52,7 @@ struct append_config {
   static constexpr int o_tiles = D / 8;               // 8-column tiles of O
   static constexpr int kv_steps = bn / 16;            // k-steps of P V
   static constexpr int chunks = D / 8;                // 16-byte chunks per row
-  static constexpr int pitch = D + 8;                 // shared row stride: no ldmatrix bank conflicts
+  static constexpr int pitch = padded_tile<D>::pitch;  // shared row stride: no ldmatrix bank conflicts
   static constexpr bool q_in_registers = m_tiles * (d_steps + o_tiles + s_tiles) * 4 <= 192;
   // Shared memory: Q, K and V stages, then two rings of BN key row offsets (int64).
   static constexpr std::size_t tile_bytes = std::size_t(bm + 2 * stages * bn) * pitch * 2;  // 2-byte elements
@@ -63,16 +63,15 @@ struct append_config {
   static_assert(bn % 16 == 0 && stages >= 2 && D % 16 == 0 && D <= 128, "paged append kernel: shape");
 };
 
+// The CTA's work (the kernel below is it over the dynamic shared memory): one work item,
+// blockIdx.x, in smem_raw.
 template <class T, int D, class Mask, class Table>
-KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
-    paged_append_kernel(const kernel_params<T, Table, Mask> p) {
-  if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Table, Mask>& p, unsigned char* smem_raw) {
   using C = append_config<D>;
   constexpr int BM = C::bm, BN = C::bn, ST = C::stages, NT = C::threads, P = C::pitch, CH = C::chunks;
   constexpr int MT = C::m_tiles, RPW = C::rows_per_warp;
   constexpr std::uint32_t row_bytes = P * sizeof(T), stage_bytes = BN * row_bytes;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   const std::uint32_t q_base = arch::smem_addr(q_s);
   const std::uint32_t k_base = q_base + BM * row_bytes;       // [ST][BN][P]
@@ -156,44 +155,19 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   int slot = 1;
 
   // ---- state ---------------------------------------------------------------------------------
-  float o_acc[MT][D / 8][4];
-  float m_row[MT][2], l_row[MT][2];
+  using mainloop = mma_rows<T, D, MT, BN>;
+  mainloop st;
+  st.init();
   const int wr0 = row0 + warp * RPW;  // first packed row of this warp
-  KVTILE_PRAGMA_UNROLL
-  for (int mt = 0; mt < MT; ++mt) {
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < D / 8; ++i) o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
-    KVTILE_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      m_row[mt][h] = neg_inf;
-      l_row[mt][h] = 0.f;
-    }
-  }
-  const bool warp_rows = wr0 < rows;
-  const int wt0 = wr0 / group, wt1 = warp_rows ? (min_i(wr0 + RPW, rows) - 1) / group + 1 : wt0;
+  const bool has_rows = wr0 < rows;
+  const int wt0 = wr0 / group, wt1 = has_rows ? (min_i(wr0 + RPW, rows) - 1) / group + 1 : wt0;
 
-  // Per-lane ldmatrix offsets (bytes). A operand (Q) and V through .trans: matrix i = lane / 8
-  // covers rows +8 for odd i and columns +8 for i >= 2; K (B operand): rows +8 for i >= 2,
-  // columns +8 for odd i.
-  const int a_row = lane % 8 + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
-  const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
-  const std::uint32_t q_addr = q_base + ((warp * RPW + a_row) * P + a_col) * sizeof(T);
-  const std::uint32_t k_lane = (k_row * P + k_col) * sizeof(T);
-  const std::uint32_t v_lane = (a_row * P + a_col) * sizeof(T);
-
-  std::uint32_t q_frag[C::q_in_registers ? MT : 1][C::q_in_registers ? C::d_steps : 1][4];
+  q_operand<T, D, MT, C::q_in_registers> q;
   arch::cp_async_wait<2 * ST - 2>();  // Q landed (K/V groups may still fly)
   __syncthreads();
-  if constexpr (C::q_in_registers) {
-    KVTILE_PRAGMA_UNROLL
-    for (int mt = 0; mt < MT; ++mt)
-      KVTILE_PRAGMA_UNROLL
-      for (int kd = 0; kd < C::d_steps; ++kd)
-        arch::ldmatrix_x4(q_frag[mt][kd], q_addr + (mt * 16 * P + kd * 16) * sizeof(T));
-  }
+  q.load(q_base, warp * RPW, lane);
 
   // ---- main loop -----------------------------------------------------------------------------
-  const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
   int stage = 0, refill = ST - 1;
   for (int cur = it.next_tile(0); cur < n_tiles; cur = it.next_tile(cur + 1)) {
     // The tile's K (and V without split_wait) landed and is visible to every warp; every warp
@@ -211,120 +185,24 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
     fetch2 = it.next_tile(fetch2 + 1);
 
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
-    tile_visibility vis = warp_rows ? mask.classify(wt0, wt1, k0, k1) : tile_visibility::empty;
+    tile_visibility vis = has_rows ? mask.classify(wt0, wt1, k0, k1) : tile_visibility::empty;
     if (vis == tile_visibility::full && k1 - k0 < BN) vis = tile_visibility::partial;
 
-    float s[MT][C::s_tiles][4];
+    typename mainloop::tile_scores s;
     if (vis != tile_visibility::empty) {
-      KVTILE_PRAGMA_UNROLL
-      for (int mt = 0; mt < MT; ++mt)
-        KVTILE_PRAGMA_UNROLL
-        for (int nt = 0; nt < C::s_tiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-      const std::uint32_t k_addr = k_base + stage * stage_bytes + k_lane;
-      KVTILE_PRAGMA_UNROLL
-      for (int kd = 0; kd < C::d_steps; ++kd) {
-        std::uint32_t qa[MT][4];
-        KVTILE_PRAGMA_UNROLL
-        for (int mt = 0; mt < MT; ++mt) {
-          if constexpr (C::q_in_registers) {
-            KVTILE_PRAGMA_UNROLL
-            for (int x = 0; x < 4; ++x) qa[mt][x] = q_frag[mt][kd][x];
-          } else {
-            arch::ldmatrix_x4(qa[mt], q_addr + (mt * 16 * P + kd * 16) * sizeof(T));
-          }
-        }
-        KVTILE_PRAGMA_UNROLL
-        for (int np = 0; np < C::s_tiles / 2; ++np) {
-          std::uint32_t kb[4];
-          arch::ldmatrix_x4(kb, k_addr + (np * 16 * P + kd * 16) * sizeof(T));
-          const std::uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-          KVTILE_PRAGMA_UNROLL
-          for (int mt = 0; mt < MT; ++mt) {
-            arch::mma_16816<T>(s[mt][2 * np], qa[mt], b0);
-            arch::mma_16816<T>(s[mt][2 * np + 1], qa[mt], b1);
-          }
-        }
-      }
-
-      apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
-      if (vis == tile_visibility::partial) {
-        KVTILE_PRAGMA_UNROLL
-        for (int mt = 0; mt < MT; ++mt)
-          KVTILE_PRAGMA_UNROLL
-          for (int nt = 0; nt < C::s_tiles; ++nt)
-            KVTILE_PRAGMA_UNROLL
-            for (int e = 0; e < 4; ++e) {
-              const int j = k0 + nt * 8 + 2 * t + (e & 1);
-              const int tk = (wr0 + mt * 16 + g + 8 * (e / 2)) / group;  // the row's query token
-              if (!(j < k1 && mask.visible(tk, j))) s[mt][nt][e] = neg_inf;
-            }
-      }
-
-      // Online softmax in base 2: the row max of the raw scores (a quad of lanes shares a row),
-      // the running max moves, O and l are rescaled, and each weight is exp2(s * scale - base).
-      // l keeps this lane's columns only; the quad is summed once, in the epilogue.
-      KVTILE_PRAGMA_UNROLL
-      for (int mt = 0; mt < MT; ++mt)
-        KVTILE_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          float mx = neg_inf;
-          KVTILE_PRAGMA_UNROLL
-          for (int nt = 0; nt < C::s_tiles; ++nt) mx = max_f(mx, max_f(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = max_f(m_row[mt][h], mx * scale_log2);
-          const float a = rescale_factor(m_row[mt][h], m_new);
-          const float base = exp_base(m_new);
-          m_row[mt][h] = m_new;
-          float sum = 0.f;
-          KVTILE_PRAGMA_UNROLL
-          for (int nt = 0; nt < C::s_tiles; ++nt)
-            KVTILE_PRAGMA_UNROLL
-            for (int e = 0; e < 2; ++e) {
-              float& x = s[mt][nt][2 * h + e];
-              x = arch::fast_exp2(fmaf(x, scale_log2, -base));
-              sum += x;
-            }
-          l_row[mt][h] = l_row[mt][h] * a + sum;
-          KVTILE_PRAGMA_UNROLL
-          for (int dt = 0; dt < D / 8; ++dt) {
-            o_acc[mt][dt][2 * h] *= a;
-            o_acc[mt][dt][2 * h + 1] *= a;
-          }
-        }
+      mainloop::qk(s, q, smem_tile<T, padded_tile<D>>{k_base + stage * stage_bytes}, lane);
+      st.probabilities(s, mask, p.scale_log2, vis == tile_visibility::partial, lane, [&](int mt, int h, int key) {
+        const int j = k0 + key;
+        const int tk = (wr0 + mt * 16 + g + 8 * h) / group;  // the row's query token
+        return j < k1 && mask.visible(tk, j);
+      });
     }
 
     if constexpr (C::split_wait) {
       arch::cp_async_wait<2 * ST - 2>();  // V of this tile
       __syncthreads();
     }
-    if (vis != tile_visibility::empty) {
-      // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
-      // 16-key step; each V fragment feeds both row tiles.
-      const std::uint32_t v_addr = v_base + stage * stage_bytes + v_lane;
-      KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < C::kv_steps; ++j) {
-        std::uint32_t pa[MT][4];
-        KVTILE_PRAGMA_UNROLL
-        for (int mt = 0; mt < MT; ++mt) {
-          pa[mt][0] = arch::pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
-          pa[mt][1] = arch::pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
-          pa[mt][2] = arch::pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
-          pa[mt][3] = arch::pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
-        }
-        KVTILE_PRAGMA_UNROLL
-        for (int dp = 0; dp < D / 16; ++dp) {
-          std::uint32_t vb[4];
-          arch::ldmatrix_x4_trans(vb, v_addr + (j * 16 * P + dp * 16) * sizeof(T));
-          const std::uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-          KVTILE_PRAGMA_UNROLL
-          for (int mt = 0; mt < MT; ++mt) {
-            arch::mma_16816<T>(o_acc[mt][2 * dp], pa[mt], b0);
-            arch::mma_16816<T>(o_acc[mt][2 * dp + 1], pa[mt], b1);
-          }
-        }
-      }
-    }
+    if (vis != tile_visibility::empty) st.pv(s, smem_tile<T, padded_tile<D>>{v_base + stage * stage_bytes}, lane);
     // The slot read by the previous iteration's fetch: every warp is past it (the barrier above).
     if (tid < BN) off_s[(slot ^ 1) * BN + tid] = row_offset(pend_tile, pend_blk);
     slot ^= 1;
@@ -335,49 +213,33 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
   // ---- epilogue ------------------------------------------------------------------------------
   // Rows of this thread: (mt, h) -> packed row wr0 + mt * 16 + g + 8 h, columns 8 dt + 2 t.
   const bool whole = w.partial < 0;
+  float lse[MT][2];
+  st.finish(lse);
   KVTILE_PRAGMA_UNROLL
   for (int mt = 0; mt < MT; ++mt)
     KVTILE_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
-      float l = l_row[mt][h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float lse = lse_of(m_row[mt][h], l);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
       const int lr = warp * RPW + mt * 16 + g + 8 * h;  // row within the CTA tile
       const int pr = row0 + lr;
-      KVTILE_PRAGMA_UNROLL
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o_acc[mt][dt][2 * h] *= inv;
-        o_acc[mt][dt][2 * h + 1] *= inv;
-      }
       if (whole) {
         if (t == 0 && p.lse != nullptr && pr < rows) {
           const int tk = pr / group, hq = kvh * group + pr % group;
-          p.lse[p.q.layout.row(b, tk) * p.num_qo_heads + hq] = lse;
+          p.lse[p.q.layout.row(b, tk) * p.num_qo_heads + hq] = lse[mt][h];
         }
       } else if (pr < rows) {
         const std::int64_t prow = std::int64_t(w.partial) * BM + lr;
         float* dst = p.partial_o + prow * D + 2 * t;
         KVTILE_PRAGMA_UNROLL
         for (int dt = 0; dt < D / 8; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
-        if (t == 0) p.partial_lse[prow] = lse;
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(st.o[mt][dt][2 * h], st.o[mt][dt][2 * h + 1]);
+        if (t == 0) p.partial_lse[prow] = lse[mt][h];
       }
     }
   if (whole) {
     // Stage the warp's rows through its own rows of the Q buffer (only this warp reads them),
     // then write 8-byte chunks.
     __syncwarp();
-    KVTILE_PRAGMA_UNROLL
-    for (int mt = 0; mt < MT; ++mt)
-      KVTILE_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        T* dst = q_s + (warp * RPW + mt * 16 + g + 8 * h) * P + 2 * t;
-        KVTILE_PRAGMA_UNROLL
-        for (int dt = 0; dt < D / 8; ++dt)
-          *reinterpret_cast<std::uint32_t*>(dst + dt * 8) = arch::pack2<T>(o_acc[mt][dt][2 * h], o_acc[mt][dt][2 * h + 1]);
-      }
+    st.store_o(q_s, warp * RPW, lane);
     __syncwarp();
     constexpr int OC = D / 4;  // 8-byte chunks per row (O strides are multiples of 4 elements)
     KVTILE_PRAGMA_UNROLL
@@ -389,6 +251,14 @@ KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
             *reinterpret_cast<const uint2*>(q_s + lr * P + c * 4);
     }
   }
+}
+
+template <class T, int D, class Mask, class Table>
+KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
+    paged_append_kernel(const kernel_params<T, Table, Mask> p) {
+  if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  paged_append_cta<T, D>(p, smem_raw);
 }
 
 }  // namespace attention::cuda::paged

@@ -224,7 +224,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
       __syncwarp();
     }
 
-    float s[TPW / 8][4];
+    typename warp_rows<T, D, TPW>::tile_scores s;
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     if constexpr (Registers)
       st.template scores_fp8<padded_byte_rows<RB>>(s, k8, wn * TPW, lane);
@@ -232,7 +232,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
       st.template scores<padded_tile<D>>(s, kt, 0, lane, mask, k0 + wn * TPW);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
     st.tile_softmax(s, scales, ksc_s + stage_r * BN + wn * TPW, vsc_s + stage_r * BN + wn * TPW, partial, k0 + wn * TPW, k1, mask,
-                    t_row, tq);
+                    t_row, lane);
     if constexpr (Registers)
       st.template accumulate_fp8<padded_byte_rows<RB>>(s, v8, wn * TPW, lane);
     else

@@ -354,14 +354,14 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         arch::fence_proxy_async_shared();
         consumers_sync();
       }
-      float s[TPW / 8][4];
+      typename warp_rows<T, D, TPW>::tile_scores s;
       if constexpr (FP8)
         st.template scores_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(ks), wn * TPW, lane);
       else
         st.template scores<swizzled_tile<D, BN>>(s, ks, wn * TPW, lane, mask, k0);
       const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
       st.tile_softmax(s, scales, ksc_s + stage * BN + wn * TPW, vsc_s + stage * BN + wn * TPW, partial, k0 + wn * TPW, k1, mask,
-                      t_row, tq);
+                      t_row, lane);
       if constexpr (FP8)
         st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
       else

@@ -1,21 +1,23 @@
-// kvtile/attention/cuda/paged/decode_warp.cuh: the arithmetic of the 16-row paged kernels,
-// shared by the cp.async kernel (kernel.cuh, sm_80+) and the TMA kernel (decode_sm90_kernel.cuh).
+// kvtile/attention/cuda/paged/decode_warp.cuh: what the 16-row paged kernels add to the mma.sync
+// mainloop part (mma_warp.cuh), shared by the cp.async kernel (kernel.cuh, sm_80+), the fp8
+// cp.async kernel (decode_fp8_kernel.cuh) and the TMA kernel (decode_sm90_kernel.cuh).
 //
-// One warp owns 16 packed query rows and TPW keys of each key tile:
-//   scores      S = Q K^T    mma.m16n8k16, Q fragments in registers, K through ldmatrix
-//   scale_mask  S * scale * log2(e) (through the variant's logit transform, if any); keys past
-//               the tile's end or hidden by the mask -> -inf
-//   softmax     running max / sum per row (softmax_state's rescale_factor, exp_base)
-//   accumulate  O += P V     P re-packed from the S accumulators, V through ldmatrix.trans
+// One warp owns 16 packed query rows (mma_rows with one row tile) and TPW keys of each key tile:
+//   scores        S = Q K^T: the mainloop's qk, or K rotated in registers first (a rotary
+//                 variant), or K's fp8 bytes converted in registers (scores_fp8)
+//   tile_softmax  the codec's per-token K scales, the mainloop's logits, mask and online
+//                 softmax, the codec's per-token V scales
+//   accumulate    O += P V: the mainloop's pv, or from fp8 bytes (accumulate_fp8)
 // and the CTA's epilogue merges the WN warps that share rows, normalises and writes O and LSE
-// (or a split item's fp32 partial state). Shared-memory tiles are read through a layout policy:
-// padded rows (cp.async) or 128-byte swizzled column panels (TMA).
+// (or a split item's fp32 partial state). Shared-memory tiles are read through a layout policy
+// (mma_warp.cuh): padded rows (cp.async) or 128-byte swizzled column panels (TMA).
 #pragma once
 
 #include <cstdint>
 
 #include "kvtile/attention/cuda/arch/mma.cuh"
-#include "kvtile/attention/cuda/merge.cuh"
+#include "kvtile/attention/cuda/merge_step.cuh"
+#include "kvtile/attention/cuda/mma_warp.cuh"
 #include "kvtile/attention/cuda/plan.hpp"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
@@ -103,53 +105,19 @@ struct item_tiles {
   }
 };
 
-// Element offset of (row, col) in a shared-memory tile of D columns; col is a multiple of 8
-// (one 16-byte chunk), which is all ldmatrix asks for.
-template <int D>
-struct padded_tile {  // rows D + 8 elements apart: ldmatrix without bank conflicts
-  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return row * (D + 8) + col; }
-};
-// Byte offset of (row, byte column) in a tile of 1-byte elements (fp8 pages); col is a multiple
-// of 16. Rows RowBytes apart (cp.async), or the 128-byte swizzle a TMA box writes: RowBytes / 128
-// panels of [Rows][128 bytes], the 16-byte chunk index XORed with row % 8.
-template <int RowBytes>
-struct padded_byte_rows {
-  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return row * RowBytes + col; }
-};
-template <int RowBytes, int Rows>
-struct swizzled_byte_tile {
-  static_assert(RowBytes % 128 == 0, "swizzled_byte_tile: rows must be whole 128-byte panels");
-  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) {
-    return (col / 128) * (Rows * 128) + row * 128 + ((((col % 128) / 16) ^ (row % 8)) * 16);
-  }
-};
-template <int D, int Rows>
-struct swizzled_tile {  // the same swizzle over 2-byte elements: D / 64 panels of [Rows][64]
-  static_assert(D % 64 == 0, "swizzled_tile: D must be a multiple of 64");
-  static KVTILE_DEVICE KVTILE_FORCEINLINE int at(int row, int col) { return swizzled_byte_tile<2 * D, Rows>::at(row, 2 * col) / 2; }
-};
-
-// The state of one warp's 16 packed rows (two per thread: g and g + 8) against TPW keys per tile.
+// The state of one warp's 16 packed rows (two per thread: g and g + 8) against TPW keys per
+// tile: the mainloop's rows (O, the row statistics) and Q's fragments in registers.
 template <class T, int D, int TPW>
-struct warp_rows {
+struct warp_rows : mma_rows<T, D, 1, TPW> {
   static_assert(TPW % 16 == 0, "warp_rows: keys per warp per tile must be a multiple of 16");
-  std::uint32_t q[D / 16][4];
-  float o[D / 8][4];
-  float m[2], l[2];
-
-  KVTILE_DEVICE KVTILE_FORCEINLINE void init() {
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    m[0] = m[1] = neg_inf;
-    l[0] = l[1] = 0.f;
-  }
+  using base = mma_rows<T, D, 1, TPW>;
+  using typename base::tile_scores;
+  using base::o;
+  using base::row;
+  q_operand<T, D, 1> q;
 
   // Q fragments of rows [row0, row0 + 16) of a padded tile.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(const T* q_s, int row0, int lane) {
-    KVTILE_PRAGMA_UNROLL
-    for (int kk = 0; kk < D / 16; ++kk)
-      arch::ldmatrix_x4(q[kk], arch::smem_addr(q_s + padded_tile<D>::at(row0 + lane % 16, kk * 16 + (lane / 16) * 8)));
-  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q(const T* q_s, int row0, int lane) { q.load(arch::smem_addr(q_s), row0, lane); }
 
   // A rotary variant: rotate the Q fragments (rows g and g + 8: query tokens t_row[0], t_row[1])
   // at the variant's query positions, once per work item, after a barrier that made
@@ -159,7 +127,7 @@ struct warp_rows {
     if constexpr (has_rotary<Variant>) {
       const int pos[2] = {v.query_position(t_row[0]), v.query_position(t_row[1])};
       with_rotary_steps<D>(v.rotary_dims(D), [&](auto hs) {
-        rotate_q_fragments<T, D, hs.value, Variant::rotary_layout_v>(q, pos, lane % 4);
+        rotate_q_fragments<T, D, hs.value, Variant::rotary_layout_v>(q.f[0], pos, lane % 4);
       });
     } else {
       (void)v, (void)t_row, (void)lane;
@@ -169,26 +137,15 @@ struct warp_rows {
   // s = Q K^T over keys [key0, key0 + TPW) of the tile at ks, whose first key is key k_tile of
   // the sequence. A rotary variant's keys are rotated in registers at their positions first.
   template <class Layout, class Variant>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane, const Variant& v,
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores(tile_scores& s, const T* ks, int key0, int lane, const Variant& v,
                                                int k_tile) const {
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     if constexpr (has_rotary<Variant>) {
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < TPW / 8; ++i) s[0][i][0] = s[0][i][1] = s[0][i][2] = s[0][i][3] = 0.f;
       with_rotary_steps<D>(v.rotary_dims(D), [&](auto hs) { rotated_scores<Layout, hs.value>(s, ks, key0, lane, v, k_tile); });
     } else {
       (void)v, (void)k_tile;
-      const int mi = lane / 8;
-      KVTILE_PRAGMA_UNROLL
-      for (int kk = 0; kk < D / 16; ++kk) {
-        KVTILE_PRAGMA_UNROLL
-        for (int np = 0; np < TPW / 16; ++np) {
-          std::uint32_t kf[4];
-          arch::ldmatrix_x4(kf, arch::smem_addr(ks + Layout::at(key0 + np * 16 + (mi / 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8)));
-          const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-          arch::mma_16816<T>(s[2 * np], q[kk], b0);
-          arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
-        }
-      }
+      base::qk(s, q, smem_tile<T, Layout>{arch::smem_addr(ks), key0}, lane);
     }
   }
 
@@ -197,7 +154,7 @@ struct warp_rows {
   // multiplied, so only those registers are live beside Q and O; k-steps past the rotary dims
   // are multiplied as they are. The keys of a B fragment: k0 / k1 key g, k2 / k3 key g + 8.
   template <class Layout, int HS, class Variant>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void rotated_scores(float (&s)[TPW / 8][4], const T* ks, int key0, int lane, const Variant& v,
+  KVTILE_DEVICE KVTILE_FORCEINLINE void rotated_scores(tile_scores& s, const T* ks, int key0, int lane, const Variant& v,
                                                        int k_tile) const {
     constexpr bool consecutive = rotary_keys_consecutive<Variant>;
     constexpr bool interleaved = Variant::rotary_layout_v == rotary_layout::interleaved;
@@ -212,8 +169,8 @@ struct warp_rows {
       };
       auto multiply = [&](const std::uint32_t(&kf)[4], int kk) {
         const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        arch::mma_16816<T>(s[2 * np], q[kk], b0);
-        arch::mma_16816<T>(s[2 * np + 1], q[kk], b1);
+        arch::mma_16816<T>(s[0][2 * np], q.f[0][kk], b0);
+        arch::mma_16816<T>(s[0][2 * np + 1], q.f[0][kk], b1);
       };
       if constexpr (interleaved) {
         KVTILE_PRAGMA_UNROLL
@@ -256,17 +213,17 @@ struct warp_rows {
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint2 a = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g, kk * 16 + 4 * tq));
       const uint2 b = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g + 8, kk * 16 + 4 * tq));
-      q[kk][0] = a.x, q[kk][1] = b.x, q[kk][2] = a.y, q[kk][3] = b.y;
+      q.f[0][kk][0] = a.x, q.f[0][kk][1] = b.x, q.f[0][kk][2] = a.y, q.f[0][kk][3] = b.y;
     }
   }
   // s = Q K^T over keys [key0, key0 + TPW) of the e4m3 tile at ks (byte offsets: Layout, a
   // padded_byte_rows or swizzled_byte_tile). One ldmatrix_x4 reads 16 keys x 32 dims: matrices
   // (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims +16), (keys +8, dims +16).
   template <class Layout>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void scores_fp8(float (&s)[TPW / 8][4], const std::uint8_t* ks, int key0, int lane) const {
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scores_fp8(tile_scores& s, const std::uint8_t* ks, int key0, int lane) const {
     static_assert(D % 32 == 0, "scores_fp8: head_dim must be a multiple of 32");
     KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < TPW / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int i = 0; i < TPW / 8; ++i) s[0][i][0] = s[0][i][1] = s[0][i][2] = s[0][i][3] = 0.f;
     const int mi = lane / 8;
     KVTILE_PRAGMA_UNROLL
     for (int k2 = 0; k2 < D / 32; ++k2)
@@ -278,7 +235,7 @@ struct warp_rows {
         for (int m = 0; m < 4; ++m) {
           std::uint32_t b[2];
           memory::cuda::e4m3x4_to<T>(r[m], b[0], b[1]);
-          arch::mma_16816<T>(s[2 * np + m % 2], q[2 * k2 + m / 2], b);
+          arch::mma_16816<T>(s[0][2 * np + m % 2], q.f[0][2 * k2 + m / 2], b);
         }
       }
   }
@@ -289,14 +246,13 @@ struct warp_rows {
   // (g, tq) ends with dims 16dp + 4tq .. 4tq + 3 as o[2dp][0], o[2dp + 1][0], o[2dp][1],
   // o[2dp + 1][1] (rows g; [2], [3] for g + 8), which finish_rows<..., true> writes back in order.
   template <class Layout>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate_fp8(const float (&s)[TPW / 8][4], const std::uint8_t* vs, int key0,
-                                                       int lane) {
+  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate_fp8(const tile_scores& s, const std::uint8_t* vs, int key0, int lane) {
     static_assert(D % 32 == 0, "accumulate_fp8: head_dim must be a multiple of 32");
     const int mi = lane / 8;
     KVTILE_PRAGMA_UNROLL
     for (int kj = 0; kj < TPW / 16; ++kj) {
       std::uint32_t pa[4];
-      p_fragment(s, kj, pa);
+      base::p_fragment(s, 0, kj, pa);
       KVTILE_PRAGMA_UNROLL
       for (int d2 = 0; d2 < D / 32; ++d2) {
         std::uint32_t r[4];
@@ -308,106 +264,40 @@ struct warp_rows {
           memory::cuda::e4m3x4_to<T>(__byte_perm(r[2 * h], 0u, 0x3120u), even[0], odd[0]);
           memory::cuda::e4m3x4_to<T>(__byte_perm(r[2 * h + 1], 0u, 0x3120u), even[1], odd[1]);
           const int dp = 2 * d2 + h;
-          arch::mma_16816<T>(o[2 * dp], pa, even);
-          arch::mma_16816<T>(o[2 * dp + 1], pa, odd);
+          arch::mma_16816<T>(o[0][2 * dp], pa, even);
+          arch::mma_16816<T>(o[0][2 * dp + 1], pa, odd);
         }
       }
     }
-  }
-
-  // Scale to base 2; when `partial`, keys at or past k1 or hidden from the row's query token
-  // (t_row) are -inf. j0: the key position of this warp's first key in the tile.
-  template <class Mask>
-  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_mask(float (&s)[TPW / 8][4], float scale_log2, bool partial, int j0,
-                                                          int k1, const Mask& mask, const int (&t_row)[2], int tq) {
-    KVTILE_PRAGMA_UNROLL
-    for (int nt = 0; nt < TPW / 8; ++nt)
-      KVTILE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        float x = apply_logit_base2(mask, s[nt][e] * scale_log2);
-        if (partial) {
-          const int j = j0 + nt * 8 + 2 * tq + (e & 1);
-          if (j >= k1 || !mask.visible(t_row[e / 2], j)) x = neg_inf;
-        }
-        s[nt][e] = x;
-      }
   }
 
   // O times f (a per-item V scale), before the epilogue.
   KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
     KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < D / 8; ++i) o[i][0] *= f, o[i][1] *= f, o[i][2] *= f, o[i][3] *= f;
+    for (int i = 0; i < D / 8; ++i) o[0][i][0] *= f, o[0][i][1] *= f, o[0][i][2] *= f, o[0][i][3] *= f;
   }
 
   // One tile's scores to probabilities, the same in every 16-row kernel: the codec's K scales
-  // (item_scales; nothing for 2-byte pages), scale and mask (this warp's keys from j0;
-  // `partial`: some are past k1 or hidden), the online softmax, the codec's V scales. ksc / vsc:
-  // the stage's scales of this warp's keys (read only with per-token scales).
+  // (item_scales; nothing for 2-byte pages), the mainloop's logits, mask (this warp's keys from
+  // j0; `partial`: some are past k1 or hidden from the row's query token t_row) and online
+  // softmax, the codec's V scales. ksc / vsc: the stage's scales of this warp's keys (read only
+  // with per-token scales).
   template <class Scales, class Mask>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void tile_softmax(float (&s)[TPW / 8][4], const Scales& scales, const float* ksc,
-                                                     const float* vsc, bool partial, int j0, int k1, const Mask& mask,
-                                                     const int (&t_row)[2], int tq) {
-    scales.keys(s, ksc, tq);
-    scale_mask(s, scales.scale_log2, partial, j0, k1, mask, t_row, tq);
-    softmax(s);
-    scales.values(s, vsc, tq);
-  }
-
-  // P of keys [16 kj, 16 kj + 16) of the warp's slice, repacked from the S accumulators as the A
-  // fragment of P V.
-  KVTILE_DEVICE KVTILE_FORCEINLINE static void p_fragment(const float (&s)[TPW / 8][4], int kj, std::uint32_t (&pa)[4]) {
-    pa[0] = arch::pack2<T>(s[2 * kj][0], s[2 * kj][1]);
-    pa[1] = arch::pack2<T>(s[2 * kj][2], s[2 * kj][3]);
-    pa[2] = arch::pack2<T>(s[2 * kj + 1][0], s[2 * kj + 1][1]);
-    pa[3] = arch::pack2<T>(s[2 * kj + 1][2], s[2 * kj + 1][3]);
-  }
-
-  // Online softmax over the tile's scores (four lanes per row): s becomes P, O is rescaled.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(float (&s)[TPW / 8][4]) {
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      float mx = neg_inf;
-      KVTILE_PRAGMA_UNROLL
-      for (int nt = 0; nt < TPW / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[i], mx);
-      const float a = rescale_factor(m[i], m_new);
-      const float base = exp_base(m_new);
-      m[i] = m_new;
-      float sum = 0.f;
-      KVTILE_PRAGMA_UNROLL
-      for (int nt = 0; nt < TPW / 8; ++nt) {
-        s[nt][2 * i] = arch::fast_exp2(s[nt][2 * i] - base);
-        s[nt][2 * i + 1] = arch::fast_exp2(s[nt][2 * i + 1] - base);
-        sum += s[nt][2 * i] + s[nt][2 * i + 1];
-      }
-      l[i] = l[i] * a + sum;
-      KVTILE_PRAGMA_UNROLL
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * i] *= a;
-        o[dt][2 * i + 1] *= a;
-      }
-    }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void tile_softmax(tile_scores& s, const Scales& scales, const float* ksc, const float* vsc,
+                                                     bool partial, int j0, int k1, const Mask& mask, const int (&t_row)[2],
+                                                     int lane) {
+    scales.keys(s[0], ksc, lane % 4);
+    this->probabilities(s, mask, scales.scale_log2, partial, lane, [&](int, int h, int key) {
+      const int j = j0 + key;
+      return j < k1 && mask.visible(t_row[h], j);
+    });
+    scales.values(s[0], vsc, lane % 4);
   }
 
   // O += P V over keys [key0, key0 + TPW) of the tile at vs.
   template <class Layout>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate(const float (&s)[TPW / 8][4], const T* vs, int key0, int lane) {
-    const int mi = lane / 8;
-    KVTILE_PRAGMA_UNROLL
-    for (int kj = 0; kj < TPW / 16; ++kj) {
-      std::uint32_t pa[4];
-      p_fragment(s, kj, pa);
-      KVTILE_PRAGMA_UNROLL
-      for (int dp = 0; dp < D / 16; ++dp) {
-        std::uint32_t vf[4];
-        arch::ldmatrix_x4_trans(vf, arch::smem_addr(vs + Layout::at(key0 + kj * 16 + (mi % 2) * 8 + lane % 8, dp * 16 + (mi / 2) * 8)));
-        const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-        arch::mma_16816<T>(o[2 * dp], pa, b0);
-        arch::mma_16816<T>(o[2 * dp + 1], pa, b1);
-      }
-    }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void accumulate(const tile_scores& s, const T* vs, int key0, int lane) {
+    this->pv(s, smem_tile<T, Layout>{arch::smem_addr(vs), key0}, lane);
   }
 };
 
@@ -433,7 +323,9 @@ struct item_scales {
   template <class Pool>
   KVTILE_DEVICE KVTILE_FORCEINLINE item_scales(const Pool& pool, int kv_head, float plan_scale_log2) : scale_log2(plan_scale_log2) {
     if constexpr (memory::per_head_scales<Codec>) {
-      scale_log2 *= pool.k_scale[kv_head];
+      // The softmax folds its scale into the exp2 (mma_warp.cuh), which needs it positive: a
+      // zero K scale (a head of zeros) is taken as the smallest normal float, the same weights.
+      scale_log2 *= max_f(pool.k_scale[kv_head], 1.17549435e-38f);
       o_factor = pool.v_scale[kv_head];
     } else if constexpr (token) {
       o_factor = 1.f / fp8_p_bias<T>;
@@ -499,31 +391,27 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, 
   const int g = lane / 4, tq = lane % 4;
   float* red_o = reinterpret_cast<float*>(smem);  // [warps][16][RLD]
   float* red_ml = red_o + (NT / 32) * 16 * RLD;   // [warps][16][2]
-  KVTILE_PRAGMA_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
-    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
-  }
+  st.sum_quads();
   if constexpr (FP8Order) {
     KVTILE_PRAGMA_UNROLL
     for (int dp = 0; dp < D / 16; ++dp)
       KVTILE_PRAGMA_UNROLL
       for (int i = 0; i < 2; ++i)
         *reinterpret_cast<float4*>(red_o + (warp * 16 + g + 8 * i) * RLD + dp * 16 + 4 * tq) =
-            make_float4(st.o[2 * dp][2 * i], st.o[2 * dp + 1][2 * i], st.o[2 * dp][2 * i + 1], st.o[2 * dp + 1][2 * i + 1]);
+            make_float4(st.o[0][2 * dp][2 * i], st.o[0][2 * dp + 1][2 * i], st.o[0][2 * dp][2 * i + 1], st.o[0][2 * dp + 1][2 * i + 1]);
   } else {
     KVTILE_PRAGMA_UNROLL
     for (int dt = 0; dt < D / 8; ++dt)
       KVTILE_PRAGMA_UNROLL
       for (int i = 0; i < 2; ++i)
         *reinterpret_cast<float2*>(red_o + (warp * 16 + g + 8 * i) * RLD + dt * 8 + 2 * tq) =
-            make_float2(st.o[dt][2 * i], st.o[dt][2 * i + 1]);
+            make_float2(st.o[0][dt][2 * i], st.o[0][dt][2 * i + 1]);
   }
   if (tq == 0)
     KVTILE_PRAGMA_UNROLL
     for (int i = 0; i < 2; ++i) {
-      red_ml[(warp * 16 + g + 8 * i) * 2] = st.m[i];
-      red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = st.l[i];
+      red_ml[(warp * 16 + g + 8 * i) * 2] = st.row[0][i].m;
+      red_ml[(warp * 16 + g + 8 * i) * 2 + 1] = st.row[0][i].l;
     }
   sync();
 

@@ -38,17 +38,16 @@ struct kernel_config {
   static_assert(D % 16 == 0 && D <= 256, "paged kernel: head_dim must be a multiple of 16 up to 256");
 };
 
+// The CTA's work (the kernel below is it over the dynamic shared memory): one work item,
+// blockIdx.x, in smem_raw.
 template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
-KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_config<Kind, D>::min_blocks)
-    paged_attention_kernel(const kernel_params<T, Table, Mask> p) {
-  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+KVTILE_DEVICE KVTILE_FORCEINLINE void paged_attention_cta(const kernel_params<T, Table, Mask>& p, unsigned char* smem_raw) {
   using C = kernel_config<Kind, D>;
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::threads;
   constexpr int LD = D + 8;     // shared-memory row stride (elements): 16-byte pad, no bank conflicts
   constexpr int CPR = D / 8;    // 16-byte chunks per row
   constexpr int TPW = BN / WN;  // keys per warp per tile
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + BM * LD;
   T* v_s = k_s + ST * BN * LD;
@@ -158,11 +157,11 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
 
     const T* ks = k_s + stage_r * BN * LD;
     const T* vs = v_s + stage_r * BN * LD;
-    float s[TPW / 8][4];
+    typename warp_rows<T, D, TPW>::tile_scores s;
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     st.template scores<padded_tile<D>>(s, ks, wn * TPW, lane, mask, k0);
     const bool partial = k1 - k0 < BN || it.visibility(cur) != tile_visibility::full;
-    st.tile_softmax(s, scales, nullptr, nullptr, partial, k0 + wn * TPW, k1, mask, t_row, tq);
+    st.tile_softmax(s, scales, nullptr, nullptr, partial, k0 + wn * TPW, k1, mask, t_row, lane);
     st.template accumulate<padded_tile<D>>(s, vs, wn * TPW, lane);
     __syncthreads();  // this stage is refilled next
     stage_r = (stage_r + 1) % ST;
@@ -174,6 +173,14 @@ KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_con
   __syncthreads();
   if constexpr (merge_early == 2) arch::launch_dependents();
   finish_rows<BM, NT, WN>(p, w, rows, st, smem_raw);
+}
+
+template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
+KVTILE_KERNEL void __launch_bounds__(kernel_config<Kind, D>::threads, kernel_config<Kind, D>::min_blocks)
+    paged_attention_kernel(const kernel_params<T, Table, Mask> p) {
+  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  paged_attention_cta<T, D, Kind>(p, smem_raw);
 }
 
 // Folds the split partial states of one row tile into O and LSE. Grid: (merge items, row

@@ -4,12 +4,11 @@
 // keeps S = Q K^T, P and O in registers (mma.sync m16n8k16, ldmatrix).
 //
 // Work split inside the CTA: warp w owns query rows [w * RowsPerWarp, (w + 1) * RowsPerWarp),
-// i.e. RowsPerWarp / 16 MMA row tiles; every warp reads every K/V tile. With lane = 4g + t a
-// thread holds rows g and g + 8 of each of its row tiles, so each thread carries 2 * MTiles
-// online-softmax states (kvtile's one softmax_state, sliced to the thread's D/4 columns).
+// i.e. RowsPerWarp / 16 MMA row tiles; every warp reads every K/V tile. Each warp runs the
+// mma.sync mainloop part (mma_warp.cuh: S = Q K^T, logits and mask, online softmax, O += P V)
+// over its rows; this file is the loads, the pipeline and the epilogue around it.
 //
-// Scores stay in the base-2 domain: s2 = (q.k) * scale * log2(e), so a weight is one FFMA and
-// one ex2. The mask policy is asked per tile (classify) and per element only on partial tiles.
+// The mask policy is asked per tile (classify) and per element only on partial tiles.
 #pragma once
 
 #include <cmath>
@@ -21,11 +20,10 @@
 #include "kvtile/attention/cuda/arch/cp_async.cuh"
 #include "kvtile/attention/cuda/arch/cp_async_shared.cuh"
 #include "kvtile/attention/cuda/arch/mma.cuh"
-#include "kvtile/attention/cuda/scores.cuh"
+#include "kvtile/attention/cuda/mma_warp.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
-#include "kvtile/attention/softmax_state.hpp"
 #include "kvtile/attention/tile_shape.hpp"
 
 
@@ -110,9 +108,8 @@ struct prefill_geometry {
   static constexpr int o_tiles = D / 8;               // 8-column tiles of O
   static constexpr int kv_steps = block_kv / 16;      // k-steps of P V
   static constexpr int chunks = D / 8;                // 16-byte chunks per row
-  // Shared-memory row pitch: D + 8 elements is an odd number of 16-byte chunks, so the 8 rows
-  // an ldmatrix (or a warp of cp.async) touches fall in 8 different bank groups.
-  static constexpr int pitch = D + 8;
+  // Shared-memory row pitch: padded_tile's, D + 8 elements (no ldmatrix bank conflicts).
+  static constexpr int pitch = padded_tile<D>::pitch;
 
   // Q fragments stay in registers when they fit beside S and O; otherwise they are re-read from
   // shared memory every tile (more shared-memory traffic, no spills).
@@ -172,25 +169,11 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void load_tile(std::uint32_t smem, const T* gme
   }
 }
 
-// Accumulate into two softmax states' slices (rows g and g + 8 of one MMA tile), as the
-// m16n8k16 C fragment {row g: 2 cols, row g+8: 2 cols}.
-template <class T, class State>
-KVTILE_DEVICE KVTILE_FORCEINLINE void mma_into(State& top, State& bottom, int col, const std::uint32_t (&a)[4],
-                                               std::uint32_t b0, std::uint32_t b1) {
-  float c[4] = {top.o[col], top.o[col + 1], bottom.o[col], bottom.o[col + 1]};
-  const std::uint32_t b[2] = {b0, b1};
-  arch::mma_16816<T>(c, a, b);
-  top.o[col] = c[0];
-  top.o[col + 1] = c[1];
-  bottom.o[col] = c[2];
-  bottom.o[col + 1] = c[3];
-}
-
 template <class T, int D, class Tile, class Mask>
 struct prefill_kernel {
   using G = prefill_geometry<T, D, Tile>;
   using params = prefill_params<T, Mask>;
-  using state = softmax_state<G::o_tiles * 2>;  // one row, this thread's D/4 columns
+  using mainloop = mma_rows<T, D, G::m_tiles, G::block_kv>;
 
   static KVTILE_DEVICE void run(const params& p, T* smem) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -255,33 +238,15 @@ struct prefill_kernel {
       fetch = next_tile(fetch + 1);
     }
 
-    state st[G::m_tiles * 2];  // rows (mt, g) and (mt, g + 8) at 2 mt and 2 mt + 1
-    KVTILE_PRAGMA_UNROLL
-    for (int r = 0; r < G::m_tiles * 2; ++r) st[r].init();
-
-    // Per-lane ldmatrix offsets (elements). A operand (Q, and V through .trans): matrix
-    // i = lane / 8 covers rows +8 (i odd) and columns +8 (i >= 2). B operand K: rows +8 for
-    // i >= 2, columns +8 for i odd.
-    const int a_row = lane % 8 + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
-    const int k_row = lane % 8 + (lane / 16) * 8, k_col = ((lane / 8) % 2) * 8;
+    mainloop rows;
+    rows.init();
     const int warp_row0 = warp * G::rows_per_warp;
-    const std::uint32_t q_addr = q_base + ((warp_row0 + a_row) * G::pitch + a_col) * sizeof(T);
-    const std::uint32_t k_lane = (k_row * G::pitch + k_col) * sizeof(T);
-    const std::uint32_t v_lane = (a_row * G::pitch + a_col) * sizeof(T);
-
-    std::uint32_t q_frag[G::q_in_registers ? G::m_tiles : 1][G::q_in_registers ? G::d_steps : 1][4];
+    q_operand<T, D, G::m_tiles, G::q_in_registers> q;
     arch::cp_async_wait<2 * G::stages - 2>();  // Q landed (the K/V groups may still fly)
     __syncthreads();
-    if constexpr (G::q_in_registers) {
-      KVTILE_PRAGMA_UNROLL
-      for (int mt = 0; mt < G::m_tiles; ++mt)
-        KVTILE_PRAGMA_UNROLL
-        for (int kd = 0; kd < G::d_steps; ++kd)
-          arch::ldmatrix_x4(q_frag[mt][kd], q_addr + (mt * 16 * G::pitch + kd * 16) * sizeof(T));
-    }
+    q.load(q_base, warp_row0, lane);
 
     const int wq0 = q0 + warp_row0, wq1 = min_i(wq0 + G::rows_per_warp, q_len);
-    const float scale_log2 = softmax_scale_log2<Mask>(p.scale_log2);
     int stage = 0, refill = G::stages - 1;
     for (int i = next_tile(0); i < n_tiles; i = next_tile(i + 1)) {
       // Barrier: the tile's K (and V, unless split_wait) landed and is visible to every warp,
@@ -300,113 +265,21 @@ struct prefill_kernel {
           wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
       if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
 
-      float s[G::m_tiles][G::s_tiles][4];
+      typename mainloop::tile_scores s;
       if (vis != tile_visibility::empty) {
-        // S = Q K^T (raw dot products, fp32).
-        KVTILE_PRAGMA_UNROLL
-        for (int mt = 0; mt < G::m_tiles; ++mt)
-          KVTILE_PRAGMA_UNROLL
-          for (int nt = 0; nt < G::s_tiles; ++nt)
-            KVTILE_PRAGMA_UNROLL
-            for (int c = 0; c < 4; ++c) s[mt][nt][c] = 0.f;
-        const std::uint32_t k_addr = k_base + stage * kv_stage_bytes + k_lane;
-#pragma unroll(G::qk_unroll)
-        for (int kd = 0; kd < G::d_steps; ++kd) {
-          std::uint32_t qa[G::m_tiles][4];
-          KVTILE_PRAGMA_UNROLL
-          for (int mt = 0; mt < G::m_tiles; ++mt) {
-            if constexpr (G::q_in_registers) {
-              KVTILE_PRAGMA_UNROLL
-              for (int x = 0; x < 4; ++x) qa[mt][x] = q_frag[mt][kd][x];
-            } else {
-              arch::ldmatrix_x4(qa[mt], q_addr + (mt * 16 * G::pitch + kd * 16) * sizeof(T));
-            }
-          }
-          KVTILE_PRAGMA_UNROLL
-          for (int np = 0; np < G::s_tiles / 2; ++np) {
-            std::uint32_t kb[4];
-            arch::ldmatrix_x4(kb, k_addr + (np * 16 * G::pitch + kd * 16) * sizeof(T));
-            KVTILE_PRAGMA_UNROLL
-            for (int mt = 0; mt < G::m_tiles; ++mt) {
-              const std::uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-              arch::mma_16816<T>(s[mt][2 * np], qa[mt], b0);
-              arch::mma_16816<T>(s[mt][2 * np + 1], qa[mt], b1);
-            }
-          }
-        }
-
-        apply_logits(mask, s, p.scale_log2);  // a variant's logit transform (nothing for a mask)
+        mainloop::template qk<G::qk_unroll>(s, q, smem_tile<T, padded_tile<D>>{k_base + stage * kv_stage_bytes}, lane);
         // The mask, asked per element only where the tile is partial (or runs past kv_len).
-        if (vis == tile_visibility::partial) {
-          KVTILE_PRAGMA_UNROLL
-          for (int mt = 0; mt < G::m_tiles; ++mt)
-            KVTILE_PRAGMA_UNROLL
-            for (int nt = 0; nt < G::s_tiles; ++nt)
-              KVTILE_PRAGMA_UNROLL
-              for (int c = 0; c < 4; ++c) {
-                const int row = wq0 + mt * 16 + g + (c / 2) * 8;
-                const int col = k0 + nt * 8 + 2 * t + (c % 2);
-                if (!(col < kv_len && mask.visible(row, col))) s[mt][nt][c] = neg_inf;
-              }
-        }
-
-        // Online softmax: the tile's row max (a quad of lanes shares a row), then the state
-        // rescales o and l onto the new max and hands back what to subtract before exp2.
-        KVTILE_PRAGMA_UNROLL
-        for (int mt = 0; mt < G::m_tiles; ++mt)
-          KVTILE_PRAGMA_UNROLL
-          for (int half = 0; half < 2; ++half) {
-            float mx = neg_inf;
-            KVTILE_PRAGMA_UNROLL
-            for (int nt = 0; nt < G::s_tiles; ++nt)
-              mx = max_f(mx, max_f(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-            mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            state& row = st[2 * mt + half];
-            const float base = row.enter_tile(mx * scale_log2);
-            float sum = 0.f;
-            KVTILE_PRAGMA_UNROLL
-            for (int nt = 0; nt < G::s_tiles; ++nt)
-              KVTILE_PRAGMA_UNROLL
-              for (int c = 0; c < 2; ++c) {
-                float& x = s[mt][nt][2 * half + c];
-                x = arch::fast_exp2(fmaf(x, scale_log2, -base));
-                sum += x;
-              }
-            row.l += sum;  // this lane's columns only; the quad is summed once, at the end
-          }
+        rows.probabilities(s, mask, p.scale_log2, vis == tile_visibility::partial, lane, [&](int mt, int hh, int j) {
+          const int row = wq0 + mt * 16 + g + 8 * hh, col = k0 + j;
+          return col < kv_len && mask.visible(row, col);
+        });
       }
 
       if constexpr (G::split_wait) {
         arch::cp_async_wait<2 * G::stages - 2>();  // V of this tile
         __syncthreads();
       }
-      if (vis != tile_visibility::empty) {
-        // O += P V: the S accumulators of two adjacent 8-key tiles are the A fragment of one
-        // 16-key step.
-        const std::uint32_t v_addr = v_base + stage * kv_stage_bytes + v_lane;
-        KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < G::kv_steps; ++j) {
-          std::uint32_t pa[G::m_tiles][4];
-          KVTILE_PRAGMA_UNROLL
-          for (int mt = 0; mt < G::m_tiles; ++mt) {
-            pa[mt][0] = arch::pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
-            pa[mt][1] = arch::pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
-            pa[mt][2] = arch::pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
-            pa[mt][3] = arch::pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
-          }
-          KVTILE_PRAGMA_UNROLL
-          for (int np = 0; np < G::o_tiles / 2; ++np) {
-            std::uint32_t vb[4];
-            arch::ldmatrix_x4_trans(vb, v_addr + (j * 16 * G::pitch + np * 16) * sizeof(T));
-            KVTILE_PRAGMA_UNROLL
-            for (int mt = 0; mt < G::m_tiles; ++mt) {
-              mma_into<T>(st[2 * mt], st[2 * mt + 1], 4 * np, pa[mt], vb[0], vb[1]);
-              mma_into<T>(st[2 * mt], st[2 * mt + 1], 4 * np + 2, pa[mt], vb[2], vb[3]);
-            }
-          }
-        }
-      }
+      if (vis != tile_visibility::empty) rows.pv(s, smem_tile<T, padded_tile<D>>{v_base + stage * kv_stage_bytes}, lane);
       stage = stage + 1 == G::stages ? 0 : stage + 1;
     }
     arch::cp_async_wait<0>();
@@ -414,22 +287,17 @@ struct prefill_kernel {
     // Epilogue: finish each row (sum l over the quad, normalise, LSE), stage O through this
     // warp's own rows of the Q buffer, then write 16-byte rows.
     const std::int32_t heads = p.q_layout.heads;
+    float lse[G::m_tiles][2];
+    rows.finish(lse);
     KVTILE_PRAGMA_UNROLL
-    for (int r = 0; r < G::m_tiles * 2; ++r) {
-      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 1);
-      st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
-      const int row = wq0 + (r / 2) * 16 + g + (r % 2) * 8;
-      if (p.lse != nullptr && t == 0 && row < q_len) p.lse[p.q_layout.row(b, row) * heads + h] = st[r].lse();
-      st[r].normalize();
-    }
-    __syncwarp();
-    KVTILE_PRAGMA_UNROLL
-    for (int r = 0; r < G::m_tiles * 2; ++r) {
-      T* dst = s_q + (warp_row0 + (r / 2) * 16 + g + (r % 2) * 8) * G::pitch + 2 * t;
+    for (int mt = 0; mt < G::m_tiles; ++mt)
       KVTILE_PRAGMA_UNROLL
-      for (int nt = 0; nt < G::o_tiles; ++nt)
-        *reinterpret_cast<std::uint32_t*>(dst + nt * 8) = arch::pack2<T>(st[r].o[2 * nt], st[r].o[2 * nt + 1]);
-    }
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = wq0 + mt * 16 + g + 8 * hh;
+        if (p.lse != nullptr && t == 0 && row < q_len) p.lse[p.q_layout.row(b, row) * heads + h] = lse[mt][hh];
+      }
+    __syncwarp();
+    rows.store_o(s_q, warp_row0, lane);
     __syncwarp();
     T* o_g = p.o + p.o_layout.offset(b, q0, h);
     const std::int64_t o_stride = p.o_layout.stride_token;

@@ -1,0 +1,135 @@
+// The paged mma.sync kernels run on the host through tests/emulation (see kernels_emulated.cpp):
+// the append kernel (32 packed query rows per warp, paged/append_kernel.cuh), the 16-row kernel
+// (decode, and append above head dim 128, paged/kernel.cuh) and the merge of split partial
+// states, planned by the paged planner as for a small portable device, over scattered pages of
+// odd sizes and GQA groups, against the fp64 reference with the GPU tests' rule
+// (attention/paged_problem.hpp).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>  // the emulation's
+
+#include "attention/paged_problem.hpp"
+#include "kvtile/attention/cuda/paged/append_kernel.cuh"
+#include "kvtile/attention/cuda/paged/kernel.cuh"
+#include "support/test_util.hpp"
+
+namespace {
+
+using namespace paged_test;
+namespace kp = kvtile::attention::cuda::paged;
+using kc::paged_kernel_kind;
+
+// Plans `sp` for a portable device of `sms` SMs (few: small batches are split), runs every CTA
+// of the plan and the merges, checks against the reference; returns the plan's kernel.
+template <class T, int D, class Mask>
+paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const host_problem<T, D> pr(sp, rng);
+  kc::device_limits dev;
+  dev.num_sms = sms;
+  const auto table = pr.csr(pr.kv_indptr.data(), pr.indices.data(), pr.last_page_len.data());
+  const auto plan = kc::plan_paged_attention<Mask>(pr.q_indptr.data(), table, pr.kernel_problem(), mp, dev, sp.opt);
+  INFO("D " << D << ", mask " << std::string(Mask::name) << ", kernel " << std::string(kc::to_string(plan.shape.kind)) << ", " << plan.work.size()
+            << " items, " << plan.num_partials << " partials, seed " << seed);
+
+  const float scale = 1.f / std::sqrt(float(D));
+  std::vector<T> o(pr.q.size(), kvtile_test::poison<T>());
+  std::vector<float> lse(std::size_t(pr.q_indptr.back()) * sp.hq, std::numeric_limits<float>::quiet_NaN());
+  const int bm = plan.shape.block_m;
+  std::vector<float> partial_o(std::size_t(plan.num_partials) * bm * D, std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> partial_lse(std::size_t(plan.num_partials) * bm, std::numeric_limits<float>::quiet_NaN());
+
+  const auto ql = pr.q_layout(pr.q_indptr.data());
+  kp::kernel_params<T, paging::csr_page_table, Mask> p{};
+  p.q = dense_tensor<T>{const_cast<T*>(pr.q.data()), ql};
+  p.o = dense_tensor<T>{o.data(), ql};
+  p.kv = {pr.pool_view(const_cast<T*>(pr.k.data()), const_cast<T*>(pr.v.data())), table};
+  p.lse = lse.data();
+  p.mask = mp;
+  p.scale_log2 = scale * log2e;
+  p.group = sp.hq / sp.hkv;
+  p.num_qo_heads = sp.hq;
+  p.work = plan.work.data();
+  p.cta_items = plan.cta_items.empty() ? nullptr : plan.cta_items.data();
+  p.merges = plan.merges.data();
+  p.partial_o = partial_o.data();
+  p.partial_lse = partial_lse.data();
+
+  const dim3 grid(unsigned(plan.ctas()));
+  const paged_kernel_kind kind = plan.shape.kind;
+  if constexpr (D <= 128) {
+    if (kind == paged_kernel_kind::append) {
+      using C = kp::append_config<D>;
+      emu::launch(grid, C::threads, C::shape.smem_bytes(D, 2), [&](unsigned char* smem) { kp::paged_append_cta<T, D>(p, smem); });
+    }
+  }
+  auto sixteen_rows = [&]<paged_kernel_kind Kind>() {
+    using C = kp::kernel_config<Kind, D>;
+    emu::launch(grid, C::threads, C::shape.smem_bytes(D, 2), [&](unsigned char* smem) { kp::paged_attention_cta<T, D, Kind>(p, smem); });
+  };
+  if (kind == paged_kernel_kind::decode) sixteen_rows.template operator()<paged_kernel_kind::decode>();
+  if constexpr (D > 128)
+    if (kind == paged_kernel_kind::append) sixteen_rows.template operator()<paged_kernel_kind::append>();
+  REQUIRE((kind == paged_kernel_kind::decode || kind == paged_kernel_kind::append));
+  if (!plan.merges.empty()) {
+    const dim3 merge_grid(unsigned(plan.merges.size()), unsigned((plan.merge_rows * (D / 4) + kp::merge_threads - 1) / kp::merge_threads));
+    auto merge = [&]<int BM>() {
+      emu::launch(merge_grid, kp::merge_threads, 0,
+                  [&](unsigned char*) { kp::merge_partials_kernel<T, D, BM, paging::csr_page_table, Mask>(p); });
+    };
+    if (bm == 16) merge.template operator()<16>();
+    else if (bm == 64) merge.template operator()<64>();
+    else if (bm == 128) merge.template operator()<128>();
+    else FAIL("no merge instantiated for block_m " << bm);
+  }
+  check_against_reference<T, D, Mask>(pr, mp, scale, o, lse);
+  return kind;
+}
+
+}  // namespace
+
+TEST_CASE("emulated paged decode (16-row kernel): GQA groups 4 and 5, split-KV merges, masks and soft-capping") {
+  const auto seed = kvtile_test::fresh_seed();
+  spec s;
+  s.q_lens = {1, 1, 1};
+  s.kv_lens = {1, 77, 300};
+  s.hq = 8;
+  s.hkv = 2;
+  s.page_size = 16;
+  CHECK(run_emulated<bfloat16, 128, causal_mask>(s, {}, 4, seed) == paged_kernel_kind::decode);
+  s.hq = 5;
+  s.hkv = 1;
+  s.page_size = 7;
+  s.kv_lens = {40, 9, 131};
+  CHECK(run_emulated<half, 64, sliding_window_mask>(s, {8, 2}, 3, seed + 1) == paged_kernel_kind::decode);
+  softcap<causal_mask>::params cap;
+  cap.cap = 5.f;
+  CHECK(run_emulated<bfloat16, 64, softcap<causal_mask>>(s, cap, 2, seed + 2) == paged_kernel_kind::decode);
+  // No mask: only the tile's end hides keys.
+  CHECK(run_emulated<bfloat16, 128, no_mask>(s, {}, 3, seed + 3) == paged_kernel_kind::decode);
+}
+
+TEST_CASE("emulated paged append: 32 rows per warp (D 64, 128) and 16 rows (D 256), chunks against cached prefixes") {
+  const auto seed = kvtile_test::fresh_seed();
+  spec s;
+  s.q_lens = {37, 5};
+  s.kv_lens = {100, 40};
+  s.hq = 5;
+  s.hkv = 1;
+  s.page_size = 7;
+  CHECK(run_emulated<bfloat16, 128, causal_mask>(s, {}, 4, seed) == paged_kernel_kind::append);
+  s.hq = 4;
+  s.hkv = 2;
+  s.page_size = 16;
+  CHECK(run_emulated<half, 64, sliding_window_mask>(s, {16, 4}, 2, seed + 1) == paged_kernel_kind::append);
+  s.q_lens = {9};
+  s.kv_lens = {50};
+  CHECK(run_emulated<bfloat16, 256, causal_mask>(s, {}, 2, seed + 2) == paged_kernel_kind::append);
+}
