@@ -92,7 +92,7 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WN, wn = warp % WN;
-  const int g = lane / 4, tq = lane % 4;
+  const int g = lane / 4;
 
   const item_tiles<BM, BN, Mask> it(p, blockIdx.x);
   const paged_work_item& w = it.w;

@@ -288,7 +288,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
 
   // The consumer warps: each computes TPW keys of every tile for the item's 16 rows.
   const int wn = warp;
-  const int g = lane / 4, tq = lane % 4;
+  const int g = lane / 4;
   auto consumers_sync = [] { arch::named_barrier_sync(CONSUMER_BAR, NT); };
   // The packed query rows of an item into Q tile `buf`, as one cp.async group.
   auto load_q = [&](const View& it, int buf) {

@@ -54,7 +54,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_attention_cta(const kernel_params<T,
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WN, wn = warp % WN;
-  const int g = lane / 4, tq = lane % 4;
+  const int g = lane / 4;
 
   const item_tiles<BM, BN, Mask> it(p, blockIdx.x);
   const paged_work_item& w = it.w;
