@@ -317,14 +317,16 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
 }
 
 // wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
-void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma) {
-  paged_setup p(1, chunk, prefix + chunk, 16, wgmma);
+// var: the variant (rotary rows run the mma.sync append kernel, which rotates Q and K tiles in
+// shared memory; compare with the _portable row of the same shape).
+void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var) {
+  paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var);
   double seconds = 0;
   time_runs(st, p, seconds);
   char shape[128];
   std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=128 page=16", prefix, chunk);
   st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
-              ";unit=TFLOP/s");
+              impl_suffix(var) + ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
   st.counters["ctas"] = double(p.plan.ctas());
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
@@ -394,9 +396,14 @@ const int registered = [] {
     for (int prefix : {4096, 16384})
       benchmark::RegisterBenchmark(
           ("append/prefix" + std::to_string(prefix) + "_chunk512" + (wgmma ? "" : "_portable")).c_str(), bm_append, prefix,
-          512, wgmma)
+          512, wgmma, variant_kind::none)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
+  for (int prefix : {4096, 16384})
+    benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512_portable_rotary").c_str(), bm_append,
+                                 prefix, 512, false, variant_kind::rotary)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
   return 0;
 }();
 

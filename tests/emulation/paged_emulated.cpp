@@ -133,3 +133,29 @@ TEST_CASE("emulated paged append: 32 rows per warp (D 64, 128) and 16 rows (D 25
   s.kv_lens = {50};
   CHECK(run_emulated<bfloat16, 256, causal_mask>(s, {}, 2, seed + 2) == paged_kernel_kind::append);
 }
+
+TEST_CASE("emulated rotary: Q and K rotated in shared memory (32-row append) and in registers (16-row kernels)") {
+  const auto seed = kvtile_test::fresh_seed();
+  spec s;
+  s.q_lens = {37, 5};
+  s.kv_lens = {100, 40};
+  s.hq = 5;
+  s.hkv = 1;
+  s.page_size = 7;
+  CHECK(run_emulated<bfloat16, 128, rotary<causal_mask>>(s, {}, 4, seed) == paged_kernel_kind::append);
+  rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
+  inter.window = 24;
+  inter.sinks = 3;
+  inter.rotary_dim = 32;
+  inter.theta = 500.f;
+  CHECK(run_emulated<half, 64, rotary<sliding_window_mask, rotary_layout::interleaved>>(s, inter, 2, seed + 1) ==
+        paged_kernel_kind::append);
+  CHECK(run_emulated<bfloat16, 256, rotary<causal_mask>>(s, {}, 2, seed + 2) == paged_kernel_kind::append);
+  s.q_lens = {1, 1, 1};
+  s.kv_lens = {1, 77, 300};
+  s.hq = 8;
+  s.hkv = 2;
+  CHECK(run_emulated<bfloat16, 128, rotary<causal_mask>>(s, {}, 4, seed + 3) == paged_kernel_kind::decode);
+  CHECK(run_emulated<bfloat16, 64, rotary<causal_mask, rotary_layout::interleaved>>(s, {}, 3, seed + 4) ==
+        paged_kernel_kind::decode);
+}

@@ -524,6 +524,19 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their ow
                             [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90()); });
 }
 
+
+TEST_CASE("plan: a rotary chunk takes the mma.sync append kernel, and says why not the sm_90a one") {
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  const kc::paged_problem pr{32, 8, 128, 16, 300000, 2};
+  host_csr t({100, 64}, 16, 300000, rng);
+  const auto q = indptr_of({40, 1});  // 40 tokens x group 4: 160 packed rows
+  const auto rope = kc::plan_paged_attention<rotary<causal_mask>>(q.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(rope.shape.kind == kc::paged_kernel_kind::append);
+  CHECK(rope.reason.find("append_sm90: a rotary variant") != std::string::npos);
+  check_partition<rotary<causal_mask>>(rope, {});
+  const auto plain = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(plain.shape.kind == kc::paged_kernel_kind::append_sm90);
+}
 TEST_CASE("plan: the kernel types answer can_implement and their shared memory; the planner takes the first that can") {
   namespace pk = kc::paged_kernels;
   const kc::device_limits hopper = h100_sm90();

@@ -128,24 +128,29 @@ TEST_CASE("rotary paged decode: half-split and interleaved, GQA 1/5/8, pages 1/1
   }
 }
 
-TEST_CASE("rotary on the GPU: what the kernels cannot take is a clear error") {
+TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows per warp, and 16 above D 128)") {
   using namespace paged_test;
   using kvtile::attention::rotary;
-  std::mt19937_64 rng(7);
+  using kvtile::attention::rotary_layout;
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
   spec s;
-  s.q_lens = {40};  // 40 tokens x group 4: more than 16 packed rows
-  s.kv_lens = {100};
-  const problem<bfloat16, 128> pr(s, rng);
-  const auto expect = [](auto&& f, const char* what) {
-    try {
-      f();
-      FAIL("no error");
-    } catch (const kvtile::error& e) {
-      CHECK(std::string(e.what()).find(what) != std::string::npos);
-    }
-  };
-  expect([&] { (void)pr.plan<rotary<causal_mask>>({}, limits()); }, "at most 16 packed query rows");
-  static_assert(!kc::cuda_variant_supported<rotary<causal_mask>>, "prefill refuses rotary at compile time");
+  s.q_lens = {40, 1, 17};  // 40 tokens x group 4: more than 16 packed rows
+  s.kv_lens = {100, 33, 17};
+  for (const int page : {16, 5}) {
+    s.page_size = page;
+    const problem<bfloat16, 128> pr(s, rng);
+    const auto plan = pr.plan<rotary<causal_mask>>({}, limits());
+    CHECK(plan.shape.kind == kc::paged_kernel_kind::append);
+    if (limits().wgmma) CHECK(plan.reason.find("rotary") != std::string::npos);
+    run_and_check<bfloat16, 128, rotary<causal_mask>>(s, {}, rng(), true);
+    rotary<causal_mask, rotary_layout::interleaved>::params inter;
+    inter.rotary_dim = 64;
+    run_and_check<kvtile::half, 64, rotary<causal_mask, rotary_layout::interleaved>>(s, inter, rng());
+    run_and_check<bfloat16, 256, rotary<sliding_window_mask>>(s, {{24, 4}}, rng());
+  }
+  static_assert(!kc::cuda_variant_supported<rotary<causal_mask>>, "the dense prefill refuses rotary at compile time");
 }
 
 TEST_CASE("rotary at cache positions on the GPU: decode over a [sinks + window] page table equals attention over that cache built explicitly") {

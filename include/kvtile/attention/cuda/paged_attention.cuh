@@ -17,8 +17,8 @@
 // Which kernel a plan runs and why: plan.kernel(), plan.reason, and the dispatch log.
 //
 // Template parameters: element type (half, bfloat16), head dim (a multiple of 16 up to 256),
-// variant (a mask policy, or one with transforms: attention/variant.hpp; rotary runs on the
-// decode kernels), page-table format (paging::csr_page_table or padded_page_table).
+// variant (a mask policy, or one with transforms: attention/variant.hpp; rotary runs on every
+// paged kernel but the sm_90a append ones), page-table format (paging::csr_page_table or padded_page_table).
 #pragma once
 
 #include <cmath>

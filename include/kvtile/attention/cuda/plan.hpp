@@ -535,6 +535,7 @@ struct append_sm90 : kernel_base<paged_kernel_kind::append_sm90> {
     if (r.problem.elem_bytes == 1) return fp8_decode_only;
     if (std::string why = no_sm90(r); !why.empty()) return why;
     if (!append_sm90_head_dim(r.problem.head_dim)) return "the sm_90a append kernel takes head_dim 64 and 128";
+    if (r.rotary) return "a rotary variant (the sm_90a append kernels do not rotate keys)";
     return {};
   }
 };
@@ -650,10 +651,6 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   KVTILE_REQUIRE(max_rows < (std::int64_t(1) << 30), errc::unsupported, "packed query rows per request (", max_rows,
                  ") exceed 2^30");
-  if constexpr (has_rotary<Mask>)
-    KVTILE_REQUIRE(max_rows <= 16 && !opt.force_append, errc::unsupported, "rotary variant ", Mask::name,
-                   ": the CUDA kernels rotate keys in the paged decode kernels only (at most 16 packed query rows "
-                   "per request); a request here packs ", max_rows, " (chunks with rotary: the CPU backend)");
   const detail::kernel_pick pick = detail::pick_paged_kernel({pr, max_rows, dev, opt, has_rotary<Mask>});
   const paged_kernel_kind kind = pick.shape.kind;
   plan.reason = pick.reason;

@@ -66,7 +66,7 @@ using rotary_pair_entry = float4;
 // dynamic layouts do not change; 1 KB at D = 128).
 template <int D>
 KVTILE_DEVICE KVTILE_FORCEINLINE rotary_pair_entry* rotary_table() {
-  __shared__ rotary_pair_entry table[D / 2];
+  static __shared__ rotary_pair_entry table[D / 2];
   return table;
 }
 
@@ -101,6 +101,34 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void fill_rotary_table(const Variant& v, int ti
     }
   } else {
     (void)v, (void)tid, (void)nt;
+  }
+}
+
+// Rotates rows [0, rows) of a padded shared tile (padded_tile<D>: rows D + 8 elements apart) in
+// place, row r at position(r), over threads [0, nt); nothing for other variants. For kernels
+// whose warps all read the same K tile (the 32-row paged append): rotating the tile once costs
+// a quarter of the sines that four warps rotating their own fragments would. The table must be
+// filled and the tile visible (a barrier) before; a barrier after makes the rotation visible.
+template <class T, int D, class Variant, class Position>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_tile_rows(T* tile, int rows, const Variant& v, Position&& position, int tid,
+                                                       int nt) {
+  if constexpr (has_rotary<Variant>) {
+    constexpr rotary_layout L = Variant::rotary_layout_v;
+    const rotary_pair_entry* table = rotary_table<D>();
+    const int r_dims = v.rotary_dims(D), pairs = r_dims / 2;
+    for (int idx = tid; idx < rows * pairs; idx += nt) {
+      const int r = idx / pairs, k = idx % pairs;
+      T* row = tile + r * (D + 8);
+      T& a = row[rotary_pair_first<L>(k, r_dims)];
+      T& b = row[rotary_pair_second<L>(k, r_dims)];
+      float x0 = float(a), x1 = float(b), cs, sn;
+      rotary_cos_sin_fast(float(position(r)), table[k].x, cs, sn);
+      rotary_rotate_pair(x0, x1, cs, sn);
+      a = T(x0);
+      b = T(x1);
+    }
+  } else {
+    (void)tile, (void)rows, (void)v, (void)position, (void)tid, (void)nt;
   }
 }
 
@@ -216,14 +244,14 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_q_fragments(std::uint32_t (&q)[D / 
 }
 
 // What the CUDA kernels take of a variant: masks and logit transforms everywhere; rotary on the
-// 16-row paged kernels (decode, fragments rotated in registers, above), with rotary_dim a
-// multiple of 32. The prefill mainloops refuse rotary at compile time, and the paged planner
-// refuses a rotary plan with a request of more than 16 packed query rows, until their K sources
-// rotate keys as they load them.
+// paged kernels but the sm_90a append ones (the 16-row kernels rotate Q and K fragments in
+// registers, above; the 32-row append kernel rotates its Q and K tiles in shared memory,
+// rotate_tile_rows), with rotary_dim a multiple of 32. The dense prefill mainloops refuse
+// rotary at compile time until their K sources rotate keys as they load them.
 template <class Variant>
 inline constexpr bool cuda_variant_supported = !has_rotary<Variant>;
 
-// Run-time check of a rotary variant's parameters against the decode kernels' rule.
+// Run-time check of a rotary variant's parameters against the paged kernels' rule.
 template <class Variant>
 void check_cuda_rotary(const typename Variant::params& p, int head_dim) {
   if constexpr (has_rotary<Variant>) {

@@ -148,6 +148,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
     off_s[tid] = row_offset(fetch, row_block(fetch));
     off_s[BN + tid] = row_offset(fetch2, row_block(fetch2));
   }
+  fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
   __syncthreads();
   fetch_tile(fetch, 0, 0);
   fetch = fetch2;
@@ -165,6 +166,12 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   q_operand<T, D, MT, C::q_in_registers> q;
   arch::cp_async_wait<2 * ST - 2>();  // Q landed (K/V groups may still fly)
   __syncthreads();
+  if constexpr (has_rotary<Mask>) {
+    // A rotary variant: Q rotated in place once, each row at its query token's position.
+    rotate_tile_rows<T, D>(q_s, BM, mask, [&](int r) { return mask.query_position(min_i(row0 + r, rows - 1) / group); },
+                           tid, NT);
+    __syncthreads();
+  }
   q.load(q_base, warp * RPW, lane);
 
   // ---- main loop -----------------------------------------------------------------------------
@@ -185,6 +192,13 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
     fetch2 = it.next_tile(fetch2 + 1);
 
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
+    if constexpr (has_rotary<Mask>) {
+      // A rotary variant: the tile's keys rotated in place at their positions, once for the
+      // four warps (the stage is not refilled before the next iteration's barrier).
+      rotate_tile_rows<T, D>(q_s + BM * P + stage * BN * P, k1 - k0, mask, [&](int r) { return mask.key_position(k0 + r); },
+                             tid, NT);
+      __syncthreads();
+    }
     tile_visibility vis = has_rows ? mask.classify(wt0, wt1, k0, k1) : tile_visibility::empty;
     if (vis == tile_visibility::full && k1 - k0 < BN) vis = tile_visibility::partial;
 

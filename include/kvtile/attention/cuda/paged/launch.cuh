@@ -233,8 +233,8 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
   check_variant<Mask>(mask_params, HeadDim);
   check_cuda_rotary<Mask>(mask_params, HeadDim);
   if constexpr (has_rotary<Mask>)
-    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
-                   errc::unsupported, "rotary variants run on the paged decode kernels; the plan is for ", plan.kernel());
+    KVTILE_REQUIRE(plan.shape.kind != paged_kernel_kind::append_sm90, errc::unsupported,
+                   "rotary variants run on the paged decode and mma.sync append kernels; the plan is for ", plan.kernel());
   constexpr int kv_bytes = int(sizeof(typename paging::paged_kv<T, Table, Codec>::storage_type));
   KVTILE_REQUIRE(plan.problem.elem_bytes == kv_bytes, errc::invalid_argument, "the plan was made for ",
                  plan.problem.elem_bytes, "-byte K/V elements; this pool stores ", kv_bytes,
