@@ -185,6 +185,19 @@ TEST_CASE("emulation: the forward prefill kernel (checks the emulation itself)")
   check_prefill<bfloat16, 96, no_mask, tile_shape<128, 64, 4, 2>>(70, 90, 1, 1, {}, rng);
 }
 
+TEST_CASE("emulation: the prefill kernel with rotary variants (Q and K tiles rotated in shared memory)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<bfloat16, 128, rotary<causal_mask>, tile_shape<128, 64, 4, 2>>(40, 70, 2, 1, {}, rng);
+  rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
+  inter.window = 30;
+  inter.sinks = 3;
+  inter.rotary_dim = 32;
+  check_prefill<half, 64, rotary<sliding_window_mask, rotary_layout::interleaved>, tile_shape<64, 32, 4, 2>>(75, 90, 3, 1, inter,
+                                                                                                            rng);
+}
+
 TEST_CASE("emulation: backward kernels, both dQ modes, every mask, GQA, varlen, head dims 64..256") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

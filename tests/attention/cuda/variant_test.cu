@@ -1,7 +1,8 @@
 // GPU tests of attention variants (attention/variant.hpp) on the CUDA kernels: logit
 // soft-capping on the prefill kernels (the sm_90a one through run() on Hopper, the mma.sync one
-// through run_portable) and on the paged decode and append kernels, against the fp64 reference
-// that applies the same transform, with FlashAttention's 2x rule, odd lengths, GQA 1 / 5 / 8.
+// through run_portable) and on the paged decode and append kernels, rotary embeddings on the
+// paged kernels and the mma.sync prefill, against the fp64 reference that applies the same
+// transform, with FlashAttention's 2x rule, odd lengths, GQA 1 / 5 / 8.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -150,7 +151,29 @@ TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows p
     run_and_check<kvtile::half, 64, rotary<causal_mask, rotary_layout::interleaved>>(s, inter, rng());
     run_and_check<bfloat16, 256, rotary<sliding_window_mask>>(s, {{24, 4}}, rng());
   }
-  static_assert(!kc::cuda_variant_supported<rotary<causal_mask>>, "the dense prefill refuses rotary at compile time");
+}
+
+TEST_CASE("rotary prefill: the mma.sync kernel rotates Q and K tiles in shared memory; odd lengths, GQA 1/5/8, varlen") {
+  using namespace prefill_test;
+  using kvtile::attention::rotary;
+  using kvtile::attention::rotary_layout;
+  using rope_128 = kc::prefill<kvtile::bfloat16, 128, rotary<causal_mask>>;
+  using rope_64 = kc::prefill<kvtile::half, 64, rotary<sliding_window_mask, rotary_layout::interleaved>>;
+  static_assert(!rope_128::sm90_dispatch && !rope_64::sm90_dispatch, "the sm_90a prefill kernels do not rotate keys");
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng);
+  check_prefill<rope_128>({{17, 1}, {4097, 17}, true, 8, 1}, {}, rng);
+  check_prefill<rope_128>({{50, 1, 333}, {50, 900, 400}, true, 3, 3}, {}, rng);
+  rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
+  inter.window = 100;
+  inter.sinks = 4;
+  inter.rotary_dim = 32;
+  check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng);
+  // The dispatch says why the sm_90a kernel is not taken.
+  rope_128::arguments a{};
+  CHECK(rope_128::dispatch(a).reason.find("rotary") != std::string::npos);
 }
 
 TEST_CASE("rotary at cache positions on the GPU: decode over a [sinks + window] page table equals attention over that cache built explicitly") {

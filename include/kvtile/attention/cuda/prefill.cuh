@@ -65,10 +65,6 @@ class prefill {
   using tile = Tile;
   static constexpr int head_dim = HeadDim;
 
-  static_assert(cuda_variant_supported<Mask>,
-                "cuda::prefill: rotary variants run on the CPU backend for now (the CUDA kernels apply masks and "
-                "logit transforms such as softcap); rotate Q and K before the call, or use attention::cpu");
-
  private:
   static constexpr bool default_tile = std::is_same_v<Tile, default_prefill_tile_t<HeadDim>>;
 
@@ -77,12 +73,13 @@ class prefill {
   static constexpr bool portable_tile = detail::prefill_tile_ok<HeadDim, Tile>;
   // The tile the sm_90a kernels run on Hopper: the user's where one of them takes it (a
   // warp-specialised tile or a cp.async one), the default where the user kept the default; void
-  // where they cannot run this configuration.
+  // where they cannot run this configuration (a rotary variant: the sm_90a kernels do not rotate
+  // keys; the mma.sync kernel rotates its Q and K tiles in shared memory).
   using sm90_tile = std::conditional_t<
-      detail::prefill_sm90_tile_ok<HeadDim, Tile> || detail::prefill_sm90_ws_tile_ok<HeadDim, Tile>, Tile,
-      std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128 || HeadDim == 256),
-                         detail::sm90_default_tile_t<HeadDim>,
-                         void>>;
+      has_rotary<Mask>, void,
+      std::conditional_t<detail::prefill_sm90_tile_ok<HeadDim, Tile> || detail::prefill_sm90_ws_tile_ok<HeadDim, Tile>, Tile,
+                         std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128 || HeadDim == 256),
+                                            detail::sm90_default_tile_t<HeadDim>, void>>>;
   // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
   // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
@@ -160,6 +157,7 @@ class prefill {
     KVTILE_REQUIRE(std::isfinite(a.scale) && a.scale >= 0.f, errc::invalid_argument,
                    "prefill: softmax scale must be finite and positive (0 = 1/sqrt(D)), got ", a.scale);
     check_variant<Mask>(a.mask_params, HeadDim);
+    check_cuda_rotary<Mask>(a.mask_params, HeadDim);
   }
 
   // An empty batch, or fixed-length q of 0 tokens: run() does nothing. (A varlen batch's lengths
@@ -263,7 +261,10 @@ class prefill {
       }
     } else {
       c.kernel = portable_name;
-      if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
+      if constexpr (has_rotary<Mask>)
+        c.reason = "a rotary variant: the sm_90a kernels do not rotate keys (the mma.sync kernel rotates its Q and K "
+                   "tiles in shared memory); " + d;
+      else if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
         c.reason = "the sm_90a kernels take head dims 64, 128 and 256, not " + std::to_string(HeadDim) + "; " + d;
       else
         c.reason = "tile " + tile_text<Tile>() +

@@ -244,12 +244,10 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_q_fragments(std::uint32_t (&q)[D / 
 }
 
 // What the CUDA kernels take of a variant: masks and logit transforms everywhere; rotary on the
-// paged kernels but the sm_90a append ones (the 16-row kernels rotate Q and K fragments in
-// registers, above; the 32-row append kernel rotates its Q and K tiles in shared memory,
-// rotate_tile_rows), with rotary_dim a multiple of 32. The dense prefill mainloops refuse
-// rotary at compile time until their K sources rotate keys as they load them.
-template <class Variant>
-inline constexpr bool cuda_variant_supported = !has_rotary<Variant>;
+// mma.sync kernels (the 16-row paged kernels rotate Q and K fragments in registers, above; the
+// 32-row paged append and the dense prefill kernel rotate their Q and K tiles in shared memory,
+// rotate_tile_rows), with rotary_dim a multiple of 32. The sm_90a prefill and append kernels do
+// not rotate: cuda::prefill's dispatch and the paged planner take the mma.sync ones and say why.
 
 // Run-time check of a rotary variant's parameters against the paged kernels' rule.
 template <class Variant>

@@ -231,6 +231,7 @@ struct prefill_kernel {
 
     load_tile<T, G, G::block_q>(q_base, q_g, p.q_layout.stride_token, q1 - q0, p.q, tid);
     arch::cp_async_commit();
+    fill_rotary_table<D>(mask, tid, G::threads);  // a rotary variant's table
     int fetch = next_tile(0);
     KVTILE_PRAGMA_UNROLL
     for (int s = 0; s < G::stages - 1; ++s) {
@@ -244,6 +245,11 @@ struct prefill_kernel {
     q_operand<T, D, G::m_tiles, G::q_in_registers> q;
     arch::cp_async_wait<2 * G::stages - 2>();  // Q landed (the K/V groups may still fly)
     __syncthreads();
+    if constexpr (has_rotary<Mask>) {
+      // A rotary variant: the Q tile rotated in place once, row r at its query's position.
+      rotate_tile_rows<T, D>(s_q, q1 - q0, mask, [&](int r) { return mask.query_position(q0 + r); }, tid, G::threads);
+      __syncthreads();
+    }
     q.load(q_base, warp_row0, lane);
 
     const int wq0 = q0 + warp_row0, wq1 = min_i(wq0 + G::rows_per_warp, q_len);
@@ -261,6 +267,13 @@ struct prefill_kernel {
       refill = refill + 1 == G::stages ? 0 : refill + 1;
 
       const int k0 = kv_lo + i * G::block_kv;
+      if constexpr (has_rotary<Mask>) {
+        // A rotary variant: the tile's keys rotated in place at their positions, once for every
+        // warp (the stage is refilled only after the next iteration's barrier).
+        rotate_tile_rows<T, D>(s_q + (G::block_q + stage * G::block_kv) * G::pitch, min_i(G::block_kv, kv_len - k0), mask,
+                               [&](int r) { return mask.key_position(k0 + r); }, tid, G::threads);
+        __syncthreads();
+      }
       tile_visibility vis =
           wq0 < wq1 ? mask.classify(wq0, wq1, k0, k0 + G::block_kv) : tile_visibility::empty;
       if (vis == tile_visibility::full && k0 + G::block_kv > kv_len) vis = tile_visibility::partial;
