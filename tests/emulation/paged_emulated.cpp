@@ -15,9 +15,12 @@
 
 #include <cuda_runtime.h>  // the emulation's
 
+#include "attention/fp8_problem.hpp"
 #include "attention/paged_problem.hpp"
 #include "kvtile/attention/cuda/paged/append_kernel.cuh"
+#include "kvtile/attention/cuda/paged/decode_fp8_kernel.cuh"
 #include "kvtile/attention/cuda/paged/kernel.cuh"
+#include "kvtile/memory/kv_dequantize.hpp"
 #include "support/test_util.hpp"
 
 namespace {
@@ -25,6 +28,21 @@ namespace {
 using namespace paged_test;
 namespace kp = kvtile::attention::cuda::paged;
 using kc::paged_kernel_kind;
+
+// The merges of a split plan (merge_partials_kernel), for the plan's row-tile height.
+template <class T, int D, class Table, class Mask, class Codec>
+void run_merges(const kc::paged_plan& plan, const kp::kernel_params<T, Table, Mask, Codec>& p) {
+  if (plan.merges.empty()) return;
+  const dim3 grid(unsigned(plan.merges.size()), unsigned((plan.merge_rows * (D / 4) + kp::merge_threads - 1) / kp::merge_threads));
+  auto merge = [&]<int BM>() {
+    emu::launch(grid, kp::merge_threads, 0, [&](unsigned char*) { kp::merge_partials_kernel<T, D, BM, Table, Mask, Codec>(p); });
+  };
+  const int bm = plan.shape.block_m;
+  if (bm == 16) merge.template operator()<16>();
+  else if (bm == 64) merge.template operator()<64>();
+  else if (bm == 128) merge.template operator()<128>();
+  else FAIL("no merge instantiated for block_m " << bm);
+}
 
 // Plans `sp` for a portable device of `sms` SMs (few: small batches are split), runs every CTA
 // of the plan and the merges, checks against the reference; returns the plan's kernel.
@@ -78,19 +96,78 @@ paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms
   if constexpr (D > 128)
     if (kind == paged_kernel_kind::append) sixteen_rows.template operator()<paged_kernel_kind::append>();
   REQUIRE((kind == paged_kernel_kind::decode || kind == paged_kernel_kind::append));
-  if (!plan.merges.empty()) {
-    const dim3 merge_grid(unsigned(plan.merges.size()), unsigned((plan.merge_rows * (D / 4) + kp::merge_threads - 1) / kp::merge_threads));
-    auto merge = [&]<int BM>() {
-      emu::launch(merge_grid, kp::merge_threads, 0,
-                  [&](unsigned char*) { kp::merge_partials_kernel<T, D, BM, paging::csr_page_table, Mask>(p); });
-    };
-    if (bm == 16) merge.template operator()<16>();
-    else if (bm == 64) merge.template operator()<64>();
-    else if (bm == 128) merge.template operator()<128>();
-    else FAIL("no merge instantiated for block_m " << bm);
-  }
+  run_merges<T, D>(plan, p);
   check_against_reference<T, D, Mask>(pr, mp, scale, o, lse);
   return kind;
+}
+
+// fp8 pages (paged/decode_fp8_kernel.cuh), both ways from bytes to fragments, against fp64 over
+// the dequantised K/V with the 2x rule (the naive algorithm over the same K/V the baseline).
+template <class T, int D, class Codec, class Mask>
+void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const fp8_pool_problem<T, D, Codec> pr(sp, rng, false);
+  const auto& hp = pr.base;
+  const auto table = hp.csr(hp.kv_indptr.data(), hp.indices.data(), hp.last_page_len.data());
+  const float scale = 1.f / std::sqrt(float(D));
+  const km::dequantized_pool deq = km::dequantize(pr.host_view());
+  const auto ql = hp.q_layout(hp.q_indptr.data());
+  const dense_tensor<T> qv{const_cast<T*>(hp.q.data()), ql};
+  const paging::paged_kv<float, paging::csr_page_table> src{deq.view, table};
+  std::vector<double> o_ref(hp.q.size()), lse_ref(std::size_t(hp.q_indptr.back()) * sp.hq);
+  std::vector<T> o_low(hp.q.size());
+  reference_attention<Mask>(qv, src, sp.hkv, mp, double(scale), dense_tensor<double>{o_ref.data(), ql}, lse_ref.data());
+  naive_attention_lowp<Mask>(qv, src, sp.hkv, mp, double(scale), dense_tensor<T>{o_low.data(), ql});
+  const double naive_err = kvtile_test::compare(o_low, o_ref).max_abs;
+
+  for (const bool registers : {false, true}) {
+    if (registers && (D % 32 != 0 || has_rotary<Mask>)) continue;
+    kc::device_limits dev;
+    dev.num_sms = sms;
+    kc::plan_options opt = sp.opt;
+    opt.fp8_registers = registers;
+    const auto plan = kc::plan_paged_attention<Mask>(hp.q_indptr.data(), table, pr.kernel_problem(), mp, dev, opt);
+    INFO("fp8 D " << D << ", mask " << std::string(Mask::name) << ", registers " << registers << ", " << plan.work.size()
+                  << " items, " << plan.num_partials << " partials, seed " << seed);
+    REQUIRE(plan.shape.kind == paged_kernel_kind::decode);
+    REQUIRE(plan.fp8_registers == registers);
+    std::vector<T> o(hp.q.size(), kvtile_test::poison<T>());
+    std::vector<float> lse(lse_ref.size(), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> partial_o(std::size_t(plan.num_partials) * plan.shape.block_m * D);
+    std::vector<float> partial_lse(std::size_t(plan.num_partials) * plan.shape.block_m);
+    kp::kernel_params<T, paging::csr_page_table, Mask, Codec> p{};
+    p.q = qv;
+    p.o = dense_tensor<T>{o.data(), ql};
+    p.kv = {pr.host_view(), table};
+    p.lse = lse.data();
+    p.mask = mp;
+    p.scale_log2 = scale * log2e;
+    p.group = sp.hq / sp.hkv;
+    p.num_qo_heads = sp.hq;
+    p.work = plan.work.data();
+    p.merges = plan.merges.data();
+    p.partial_o = partial_o.data();
+    p.partial_lse = partial_lse.data();
+    auto run = [&]<bool Registers>() {
+      emu::launch(dim3(unsigned(plan.ctas())), kp::fp8_decode_config<D>::threads, kp::fp8_decode_smem_bytes<D, Registers>(),
+                  [&](unsigned char* smem) { kp::paged_decode_fp8_cta<T, D, Codec, Mask, paging::csr_page_table, Registers>(p, smem); });
+    };
+    if (registers) {
+      if constexpr (D % 32 == 0 && !has_rotary<Mask>) run.template operator()<true>();
+    } else {
+      run.template operator()<false>();
+    }
+    run_merges<T, D>(plan, p);
+    const auto ek = kvtile_test::compare(o, o_ref);
+    double lse_err = 0;
+    for (std::size_t i = 0; i < lse.size(); ++i)
+      lse_err = std::max(lse_err, std::isinf(lse_ref[i]) ? (std::isinf(lse[i]) && lse[i] < 0 ? 0.0 : 1e30)
+                                                         : std::abs(double(lse[i]) - lse_ref[i]));
+    INFO("kernel max err " << ek.max_abs << ", naive max err " << naive_err << ", lse err " << lse_err);
+    CHECK_FALSE(ek.any_nan);
+    CHECK(ek.max_abs <= 2 * naive_err + 2e-3);
+    CHECK(lse_err <= 2e-3);
+  }
 }
 
 }  // namespace
@@ -158,4 +235,27 @@ TEST_CASE("emulated rotary: Q and K rotated in shared memory (32-row append) and
   CHECK(run_emulated<bfloat16, 128, rotary<causal_mask>>(s, {}, 4, seed + 3) == paged_kernel_kind::decode);
   CHECK(run_emulated<bfloat16, 64, rotary<causal_mask, rotary_layout::interleaved>>(s, {}, 3, seed + 4) ==
         paged_kernel_kind::decode);
+}
+
+TEST_CASE("emulated fp8 decode: per-token-head and per-head scales, shared tiles and registers, rotary and soft-capping") {
+  using per_token = km::fp8_e4m3<km::per_token_head>;
+  using per_head = km::fp8_e4m3<km::per_head>;
+  const auto seed = kvtile_test::fresh_seed();
+  spec s;
+  s.q_lens = {1, 1, 2};
+  s.kv_lens = {5, 77, 301};
+  s.hq = 8;
+  s.hkv = 2;
+  s.page_size = 16;
+  run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 4, seed);
+  run_emulated_fp8<half, 128, per_head, causal_mask>(s, {}, 3, seed + 1);
+  s.page_size = 7;
+  s.hq = 5;
+  s.hkv = 1;
+  run_emulated_fp8<bfloat16, 64, per_token, rotary<causal_mask>>(s, {}, 2, seed + 2);
+  softcap<sliding_window_mask>::params cap;
+  cap.window = 40;
+  cap.sinks = 2;
+  cap.cap = 5.f;
+  run_emulated_fp8<half, 96, per_head, softcap<sliding_window_mask>>(s, cap, 2, seed + 3);
 }

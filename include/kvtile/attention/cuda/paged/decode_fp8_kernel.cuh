@@ -63,10 +63,11 @@ constexpr std::size_t fp8_decode_smem_bytes() {
   return tiles > reduce ? tiles : reduce;
 }
 
+// The CTA's work (the kernel below is it over the dynamic shared memory): one work item,
+// blockIdx.x, in smem_raw.
 template <class T, int D, class Codec, class Mask, class Table, bool Registers>
-KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_config<D>::min_blocks)
-    paged_decode_fp8_kernel(const kernel_params<T, Table, Mask, Codec> p) {
-  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+KVTILE_DEVICE KVTILE_FORCEINLINE void paged_decode_fp8_cta(const kernel_params<T, Table, Mask, Codec>& p,
+                                                           unsigned char* smem_raw) {
   using C = fp8_decode_config<D>;
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages, NT = C::threads;
   constexpr int LD = D + 8;     // T tile row stride (elements): 16-byte pad, ldmatrix without bank conflicts
@@ -81,7 +82,6 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
 
   // Shared memory: Q [BM][LD] T | K, V converted [BN][LD] T each (not on the register path) |
   // K, V bytes [ST][BN][RB] each | K, V scales [ST][BN] floats each (per_token_head).
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* kt_s = q_s + BM * LD;
   T* vt_s = kt_s + BN * LD;
@@ -248,6 +248,14 @@ KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_c
   if constexpr (merge_early == 2) arch::launch_dependents();
   scales.finish(st);
   finish_rows<BM, NT, WN, Registers>(p, w, rows, st, smem_raw);
+}
+
+template <class T, int D, class Codec, class Mask, class Table, bool Registers>
+KVTILE_KERNEL void __launch_bounds__(fp8_decode_config<D>::threads, fp8_decode_config<D>::min_blocks)
+    paged_decode_fp8_kernel(const kernel_params<T, Table, Mask, Codec> p) {
+  if constexpr (merge_early == 1) arch::launch_dependents();  // the merge grid may start; it waits for this grid
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  paged_decode_fp8_cta<T, D, Codec, Mask, Table, Registers>(p, smem_raw);
 }
 
 }  // namespace attention::cuda::paged
