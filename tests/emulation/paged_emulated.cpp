@@ -44,6 +44,38 @@ void run_merges(const kc::paged_plan& plan, const kp::kernel_params<T, Table, Ma
   else FAIL("no merge instantiated for block_m " << bm);
 }
 
+// One emulated run's outputs (poisoned), split-KV buffers and the kernel parameters over them
+// and the plan (which must outlive it). Not copyable: the parameters point into it.
+template <class T, int D, class Mask, class Codec = memory::identity>
+struct emulated_run {
+  std::vector<T> o;
+  std::vector<float> lse, partial_o, partial_lse;
+  kp::kernel_params<T, paging::csr_page_table, Mask, Codec> p{};
+
+  emulated_run(const kc::paged_plan& plan, const spec& sp, dense_tensor<T> q, std::int32_t q_rows,
+               const paging::paged_kv<T, paging::csr_page_table, Codec>& kv, typename Mask::params mp, float scale)
+      : o(std::size_t(q_rows) * sp.hq * D, kvtile_test::poison<T>()),
+        lse(std::size_t(q_rows) * sp.hq, std::numeric_limits<float>::quiet_NaN()),
+        partial_o(std::size_t(plan.num_partials) * plan.shape.block_m * D, std::numeric_limits<float>::quiet_NaN()),
+        partial_lse(std::size_t(plan.num_partials) * plan.shape.block_m, std::numeric_limits<float>::quiet_NaN()) {
+    p.q = q;
+    p.o = dense_tensor<T>{o.data(), q.layout};
+    p.kv = kv;
+    p.lse = lse.data();
+    p.mask = mp;
+    p.scale_log2 = scale * log2e;
+    p.group = sp.hq / sp.hkv;
+    p.num_qo_heads = sp.hq;
+    p.work = plan.work.data();
+    p.cta_items = plan.cta_items.empty() ? nullptr : plan.cta_items.data();
+    p.merges = plan.merges.data();
+    p.partial_o = partial_o.data();
+    p.partial_lse = partial_lse.data();
+  }
+  emulated_run(const emulated_run&) = delete;
+  emulated_run& operator=(const emulated_run&) = delete;
+};
+
 // Plans `sp` for a portable device of `sms` SMs (few: small batches are split), runs every CTA
 // of the plan and the merges, checks against the reference; returns the plan's kernel.
 template <class T, int D, class Mask>
@@ -58,27 +90,10 @@ paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms
             << " items, " << plan.num_partials << " partials, seed " << seed);
 
   const float scale = 1.f / std::sqrt(float(D));
-  std::vector<T> o(pr.q.size(), kvtile_test::poison<T>());
-  std::vector<float> lse(std::size_t(pr.q_indptr.back()) * sp.hq, std::numeric_limits<float>::quiet_NaN());
-  const int bm = plan.shape.block_m;
-  std::vector<float> partial_o(std::size_t(plan.num_partials) * bm * D, std::numeric_limits<float>::quiet_NaN());
-  std::vector<float> partial_lse(std::size_t(plan.num_partials) * bm, std::numeric_limits<float>::quiet_NaN());
-
   const auto ql = pr.q_layout(pr.q_indptr.data());
-  kp::kernel_params<T, paging::csr_page_table, Mask> p{};
-  p.q = dense_tensor<T>{const_cast<T*>(pr.q.data()), ql};
-  p.o = dense_tensor<T>{o.data(), ql};
-  p.kv = {pr.pool_view(const_cast<T*>(pr.k.data()), const_cast<T*>(pr.v.data())), table};
-  p.lse = lse.data();
-  p.mask = mp;
-  p.scale_log2 = scale * log2e;
-  p.group = sp.hq / sp.hkv;
-  p.num_qo_heads = sp.hq;
-  p.work = plan.work.data();
-  p.cta_items = plan.cta_items.empty() ? nullptr : plan.cta_items.data();
-  p.merges = plan.merges.data();
-  p.partial_o = partial_o.data();
-  p.partial_lse = partial_lse.data();
+  emulated_run<T, D, Mask> run(plan, sp, dense_tensor<T>{const_cast<T*>(pr.q.data()), ql}, pr.q_indptr.back(),
+                               {pr.pool_view(const_cast<T*>(pr.k.data()), const_cast<T*>(pr.v.data())), table}, mp, scale);
+  const auto& p = run.p;
 
   const dim3 grid(unsigned(plan.ctas()));
   const paged_kernel_kind kind = plan.shape.kind;
@@ -97,7 +112,7 @@ paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms
     if (kind == paged_kernel_kind::append) sixteen_rows.template operator()<paged_kernel_kind::append>();
   REQUIRE((kind == paged_kernel_kind::decode || kind == paged_kernel_kind::append));
   run_merges<T, D>(plan, p);
-  check_against_reference<T, D, Mask>(pr, mp, scale, o, lse);
+  check_against_reference<T, D, Mask>(pr, mp, scale, run.o, run.lse);
   return kind;
 }
 
@@ -131,23 +146,8 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
                   << " items, " << plan.num_partials << " partials, seed " << seed);
     REQUIRE(plan.shape.kind == paged_kernel_kind::decode);
     REQUIRE(plan.fp8_registers == registers);
-    std::vector<T> o(hp.q.size(), kvtile_test::poison<T>());
-    std::vector<float> lse(lse_ref.size(), std::numeric_limits<float>::quiet_NaN());
-    std::vector<float> partial_o(std::size_t(plan.num_partials) * plan.shape.block_m * D);
-    std::vector<float> partial_lse(std::size_t(plan.num_partials) * plan.shape.block_m);
-    kp::kernel_params<T, paging::csr_page_table, Mask, Codec> p{};
-    p.q = qv;
-    p.o = dense_tensor<T>{o.data(), ql};
-    p.kv = {pr.host_view(), table};
-    p.lse = lse.data();
-    p.mask = mp;
-    p.scale_log2 = scale * log2e;
-    p.group = sp.hq / sp.hkv;
-    p.num_qo_heads = sp.hq;
-    p.work = plan.work.data();
-    p.merges = plan.merges.data();
-    p.partial_o = partial_o.data();
-    p.partial_lse = partial_lse.data();
+    emulated_run<T, D, Mask, Codec> out(plan, sp, qv, hp.q_indptr.back(), {pr.host_view(), table}, mp, scale);
+    const auto& p = out.p;
     auto run = [&]<bool Registers>() {
       emu::launch(dim3(unsigned(plan.ctas())), kp::fp8_decode_config<D>::threads, kp::fp8_decode_smem_bytes<D, Registers>(),
                   [&](unsigned char* smem) { kp::paged_decode_fp8_cta<T, D, Codec, Mask, paging::csr_page_table, Registers>(p, smem); });
@@ -158,15 +158,7 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
       run.template operator()<false>();
     }
     run_merges<T, D>(plan, p);
-    const auto ek = kvtile_test::compare(o, o_ref);
-    double lse_err = 0;
-    for (std::size_t i = 0; i < lse.size(); ++i)
-      lse_err = std::max(lse_err, std::isinf(lse_ref[i]) ? (std::isinf(lse[i]) && lse[i] < 0 ? 0.0 : 1e30)
-                                                         : std::abs(double(lse[i]) - lse_ref[i]));
-    INFO("kernel max err " << ek.max_abs << ", naive max err " << naive_err << ", lse err " << lse_err);
-    CHECK_FALSE(ek.any_nan);
-    CHECK(ek.max_abs <= 2 * naive_err + 2e-3);
-    CHECK(lse_err <= 2e-3);
+    check_outputs(out.o, out.lse, o_ref, lse_ref, naive_err);
   }
 }
 

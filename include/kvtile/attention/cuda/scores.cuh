@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "kvtile/attention/cuda/arch/mma.cuh"
+#include "kvtile/attention/cuda/smem_tile.cuh"
 #include "kvtile/attention/variant.hpp"
 #include "kvtile/core/error.hpp"
 #include "kvtile/core/config.hpp"
@@ -104,8 +105,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void fill_rotary_table(const Variant& v, int ti
   }
 }
 
-// Rotates rows [0, rows) of a padded shared tile (padded_tile<D>: rows D + 8 elements apart) in
-// place, row r at position(r), over threads [0, nt); nothing for other variants. For kernels
+// Rotates rows [0, rows) of a padded shared tile (padded_tile<D>) in place, row r at position(r), over threads [0, nt); nothing for other variants. For kernels
 // whose warps all read the same K tile (the 32-row paged append): rotating the tile once costs
 // a quarter of the sines that four warps rotating their own fragments would. The table must be
 // filled and the tile visible (a barrier) before; a barrier after makes the rotation visible.
@@ -118,7 +118,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_tile_rows(T* tile, int rows, const 
     const int r_dims = v.rotary_dims(D), pairs = r_dims / 2;
     for (int idx = tid; idx < rows * pairs; idx += nt) {
       const int r = idx / pairs, k = idx % pairs;
-      T* row = tile + r * (D + 8);
+      T* row = tile + padded_tile<D>::at(r, 0);
       T& a = row[rotary_pair_first<L>(k, r_dims)];
       T& b = row[rotary_pair_second<L>(k, r_dims)];
       float x0 = float(a), x1 = float(b), cs, sn;

@@ -10,7 +10,7 @@
 //   accumulate    O += P V: the mainloop's pv, or from fp8 bytes (accumulate_fp8)
 // and the CTA's epilogue merges the WN warps that share rows, normalises and writes O and LSE
 // (or a split item's fp32 partial state). Shared-memory tiles are read through a layout policy
-// (mma_warp.cuh): padded rows (cp.async) or 128-byte swizzled column panels (TMA).
+// (smem_tile.cuh): padded rows (cp.async) or 128-byte swizzled column panels (TMA).
 #pragma once
 
 #include <cstdint>
@@ -113,7 +113,6 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
   using base = mma_rows<T, D, 1, TPW>;
   using typename base::tile_scores;
   using base::o;
-  using base::row;
   q_operand<T, D, 1> q;
 
   // Q fragments of rows [row0, row0 + 16) of a padded tile.
