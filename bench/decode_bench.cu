@@ -318,15 +318,16 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
 
 // wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
 // var: the variant (rotary rows run the mma.sync append kernel, which rotates Q and K tiles in
-// shared memory; compare with the _portable row of the same shape).
-void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var) {
-  paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var);
+// shared memory; compare with the _portable row of the same shape). fmt: fp8 pages run the
+// mma.sync append kernel (fp8 tiles converted in shared memory); compare with the bf16 rows.
+void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var, kv_format fmt) {
+  paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var, fmt);
   double seconds = 0;
   time_runs(st, p, seconds);
   char shape[128];
   std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=128 page=16", prefix, chunk);
   st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
-              impl_suffix(var) + ";unit=TFLOP/s");
+              impl_suffix(var) + format_suffix(fmt) + ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
   st.counters["ctas"] = double(p.plan.ctas());
   st.counters["splits"] = p.plan.num_partials ? double(p.plan.num_partials) / p.plan.merges.size() : 1.0;
@@ -396,14 +397,31 @@ const int registered = [] {
     for (int prefix : {4096, 16384})
       benchmark::RegisterBenchmark(
           ("append/prefix" + std::to_string(prefix) + "_chunk512" + (wgmma ? "" : "_portable")).c_str(), bm_append, prefix,
-          512, wgmma, variant_kind::none)
+          512, wgmma, variant_kind::none, kv_format::bf16)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
   for (int prefix : {4096, 16384})
     benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512_portable_rotary").c_str(), bm_append,
-                                 prefix, 512, false, variant_kind::rotary)
+                                 prefix, 512, false, variant_kind::rotary, kv_format::bf16)
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
+  // fp8 pages (the mma.sync append kernel), beside the bf16 rows above; and a short chunk (64
+  // tokens over 16k), where the pages' bytes weigh more than the tensor work, in every format.
+  for (kv_format fmt : {kv_format::fp8_token, kv_format::fp8_head})
+    for (int prefix : {4096, 16384})
+      benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512" + format_suffix(fmt)).c_str(),
+                                   bm_append, prefix, 512, true, variant_kind::none, fmt)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+  for (kv_format fmt : {kv_format::bf16, kv_format::fp8_token})
+    for (bool wgmma : {true, false}) {
+      if (fmt != kv_format::bf16 && !wgmma) continue;  // fp8 runs the portable kernel anyway
+      benchmark::RegisterBenchmark(
+          (std::string("append/prefix16384_chunk64") + (wgmma ? "" : "_portable") + format_suffix(fmt)).c_str(), bm_append,
+          16384, 64, wgmma, variant_kind::none, fmt)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+    }
   return 0;
 }();
 

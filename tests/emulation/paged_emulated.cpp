@@ -116,10 +116,13 @@ paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms
   return kind;
 }
 
-// fp8 pages (paged/decode_fp8_kernel.cuh), both ways from bytes to fragments, against fp64 over
-// the dequantised K/V with the 2x rule (the naive algorithm over the same K/V the baseline).
+// fp8 pages against fp64 over the dequantised K/V with the 2x rule (the naive algorithm over the
+// same K/V the baseline): the decode kernel (paged/decode_fp8_kernel.cuh) both ways from bytes
+// to fragments, or the append kernel (paged/append_kernel.cuh, fp8 tiles converted in shared
+// memory), whichever the planner takes; `expect` says which that must be.
 template <class T, int D, class Codec, class Mask>
-void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::uint64_t seed) {
+void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::uint64_t seed,
+                      paged_kernel_kind expect = paged_kernel_kind::decode) {
   std::mt19937_64 rng(seed);
   const fp8_pool_problem<T, D, Codec> pr(sp, rng, false);
   const auto& hp = pr.base;
@@ -136,7 +139,7 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
   const double naive_err = kvtile_test::compare(o_low, o_ref).max_abs;
 
   for (const bool registers : {false, true}) {
-    if (registers && (D % 32 != 0 || has_rotary<Mask>)) continue;
+    if (registers && (D % 32 != 0 || has_rotary<Mask> || expect == paged_kernel_kind::append)) continue;
     kc::device_limits dev;
     dev.num_sms = sms;
     kc::plan_options opt = sp.opt;
@@ -144,7 +147,7 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
     const auto plan = kc::plan_paged_attention<Mask>(hp.q_indptr.data(), table, pr.kernel_problem(), mp, dev, opt);
     INFO("fp8 D " << D << ", mask " << std::string(Mask::name) << ", registers " << registers << ", " << plan.work.size()
                   << " items, " << plan.num_partials << " partials, seed " << seed);
-    REQUIRE(plan.shape.kind == paged_kernel_kind::decode);
+    REQUIRE(plan.shape.kind == expect);
     REQUIRE(plan.fp8_registers == registers);
     emulated_run<T, D, Mask, Codec> out(plan, sp, qv, hp.q_indptr.back(), {pr.host_view(), table}, mp, scale);
     const auto& p = out.p;
@@ -152,7 +155,13 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
       emu::launch(dim3(unsigned(plan.ctas())), kp::fp8_decode_config<D>::threads, kp::fp8_decode_smem_bytes<D, Registers>(),
                   [&](unsigned char* smem) { kp::paged_decode_fp8_cta<T, D, Codec, Mask, paging::csr_page_table, Registers>(p, smem); });
     };
-    if (registers) {
+    if (expect == paged_kernel_kind::append) {
+      if constexpr (D <= 128) {
+        using C = kp::append_config<D, 1>;
+        REQUIRE(C::smem_bytes == plan.shape.smem_bytes(D, 1));
+        emu::launch(dim3(unsigned(plan.ctas())), C::threads, C::smem_bytes, [&](unsigned char* smem) { kp::paged_append_cta<T, D>(p, smem); });
+      }
+    } else if (registers) {
       if constexpr (D % 32 == 0 && !has_rotary<Mask>) run.template operator()<true>();
     } else {
       run.template operator()<false>();
@@ -250,4 +259,30 @@ TEST_CASE("emulated fp8 decode: per-token-head and per-head scales, shared tiles
   cap.sinks = 2;
   cap.cap = 5.f;
   run_emulated_fp8<half, 96, per_head, softcap<sliding_window_mask>>(s, cap, 2, seed + 3);
+}
+
+TEST_CASE("emulated fp8 append: fp8 tiles converted in shared memory (32-row kernel), the 16-row kernel above D 128") {
+  using per_token = km::fp8_e4m3<km::per_token_head>;
+  using per_head = km::fp8_e4m3<km::per_head>;
+  const auto seed = kvtile_test::fresh_seed();
+  spec s;
+  s.q_lens = {37, 5};
+  s.kv_lens = {100, 40};
+  s.hq = 5;
+  s.hkv = 1;
+  s.page_size = 7;
+  run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 4, seed, paged_kernel_kind::append);
+  run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 3, seed + 1, paged_kernel_kind::append);  // fp16's P bias
+  run_emulated_fp8<bfloat16, 64, per_token, rotary<causal_mask>>(s, {}, 2, seed + 2, paged_kernel_kind::append);
+  s.hq = 8;
+  s.hkv = 2;
+  s.page_size = 16;
+  softcap<sliding_window_mask>::params cap;
+  cap.window = 24;
+  cap.sinks = 3;
+  cap.cap = 5.f;
+  run_emulated_fp8<half, 64, per_head, softcap<sliding_window_mask>>(s, cap, 2, seed + 3, paged_kernel_kind::append);
+  s.q_lens = {9};
+  s.kv_lens = {50};
+  run_emulated_fp8<bfloat16, 256, per_token, causal_mask>(s, {}, 2, seed + 4, paged_kernel_kind::decode);
 }

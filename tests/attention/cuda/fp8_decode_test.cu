@@ -1,5 +1,5 @@
-// GPU tests of paged decode over fp8 (e4m3) K/V pages (attention/cuda/paged/decode_fp8_kernel.cuh):
-// the pool is written by write_kv (host), the kernel's output is checked against the fp64
+// GPU tests of paged attention over fp8 (e4m3) K/V pages: decode (attention/cuda/paged/
+// decode_fp8_kernel.cuh, and the TMA kernel) and append chunks (paged/append_kernel.cuh): the pool is written by write_kv (host), the kernel's output is checked against the fp64
 // reference over the *dequantised* K/V with FlashAttention's 2x rule (the naive algorithm in the
 // query type over the same dequantised K/V is the baseline), poisoned outputs and pool slots,
 // exact LSE, split == unsplit; the error against the unquantised K/V is reported (MESSAGE), for
@@ -84,9 +84,13 @@ struct fp8_device {
 
 // Plan, run, check against fp64 over the dequantised K/V; report the error against the
 // unquantised K/V; optionally split == unsplit. Both ways from bytes to fragments (shared T
-// tiles; registers, where the head dim and variant allow) run on the same data.
+// tiles; registers, where the head dim and variant allow) run on the same data. `append`: the
+// requests pack more than 16 rows, so the plan is for the mma.sync append kernel (fp8 tiles
+// converted in shared memory; the 16-row decode kernel above head dim 128), with the sm_90a
+// kernels allowed (they refuse fp8 pages, the plan says why).
 template <class T, int D, class Codec, class Mask>
-void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false) {
+void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false,
+               bool append = false) {
   std::mt19937_64 rng(seed);
   const fp8_problem<T, D, Codec> pr(s, rng, outliers);
   const float scale = default_scale(D);
@@ -114,16 +118,19 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
   enum class path { shared_tiles, registers, tma };
   for (path way : {path::shared_tiles, path::registers, path::tma}) {
     if ((way == path::registers && !registers_possible) || (way == path::tma && !tma_possible)) continue;
+    if (append && way != path::shared_tiles) continue;
     const bool registers = way != path::shared_tiles;
-    const char* way_name = way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
+    const char* way_name = append ? "append" : way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
     INFO("fp8 path: " << way_name);
     kc::plan_options opt = s.opt;
     opt.fp8_registers = registers;
-    opt.use_wgmma = way == path::tma;
+    opt.use_wgmma = append || way == path::tma;
     const auto plan = pr.template plan<Mask>(mp, opt);
     INFO("kernel " << std::string(kc::to_string(plan.shape.kind)) << " (" << plan.reason << "), work items " << plan.work.size()
                    << ", partials " << plan.num_partials);
-    CHECK(plan.shape.kind == (way == path::tma ? kc::paged_kernel_kind::decode_sm90 : kc::paged_kernel_kind::decode));
+    const auto want = append ? (D <= 128 ? kc::paged_kernel_kind::append : kc::paged_kernel_kind::decode)
+                             : (way == path::tma ? kc::paged_kernel_kind::decode_sm90 : kc::paged_kernel_kind::decode);
+    CHECK(plan.shape.kind == want);
     CHECK(plan.fp8_registers == registers);
     fp8_device<T, D, Codec> dev(pr);
     dev.template run<Mask>(plan, mp, scale);
@@ -323,14 +330,55 @@ TEST_CASE("fp8 decode: split-KV equals unsplit on long sequences") {
   }
 }
 
-TEST_CASE("fp8 decode: plans and runs refuse what the fp8 kernel cannot take, naming it") {
-  std::mt19937_64 rng(3);
+// Chunks of new queries (more than 16 packed rows) against cached prefixes: the append shape.
+spec append_spec(std::mt19937_64& rng, int group, int page, kv_layout layout) {
   spec s;
-  s.kv_lens = {100};
-  s.q_lens = {20};  // 20 x 4 = 80 packed rows: not a decode
-  const fp8_problem<bfloat16, 128, per_token> pr(s, rng, false);
-  kvtile_test::expect_error(errc::unsupported, "fp8 K/V pages run on the paged decode kernel",
-                            [&] { (void)pr.plan<causal_mask>({}, {}); });
+  s.hkv = 2;
+  s.hq = 2 * group;
+  s.page_size = page;
+  s.layout = layout;
+  s.kv_lens = random_lens(rng, 3, 100, 1500);
+  s.q_lens = random_lens(rng, 3, 17, 200);
+  s.kv_lens[1] |= 1;  // an odd length
+  s.q_lens[2] = 1;    // a decode step in the same batch
+  for (int b = 0; b < 3; ++b) s.q_lens[b] = std::min(s.q_lens[b], s.kv_lens[b]);
+  return s;
+}
+
+TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  int n = 0;
+  for (int group : {1, 5, 8})
+    for (int page : {1, 16, 256}) {
+      const spec s = append_spec(rng, group, page, (n++ % 2) ? kv_layout::hnd : kv_layout::nhd);
+      INFO("group " << group << " page " << page << " layout " << (s.layout == kv_layout::nhd ? "NHD" : "HND") << " kv "
+                    << s.kv_lens[0] << "," << s.kv_lens[1] << "," << s.kv_lens[2] << " q " << s.q_lens[0] << ","
+                    << s.q_lens[1] << "," << s.q_lens[2]);
+      check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, false, true);
+      check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, false, true);
+    }
+}
+
+TEST_CASE("fp8 append: fp16 (the probability bias), D 64 / 96, outlier K, a window with sinks, rotary, soft-capping, D 256") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const spec s = append_spec(rng, 4, 16, kv_layout::nhd);
+  check_fp8<kvtile::half, 128, per_token, causal_mask>(s, {}, rng(), false, false, true);
+  check_fp8<kvtile::half, 64, per_head, causal_mask>(s, {}, rng(), true, false, true);
+  check_fp8<bfloat16, 96, per_token, sliding_window_mask>(s, {100, 4}, rng(), false, false, true);  // 6 chunks a row
+  rotary<causal_mask>::params rope;
+  check_fp8<bfloat16, 128, per_token, rotary<causal_mask>>(s, rope, rng(), false, false, true);
+  softcap<causal_mask>::params cap;
+  cap.cap = 2.f;
+  check_fp8<bfloat16, 64, per_token, softcap<causal_mask>>(s, cap, rng(), false, false, true);
+  check_fp8<bfloat16, 256, per_token, causal_mask>(s, {}, rng(), false, false, true);  // the 16-row decode kernel
+}
+
+TEST_CASE("fp8: plans and runs refuse what the fp8 kernels cannot take, naming it") {
+  std::mt19937_64 rng(3);
   // A plan for 2-byte pages does not run an fp8 pool.
   spec s2;
   s2.kv_lens = {100};

@@ -475,7 +475,7 @@ TEST_CASE("plan: device_limits past any GPU are refused; at the bound, a small b
   check_partition<causal_mask>(plan, {});
 }
 
-TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their own shared memory; append refused") {
+TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sync append kernel, with their own shared memory") {
   std::mt19937_64 rng(7);
   const std::vector<std::int32_t> lens{4096, 33, 1000};
   const host_csr t(lens, 16, 400, rng);
@@ -511,14 +511,28 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels, with their ow
   CHECK(fp8_smem == std::size_t(136 * 2 * (16 + 128) + 2 * 3 * 64 * (128 + 4)));
   CHECK(fp8_smem < plan.shape.smem_bytes(128, 2));
   for (int d : {16, 64, 256}) CHECK(kc::paged_shape_for(kc::paged_kernel_kind::decode, d).smem_bytes(d, 1) <= 163 * 1024);
-  // More than 16 packed rows, or force_append: a named error.
+  // More than 16 packed rows, or force_append: the mma.sync append kernel, which converts each
+  // fp8 tile into 2-byte tiles in shared memory; above head_dim 128 the 16-row decode kernel.
   const auto q8 = indptr_of({8, 1, 1});
-  kvtile_test::expect_error(errc::unsupported, "fp8 K/V pages run on the paged decode kernel",
-                            [&] { (void)kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90()); });
+  const auto app = kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(app.shape.kind == kc::paged_kernel_kind::append);
+  CHECK(!app.fp8_registers);
+  CHECK(app.reason.find("append_sm90: fp8 K/V pages") != std::string::npos);
+  CHECK(app.reason.find("converted to 2-byte tiles") != std::string::npos);
+  check_partition<causal_mask>(app, {});
+  // Q, the converted K and V tiles, 2 byte stages of K and V with their scales, 4 offset rings.
+  CHECK(app.shape.smem_bytes(128, 1) == std::size_t(136 * 2 * (128 + 2 * 64) + 2 * 2 * 64 * (128 + 4) + 4 * 64 * 8));
+  CHECK(app.shape.smem_bytes(128, 1) <= app.shape.smem_bytes(128, 2) + 64 * 16);
   kc::plan_options opt;
   opt.force_append = true;
-  kvtile_test::expect_error(errc::unsupported, "force_append",
-                            [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), opt); });
+  CHECK(kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), opt).shape.kind ==
+        kc::paged_kernel_kind::append);
+  kc::paged_problem pr256 = pr;
+  pr256.head_dim = 256;
+  const auto wide = kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr256, {}, h100_sm90());
+  CHECK(wide.shape.kind == kc::paged_kernel_kind::decode);
+  CHECK(wide.reason.find("append: fp8 K/V pages above head_dim 128") != std::string::npos);
+  check_partition<causal_mask>(wide, {});
   pr.elem_bytes = 4;
   kvtile_test::expect_error(errc::unsupported, "got 4",
                             [&] { (void)kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90()); });

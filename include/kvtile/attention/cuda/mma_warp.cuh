@@ -209,6 +209,14 @@ struct mma_rows {
     }
   }
 
+  // O times f (a codec's per-item V scale), before the epilogue.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
+    KVTILE_PRAGMA_UNROLL
+    for (int mt = 0; mt < MT; ++mt)
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < D / 8; ++i) o[mt][i][0] *= f, o[mt][i][1] *= f, o[mt][i][2] *= f, o[mt][i][3] *= f;
+  }
+
   // l summed over each row's quad of lanes (before a merge of warps that share rows, or finish).
   KVTILE_DEVICE KVTILE_FORCEINLINE void sum_quads() {
     KVTILE_PRAGMA_UNROLL

@@ -43,7 +43,8 @@ namespace attention::cuda {
 // 128, binaries with sm_90a code), 64 packed rows per warpgroup; decode_sm90: the decode shape
 // with K/V pages copied by the Tensor Memory Accelerator (decode_sm90_supported: head dims 64,
 // 128, 192, 256 -- 128 and 256 for fp8 pages -- and page sizes sharing a factor of 8 with the
-// 64-key tile; sm_90a binaries). fp8 pages run on decode or decode_sm90.
+// 64-key tile; sm_90a binaries). fp8 pages run on decode, decode_sm90 and (head dims up to 128)
+// append.
 enum class paged_kernel_kind : std::int32_t { decode, append, append_sm90, decode_sm90 };
 
 constexpr const char* to_string(paged_kernel_kind k) {
@@ -89,7 +90,7 @@ struct paged_kernel_shape {
   }
   // Dynamic shared memory: Q tile + K and V stages (rows padded by 8 elements), or the
   // cross-warp reduction area (fp32 rows padded by 4), whichever is larger: they share space.
-  // elem_bytes: of the K/V pages (1: fp8, decode only).
+  // elem_bytes: of the K/V pages (1: fp8; the decode kernels and the 32-row append kernel).
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
     if (kind == paged_kernel_kind::decode && elem_bytes == 1) return decode_fp8_smem_bytes(head_dim);
     if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
@@ -98,9 +99,18 @@ struct paged_kernel_shape {
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
     if (kind == paged_kernel_kind::decode_sm90) return decode_sm90_smem_bytes(head_dim, elem_bytes, true);
+    // The 32-rows-per-warp append kernel also keeps two rings of block_n key row offsets (four
+    // with fp8 pages: their per-token scales' too). On fp8 pages its K and V stages are bytes
+    // (rows of head_dim, and each row's two scales), converted per tile into one 2-byte K and V
+    // tile (paged/append_kernel.cuh).
+    const bool wide = kind == paged_kernel_kind::append && block_m / warps_m >= 32;
+    const std::size_t offsets = wide ? std::size_t(elem_bytes == 1 ? 4 : 2) * block_n * 8 : 0;
+    if (wide && elem_bytes == 1) {
+      const std::size_t row2 = std::size_t(head_dim + 8) * 2;
+      return row2 * (block_m + 2 * std::size_t(block_n)) + 2 * std::size_t(stages) * block_n * (std::size_t(head_dim) + 4) +
+             offsets;
+    }
     const std::size_t tiles = row * (block_m + 2 * std::size_t(stages) * block_n);
-    // The 32-rows-per-warp append kernel also keeps two rings of block_n key row offsets.
-    const std::size_t offsets = block_m / warps_m >= 32 ? 2 * std::size_t(block_n) * 8 : 0;
     return std::max(tiles + offsets, reduce);
   }
 };
@@ -508,8 +518,6 @@ inline std::string no_sm90(const paged_request& r) {
   if (!r.dev.wgmma) return "the device does not run this binary's sm_90a code (device_limits::wgmma)";
   return {};
 }
-inline constexpr const char* fp8_decode_only =
-    "fp8 K/V pages run on the paged decode kernels (at most 16 packed query rows per request)";
 
 // The TMA decode kernel (paged/decode_sm90_kernel.cuh).
 struct decode_sm90 : kernel_base<paged_kernel_kind::decode_sm90> {
@@ -532,17 +540,19 @@ struct decode : kernel_base<paged_kernel_kind::decode> {
 // plan_options::warp_specialised_append asks and the pool has tensor maps).
 struct append_sm90 : kernel_base<paged_kernel_kind::append_sm90> {
   static std::string can_implement(const paged_request& r) {
-    if (r.problem.elem_bytes == 1) return fp8_decode_only;
+    if (r.problem.elem_bytes == 1) return "fp8 K/V pages (the sm_90a append kernels read 2-byte tiles)";
     if (std::string why = no_sm90(r); !why.empty()) return why;
     if (!append_sm90_head_dim(r.problem.head_dim)) return "the sm_90a append kernel takes head_dim 64 and 128";
     if (r.rotary) return "a rotary variant (the sm_90a append kernels do not rotate keys)";
     return {};
   }
 };
-// The mma.sync append kernel (paged/append_kernel.cuh).
+// The mma.sync append kernels (paged/append_kernel.cuh: 32 rows per warp up to head_dim 128,
+// fp8 pages too; paged/kernel.cuh: 16 rows per warp above).
 struct append : kernel_base<paged_kernel_kind::append> {
   static std::string can_implement(const paged_request& r) {
-    if (r.problem.elem_bytes == 1) return fp8_decode_only;
+    if (r.problem.elem_bytes == 1 && r.problem.head_dim > 128)
+      return "fp8 K/V pages above head_dim 128 (only the 32-row append kernel converts fp8 tiles)";
     return {};
   }
 };
@@ -553,7 +563,8 @@ struct append : kernel_base<paged_kernel_kind::append> {
 template <class... Kernels>
 struct paged_kernel_list {};
 using paged_decode_kernels = paged_kernel_list<paged_kernels::decode_sm90, paged_kernels::decode>;
-using paged_append_kernels = paged_kernel_list<paged_kernels::append_sm90, paged_kernels::append>;
+// decode last: the 16-row kernels run any number of rows, and take fp8 pages of every head dim.
+using paged_append_kernels = paged_kernel_list<paged_kernels::append_sm90, paged_kernels::append, paged_kernels::decode>;
 
 namespace detail {
 
@@ -665,6 +676,8 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode_sm90) {
     plan.fp8_registers = true;  // the TMA kernel's only path
+  } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::append) {
+    plan.reason += "; fp8 tiles converted to 2-byte tiles in shared memory once per tile (the append kernel's only path)";
   } else if (pr.elem_bytes == 1) {
     plan.fp8_registers = opt.fp8_registers && pr.head_dim % 32 == 0 && !has_rotary<Mask>;
     if (plan.fp8_registers)

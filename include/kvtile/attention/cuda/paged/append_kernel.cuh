@@ -18,6 +18,13 @@
 //
 // The epilogue normalises each row; whole rows go to O through the warp's own rows of the Q
 // buffer (8-byte stores), split items write fp32 partial states for merge_partials_kernel.
+//
+// fp8 pages (Codec fp8_e4m3): the stages hold bytes (rows of D, and with per-token scales each
+// row's K and V scale), half the bytes of a bf16 stage; once per tile, after the barrier that
+// makes it visible, the CTA converts the tile's K and V into one 2-byte tile each (e4m3 is exact
+// in fp16 and bf16), a barrier, and the mainloop reads those as it reads bf16 stages. The scales
+// multiply scores and probabilities, never elements (item_scales, as in the decode kernels).
+// K and V are waited for together (the bytes are half); the conversion adds a barrier a tile.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +38,8 @@
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/core/fast_divmod.hpp"
+#include "kvtile/memory/cuda/fp8_convert.cuh"
+#include "kvtile/memory/kv_codec.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::paged {
@@ -40,9 +49,11 @@ namespace attention::cuda::paged {
 template <paged_kernel_kind Kind, int D>
 inline constexpr bool uses_wide_append = Kind == paged_kernel_kind::append && D <= 128;
 
-template <int D>
+// ElemBytes: of the pages' K/V elements (2: fp16 / bf16; 1: fp8).
+template <int D, int ElemBytes = 2>
 struct append_config {
-  static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::append, D);
+  static constexpr paged_kernel_shape shape = paged_shape_for(paged_kernel_kind::append, D, ElemBytes);
+  static constexpr bool fp8 = ElemBytes == 1;
   static constexpr int bm = shape.block_m, bn = shape.block_n, warps = shape.warps_m, stages = shape.stages;
   static constexpr int threads = 32 * warps;
   static constexpr int rows_per_warp = bm / warps;
@@ -54,10 +65,17 @@ struct append_config {
   static constexpr int chunks = D / 8;                // 16-byte chunks per row
   static constexpr int pitch = padded_tile<D>::pitch;  // shared row stride: no ldmatrix bank conflicts
   static constexpr bool q_in_registers = m_tiles * (d_steps + o_tiles + s_tiles) * 4 <= 192;
-  // Shared memory: Q, K and V stages, then two rings of BN key row offsets (int64).
-  static constexpr std::size_t tile_bytes = std::size_t(bm + 2 * stages * bn) * pitch * 2;  // 2-byte elements
+  static constexpr int src_chunks = D * ElemBytes / 16;  // 16-byte chunks per stored K/V row
+  static constexpr int src_row_bytes = fp8 ? D : pitch * 2;  // bytes between rows of a stage
+  // Shared memory: Q; 2-byte K and V stages, or (fp8) the converted K and V tiles then the byte
+  // stages and their per-token scales; then the rings of BN key row offsets (int64: two, four
+  // with fp8 pages, the scales' offsets). paged_kernel_shape::smem_bytes is the sum.
+  static constexpr std::size_t tile_bytes = fp8 ? std::size_t(bm + 2 * bn) * pitch * 2 + std::size_t(2 * stages * bn) * (D + 4)
+                                                : std::size_t(bm + 2 * stages * bn) * pitch * 2;
+  static constexpr std::size_t smem_bytes = tile_bytes + std::size_t(fp8 ? 4 : 2) * bn * 8;
+  static_assert(smem_bytes == shape.smem_bytes(D, ElemBytes), "paged append kernel: the planner's shared-memory size");
   static_assert(stages == 2, "paged append kernel: the row-offset ring assumes two K/V stages");
-  static constexpr bool split_wait = D > tuning::paged_append_single_barrier_max_d;
+  static constexpr bool split_wait = !fp8 && D > tuning::paged_append_single_barrier_max_d;
   static_assert(shape.warps_n == 1 && bm % (16 * warps) == 0 && rows_per_warp == 32,
                 "paged append kernel: each warp owns 32 rows");
   static_assert(bn % 16 == 0 && stages >= 2 && D % 16 == 0 && D <= 128, "paged append kernel: shape");
@@ -65,17 +83,26 @@ struct append_config {
 
 // The CTA's work (the kernel below is it over the dynamic shared memory): one work item,
 // blockIdx.x, in smem_raw.
-template <class T, int D, class Mask, class Table>
-KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Table, Mask>& p, unsigned char* smem_raw) {
-  using C = append_config<D>;
-  constexpr int BM = C::bm, BN = C::bn, ST = C::stages, NT = C::threads, P = C::pitch, CH = C::chunks;
+template <class T, int D, class Mask, class Table, class Codec>
+KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Table, Mask, Codec>& p, unsigned char* smem_raw) {
+  using S = typename paging::paged_kv<T, Table, Codec>::storage_type;  // T, or e4m3
+  constexpr bool fp8 = Codec::quantized;
+  constexpr bool token_scales = memory::per_token_scales<Codec>;
+  using C = append_config<D, int(sizeof(S))>;
+  constexpr int BM = C::bm, BN = C::bn, ST = C::stages, NT = C::threads, P = C::pitch, CH = C::src_chunks;
   constexpr int MT = C::m_tiles, RPW = C::rows_per_warp;
-  constexpr std::uint32_t row_bytes = P * sizeof(T), stage_bytes = BN * row_bytes;
+  constexpr int CE = 16 / int(sizeof(S));  // stored elements per 16-byte chunk
+  constexpr std::uint32_t row_bytes = P * sizeof(T), stage_bytes = BN * C::src_row_bytes;
 
+  // Q [BM][P] T | fp8: K, V converted [BN][P] T each | K, V stages [ST][BN] rows | fp8 with
+  // per-token scales: K, V scales [ST][BN] float | offset rings.
   T* q_s = reinterpret_cast<T*>(smem_raw);
   const std::uint32_t q_base = arch::smem_addr(q_s);
-  const std::uint32_t k_base = q_base + BM * row_bytes;       // [ST][BN][P]
-  const std::uint32_t v_base = k_base + ST * stage_bytes;     // [ST][BN][P]
+  const std::uint32_t kt_base = q_base + BM * row_bytes, vt_base = kt_base + BN * row_bytes;  // fp8 only
+  const std::uint32_t k_base = q_base + (BM + (fp8 ? 2 * BN : 0)) * row_bytes;  // [ST][BN] rows
+  const std::uint32_t v_base = k_base + ST * stage_bytes;                        // [ST][BN] rows
+  float* ksc_s = reinterpret_cast<float*>(smem_raw + (v_base + ST * stage_bytes - q_base));  // fp8: [ST][BN]
+  float* vsc_s = ksc_s + ST * BN;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
@@ -88,36 +115,44 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
 
   const std::int32_t* pages = page_row(p.kv.table, w);
   const fast_divmod page(p.kv.pool.page_size);  // no integer division per key row
-  const T* kg = p.kv.k_base();
-  const T* vg = p.kv.v_base();
+  const S* kg = p.kv.k_base();
+  const S* vg = p.kv.v_base();
 
   // ---- loads -------------------------------------------------------------------------------
-  static_assert(CH == D / 8, "paged append kernel: one Q chunk per 8 columns");
   it.template q_chunks<D>(p, tid, NT, [&](int r, int c, const T* src, bool valid) {
     arch::cp_async_16_to(q_base + (r * P + c * 8) * sizeof(T), src, valid);
   });
   arch::cp_async_commit();
 
   // Key row offsets (elements, -1: not loaded) of the next tile to fetch, in a ring of two in
-  // shared memory. Threads tid < BN each look up one key row's block id a tile ahead (issued
-  // early in an iteration, stored at its end), so a fetch is 16-byte copies from precomputed
-  // addresses: no page-table lookups or divisions by page_size in its path.
+  // shared memory (and with per-token scales the byte offsets of the rows' scales, a second
+  // ring). Threads tid < BN each look up one key row's block id a tile ahead (issued early in
+  // an iteration, stored at its end), so a fetch is 16-byte copies from precomputed addresses:
+  // no page-table lookups or divisions by page_size in its path.
   std::int64_t* off_s = reinterpret_cast<std::int64_t*>(smem_raw + C::tile_bytes);  // [2][BN]
+  std::int64_t* soff_s = off_s + 2 * BN;                                            // [2][BN], token scales
   auto row_block = [&](int tile) {
     const int tok = kv_begin + tile * BN + tid;
     return tid < BN && tile < n_tiles && tok < kv_end ? pages[page.div(tok)] : -1;
   };
-  auto row_offset = [&](int tile, int blk) -> std::int64_t {
+  // Offsets of the key row of thread tid < BN in tile `tile` (block blk) into ring slot `slot`.
+  auto store_offsets = [&](int slot, int tile, int blk) {
     const int tok = kv_begin + tile * BN + tid;
-    return blk < 0 ? -1 : p.kv.pool.offset(blk, page.mod(tok), kvh);
+    off_s[slot * BN + tid] = blk < 0 ? -1 : p.kv.pool.offset(blk, page.mod(tok), kvh);
+    if constexpr (token_scales) {
+      const auto* base = reinterpret_cast<const unsigned char*>(p.kv.pool.k);
+      soff_s[slot * BN + tid] =
+          blk < 0 ? -1 : reinterpret_cast<const unsigned char*>(p.kv.pool.scale_ptr(p.kv.pool.k, blk, page.mod(tok), kvh)) - base;
+    }
   };
 
   // K then V of one tile, each its own commit group (issued even when empty, so the waits
-  // below count groups at compile time). Keys at or past the item's end are zero-filled.
+  // below count groups at compile time), with their per-token scales. Keys at or past the
+  // item's end are zero-filled.
   auto fetch_tile = [&](int tile, int stage, int slot) {
     const std::uint32_t ks = k_base + stage * stage_bytes, vs = v_base + stage * stage_bytes;
     const std::int64_t* offs = off_s + slot * BN;
-    auto issue = [&](std::uint32_t dst, const T* src) {
+    auto issue = [&](std::uint32_t dst, const S* src, float* sc_dst) {
       if (tile < n_tiles) {
         if constexpr (NT % CH == 0) {
           constexpr int RPP = NT / CH;  // rows per pass of the CTA
@@ -126,27 +161,61 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
           for (int r = r0; r < BN; r += RPP) {
             const std::int64_t off = offs[r];
             const bool ok = off >= 0;
-            arch::cp_async_16_to(dst + (r * P + c * 8) * sizeof(T), src + (ok ? off + c * 8 : 0), ok);
+            arch::cp_async_16_to(dst + r * C::src_row_bytes + c * 16, src + (ok ? off + c * CE : 0), ok);
           }
         } else {
           for (int idx = tid; idx < BN * CH; idx += NT) {
             const int r = idx / CH, c = idx % CH;
             const std::int64_t off = offs[r];
             const bool ok = off >= 0;
-            arch::cp_async_16_to(dst + (r * P + c * 8) * sizeof(T), src + (ok ? off + c * 8 : 0), ok);
+            arch::cp_async_16_to(dst + r * C::src_row_bytes + c * 16, src + (ok ? off + c * CE : 0), ok);
           }
+        }
+        if constexpr (token_scales) {
+          if (tid < BN) {
+            const std::int64_t so = soff_s[slot * BN + tid];
+            arch::cp_async_4(sc_dst + stage * BN + tid, reinterpret_cast<const unsigned char*>(src) + (so >= 0 ? so : 0), so >= 0);
+          }
+        } else {
+          (void)sc_dst;
         }
       }
       arch::cp_async_commit();
     };
-    issue(ks, kg);
-    issue(vs, vg);
+    issue(ks, kg, ksc_s);
+    issue(vs, vg, vsc_s);
+  };
+  // fp8: the stage's K and V bytes into the converted 2-byte tiles, 16 bytes a thread at a time.
+  auto convert_tile = [&](int stage) {
+    if constexpr (fp8) {
+      const unsigned char* k8 = smem_raw + (k_base + stage * stage_bytes - q_base);
+      const unsigned char* v8 = smem_raw + (v_base + stage * stage_bytes - q_base);
+      T* kt = q_s + BM * P;
+      T* vt = kt + BN * P;
+      auto convert = [&](int r, int c) {
+        uint4 lo, hi;
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(k8 + r * D + c * 16), lo, hi);
+        *reinterpret_cast<uint4*>(kt + r * P + c * 16) = lo;
+        *reinterpret_cast<uint4*>(kt + r * P + c * 16 + 8) = hi;
+        memory::cuda::e4m3x16_to<T>(*reinterpret_cast<const uint4*>(v8 + r * D + c * 16), lo, hi);
+        *reinterpret_cast<uint4*>(vt + r * P + c * 16) = lo;
+        *reinterpret_cast<uint4*>(vt + r * P + c * 16 + 8) = hi;
+      };
+      if constexpr (NT % CH == 0 && BN % (NT / CH) == 0) {
+        KVTILE_PRAGMA_UNROLL
+        for (int r = tid / CH; r < BN; r += NT / CH) convert(r, tid % CH);
+      } else {
+        for (int idx = tid; idx < BN * CH; idx += NT) convert(idx / CH, idx % CH);
+      }
+    } else {
+      (void)stage;
+    }
   };
   // fetch: the next tile to fetch (its row offsets in slot `slot`); fetch2: the one after.
   int fetch = it.next_tile(0), fetch2 = it.next_tile(fetch + 1);
   if (tid < BN) {
-    off_s[tid] = row_offset(fetch, row_block(fetch));
-    off_s[BN + tid] = row_offset(fetch2, row_block(fetch2));
+    store_offsets(0, fetch, row_block(fetch));
+    store_offsets(1, fetch2, row_block(fetch2));
   }
   fill_rotary_table<D>(mask, tid, NT);  // a rotary variant's table
   __syncthreads();
@@ -159,6 +228,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   using mainloop = mma_rows<T, D, MT, BN>;
   mainloop st;
   st.init();
+  const item_scales<T, Codec> scales(p.kv.pool, kvh, p.scale_log2);  // the codec's (plan's scale for 2-byte pages)
   const int wr0 = row0 + warp * RPW;  // first packed row of this warp
   const bool has_rows = wr0 < rows;
   const int wt0 = wr0 / group, wt1 = has_rows ? (min_i(wr0 + RPW, rows) - 1) / group + 1 : wt0;
@@ -192,10 +262,17 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
     fetch2 = it.next_tile(fetch2 + 1);
 
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
+    // The tile the mainloop reads: the stage, or the tiles its fp8 bytes are converted into.
+    auto k_tile = [&] { return fp8 ? kt_base : k_base + stage * stage_bytes; };
+    auto v_tile = [&] { return fp8 ? vt_base : v_base + stage * stage_bytes; };
+    if constexpr (fp8) {
+      convert_tile(stage);  // every warp is past the previous tile's reads (the barrier above)
+      __syncthreads();
+    }
     if constexpr (has_rotary<Mask>) {
       // A rotary variant: the tile's keys rotated in place at their positions, once for the
       // four warps (the stage is not refilled before the next iteration's barrier).
-      rotate_tile_rows<T, D>(q_s + BM * P + stage * BN * P, k1 - k0, mask, [&](int r) { return mask.key_position(k0 + r); },
+      rotate_tile_rows<T, D>(q_s + BM * P + (fp8 ? 0 : stage * BN * P), k1 - k0, mask, [&](int r) { return mask.key_position(k0 + r); },
                              tid, NT);
       __syncthreads();
     }
@@ -204,21 +281,25 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
 
     typename mainloop::tile_scores s;
     if (vis != tile_visibility::empty) {
-      mainloop::qk(s, q, smem_tile<T, padded_tile<D>>{k_base + stage * stage_bytes}, lane);
-      st.probabilities(s, mask, p.scale_log2, vis == tile_visibility::partial, lane, [&](int mt, int h, int key) {
+      mainloop::qk(s, q, smem_tile<T, padded_tile<D>>{k_tile()}, lane);
+      KVTILE_PRAGMA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) scales.keys(s[mt], ksc_s + stage * BN, t);
+      st.probabilities(s, mask, scales.scale_log2, vis == tile_visibility::partial, lane, [&](int mt, int h, int key) {
         const int j = k0 + key;
         const int tk = (wr0 + mt * 16 + g + 8 * h) / group;  // the row's query token
         return j < k1 && mask.visible(tk, j);
       });
+      KVTILE_PRAGMA_UNROLL
+      for (int mt = 0; mt < MT; ++mt) scales.values(s[mt], vsc_s + stage * BN, t);
     }
 
     if constexpr (C::split_wait) {
       arch::cp_async_wait<2 * ST - 2>();  // V of this tile
       __syncthreads();
     }
-    if (vis != tile_visibility::empty) st.pv(s, smem_tile<T, padded_tile<D>>{v_base + stage * stage_bytes}, lane);
+    if (vis != tile_visibility::empty) st.pv(s, smem_tile<T, padded_tile<D>>{v_tile()}, lane);
     // The slot read by the previous iteration's fetch: every warp is past it (the barrier above).
-    if (tid < BN) off_s[(slot ^ 1) * BN + tid] = row_offset(pend_tile, pend_blk);
+    if (tid < BN) store_offsets(slot ^ 1, pend_tile, pend_blk);
     slot ^= 1;
     stage = stage + 1 == ST ? 0 : stage + 1;
   }
@@ -228,6 +309,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   // Rows of this thread: (mt, h) -> packed row wr0 + mt * 16 + g + 8 h, columns 8 dt + 2 t.
   const bool whole = w.partial < 0;
   float lse[MT][2];
+  scales.finish(st);  // per-head V scale, fp16's probability bias
   st.finish(lse);
   KVTILE_PRAGMA_UNROLL
   for (int mt = 0; mt < MT; ++mt)
@@ -267,9 +349,9 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   }
 }
 
-template <class T, int D, class Mask, class Table>
+template <class T, int D, class Mask, class Table, class Codec = memory::identity>
 KVTILE_KERNEL void __launch_bounds__(append_config<D>::threads, 2)
-    paged_append_kernel(const kernel_params<T, Table, Mask> p) {
+    paged_append_kernel(const kernel_params<T, Table, Mask, Codec> p) {
   if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   extern __shared__ __align__(16) unsigned char smem_raw[];
   paged_append_cta<T, D>(p, smem_raw);

@@ -270,12 +270,6 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
     }
   }
 
-  // O times f (a per-item V scale), before the epilogue.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void scale_o(float f) {
-    KVTILE_PRAGMA_UNROLL
-    for (int i = 0; i < D / 8; ++i) o[0][i][0] *= f, o[0][i][1] *= f, o[0][i][2] *= f, o[0][i][3] *= f;
-  }
-
   // One tile's scores to probabilities, the same in every 16-row kernel: the codec's K scales
   // (item_scales; nothing for 2-byte pages), the mainloop's logits, mask (this warp's keys from
   // j0; `partial`: some are past k1 or hidden from the row's query token t_row) and online
@@ -306,7 +300,7 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
 template <class T>
 inline constexpr float fp8_p_bias = std::is_same_v<T, kvtile::half> ? 256.f : 1.f;
 
-// How a work item's scores and probabilities take the codec's scales, the same in every decode
+// How a work item's scores and probabilities take the codec's scales, the same in every paged
 // kernel that reads fp8 pages (scales multiply scores and probabilities, never elements):
 //   per_head        the K scale joins the softmax scale, the V scale multiplies O at the end:
 //                   nothing per tile;

@@ -123,13 +123,16 @@ void launch_items(const paged_plan& plan, int threads, std::size_t smem, int dev
   launch_merges<T, D, BM>(plan, params, device, stream);
 }
 
-// The mma.sync kernels: decode (kernel.cuh) and append (append_kernel.cuh at D <= 128).
-template <class T, int D, paged_kernel_kind Kind, class Mask, class Table>
-void launch(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device, cudaStream_t stream) {
+// The mma.sync kernels: decode (kernel.cuh) and append (append_kernel.cuh at D <= 128, the only
+// one of them for fp8 pages).
+template <class T, int D, paged_kernel_kind Kind, class Mask, class Table, class Codec>
+void launch(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device, cudaStream_t stream) {
   if constexpr (uses_wide_append<Kind, D>) {
-    using C = append_config<D>;
-    launch_items<paged_append_kernel<T, D, Mask, Table>, D, C::bm>(plan, C::threads, C::shape.smem_bytes(D, int(sizeof(T))),
-                                                                  device, stream, params);
+    using C = append_config<D, int(sizeof(typename paging::paged_kv<T, Table, Codec>::storage_type))>;
+    launch_items<paged_append_kernel<T, D, Mask, Table, Codec>, D, C::bm>(plan, C::threads, C::smem_bytes, device, stream,
+                                                                         params);
+  } else if constexpr (Codec::quantized) {
+    KVTILE_FAIL(errc::invalid_argument, "fp8 pages run on the append kernel up to head_dim 128, not ", D);
   } else {
     using C = kernel_config<Kind, D>;
     launch_items<paged_attention_kernel<T, D, Kind, Mask, Table>, D, C::bm>(
@@ -201,7 +204,7 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 // The run's checks (host values only): the tensors, pools and variant parameters against the
 // plan; throws kvtile::error naming the first value that does not fit.
 // An fp8 pool (Codec fp8_e4m3) needs a plan made with problem.elem_bytes = 1 (the fp8 decode
-// kernel), its scales, and 16-byte aligned rows.
+// kernels, or the append kernel), its scales, and 16-byte aligned rows.
 template <mask_policy Mask, int HeadDim, class T, class Table, class Codec>
 void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
                            const paging::paged_kv<T, Table, Codec>& kv, const dense_tensor<T>& o,
@@ -240,8 +243,10 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
                  plan.problem.elem_bytes, "-byte K/V elements; this pool stores ", kv_bytes,
                  "-byte ones (paged_problem::elem_bytes)");
   if constexpr (Codec::quantized)
-    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90,
-                   errc::unsupported, "fp8 K/V pages run on the paged decode kernels; the plan is for ", plan.kernel());
+    KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90 ||
+                       (plan.shape.kind == paged_kernel_kind::append && HeadDim <= 128),
+                   errc::unsupported, "fp8 K/V pages run on the paged decode kernels and (head_dim <= 128) the append ",
+                   "kernel; the plan is for ", plan.kernel(), " at head_dim ", HeadDim);
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
   if constexpr (memory::per_head_scales<Codec>)
     KVTILE_REQUIRE(kv.pool.k_scale && kv.pool.v_scale, errc::invalid_argument,
@@ -304,8 +309,10 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
       else
         KVTILE_FAIL(errc::invalid_argument, "plan is for the sm_90a decode kernel, which reads fp8 pages of head_dim a ",
                     "multiple of 128 without rotary; head_dim ", HeadDim, has_rotary<Mask> ? " with a rotary variant" : "");
+    } else if (plan.shape.kind == paged_kernel_kind::append) {
+      paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, device, stream);  // checked: HeadDim <= 128
     } else {
-      paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // check: the plan is for decode
+      paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // checked: the plan is for decode
     }
     return;
   } else {
