@@ -116,6 +116,14 @@ void grid_row_mma(benchmark::State& state) {
   run_prefill<mma_sync_path<cuda::prefill<T, D, Mask>>>(state, "prefill", "kvtile_mma");
 }
 
+// A rotary variant (half-split, every dim, theta 10000): cuda::prefill runs it on the mma.sync
+// kernel, which rotates the Q tile once and each K tile once in shared memory; compare with
+// grid_row_mma of the same mask (the issue's bound: at most 10 % slower).
+template <int D, class Mask>
+void grid_row_rotary(benchmark::State& state) {
+  run_prefill<cuda::prefill<T, D, rotary<Mask>>>(state, "prefill", "kvtile_mma_rotary");
+}
+
 alignas(16) unsigned char probe_buffer[512];
 
 // The Hopper wgmma kernel (prefill_sm90.cuh), same grid; skipped where it cannot run.
@@ -168,6 +176,8 @@ BENCHMARK(grid_row_mma<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_mma<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_mma<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_mma<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<128, no_mask>)->Apply(grid_args);
