@@ -171,6 +171,17 @@ void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::ui
   }
 }
 
+// Two chunks (37 and 5 new tokens over 100 and 40 keys), GQA group 5, pages of 7 slots.
+spec chunk_spec() {
+  spec s;
+  s.q_lens = {37, 5};
+  s.kv_lens = {100, 40};
+  s.hq = 5;
+  s.hkv = 1;
+  s.page_size = 7;
+  return s;
+}
+
 }  // namespace
 
 TEST_CASE("emulated paged decode (16-row kernel): GQA groups 4 and 5, split-KV merges, masks and soft-capping") {
@@ -196,12 +207,7 @@ TEST_CASE("emulated paged decode (16-row kernel): GQA groups 4 and 5, split-KV m
 
 TEST_CASE("emulated paged append: 32 rows per warp (D 64, 128) and 16 rows (D 256), chunks against cached prefixes") {
   const auto seed = kvtile_test::fresh_seed();
-  spec s;
-  s.q_lens = {37, 5};
-  s.kv_lens = {100, 40};
-  s.hq = 5;
-  s.hkv = 1;
-  s.page_size = 7;
+  spec s = chunk_spec();
   CHECK(run_emulated<bfloat16, 128, causal_mask>(s, {}, 4, seed) == paged_kernel_kind::append);
   s.hq = 4;
   s.hkv = 2;
@@ -214,12 +220,7 @@ TEST_CASE("emulated paged append: 32 rows per warp (D 64, 128) and 16 rows (D 25
 
 TEST_CASE("emulated rotary: Q and K rotated in shared memory (32-row append) and in registers (16-row kernels)") {
   const auto seed = kvtile_test::fresh_seed();
-  spec s;
-  s.q_lens = {37, 5};
-  s.kv_lens = {100, 40};
-  s.hq = 5;
-  s.hkv = 1;
-  s.page_size = 7;
+  spec s = chunk_spec();
   CHECK(run_emulated<bfloat16, 128, rotary<causal_mask>>(s, {}, 4, seed) == paged_kernel_kind::append);
   rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
   inter.window = 24;
@@ -265,12 +266,7 @@ TEST_CASE("emulated fp8 append: fp8 tiles converted in shared memory (32-row ker
   using per_token = km::fp8_e4m3<km::per_token_head>;
   using per_head = km::fp8_e4m3<km::per_head>;
   const auto seed = kvtile_test::fresh_seed();
-  spec s;
-  s.q_lens = {37, 5};
-  s.kv_lens = {100, 40};
-  s.hq = 5;
-  s.hkv = 1;
-  s.page_size = 7;
+  spec s = chunk_spec();
   run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 4, seed, paged_kernel_kind::append);
   run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 3, seed + 1, paged_kernel_kind::append);  // fp16's P bias
   run_emulated_fp8<bfloat16, 64, per_token, rotary<causal_mask>>(s, {}, 2, seed + 2, paged_kernel_kind::append);

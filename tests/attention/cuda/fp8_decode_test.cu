@@ -185,6 +185,37 @@ spec decode_spec(std::mt19937_64& rng, int group, int page, kv_layout layout) {
 using per_token = km::fp8_e4m3<km::per_token_head>;
 using per_head = km::fp8_e4m3<km::per_head>;
 
+// Chunks of new queries (more than 16 packed rows) against cached prefixes: the append shape.
+spec append_spec(std::mt19937_64& rng, int group, int page, kv_layout layout) {
+  spec s;
+  s.hkv = 2;
+  s.hq = 2 * group;
+  s.page_size = page;
+  s.layout = layout;
+  s.kv_lens = random_lens(rng, 3, 100, 1500);
+  s.q_lens = random_lens(rng, 3, 17, 200);
+  s.kv_lens[1] |= 1;  // an odd length
+  s.q_lens[2] = 1;    // a decode step in the same batch
+  for (int b = 0; b < 3; ++b) s.q_lens[b] = std::min(s.q_lens[b], s.kv_lens[b]);
+  return s;
+}
+
+// Groups 1, 5, 8 x pages 1, 16, 256, NHD and HND in turn, bf16 D 128 causal, both scale
+// granularities, on the batches `make` draws (decode_spec or append_spec).
+template <class MakeSpec>
+void groups_and_pages(std::mt19937_64& rng, MakeSpec make, bool append) {
+  int n = 0;
+  for (int group : {1, 5, 8})
+    for (int page : {1, 16, 256}) {
+      const spec s = make(rng, group, page, (n++ % 2) ? kv_layout::hnd : kv_layout::nhd);
+      INFO("group " << group << " page " << page << " layout " << (s.layout == kv_layout::nhd ? "NHD" : "HND") << " kv "
+                    << s.kv_lens[0] << "," << s.kv_lens[1] << "," << s.kv_lens[2] << " q " << s.q_lens[0] << ","
+                    << s.q_lens[1] << "," << s.q_lens[2]);
+      check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, false, append);
+      check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, false, append);
+    }
+}
+
 __global__ void convert_all_codes(std::uint32_t* half_out, std::uint32_t* bf16_out) {
   const std::uint32_t i = threadIdx.x;  // 64 threads: codes 4i .. 4i + 3
   const std::uint32_t x = (4 * i) | ((4 * i + 1) << 8) | ((4 * i + 2) << 16) | ((4 * i + 3) << 24);
@@ -258,16 +289,7 @@ TEST_CASE("fp8 decode: group sizes 1, 5, 8; pages 1, 16, 256; NHD and HND; bf16 
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  int n = 0;
-  for (int group : {1, 5, 8})
-    for (int page : {1, 16, 256}) {
-      const spec s = decode_spec(rng, group, page, (n++ % 2) ? kv_layout::hnd : kv_layout::nhd);
-      INFO("group " << group << " page " << page << " layout " << (s.layout == kv_layout::nhd ? "NHD" : "HND") << " kv "
-                    << s.kv_lens[0] << "," << s.kv_lens[1] << "," << s.kv_lens[2] << " q " << s.q_lens[0] << ","
-                    << s.q_lens[1] << "," << s.q_lens[2]);
-      check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false);
-      check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false);
-    }
+  groups_and_pages(rng, decode_spec, false);
 }
 
 TEST_CASE("fp8 decode: error against unquantised K/V, uniform and outlier K, per scale granularity") {
@@ -330,35 +352,11 @@ TEST_CASE("fp8 decode: split-KV equals unsplit on long sequences") {
   }
 }
 
-// Chunks of new queries (more than 16 packed rows) against cached prefixes: the append shape.
-spec append_spec(std::mt19937_64& rng, int group, int page, kv_layout layout) {
-  spec s;
-  s.hkv = 2;
-  s.hq = 2 * group;
-  s.page_size = page;
-  s.layout = layout;
-  s.kv_lens = random_lens(rng, 3, 100, 1500);
-  s.q_lens = random_lens(rng, 3, 17, 200);
-  s.kv_lens[1] |= 1;  // an odd length
-  s.q_lens[2] = 1;    // a decode step in the same batch
-  for (int b = 0; b < 3; ++b) s.q_lens[b] = std::min(s.q_lens[b], s.kv_lens[b]);
-  return s;
-}
-
 TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  int n = 0;
-  for (int group : {1, 5, 8})
-    for (int page : {1, 16, 256}) {
-      const spec s = append_spec(rng, group, page, (n++ % 2) ? kv_layout::hnd : kv_layout::nhd);
-      INFO("group " << group << " page " << page << " layout " << (s.layout == kv_layout::nhd ? "NHD" : "HND") << " kv "
-                    << s.kv_lens[0] << "," << s.kv_lens[1] << "," << s.kv_lens[2] << " q " << s.q_lens[0] << ","
-                    << s.q_lens[1] << "," << s.q_lens[2]);
-      check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, false, true);
-      check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, false, true);
-    }
+  groups_and_pages(rng, append_spec, true);
 }
 
 TEST_CASE("fp8 append: fp16 (the probability bias), D 64 / 96, outlier K, a window with sinks, rotary, soft-capping, D 256") {
