@@ -68,19 +68,22 @@ void run_prefill(benchmark::State& state, const std::string& suite, const std::s
   args.kv = {buf.k, buf.v, l};
   args.o = {buf.o, l};
   args.lse = buf.lse;
+  // The workspace the kernel asks for (a rotary variant's rotated Q and K; none otherwise).
+  void* ws = nullptr;
+  if (const std::size_t bytes = Kernel::workspace_size(args)) KVTILE_CUDA_CHECK(cudaMalloc(&ws, bytes));
   const double flops = 4.0 * B * H * double(S) * S * D * (causal ? 0.5 : 1.0);
 
   cudaEvent_t start, stop;
   KVTILE_CUDA_CHECK(cudaEventCreate(&start));
   KVTILE_CUDA_CHECK(cudaEventCreate(&stop));
-  Kernel::run(args);  // warm-up: module load, shared-memory attribute
+  Kernel::run(args, ws);  // warm-up: module load, shared-memory attribute
   KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
   // Launches per timed iteration so that one iteration lasts about a millisecond or more.
   const int reps = flops < 1e11 ? 8 : flops < 1e12 ? 2 : 1;
   double total_s = 0;
   for (auto _ : state) {
     KVTILE_CUDA_CHECK(cudaEventRecord(start));
-    for (int r = 0; r < reps; ++r) Kernel::run(args);
+    for (int r = 0; r < reps; ++r) Kernel::run(args, ws);
     KVTILE_CUDA_CHECK(cudaEventRecord(stop));
     KVTILE_CUDA_CHECK(cudaEventSynchronize(stop));
     float ms = 0;
@@ -91,6 +94,7 @@ void run_prefill(benchmark::State& state, const std::string& suite, const std::s
   }
   KVTILE_CUDA_CHECK(cudaEventDestroy(start));
   KVTILE_CUDA_CHECK(cudaEventDestroy(stop));
+  cudaFree(ws);
   const double tflops = flops * double(state.iterations()) / total_s / 1e12;
   state.counters["value"] = tflops;
   state.counters["TFLOP/s"] = tflops;
@@ -108,7 +112,7 @@ void grid_row(benchmark::State& state) {
 // the default tiles to the sm_90a kernel, so impl=kvtile is that one and kvtile_mma this one.
 template <class K>
 struct mma_sync_path : K {
-  static void run(const typename K::arguments& a) { K::run_portable(a); }
+  static void run(const typename K::arguments& a, void* ws) { K::run_portable(a, ws); }
 };
 
 template <int D, class Mask>
@@ -116,12 +120,22 @@ void grid_row_mma(benchmark::State& state) {
   run_prefill<mma_sync_path<cuda::prefill<T, D, Mask>>>(state, "prefill", "kvtile_mma");
 }
 
-// A rotary variant (half-split, every dim, theta 10000): cuda::prefill runs it on the mma.sync
-// kernel, which rotates the Q tile once and each K tile once in shared memory; compare with
-// grid_row_mma of the same mask (the issue's bound: at most 10 % slower).
+// A rotary variant (half-split, every dim, theta 10000). grid_row_rotary: run() with its
+// workspace, Q and K rotated once into it, then the prefill without the rotation (the sm_90a
+// kernel on Hopper): compare with grid_row. grid_row_rotary_mma: run() without a workspace, the
+// mma.sync kernel rotating each tile in shared memory: compare with grid_row_mma.
+template <class K>
+struct no_workspace : K {
+  static std::size_t workspace_size(const typename K::arguments&) { return 0; }
+  static void run(const typename K::arguments& a, void*) { K::run(a, nullptr); }
+};
 template <int D, class Mask>
 void grid_row_rotary(benchmark::State& state) {
-  run_prefill<cuda::prefill<T, D, rotary<Mask>>>(state, "prefill", "kvtile_mma_rotary");
+  run_prefill<cuda::prefill<T, D, rotary<Mask>>>(state, "prefill", "kvtile_rotary");
+}
+template <int D, class Mask>
+void grid_row_rotary_mma(benchmark::State& state) {
+  run_prefill<no_workspace<cuda::prefill<T, D, rotary<Mask>>>>(state, "prefill", "kvtile_mma_rotary");
 }
 
 alignas(16) unsigned char probe_buffer[512];
@@ -178,6 +192,8 @@ BENCHMARK(grid_row_mma<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_mma<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary_mma<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary_mma<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<128, no_mask>)->Apply(grid_args);

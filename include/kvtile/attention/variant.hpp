@@ -51,6 +51,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstddef>
+#include <type_traits>
 
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
@@ -283,6 +284,23 @@ struct rotary : Mask {
   }
 };
 
+// The variant with its rotary embedding taken out, for kernels handed Q and K already rotated at
+// the variant's positions (cuda::prefill's rotate-once path): rotary<M, L> -> M, and through
+// the shipped wrappers (softcap<rotary<M>> -> softcap<M>); `params` slices the variant's
+// parameters to the stripped type's. type is void where the way out is not known (a user's
+// variant derived from rotary<>): kernels then rotate as they load.
+template <class V>
+struct rotary_stripped {
+  using type = void;
+};
+template <mask_policy M, rotary_layout L>
+struct rotary_stripped<rotary<M, L>> {
+  using type = M;
+  static typename M::params params(const typename rotary<M, L>::params& p) { return p; }
+};
+template <class V>
+using rotary_stripped_t = typename rotary_stripped<V>::type;
+
 // Logit soft-capping over any mask policy (or variant): s -> cap * tanh(s / cap), applied after
 // an inner logit transform if the inner policy has one.
 //   params: Mask::params, then cap (> 0, finite; Gemma 2 uses 50 for attention).
@@ -334,6 +352,18 @@ struct softcap : Mask {
     check_variant<Mask>(p, head_dim);
     KVTILE_REQUIRE(p.cap > 0.f && std::isfinite(p.cap), errc::invalid_argument,
                    "softcap: cap must be positive and finite, got ", p.cap);
+  }
+};
+
+template <class V>
+  requires(!std::is_void_v<rotary_stripped_t<V>>)
+struct rotary_stripped<softcap<V>> {
+  using type = softcap<rotary_stripped_t<V>>;
+  static typename type::params params(const typename softcap<V>::params& p) {
+    typename type::params out{};
+    static_cast<typename rotary_stripped_t<V>::params&>(out) = rotary_stripped<V>::params(p);
+    out.cap = p.cap;
+    return out;
   }
 };
 

@@ -51,7 +51,10 @@ std::vector<std::int32_t> indptr_of(const std::vector<std::int32_t>& lens) {
 }
 
 template <class Kernel>
-void check_prefill(const problem& pb, typename Kernel::mask::params mp, std::mt19937_64& rng, bool with_lse = true) {
+// use_workspace: run with a workspace of Kernel::workspace_size(args) bytes (a rotary variant
+// then rotates Q and K once into it where it can); else with none.
+void check_prefill(const problem& pb, typename Kernel::mask::params mp, std::mt19937_64& rng, bool with_lse = true,
+                   bool use_workspace = true) {
   using T = typename Kernel::element;
   constexpr int D = Kernel::head_dim;
   const auto batch = std::int32_t(pb.q_lens.size());
@@ -102,8 +105,11 @@ void check_prefill(const problem& pb, typename Kernel::mask::params mp, std::mt1
   args.mask_params = mp;
   args.scale = pb.scale;
   args.max_q_len = *std::max_element(pb.q_lens.begin(), pb.q_lens.end());
-  REQUIRE(Kernel::workspace_size(args) == 0);
-  Kernel::run(args, nullptr, nullptr);
+  const std::size_t ws_bytes = Kernel::workspace_size(args);
+  if constexpr (!kvtile::attention::has_rotary<typename Kernel::mask>) REQUIRE(ws_bytes == 0);
+  device_buffer<unsigned char> ws(std::max<std::size_t>(ws_bytes, 1));
+  INFO("workspace " << ws_bytes << " bytes" << (use_workspace ? "" : ", not given"));
+  Kernel::run(args, use_workspace && ws_bytes ? ws.ptr : nullptr, nullptr);
   KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<T> o_got = dout.download();
   const std::vector<float> lse_got = dlse.download();

@@ -153,7 +153,7 @@ TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows p
   }
 }
 
-TEST_CASE("rotary prefill: the mma.sync kernel rotates Q and K tiles in shared memory; odd lengths, GQA 1/5/8, varlen") {
+TEST_CASE("rotary prefill: Q and K rotated once into the workspace (then the plain kernel), or in shared memory by the mma.sync kernel; odd lengths, GQA 1/5/8, varlen") {
   using namespace prefill_test;
   using kvtile::attention::rotary;
   using kvtile::attention::rotary_layout;
@@ -163,17 +163,36 @@ TEST_CASE("rotary prefill: the mma.sync kernel rotates Q and K tiles in shared m
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng);
-  check_prefill<rope_128>({{17, 1}, {4097, 17}, true, 8, 1}, {}, rng);
+  static_assert(rope_128::rotate_once && rope_64::rotate_once);
+  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng);                          // rotated once
+  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng, true, /*use_workspace=*/false);  // in shared memory
+  check_prefill<rope_128>({{300, 300}, {777, 777}, false, 4, 4}, {}, rng);                  // rotated once, q_len < kv_len
+  check_prefill<rope_128>({{17, 1}, {4097, 17}, true, 8, 1}, {}, rng);  // varlen K: in shared memory
   check_prefill<rope_128>({{50, 1, 333}, {50, 900, 400}, true, 3, 3}, {}, rng);
   rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
   inter.window = 100;
   inter.sinks = 4;
   inter.rotary_dim = 32;
   check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng);
-  // The dispatch says why the sm_90a kernel is not taken.
+  check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng, true, false);
+  using capped = kc::prefill<kvtile::bfloat16, 128, softcap<rotary<causal_mask>>>;
+  softcap<rotary<causal_mask>>::params cap;
+  cap.cap = 5.f;
+  check_prefill<capped>({{513}, {600}, false, 8, 2}, cap, rng);
+  // The dispatch says which path and why: without a workspace the mma.sync kernel; with one
+  // the prefill without the rotation (the sm_90a kernel on Hopper).
   rope_128::arguments a{};
+  a.q = {nullptr, kvtile::attention::ragged_layout::fixed(1, 64, 8, 128)};
+  a.kv = {nullptr, nullptr, kvtile::attention::ragged_layout::fixed(1, 64, 8, 128)};
+  a.o = {nullptr, a.q.layout};
+  CHECK(rope_128::workspace_size(a) == std::size_t(2 * 64 * 8 * 128 * 2));
   CHECK(rope_128::dispatch(a).reason.find("rotary") != std::string::npos);
+  alignas(16) static unsigned char probe[16];
+  const auto once = rope_128::dispatch(a, probe);
+  CHECK(once.reason.find("rotated once") != std::string::npos);
+  using plain = kc::prefill<kvtile::bfloat16, 128, causal_mask>;
+  const plain::arguments pa{a.q, a.kv, a.o};
+  CHECK(once.kernel == plain::dispatch(pa).kernel);
 }
 
 TEST_CASE("rotary at cache positions on the GPU: decode over a [sinks + window] page table equals attention over that cache built explicitly") {

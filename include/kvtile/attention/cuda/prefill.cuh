@@ -11,7 +11,7 @@
 //   using kernel = kvtile::attention::cuda::prefill<kvtile::bfloat16, 128, causal_mask>;
 //   kernel::arguments args{q, kv, o, lse, {}, scale};
 //   kernel::check(args);                        // kvtile::error naming the bad value
-//   std::size_t ws = kernel::workspace_size(args);  // 0 today; the protocol keeps the slot
+//   std::size_t ws = kernel::workspace_size(args);  // 0 but for rotary variants (rotate_once)
 //   kernel::run(args, workspace, stream);
 //
 // Template parameters: element type (kvtile::half, kvtile::bfloat16), head dim (a multiple of
@@ -37,6 +37,7 @@
 
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/prefill/rotate.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
@@ -58,6 +59,32 @@ template <class T>
 concept prefill_element = std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>;
 
 template <prefill_element T, int HeadDim, mask_policy Mask = no_mask, tile_shape_type Tile = default_prefill_tile_t<HeadDim>>
+class prefill;
+
+namespace detail {
+// The prefill over Q and K already rotated: the same tile, the variant without its rotation
+// (variant.hpp, rotary_stripped); void where the variant has no such form.
+template <class T, int HeadDim, class Stripped, class Tile>
+struct rotated_prefill {
+  using type = void;
+};
+template <class T, int HeadDim, class Stripped, class Tile>
+  requires mask_policy<Stripped>
+struct rotated_prefill<T, HeadDim, Stripped, Tile> {
+  using type = prefill<T, HeadDim, Stripped, Tile>;
+};
+
+// Elements spanned by a layout's rows (tokens [0, rows) of every sequence, every head) from its
+// base: the size of a copy that keeps the layout's strides. rows: per sequence for a fixed
+// layout, in all for a varlen one.
+inline std::int64_t layout_extent(const ragged_layout& l, std::int64_t rows) {
+  if (l.batch == 0 || rows == 0 || l.heads == 0) return 0;
+  const std::int64_t last_batch = l.indptr ? 0 : std::int64_t(l.batch - 1) * l.stride_batch;
+  return last_batch + (rows - 1) * l.stride_token + std::int64_t(l.heads - 1) * l.stride_head + l.head_dim;
+}
+}  // namespace detail
+
+template <prefill_element T, int HeadDim, mask_policy Mask, tile_shape_type Tile>
 class prefill {
  public:
   using element = T;
@@ -83,6 +110,13 @@ class prefill {
   // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
   // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
+  // A rotary variant the library can take the rotation out of (rotary<M>, softcap<rotary<M>>):
+  // run() with a workspace of workspace_size(args) bytes (fixed-length K/V) rotates Q and K once
+  // into it (prefill/rotate.cuh) and runs `rotated`, this prefill without the rotation -- on
+  // Hopper the sm_90a kernels -- over them. Without a workspace the mma.sync kernel rotates each
+  // tile as it loads it (every CTA that reads a key rotates it again).
+  using rotated = typename detail::rotated_prefill<T, HeadDim, rotary_stripped_t<Mask>, Tile>::type;
+  static constexpr bool rotate_once = has_rotary<Mask> && !std::is_void_v<rotated>;
   static_assert(portable_tile || sm90_dispatch,
                 "prefill: this tile fits neither kernel. The mma.sync kernel needs BlockQ a multiple of 16 * Warps, "
                 "BlockKV a multiple of 16 and Stages >= 2; the sm_90a kernels need Stages >= 2 and Warps a multiple "
@@ -176,7 +210,12 @@ class prefill {
     }
   }
 
-  static std::size_t workspace_size(const arguments&) { return 0; }
+  // Bytes of workspace run() uses: the rotated Q and K of the rotate-once path (with the strides
+  // of q and kv, each 256-byte aligned), else 0.
+  static std::size_t workspace_size(const arguments& a) {
+    if (!rotates_once(a)) return 0;
+    return rotated_q_bytes(a) + rotated_k_bytes(a);
+  }
 
   static dim3 grid(const arguments& a) {
     return detail::prefill_grid(a.q.layout, detail::prefill_max_q_len(a), Tile::block_q);
@@ -186,19 +225,28 @@ class prefill {
   // `stream`. Asynchronous: errors of the launch itself throw here, errors while running show
   // at the next synchronisation.
   // On a Hopper device with this binary's sm_90a code and sm90_dispatch, the wgmma kernel runs.
+  // A rotary variant given a workspace of workspace_size(a) > 0 bytes: Q and K rotated once into
+  // it, then the prefill without the rotation (rotate_once).
   static void run(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
-    (void)workspace;
+    if (workspace != nullptr && rotates_once(a)) return rotate_and_run(a, workspace, stream, true);
     launch(a, stream, true);
   }
 
   // The mma.sync kernel on every device, never the sm_90a one (to compare the two paths).
   static void run_portable(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
-    (void)workspace;
+    if (workspace != nullptr && rotates_once(a)) return rotate_and_run(a, workspace, stream, false);
     launch(a, stream, false);
   }
 
-  // Which kernel run(a) launches on the current device, and why (nothing is launched).
-  static kernel_choice dispatch(const arguments& a) {
+  // Which kernel run(a, workspace) launches on the current device, and why (nothing is launched).
+  static kernel_choice dispatch(const arguments& a, const void* workspace = nullptr) {
+    if constexpr (rotate_once) {
+      if (workspace != nullptr && rotates_once(a)) {
+        kernel_choice c = rotated::dispatch(rotated_arguments(a, a.q.data, a.kv.k));
+        c.reason = "a rotary variant: Q and K rotated once into the workspace, then " + c.reason;
+        return c;
+      }
+    }
     int device = 0;
     KVTILE_CUDA_CHECK(cudaGetDevice(&device));
     return choose(device, true, &a);
@@ -262,8 +310,12 @@ class prefill {
     } else {
       c.kernel = portable_name;
       if constexpr (has_rotary<Mask>)
-        c.reason = "a rotary variant: the sm_90a kernels do not rotate keys (the mma.sync kernel rotates its Q and K "
-                   "tiles in shared memory); " + d;
+        c.reason = std::string("a rotary variant without a workspace: the sm_90a kernels do not rotate keys (the mma.sync "
+                               "kernel rotates its Q and K tiles in shared memory") +
+                   (rotate_once ? "; run() with workspace_size(args) bytes of workspace rotates them once and runs the "
+                                  "prefill without the rotation, fixed-length K/V)"
+                                : ")") +
+                   "; " + d;
       else if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
         c.reason = "the sm_90a kernels take head dims 64, 128 and 256, not " + std::to_string(HeadDim) + "; " + d;
       else
@@ -319,6 +371,61 @@ class prefill {
   }
 
   static bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+  // ---- the rotate-once path ------------------------------------------------------------------
+  // Whether run() with a workspace takes it: a rotary variant with a rotation-free form, K/V of
+  // fixed length (a varlen K's size is on the device), something to compute.
+  static bool rotates_once(const arguments& a) {
+    if constexpr (rotate_once) return a.kv.layout.indptr == nullptr && !nothing_to_compute(a);
+    else return (void)a, false;
+  }
+  static std::size_t round_256(std::int64_t elems) { return std::size_t((elems * std::int64_t(sizeof(T)) + 255) / 256 * 256); }
+  // Rows of the rotated Q: per sequence (fixed) or in all, bounded by batch * max_q_len (varlen).
+  static std::int64_t q_rows(const arguments& a) {
+    const ragged_layout& l = a.q.layout;
+    return l.indptr ? std::int64_t(l.batch) * a.max_q_len : l.len;
+  }
+  static std::size_t rotated_q_bytes(const arguments& a) { return round_256(detail::layout_extent(a.q.layout, q_rows(a))); }
+  static std::size_t rotated_k_bytes(const arguments& a) { return round_256(detail::layout_extent(a.kv.layout, a.kv.layout.len)); }
+  // The arguments of `rotated` over Q and K at q2 / k2 (V, O, LSE and the rest as given).
+  static auto rotated_arguments(const arguments& a, const T* q2, const T* k2) {
+    typename rotated::arguments r;
+    r.q = {q2, a.q.layout};
+    r.kv = {k2, a.kv.v, a.kv.layout};
+    r.o = a.o;
+    r.lse = a.lse;
+    r.mask_params = rotary_stripped<Mask>::params(a.mask_params);
+    r.scale = a.scale;
+    r.max_q_len = a.max_q_len;
+    return r;
+  }
+  static void rotate_and_run(const arguments& a, void* workspace, cudaStream_t stream, bool allow_sm90) {
+    if constexpr (rotate_once) {
+      check(a);
+      KVTILE_REQUIRE(aligned16(workspace), errc::invalid_argument, "prefill: the workspace must be 16-byte aligned");
+      auto* ws = static_cast<unsigned char*>(workspace);
+      T* q2 = reinterpret_cast<T*>(ws);
+      T* k2 = reinterpret_cast<T*>(ws + rotated_q_bytes(a));
+      const ragged_layout &ql = a.q.layout, &kl = a.kv.layout;
+      constexpr unsigned threads = 32 * detail::rotate_rows_warps;
+      const std::int64_t q_rows_bound = (ql.indptr ? std::int64_t(a.max_q_len) : ql.len) * ql.heads;
+      if (q_rows_bound > 0)
+        detail::rotate_rows_kernel<T, HeadDim, Mask, false><<<detail::rotate_rows_grid(q_rows_bound, ql.batch), threads, 0, stream>>>(
+            a.q, dense_tensor<T>{q2, ql}, ql, kl, a.mask_params);
+      KVTILE_CUDA_CHECK_LAUNCH();
+      if (std::int64_t(kl.len) * kl.heads > 0)
+        detail::rotate_rows_kernel<T, HeadDim, Mask, true><<<detail::rotate_rows_grid(std::int64_t(kl.len) * kl.heads, kl.batch), threads, 0, stream>>>(
+            dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}, ql, kl, a.mask_params);
+      KVTILE_CUDA_CHECK_LAUNCH();
+      const auto r = rotated_arguments(a, q2, k2);
+      if (allow_sm90)
+        rotated::run(r, nullptr, stream);
+      else
+        rotated::run_portable(r, nullptr, stream);
+    } else {
+      (void)a, (void)workspace, (void)stream, (void)allow_sm90;
+    }
+  }
 };
 
 }  // namespace attention::cuda

@@ -1,0 +1,111 @@
+// The rotate-once pass of cuda::prefill's rotary variants (attention/cuda/prefill/rotate.cuh)
+// run on the host through tests/emulation, a thread per CUDA thread: every row of Q and K
+// against the backends' one rotation (rotary_rotate_row) at the variant's positions, bit for bit
+// (the emulation's sincosf is the host's), for half-split and interleaved layouts, partial
+// rotary dims, fixed and varlen Q, strided K; rows outside the tensors stay untouched. Also the
+// variant without its rotation (rotary_stripped) and its parameters.
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <random>
+#include <vector>
+
+#include <cuda_runtime.h>  // the emulation's
+
+#include "kvtile/attention/cuda/prefill/rotate.cuh"
+#include "kvtile/attention/variant.hpp"
+#include "support/test_util.hpp"
+
+namespace {
+
+using namespace kvtile;
+using namespace kvtile::attention;
+namespace kd = kvtile::attention::cuda::detail;
+
+template <class T>
+bool same_bits(const T& a, const T& b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// Runs the pass over src (Q when !Keys) and checks every row of every sequence against the host
+// rotation; dst starts poisoned, and its elements outside the rows must stay so.
+template <class T, int D, class V, bool Keys>
+void check_rotation(const std::vector<T>& src, const ragged_layout& ql, const ragged_layout& kl, std::int64_t rows_bound,
+                    const typename V::params& vp) {
+  const ragged_layout& l = Keys ? kl : ql;
+  std::vector<T> dst(src.size(), kvtile_test::poison<T>());
+  const dense_tensor<const T> s{src.data(), l};
+  const dense_tensor<T> d{dst.data(), l};
+  emu::launch(kd::rotate_rows_grid(rows_bound, l.batch), 32 * kd::rotate_rows_warps, 0,
+              [&](unsigned char*) { kd::rotate_rows_cta<T, D, V, Keys>(s, d, ql, kl, vp); });
+  std::vector<bool> written(src.size(), false);
+  for (int b = 0; b < l.batch; ++b) {
+    const V v(vp, ql.len_of(b), kl.len_of(b));
+    const int r = v.rotary_dims(D);
+    std::vector<float> inv(std::size_t(r / 2));
+    for (int k = 0; k < r / 2; ++k) inv[std::size_t(k)] = rotary_inv_freq(k, r, v.rotary_theta());
+    for (int t = 0; t < l.len_of(b); ++t)
+      for (int h = 0; h < l.heads; ++h) {
+        const std::int64_t o = l.offset(b, t, h);
+        float x[D];
+        for (int i = 0; i < D; ++i) x[i] = float(src[std::size_t(o + i)]);
+        rotary_rotate_row<V::rotary_layout_v>(x, r, Keys ? v.key_position(t) : v.query_position(t), inv.data());
+        for (int i = 0; i < D; ++i) {
+          INFO("sequence " << b << " token " << t << " head " << h << " dim " << i << (Keys ? " (K)" : " (Q)"));
+          REQUIRE(same_bits(dst[std::size_t(o + i)], T(x[i])));
+          written[std::size_t(o + i)] = true;
+        }
+      }
+  }
+  for (std::size_t i = 0; i < dst.size(); ++i)
+    if (!written[i]) REQUIRE(same_bits(dst[i], kvtile_test::poison<T>()));
+}
+
+}  // namespace
+
+TEST_CASE("emulated rotate-once pass: Q at query positions (bottom-right aligned), K at key positions, both layouts") {
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  constexpr int D = 64;
+  // Fixed Q (2 x 5 tokens, 4 heads) over fixed K (2 x 9 tokens, 2 heads) whose rows are strided
+  // (K interleaved with V: a token stride of twice the heads).
+  ragged_layout ql = ragged_layout::fixed(2, 5, 4, D);
+  ragged_layout kl = ragged_layout::fixed(2, 9, 2, D);
+  kl.stride_token = 2 * 2 * D;
+  kl.stride_batch = 9 * kl.stride_token;
+  const auto q = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 5 * 4 * D), rng);
+  const auto k = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 9 * 4 * D), rng);
+  using half_split = rotary<causal_mask>;
+  check_rotation<bfloat16, D, half_split, false>(q, ql, kl, 5 * 4, {});
+  check_rotation<bfloat16, D, half_split, true>(k, ql, kl, 9 * 2, {});
+  using inter = rotary<sliding_window_mask, rotary_layout::interleaved>;
+  inter::params ip;
+  ip.window = 3;
+  ip.rotary_dim = 32;  // dims [32, 64) copied
+  ip.theta = 500.f;
+  check_rotation<bfloat16, D, inter, false>(q, ql, kl, 5 * 4, ip);
+  check_rotation<bfloat16, D, inter, true>(k, ql, kl, 9 * 2, ip);
+  // Varlen Q (3, 1, 4 tokens; the grid's bound from the longest) over fixed K of 6.
+  const std::vector<std::int32_t> qptr{0, 3, 4, 8};
+  const ragged_layout qv = ragged_layout::varlen(qptr.data(), 3, 4, D);
+  const ragged_layout kf = ragged_layout::fixed(3, 6, 4, D);
+  const auto q2 = kvtile_test::random_vector<half>(std::size_t(8 * 4 * D), rng);
+  check_rotation<half, D, softcap<half_split>, false>(q2, qv, kf, 4 * 4, {});
+}
+
+TEST_CASE("rotary_stripped: the variant without its rotation, and its parameters") {
+  static_assert(std::is_same_v<rotary_stripped_t<rotary<causal_mask>>, causal_mask>);
+  static_assert(std::is_same_v<rotary_stripped_t<softcap<rotary<sliding_window_mask>>>, softcap<sliding_window_mask>>);
+  static_assert(std::is_void_v<rotary_stripped_t<causal_mask>>);
+  static_assert(std::is_void_v<rotary_stripped_t<softcap<causal_mask>>>);
+  softcap<rotary<sliding_window_mask>>::params p;
+  p.window = 7;
+  p.sinks = 2;
+  p.theta = 123.f;
+  p.cap = 9.f;
+  const auto s = rotary_stripped<softcap<rotary<sliding_window_mask>>>::params(p);
+  CHECK(s.window == 7);
+  CHECK(s.sinks == 2);
+  CHECK(s.cap == 9.f);
+}
