@@ -380,12 +380,14 @@ class prefill {
     else return (void)a, false;
   }
   static std::size_t round_256(std::int64_t elems) { return std::size_t((elems * std::int64_t(sizeof(T)) + 255) / 256 * 256); }
-  // Rows of the rotated Q: per sequence (fixed) or in all, bounded by batch * max_q_len (varlen).
-  static std::int64_t q_rows(const arguments& a) {
+  // Tokens of a sequence of q: its length (fixed), at most max_q_len (varlen).
+  static std::int64_t q_len_bound(const arguments& a) { return a.q.layout.indptr ? a.max_q_len : a.q.layout.len; }
+  // The rotated Q spans the rows of q: per sequence (fixed), or all of them, at most batch times
+  // the bound (varlen).
+  static std::size_t rotated_q_bytes(const arguments& a) {
     const ragged_layout& l = a.q.layout;
-    return l.indptr ? std::int64_t(l.batch) * a.max_q_len : l.len;
+    return round_256(detail::layout_extent(l, l.indptr ? l.batch * q_len_bound(a) : q_len_bound(a)));
   }
-  static std::size_t rotated_q_bytes(const arguments& a) { return round_256(detail::layout_extent(a.q.layout, q_rows(a))); }
   static std::size_t rotated_k_bytes(const arguments& a) { return round_256(detail::layout_extent(a.kv.layout, a.kv.layout.len)); }
   // The arguments of `rotated` over Q and K at q2 / k2 (V, O, LSE and the rest as given).
   static auto rotated_arguments(const arguments& a, const T* q2, const T* k2) {
@@ -408,7 +410,7 @@ class prefill {
       T* k2 = reinterpret_cast<T*>(ws + rotated_q_bytes(a));
       const ragged_layout &ql = a.q.layout, &kl = a.kv.layout;
       constexpr unsigned threads = 32 * detail::rotate_rows_warps;
-      const std::int64_t q_rows_bound = (ql.indptr ? std::int64_t(a.max_q_len) : ql.len) * ql.heads;
+      const std::int64_t q_rows_bound = q_len_bound(a) * ql.heads;
       if (q_rows_bound > 0)
         detail::rotate_rows_kernel<T, HeadDim, Mask, false><<<detail::rotate_rows_grid(q_rows_bound, ql.batch), threads, 0, stream>>>(
             a.q, dense_tensor<T>{q2, ql}, ql, kl, a.mask_params);

@@ -137,12 +137,12 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   };
   // Offsets of the key row of thread tid < BN in tile `tile` (block blk) into ring slot `slot`.
   auto store_offsets = [&](int slot, int tile, int blk) {
-    const int tok = kv_begin + tile * BN + tid;
-    off_s[slot * BN + tid] = blk < 0 ? -1 : p.kv.pool.offset(blk, page.mod(tok), kvh);
+    const int in_page = page.mod(kv_begin + tile * BN + tid);
+    off_s[slot * BN + tid] = blk < 0 ? -1 : p.kv.pool.offset(blk, in_page, kvh);
     if constexpr (token_scales) {
       const auto* base = reinterpret_cast<const unsigned char*>(p.kv.pool.k);
       soff_s[slot * BN + tid] =
-          blk < 0 ? -1 : reinterpret_cast<const unsigned char*>(p.kv.pool.scale_ptr(p.kv.pool.k, blk, page.mod(tok), kvh)) - base;
+          blk < 0 ? -1 : reinterpret_cast<const unsigned char*>(p.kv.pool.scale_ptr(p.kv.pool.k, blk, in_page, kvh)) - base;
     }
   };
 
