@@ -29,17 +29,12 @@ bool same_bits(const T& a, const T& b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-// Runs the pass over src (Q when !Keys) and checks every row of every sequence against the host
-// rotation; dst starts poisoned, and its elements outside the rows must stay so.
+// Checks every row of every sequence of one side (K when Keys) against the host rotation; dst
+// started poisoned, and its elements outside the rows must have stayed so.
 template <class T, int D, class V, bool Keys>
-void check_rotation(const std::vector<T>& src, const ragged_layout& ql, const ragged_layout& kl, std::int64_t rows_bound,
-                    const typename V::params& vp) {
+void check_side(const std::vector<T>& src, const std::vector<T>& dst, const ragged_layout& ql, const ragged_layout& kl,
+                const typename V::params& vp) {
   const ragged_layout& l = Keys ? kl : ql;
-  std::vector<T> dst(src.size(), kvtile_test::poison<T>());
-  const dense_tensor<const T> s{src.data(), l};
-  const dense_tensor<T> d{dst.data(), l};
-  emu::launch(kd::rotate_rows_grid(rows_bound, l.batch), 32 * kd::rotate_rows_warps, 0,
-              [&](unsigned char*) { kd::rotate_rows_cta<T, D, V, Keys>(s, d, ql, kl, vp); });
   std::vector<bool> written(src.size(), false);
   for (int b = 0; b < l.batch; ++b) {
     const V v(vp, ql.len_of(b), kl.len_of(b));
@@ -63,6 +58,20 @@ void check_rotation(const std::vector<T>& src, const ragged_layout& ql, const ra
     if (!written[i]) REQUIRE(same_bits(dst[i], kvtile_test::poison<T>()));
 }
 
+// Runs the pass (one launch: Q and K) as cuda::prefill launches it and checks both sides.
+template <class T, int D, class V>
+void check_rotation(const std::vector<T>& q, const std::vector<T>& k, const ragged_layout& ql, const ragged_layout& kl,
+                    std::int64_t q_rows_bound, const typename V::params& vp) {
+  std::vector<T> q2(q.size(), kvtile_test::poison<T>()), k2(k.size(), kvtile_test::poison<T>());
+  const kd::rotate_side<T> qs{{q.data(), ql}, {q2.data(), ql}}, ks{{k.data(), kl}, {k2.data(), kl}};
+  const int tasks = kd::rotate_row_tasks<D, V::rotary_layout_v>(V(vp, 1, 1).rotary_dims(D));
+  const dim3 grid = kd::rotate_rows_grid(q_rows_bound, std::int64_t(kl.len) * kl.heads, tasks, ql.batch);
+  CHECK(grid.z == 2);
+  emu::launch(grid, kd::rotate_threads, 0, [&](unsigned char*) { kd::rotate_rows_cta<T, D, V>(qs, ks, ql, kl, vp); });
+  check_side<T, D, V, false>(q, q2, ql, kl, vp);
+  check_side<T, D, V, true>(k, k2, ql, kl, vp);
+}
+
 }  // namespace
 
 TEST_CASE("emulated rotate-once pass: Q at query positions (bottom-right aligned), K at key positions, both layouts") {
@@ -77,21 +86,24 @@ TEST_CASE("emulated rotate-once pass: Q at query positions (bottom-right aligned
   const auto q = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 5 * 4 * D), rng);
   const auto k = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 9 * 4 * D), rng);
   using half_split = rotary<causal_mask>;
-  check_rotation<bfloat16, D, half_split, false>(q, ql, kl, 5 * 4, {});
-  check_rotation<bfloat16, D, half_split, true>(k, ql, kl, 9 * 2, {});
+  check_rotation<bfloat16, D, half_split>(q, k, ql, kl, 5 * 4, {});
   using inter = rotary<sliding_window_mask, rotary_layout::interleaved>;
   inter::params ip;
   ip.window = 3;
   ip.rotary_dim = 32;  // dims [32, 64) copied
   ip.theta = 500.f;
-  check_rotation<bfloat16, D, inter, false>(q, ql, kl, 5 * 4, ip);
-  check_rotation<bfloat16, D, inter, true>(k, ql, kl, 9 * 2, ip);
+  check_rotation<bfloat16, D, inter>(q, k, ql, kl, 5 * 4, ip);
+  // Half-split over partial dims (R = 32 of 64: one rotated task and four copied a row).
+  half_split::params hp;
+  hp.rotary_dim = 32;
+  check_rotation<bfloat16, D, half_split>(q, k, ql, kl, 5 * 4, hp);
   // Varlen Q (3, 1, 4 tokens; the grid's bound from the longest) over fixed K of 6.
   const std::vector<std::int32_t> qptr{0, 3, 4, 8};
   const ragged_layout qv = ragged_layout::varlen(qptr.data(), 3, 4, D);
   const ragged_layout kf = ragged_layout::fixed(3, 6, 4, D);
   const auto q2 = kvtile_test::random_vector<half>(std::size_t(8 * 4 * D), rng);
-  check_rotation<half, D, softcap<half_split>, false>(q2, qv, kf, 4 * 4, {});
+  const auto k2 = kvtile_test::random_vector<half>(std::size_t(3 * 6 * 4 * D), rng);
+  check_rotation<half, D, softcap<half_split>>(q2, k2, qv, kf, 4 * 4, {});
 }
 
 TEST_CASE("rotary_stripped: the variant without its rotation, and its parameters") {

@@ -5,7 +5,8 @@
 //                         probabilities rounded to T, fp32 sums, output rounded to T), as a
 //                         framework would compute it. FlashAttention's rule for a kernel:
 //                         max|kernel - exact| <= 2 * max|naive_lowp - exact| + slack.
-// Both materialise one row of scores at a time; they are for tests, not for speed.
+// Both materialise one row of scores at a time; they are for tests, not for speed (the rows of a
+// large sequence run on cpu::thread_pool::global(), which leaves every value as it is).
 // Both apply a variant's transforms (attention/variant.hpp): Q and K rotated at their positions
 // (fp64: the rotary formula in double; low precision: in fp32 as kernels do, the rotated
 // values then rounded to T as a framework stores them), the logit transform on each scaled
@@ -27,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvtile/attention/cpu/thread_pool.hpp"
 #include "kvtile/attention/kv_source.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/variant.hpp"
@@ -63,14 +65,12 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
   const std::int32_t group = hq / num_kv_heads;
   const auto* kb = kv.k_base();
   const auto* vb = kv.v_base();
-  std::vector<Acc> s, acc(d);
-  // Rotary variants: the rotated query row, and the sequence's rotated keys [kv_len, hk, d].
-  [[maybe_unused]] std::vector<Acc> q_rot, k_rot;
-  [[maybe_unused]] std::vector<float> row32, inv_freq;
+  // Rotary variants: the sequence's rotated keys [kv_len, hk, d], and the frequencies (fp32 path).
+  [[maybe_unused]] std::vector<Acc> k_rot;
+  [[maybe_unused]] std::vector<float> inv_freq;
   for (std::int32_t b = 0; b < q.layout.batch; ++b) {
     const std::int32_t q_len = q.layout.len_of(b), kv_len = kv.kv_len(b);
     const Mask mask(mask_params, q_len, kv_len);
-    s.assign(std::size_t(kv_len), Acc(0));
     // Rotates src[0, d) at position pos into dst (see the header comment for the precision).
     [[maybe_unused]] auto rotate = [&](const auto* src, int pos, Acc* dst) {
       if constexpr (has_rotary<Mask>) {
@@ -79,9 +79,7 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
           for (std::int32_t x = 0; x < d; ++x) dst[x] = to_double(src[x]);
           rotary_rotate_row_f64<Mask::rotary_layout_v>(dst, r, pos, double(mask.rotary_theta()));
         } else {
-          inv_freq.resize(std::size_t(r / 2));
-          for (int k = 0; k < r / 2; ++k) inv_freq[k] = rotary_inv_freq(k, r, mask.rotary_theta());
-          row32.resize(std::size_t(d));
+          std::vector<float> row32(static_cast<std::size_t>(d));
           for (std::int32_t x = 0; x < d; ++x) row32[x] = float(to_double(src[x]));
           rotary_rotate_row<Mask::rotary_layout_v>(row32.data(), r, pos, inv_freq.data());
           for (std::int32_t x = 0; x < d; ++x) dst[x] = round_score(row32[x]);
@@ -89,59 +87,74 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
       }
     };
     if constexpr (has_rotary<Mask>) {
+      if constexpr (!std::is_same_v<Acc, double>) {
+        const int r = mask.rotary_dims(d);
+        inv_freq.resize(std::size_t(r / 2));
+        for (int k = 0; k < r / 2; ++k) inv_freq[k] = rotary_inv_freq(k, r, mask.rotary_theta());
+      }
       k_rot.assign(std::size_t(kv_len) * num_kv_heads * d, Acc(0));
       for (std::int32_t j = 0; j < kv_len; ++j)
         for (std::int32_t hk = 0; hk < num_kv_heads; ++hk)
           rotate(kb + kv.token_offset(b, j, hk), mask.key_position(j), &k_rot[(std::size_t(j) * num_kv_heads + hk) * d]);
-      q_rot.resize(std::size_t(d));
     }
-    for (std::int32_t t = 0; t < q_len; ++t)
-      for (std::int32_t h = 0; h < hq; ++h) {
-        const std::int32_t hk = h / group;
-        const TQ* qr = q.at(b, t, h);
-        if constexpr (has_rotary<Mask>) rotate(qr, mask.query_position(t), q_rot.data());
-        Acc mx = -std::numeric_limits<Acc>::infinity();
-        for (std::int32_t j = 0; j < kv_len; ++j) {
-          if (!mask.visible(t, j)) {
-            s[j] = -std::numeric_limits<Acc>::infinity();
-            continue;
-          }
-          Acc dot = 0;
-          if constexpr (has_rotary<Mask>) {
-            const Acc* kr = &k_rot[(std::size_t(j) * num_kv_heads + hk) * d];
-            for (std::int32_t x = 0; x < d; ++x) dot += q_rot[x] * kr[x];
-          } else {
-            const auto* kr = kb + kv.token_offset(b, j, hk);
-            for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
-          }
-          dot *= Acc(kv_k_scale(kv, b, j, hk));
-          if constexpr (has_logit_transform<Mask>) {
-            const Acc sc = round_score(dot * Acc(scale));
-            if constexpr (std::is_same_v<Acc, double> && has_logit_transform_f64<Mask>) s[j] = mask.logit(sc);
-            else s[j] = round_score(Acc(mask.logit(float(sc))));
-          } else {
-            s[j] = round_score(dot * Acc(scale));
-          }
-          if (s[j] > mx) mx = s[j];
-        }
-        Acc sum = 0;
-        for (std::int32_t j = 0; j < kv_len; ++j) {
-          s[j] = mx == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - mx);
-          sum += s[j];
-        }
-        std::fill(acc.begin(), acc.end(), Acc(0));
-        for (std::int32_t j = 0; j < kv_len; ++j) {
-          if (s[j] == Acc(0)) continue;
-          const Acc p = round_score(s[j] / sum) * Acc(kv_v_scale(kv, b, j, hk));
-          const auto* vr = vb + kv.token_offset(b, j, hk);
-          for (std::int32_t x = 0; x < d; ++x) acc[x] += p * Acc(to_double(vr[x]));
-        }
-        TO* orow = o.at(b, t, h);
-        for (std::int32_t x = 0; x < d; ++x) orow[x] = round_out(acc[x]);
-        if (lse)
-          lse[q.layout.row(b, t) * hq + h] =
-              sum > 0 ? mx + std::log(sum) : -std::numeric_limits<Acc>::infinity();
+    // One output row (query t, head h); rows are independent, so they run on the CPU backend's
+    // thread pool when the sequence is large enough to pay for it (the result does not depend on it).
+    auto row = [&](std::int64_t item) {
+      const auto t = std::int32_t(item / hq), h = std::int32_t(item % hq);
+      const std::int32_t hk = h / group;
+      const TQ* qr = q.at(b, t, h);
+      std::vector<Acc> s(static_cast<std::size_t>(kv_len)), acc(static_cast<std::size_t>(d), Acc(0));
+      [[maybe_unused]] std::vector<Acc> q_rot;
+      if constexpr (has_rotary<Mask>) {
+        q_rot.resize(std::size_t(d));
+        rotate(qr, mask.query_position(t), q_rot.data());
       }
+      Acc mx = -std::numeric_limits<Acc>::infinity();
+      for (std::int32_t j = 0; j < kv_len; ++j) {
+        if (!mask.visible(t, j)) {
+          s[j] = -std::numeric_limits<Acc>::infinity();
+          continue;
+        }
+        Acc dot = 0;
+        if constexpr (has_rotary<Mask>) {
+          const Acc* kr = &k_rot[(std::size_t(j) * num_kv_heads + hk) * d];
+          for (std::int32_t x = 0; x < d; ++x) dot += q_rot[x] * kr[x];
+        } else {
+          const auto* kr = kb + kv.token_offset(b, j, hk);
+          for (std::int32_t x = 0; x < d; ++x) dot += Acc(to_double(qr[x])) * Acc(to_double(kr[x]));
+        }
+        dot *= Acc(kv_k_scale(kv, b, j, hk));
+        if constexpr (has_logit_transform<Mask>) {
+          const Acc sc = round_score(dot * Acc(scale));
+          if constexpr (std::is_same_v<Acc, double> && has_logit_transform_f64<Mask>) s[j] = mask.logit(sc);
+          else s[j] = round_score(Acc(mask.logit(float(sc))));
+        } else {
+          s[j] = round_score(dot * Acc(scale));
+        }
+        if (s[j] > mx) mx = s[j];
+      }
+      Acc sum = 0;
+      for (std::int32_t j = 0; j < kv_len; ++j) {
+        s[j] = mx == -std::numeric_limits<Acc>::infinity() ? Acc(0) : std::exp(s[j] - mx);
+        sum += s[j];
+      }
+      for (std::int32_t j = 0; j < kv_len; ++j) {
+        if (s[j] == Acc(0)) continue;
+        const Acc p = round_score(s[j] / sum) * Acc(kv_v_scale(kv, b, j, hk));
+        const auto* vr = vb + kv.token_offset(b, j, hk);
+        for (std::int32_t x = 0; x < d; ++x) acc[x] += p * Acc(to_double(vr[x]));
+      }
+      TO* orow = o.at(b, t, h);
+      for (std::int32_t x = 0; x < d; ++x) orow[x] = round_out(acc[x]);
+      if (lse)
+        lse[q.layout.row(b, t) * hq + h] = sum > 0 ? mx + std::log(sum) : -std::numeric_limits<Acc>::infinity();
+    };
+    const std::int64_t rows = std::int64_t(q_len) * hq;
+    if (rows > 1 && rows * kv_len * d >= (std::int64_t(1) << 22)) {
+      cpu::thread_pool::global().parallel_for(rows, row);
+    } else {
+      for (std::int64_t i = 0; i < rows; ++i) row(i);
+    }
   }
 }
 

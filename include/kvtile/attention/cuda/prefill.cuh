@@ -409,16 +409,14 @@ class prefill {
       T* q2 = reinterpret_cast<T*>(ws);
       T* k2 = reinterpret_cast<T*>(ws + rotated_q_bytes(a));
       const ragged_layout &ql = a.q.layout, &kl = a.kv.layout;
-      constexpr unsigned threads = 32 * detail::rotate_rows_warps;
-      const std::int64_t q_rows_bound = q_len_bound(a) * ql.heads;
-      if (q_rows_bound > 0)
-        detail::rotate_rows_kernel<T, HeadDim, Mask, false><<<detail::rotate_rows_grid(q_rows_bound, ql.batch), threads, 0, stream>>>(
-            a.q, dense_tensor<T>{q2, ql}, ql, kl, a.mask_params);
-      KVTILE_CUDA_CHECK_LAUNCH();
-      if (std::int64_t(kl.len) * kl.heads > 0)
-        detail::rotate_rows_kernel<T, HeadDim, Mask, true><<<detail::rotate_rows_grid(std::int64_t(kl.len) * kl.heads, kl.batch), threads, 0, stream>>>(
-            dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}, ql, kl, a.mask_params);
-      KVTILE_CUDA_CHECK_LAUNCH();
+      const int tasks = detail::rotate_row_tasks<HeadDim, Mask::rotary_layout_v>(Mask(a.mask_params, 1, 1).rotary_dims(HeadDim));
+      const dim3 grid = detail::rotate_rows_grid(q_len_bound(a) * ql.heads, std::int64_t(kl.len) * kl.heads, tasks, ql.batch);
+      if (grid.x > 0) {
+        detail::rotate_rows_kernel<T, HeadDim, Mask><<<grid, detail::rotate_threads, 0, stream>>>(
+            {a.q, dense_tensor<T>{q2, ql}}, {dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}}, ql, kl,
+            a.mask_params);
+        KVTILE_CUDA_CHECK_LAUNCH();
+      }
       const auto r = rotated_arguments(a, q2, k2);
       if (allow_sm90)
         rotated::run(r, nullptr, stream);
