@@ -48,23 +48,23 @@ struct rotate_side {
   dense_tensor<T> dst;
 };
 
-// The CTA's work (the kernel below is it): tasks [blockIdx.x * rotate_threads, + rotate_threads)
-// of sequence blockIdx.y of side blockIdx.z (0: Q at query positions, 1: K at key positions).
-// q_layout / kv_layout give the sequence's lengths (device indptr for varlen ones).
-template <class T, int D, class Variant>
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows_cta(rotate_side<T> q, rotate_side<T> k, ragged_layout q_layout,
-                                                      ragged_layout kv_layout, typename Variant::params vp) {
+// One side's part of the CTA's work: tasks [blockIdx.x * rotate_threads, + rotate_threads) of
+// sequence blockIdx.y of `side` (K at key positions when Keys, else Q at query positions).
+// q_layout / kv_layout give the sequence's lengths (device indptr for varlen ones). The side is
+// a kernel parameter chosen by a compile-time branch, never by a run-time reference (which
+// would copy the parameters into local memory in every thread).
+template <class T, int D, class Variant, bool Keys>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& side, const ragged_layout& q_layout,
+                                                       const ragged_layout& kv_layout, const typename Variant::params& vp) {
   static_assert(has_rotary<Variant>, "rotate_rows: the variant has no rotary embedding");
   static_assert(sizeof(T) == 2 && D % 16 == 0, "rotate_rows: 2-byte elements, head_dim a multiple of 16");
   constexpr rotary_layout L = Variant::rotary_layout_v;
   static __shared__ float inv_freq[D / 2];
-  const bool keys = blockIdx.z == 1;
   const int b = int(blockIdx.y);
   const int q_len = q_layout.len_of(b), kv_len = kv_layout.len_of(b);
   const Variant v(vp, q_len, kv_len);
   const int r = v.rotary_dims(D);
-  const rotate_side<T>& side = keys ? k : q;
-  const int len = keys ? kv_len : q_len, heads = side.src.layout.heads;
+  const int len = Keys ? kv_len : q_len, heads = side.src.layout.heads;
   const int tasks = rotate_row_tasks<D, L>(r), rotated = rotate_rotated_tasks<D, L>(r);
   const std::int64_t items = std::int64_t(len) * heads * tasks, first = std::int64_t(blockIdx.x) * rotate_threads;
   if (first >= items) return;  // the whole CTA: past this side's rows (before the barrier)
@@ -82,7 +82,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows_cta(rotate_side<T> q, rotate_s
     *reinterpret_cast<uint4*>(out + x) = *reinterpret_cast<const uint4*>(in + x);
     return;
   }
-  const int pos = keys ? v.key_position(t) : v.query_position(t);
+  const int pos = Keys ? v.key_position(t) : v.query_position(t);
   // Eight elements of a 16-byte vector, as values.
   auto unpack = [](const uint4& u, float (&f)[8]) {
     T e[8];
@@ -121,6 +121,17 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows_cta(rotate_side<T> q, rotate_s
     }
     *reinterpret_cast<uint4*>(out + i0) = pack(x);
   }
+}
+
+// The CTA's work (the kernel below is it): side blockIdx.z (0: Q, 1: K).
+template <class T, int D, class Variant>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows_cta(const rotate_side<T>& q, const rotate_side<T>& k,
+                                                      const ragged_layout& q_layout, const ragged_layout& kv_layout,
+                                                      const typename Variant::params& vp) {
+  if (blockIdx.z == 1)
+    rotate_side_rows<T, D, Variant, true>(k, q_layout, kv_layout, vp);
+  else
+    rotate_side_rows<T, D, Variant, false>(q, q_layout, kv_layout, vp);
 }
 
 template <class T, int D, class Variant>
