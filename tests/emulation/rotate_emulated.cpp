@@ -1,11 +1,14 @@
 // The rotate-once pass of cuda::prefill's rotary variants (attention/cuda/prefill/rotate.cuh)
 // run on the host through tests/emulation, a thread per CUDA thread: every row of Q and K
-// against the backends' one rotation (rotary_rotate_row) at the variant's positions, bit for bit
-// (the emulation's sincosf is the host's), for half-split and interleaved layouts, partial
+// against the rotation at the variant's positions with the pass's cosine and sine
+// (rotary_cos_sin_fast; the emulation's __sincosf is the host's), bit for bit, and within a
+// rounding of the accurate rotation (rotary_rotate_row), for half-split and interleaved layouts, partial
 // rotary dims, fixed and varlen Q, strided K; rows outside the tensors stay untouched. Also the
 // variant without its rotation (rotary_stripped) and its parameters.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -46,10 +49,22 @@ void check_side(const std::vector<T>& src, const std::vector<T>& dst, const ragg
         const std::int64_t o = l.offset(b, t, h);
         float x[D];
         for (int i = 0; i < D; ++i) x[i] = float(src[std::size_t(o + i)]);
-        rotary_rotate_row<V::rotary_layout_v>(x, r, Keys ? v.key_position(t) : v.query_position(t), inv.data());
+        float exact[D];
+        std::copy(x, x + D, exact);
+        const int pos = Keys ? v.key_position(t) : v.query_position(t);
+        rotary_rotate_row<V::rotary_layout_v>(exact, r, pos, inv.data());
+        // The pass's own formula: the decode kernels' reduced hardware sine and cosine.
+        for (int k = 0; k < r / 2; ++k) {
+          float c, s;
+          kvtile::attention::cuda::rotary_cos_sin_fast(float(pos), inv[std::size_t(k)], c, s);
+          rotary_rotate_pair(x[rotary_pair_first<V::rotary_layout_v>(k, r)], x[rotary_pair_second<V::rotary_layout_v>(k, r)],
+                             c, s);
+        }
         for (int i = 0; i < D; ++i) {
           INFO("sequence " << b << " token " << t << " head " << h << " dim " << i << (Keys ? " (K)" : " (Q)"));
           REQUIRE(same_bits(dst[std::size_t(o + i)], T(x[i])));
+          // and within a rounding of T of the accurate sincosf's rotation
+          REQUIRE(std::fabs(float(dst[std::size_t(o + i)]) - exact[i]) <= 1e-2f * std::fabs(exact[i]) + 1e-6f);
           written[std::size_t(o + i)] = true;
         }
       }
@@ -97,6 +112,12 @@ TEST_CASE("emulated rotate-once pass: Q at query positions (bottom-right aligned
   half_split::params hp;
   hp.rotary_dim = 32;
   check_rotation<bfloat16, D, half_split>(q, k, ql, kl, 5 * 4, hp);
+  // Enough rows for every task slot of a thread (kd::rotate_tasks_per_thread) and two CTAs a side.
+  const ragged_layout ql3 = ragged_layout::fixed(1, 70, 4, D), kl3 = ragged_layout::fixed(1, 75, 4, D);
+  const auto q3 = kvtile_test::random_vector<bfloat16>(std::size_t(70 * 4 * D), rng);
+  const auto k3 = kvtile_test::random_vector<bfloat16>(std::size_t(75 * 4 * D), rng);
+  static_assert(70 * 4 * (D / 16) > kd::rotate_items_per_cta, "two CTAs on the Q side");
+  check_rotation<bfloat16, D, half_split>(q3, k3, ql3, kl3, 70 * 4, {});
   // Varlen Q (3, 1, 4 tokens; the grid's bound from the longest) over fixed K of 6.
   const std::vector<std::int32_t> qptr{0, 3, 4, 8};
   const ragged_layout qv = ragged_layout::varlen(qptr.data(), 3, 4, D);
