@@ -28,13 +28,31 @@ CC=clang CXX=clang++ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -D
   >"$build.configure.log" 2>&1 || { cat "$build.configure.log"; exit 1; }
 cmake --build "$build" -j "${KVTILE_JOBS:-$(nproc)}" --target "${targets[@]/#/fuzz.}"
 
+# One target's run; its exit status goes to a file (the runs go in the background).
+fuzz_one() {
+  local t=$1 corpus="$build/corpus/$1"
+  mkdir -p "$corpus" "$build/findings/$t"
+  local rc=0
+  "$build/fuzz/fuzz.$t" -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+    -artifact_prefix="$build/findings/$t/" "$corpus" fuzz/corpus/"$t" fuzz/regressions/"$t" >"$build/fuzz.$t.log" 2>&1 || rc=$?
+  echo "$rc" >"$build/fuzz.$t.rc"
+}
+running=0
+for t in "${targets[@]}"; do
+  fuzz_one "$t" &
+  running=$((running + 1))
+  if [ "$running" -ge "${KVTILE_FUZZ_JOBS:-1}" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+done
+wait
+
 status=0
 for t in "${targets[@]}"; do
   corpus="$build/corpus/$t"
-  mkdir -p "$corpus" "$build/findings/$t"
   log="$build/fuzz.$t.log"
-  if "$build/fuzz/fuzz.$t" -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
-       -artifact_prefix="$build/findings/$t/" "$corpus" fuzz/corpus/"$t" fuzz/regressions/"$t" >"$log" 2>&1; then
+  if [ "$(cat "$build/fuzz.$t.rc")" = 0 ]; then
     runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')
     echo "fuzz.$t: ${seconds}s, $runs runs, corpus $(ls "$corpus" | wc -l) inputs, no finding"
   else
