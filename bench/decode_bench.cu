@@ -27,7 +27,6 @@
 #include "kvtile/attention/cuda/append.cuh"
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/variant.hpp"
-#include "kvtile/bench/fill.cuh"
 #include "kvtile/memory/kv_codec.hpp"
 
 // KVTILE_BENCH_APPEND_SPLIT=0 plans the append rows without split-KV (the merge's share).
@@ -43,6 +42,15 @@ namespace kc = kvtile::attention::cuda;
 using T = kvtile::bfloat16;
 constexpr int D = 128, HQ = 32, HKV = 8;
 
+__global__ void fill_random(T* p, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint64_t x = (std::uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    p[i] = T(float(x >> 40) * (2.f / 16777216.f) - 1.f);
+  }
+}
 
 // Bytes of an fp8 pool: e4m3 codes of magnitude 0.5 .. 1.875 (no NaN); as floats (the scales
 // of a per-token pool) the same bytes read as small positive numbers.
@@ -129,8 +137,8 @@ struct paged_setup {
     if (format == kv_format::bf16) {
       k = dalloc<T>(pool);
       v = dalloc<T>(pool);
-      kvtile::bench::fill_uniform<<<1024, 256>>>(k, pool, 1);
-      kvtile::bench::fill_uniform<<<1024, 256>>>(v, pool, 2);
+      fill_random<<<1024, 256>>>(k, pool, 1);
+      fill_random<<<1024, 256>>>(v, pool, 2);
     } else {
       const std::int64_t bytes = std::int64_t(num_blocks) * (format == kv_format::fp8_token ? fp8_view<fp8_token_codec>().stride_block
                                                                                            : fp8_view<fp8_head_codec>().stride_block);
@@ -143,7 +151,7 @@ struct paged_setup {
     q = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
     o = dalloc<T>(std::size_t(batch) * q_len * HQ * D);
     lse = dalloc<float>(std::size_t(batch) * q_len * HQ);
-    kvtile::bench::fill_uniform<<<64, 256>>>(q, std::int64_t(batch) * q_len * HQ * D, 3);
+    fill_random<<<64, 256>>>(q, std::int64_t(batch) * q_len * HQ * D, 3);
     KVTILE_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<std::int32_t> qi(batch + 1), ki(batch + 1), lp(batch, kv_len - (nb - 1) * page);
     for (int i = 0; i <= batch; ++i) qi[i] = i * q_len, ki[i] = i * nb;

@@ -22,7 +22,6 @@
 #include "kvtile/attention/cuda/decode.cuh"
 #include "kvtile/attention/cuda/prefill.cuh"
 #include "kvtile/bench/cpu_runners.hpp"
-#include "kvtile/bench/fill.cuh"
 #include "kvtile/core/cuda_check.cuh"
 
 KVTILE_NAMESPACE_BEGIN
@@ -30,6 +29,16 @@ namespace bench {
 
 namespace detail {
 
+template <class T>
+__global__ void fill_uniform(T* p, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint64_t x = (std::uint64_t(i) + seed) * 0x9E3779B97F4A7C15ull;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    p[i] = T(float(x >> 40) * (2.f / 16777216.f) - 1.f);
+  }
+}
 
 // Device buffers freed on scope exit.
 struct device_buffers {
@@ -50,7 +59,7 @@ struct device_buffers {
   template <class T>
   T* random(std::int64_t n, std::uint64_t seed) {
     T* p = alloc<T>(std::size_t(n));
-    bench::fill_uniform<<<1024, 256>>>(p, n, seed);
+    fill_uniform<<<1024, 256>>>(p, n, seed);
     KVTILE_CUDA_CHECK_LAUNCH();
     return p;
   }
