@@ -38,17 +38,16 @@ inline constexpr int rotate_tasks_per_thread = 4;   // 16-byte tasks a thread, l
 inline constexpr int rotate_items_per_cta = rotate_threads * rotate_tasks_per_thread;
 
 // Tasks of one row: the rotated chunks, then the copied ones.
-template <int D, rotary_layout L>
+template <rotary_layout L>
 KVTILE_HOST_DEVICE KVTILE_FORCEINLINE int rotate_rotated_tasks(int r) {
   return L == rotary_layout::half_split ? r / 16 : r / 8;
 }
 template <int D, rotary_layout L>
 KVTILE_HOST_DEVICE KVTILE_FORCEINLINE int rotate_row_tasks(int r) {
-  return rotate_rotated_tasks<D, L>(r) + (D - r) / 8;
+  return rotate_rotated_tasks<L>(r) + (D - r) / 8;
 }
 
-// One side's rows: what is read and written, and how many rows its longest sequence has (the
-// grid's bound; a sequence's own rows come from the layouts).
+// One side's rows: what is read and written (a sequence's rows come from the layouts).
 template <class T>
 struct rotate_side {
   dense_tensor<const T> src;
@@ -85,7 +84,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& sid
   const Variant v(vp, q_len, kv_len);
   const int r = v.rotary_dims(D);
   const int len = Keys ? kv_len : q_len, heads = side.src.layout.heads;
-  const int tasks = rotate_row_tasks<D, L>(r), rotated = rotate_rotated_tasks<D, L>(r);
+  const int tasks = rotate_row_tasks<D, L>(r), rotated = rotate_rotated_tasks<L>(r);
   const std::int64_t items = std::int64_t(len) * heads * tasks, first = std::int64_t(blockIdx.x) * rotate_items_per_cta;
   if (first >= items) return;  // the whole CTA: past this side's rows (before the barrier)
 
