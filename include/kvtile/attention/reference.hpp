@@ -78,11 +78,11 @@ void naive_attention(const dense_tensor<TQ>& q, const Src& kv, std::int32_t num_
         if constexpr (std::is_same_v<Acc, double>) {
           for (std::int32_t x = 0; x < d; ++x) dst[x] = to_double(src[x]);
           rotary_rotate_row_f64<Mask::rotary_layout_v>(dst, r, pos, double(mask.rotary_theta()));
-        } else {
-          std::vector<float> row32(static_cast<std::size_t>(d));
-          for (std::int32_t x = 0; x < d; ++x) row32[x] = float(to_double(src[x]));
-          rotary_rotate_row<Mask::rotary_layout_v>(row32.data(), r, pos, inv_freq.data());
-          for (std::int32_t x = 0; x < d; ++x) dst[x] = round_score(row32[x]);
+        } else {  // fp32, in place
+          static_assert(std::is_same_v<Acc, float>);
+          for (std::int32_t x = 0; x < d; ++x) dst[x] = float(to_double(src[x]));
+          rotary_rotate_row<Mask::rotary_layout_v>(dst, r, pos, inv_freq.data());
+          for (std::int32_t x = 0; x < d; ++x) dst[x] = round_score(dst[x]);
         }
       }
     };
