@@ -27,7 +27,12 @@ struct fp8_pool_problem {
   std::vector<unsigned char> k8, v8;    // num_blocks * stride_block bytes; unused slots poisoned (0xff: NaN)
   std::vector<float> k_head, v_head;    // per_head: [hkv] calibrated as amax / 448 over the pool
 
-  fp8_pool_problem(const spec& s, std::mt19937_64& rng, bool outliers) : base(s, rng) {
+  // q_mul / v_mul: Q and V times these (powers of two keep the inputs exact), before quantising.
+  fp8_pool_problem(const spec& s, std::mt19937_64& rng, bool outliers, float q_mul = 1.f, float v_mul = 1.f) : base(s, rng) {
+    if (q_mul != 1.f)
+      for (auto& x : base.q) x = from_float<T>(to_float(x) * q_mul);
+    if (v_mul != 1.f)
+      for (auto& x : base.v) x = from_float<T>(to_float(x) * v_mul);
     if (outliers)  // a few channels 20x larger, as LLM keys have
       for (std::size_t i = 0; i < base.k.size(); ++i) {
         const int x = int(i % D);

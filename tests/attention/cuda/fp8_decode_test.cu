@@ -88,12 +88,13 @@ struct fp8_device {
 // requests pack more than 16 rows, so the plan is for the mma.sync append kernel (fp8 tiles
 // converted in shared memory; the 16-row decode kernel above head dim 128), with the sm_90a
 // kernels allowed (they refuse fp8 pages, the plan says why).
+// q_mul / v_mul: Q and V scaled by these (the softmax scale divided by q_mul, so the weights stay).
 template <class T, int D, class Codec, class Mask>
 void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false,
-               bool append = false) {
+               bool append = false, float q_mul = 1.f, float v_mul = 1.f) {
   std::mt19937_64 rng(seed);
-  const fp8_problem<T, D, Codec> pr(s, rng, outliers);
-  const float scale = default_scale(D);
+  const fp8_problem<T, D, Codec> pr(s, rng, outliers, q_mul, v_mul);
+  const float scale = default_scale(D) / q_mul;
 
   // fp64 and the naive low-precision baseline, over the dequantised K/V.
   const km::dequantized_pool deq = km::dequantize(pr.host_view());
@@ -121,7 +122,7 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
     if (append && way != path::shared_tiles) continue;
     const bool registers = way != path::shared_tiles;
     const char* way_name = append ? "append" : way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
-    INFO("fp8 path: " << way_name);
+    INFO("fp8 path: " << std::string(way_name));
     kc::plan_options opt = s.opt;
     opt.fp8_registers = registers;
     opt.use_wgmma = append || way == path::tma;
@@ -139,7 +140,8 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
     const outcome ek = check_outputs(o, lse, o_ref, lse_ref, en.max_abs);
     const auto eq = kvtile_test::compare(o, o_exact);
     MESSAGE("fp8 " << codec_name<Codec>() << " " << std::string(element_name<T>) << " D=" << D
-                   << (outliers ? " outlier K" : " uniform K") << " (" << std::string(way_name) << ")"
+                   << (outliers ? " outlier K" : " uniform K") << " q x " << q_mul << " v x " << v_mul << " ("
+                   << std::string(way_name) << ")"
                    << ": max |o - o(unquantised)| = " << eq.max_abs << ", relative L2 " << eq.rel_l2
                    << " (vs fp64 over dequantised: " << ek.err << ")");
     CHECK(eq.rel_l2 < 0.15);
@@ -321,6 +323,28 @@ TEST_CASE("fp8 decode: fp16 queries, D=64, a sliding window with sinks") {
   }
 }
 
+TEST_CASE("fp8 decode and append: queries and values far outside fp16's range (the register paths compute in fp16)") {
+  // The register and TMA paths convert a bf16 Q to fp16 fragments times a power of two per warp
+  // and keep per-token-scaled fp16 probabilities in [0, 1] (O counted in a tile's largest V
+  // scale): |q| ~ 2^20 and ~ 2^-40 (fp16: max 65504, smallest subnormal 2^-24), |v| ~ 2^20 and
+  // ~ 2^-20 (P times a V scale of 2^20 / 448 overflows fp16; of 2^-20 / 448 it is subnormal).
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const spec s = decode_spec(rng, 4, 16, kv_layout::nhd);
+  const float big = 1048576.f, tiny = 1.f / 1048576.f;
+  for (const auto& [qm, vm] : {std::pair{big, big}, std::pair{tiny * tiny, tiny}, std::pair{1.f, tiny}}) {
+    INFO("q x " << qm << ", v x " << vm);
+    check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, false, false, qm, vm);
+    check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, false, false, qm, vm);
+  }
+  // fp16 inputs: small V (large ones are not fp16), decode and append.
+  check_fp8<kvtile::half, 128, per_token, causal_mask>(s, {}, rng(), false, false, false, 1.f, 1.f / 4096.f);
+  const spec a = append_spec(rng, 4, 16, kv_layout::hnd);
+  check_fp8<kvtile::half, 128, per_token, causal_mask>(a, {}, rng(), false, false, true, 1.f, 1.f / 4096.f);
+  check_fp8<bfloat16, 128, per_token, causal_mask>(a, {}, rng(), false, false, true, big, big);
+}
+
 TEST_CASE("fp8 decode: variants (soft-capping, rotary at cache positions) and a head dim that is not a multiple of 32") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
@@ -359,7 +383,7 @@ TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); gro
   groups_and_pages(rng, append_spec, true);
 }
 
-TEST_CASE("fp8 append: fp16 (the probability bias), D 64 / 96, outlier K, a window with sinks, rotary, soft-capping, D 256") {
+TEST_CASE("fp8 append: fp16 (probabilities in the V scales' unit), D 64 / 96, outlier K, a window with sinks, rotary, soft-capping, D 256") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);

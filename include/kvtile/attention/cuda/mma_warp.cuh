@@ -135,7 +135,9 @@ struct mma_rows {
   // Online softmax over the tile's raw scores (masked ones -inf): s becomes P, O and the row
   // statistics move onto the new running max. scale_log2 > 0: the softmax scale times log2(e)
   // (1 after a logit transform). l keeps this lane's columns only; finish() sums the quad.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(tile_scores& s, float scale_log2) {
+  // o_factor: what O takes besides the rescale onto the new max, in the same multiply (a
+  // codec's change of O's unit, decode_warp.cuh item_scales; 1 compiles away).
+  KVTILE_DEVICE KVTILE_FORCEINLINE void softmax(tile_scores& s, float scale_log2, float o_factor = 1.f) {
     KVTILE_PRAGMA_UNROLL
     for (int mt = 0; mt < MT; ++mt)
       KVTILE_PRAGMA_UNROLL
@@ -146,7 +148,7 @@ struct mma_rows {
         mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = max_f(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         float base;
-        const float a = row[mt][h].enter_tile(mx * scale_log2, base);
+        const float a = row[mt][h].enter_tile(mx * scale_log2, base) * o_factor;
         KVTILE_PRAGMA_UNROLL
         for (int dt = 0; dt < D / 8; ++dt) {
           o[mt][dt][2 * h] *= a;
@@ -167,13 +169,13 @@ struct mma_rows {
 
   // One tile's S -> P: the variant's logit transform (scores.cuh; nothing for a plain mask),
   // the mask where `partial` (visible as for mask()), the online softmax. scale_log2: the
-  // softmax scale times log2(e), positive.
+  // softmax scale times log2(e), positive. o_factor: as for softmax().
   template <class Variant, class Visible>
   KVTILE_DEVICE KVTILE_FORCEINLINE void probabilities(tile_scores& s, const Variant& v, float scale_log2, bool partial, int lane,
-                                                      Visible&& visible) {
+                                                      Visible&& visible, float o_factor = 1.f) {
     apply_logits(v, s, scale_log2);
     if (partial) mask(s, lane, visible);
-    softmax(s, softmax_scale_log2<Variant>(scale_log2));
+    softmax(s, softmax_scale_log2<Variant>(scale_log2), o_factor);
   }
 
   // P of keys [16 j, 16 j + 16) of row tile mt, repacked from the S accumulators as the A

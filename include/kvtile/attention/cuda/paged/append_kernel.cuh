@@ -228,7 +228,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   using mainloop = mma_rows<T, D, MT, BN>;
   mainloop st;
   st.init();
-  const item_scales<T, Codec> scales(p.kv.pool, kvh, p.scale_log2);  // the codec's (plan's scale for 2-byte pages)
+  item_scales<T, Codec> scales(p.kv.pool, kvh, p.scale_log2);  // the codec's (plan's scale for 2-byte pages)
   const int wr0 = row0 + warp * RPW;  // first packed row of this warp
   const bool has_rows = wr0 < rows;
   const int wt0 = wr0 / group, wt1 = has_rows ? (min_i(wr0 + RPW, rows) - 1) / group + 1 : wt0;
@@ -284,11 +284,15 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
       mainloop::qk(s, q, smem_tile<T, padded_tile<D>>{k_tile()}, lane);
       KVTILE_PRAGMA_UNROLL
       for (int mt = 0; mt < MT; ++mt) scales.keys(s[mt], ksc_s + stage * BN, t);
-      st.probabilities(s, mask, scales.scale_log2, vis == tile_visibility::partial, lane, [&](int mt, int h, int key) {
-        const int j = k0 + key;
-        const int tk = (wr0 + mt * 16 + g + 8 * h) / group;  // the row's query token
-        return j < k1 && mask.visible(tk, j);
-      });
+      const float o_unit = scales.enter_values(s[0], vsc_s + stage * BN, t);
+      st.probabilities(
+          s, mask, scales.scale_log2, vis == tile_visibility::partial, lane,
+          [&](int mt, int h, int key) {
+            const int j = k0 + key;
+            const int tk = (wr0 + mt * 16 + g + 8 * h) / group;  // the row's query token
+            return j < k1 && mask.visible(tk, j);
+          },
+          o_unit);
       KVTILE_PRAGMA_UNROLL
       for (int mt = 0; mt < MT; ++mt) scales.values(s[mt], vsc_s + stage * BN, t);
     }
@@ -309,7 +313,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_append_cta(const kernel_params<T, Ta
   // Rows of this thread: (mt, h) -> packed row wr0 + mt * 16 + g + 8 h, columns 8 dt + 2 t.
   const bool whole = w.partial < 0;
   float lse[MT][2];
-  scales.finish(st);  // per-head V scale, fp16's probability bias
+  scales.finish(st);  // per-head V scale, or the unit of fp16 P's per-token V scales
   st.finish(lse);
   KVTILE_PRAGMA_UNROLL
   for (int mt = 0; mt < MT; ++mt)

@@ -23,9 +23,11 @@
 //   false  each warp converts its rows into a padded T tile of its own in shared memory, then
 //          the bf16 kernels' ldmatrix path (one extra write and read of the tile per warp);
 //   true   ldmatrix / ldmatrix.trans over the byte rows (padded to D + 16 bytes: conflict-free)
-//          and conversion in registers, Q's fragments loaded in the matching head-dim order and
-//          O written back through finish_rows' fp8 order (decode_warp.cuh: scores_fp8,
-//          accumulate_fp8); head dims multiple of 32, variants without rotary.
+//          and conversion in registers to fp16 fragments whatever T is (fp8_compute_t: one cvt
+//          per two codes), Q's fragments loaded in the matching head-dim order (a bf16 Q
+//          converted times a power of two) and O written back through finish_rows' fp8 order
+//          (decode_warp.cuh: scores_fp8, accumulate_fp8); head dims multiple of 32, variants
+//          without rotary.
 #pragma once
 
 #include <cstddef>
@@ -160,12 +162,13 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_decode_fp8_cta(const kernel_params<T
   };
 
   // ---- state ---------------------------------------------------------------------------------
-  warp_rows<T, D, TPW> st;
+  using F = std::conditional_t<Registers, fp8_compute_t, T>;  // the fragments' type
+  warp_rows<F, D, TPW> st;
   st.init();
   int t_row[2];
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + 16 * wm + g + 8 * i) / group;
-  const item_scales<T, Codec> scales(pool, kvh, p.scale_log2);
+  item_scales<F, Codec> scales(pool, kvh, p.scale_log2);
 
   int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
@@ -187,7 +190,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_decode_fp8_cta(const kernel_params<T
   __syncthreads();
 
   if constexpr (Registers) {
-    st.load_q_fp8_order(q_s, 16 * wm, lane);
+    scales.scale_log2 *= st.load_q_fp8_order(q_s, 16 * wm, lane);
   } else {
     st.load_q(q_s, 16 * wm, lane);
     st.rotate_q(mask, t_row, lane);
@@ -224,7 +227,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_decode_fp8_cta(const kernel_params<T
       __syncwarp();
     }
 
-    typename warp_rows<T, D, TPW>::tile_scores s;
+    typename warp_rows<F, D, TPW>::tile_scores s;
     const int k0 = kv_begin + cur * BN, k1 = min_i(k0 + BN, kv_end);
     if constexpr (Registers)
       st.template scores_fp8<padded_byte_rows<RB>>(s, k8, wn * TPW, lane);

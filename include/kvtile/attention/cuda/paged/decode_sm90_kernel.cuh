@@ -142,6 +142,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   constexpr int EB = int(sizeof(S));
   constexpr bool FP8 = Codec::quantized;
   using C = decode_sm90_config<D, EB>;
+  using F = std::conditional_t<FP8, fp8_compute_t, T>;  // the fragments' type
   static_assert(!FP8 || !has_rotary<Mask>, "decode_sm90: fp8 fragments come in a permuted head-dim order, no rotary");
   constexpr int BM = C::bm, BN = C::bn, WN = C::wn, ST = C::stages;
   constexpr int Q_TILE = BM * (D + 8);                    // elements of one padded Q tile
@@ -320,14 +321,14 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
     consumers_sync();  // this item's Q and table are there; the previous item's epilogue is done with `red`
     const View it(p, item);
     const Mask& mask = it.mask;
-    const item_scales<T, Codec> scales(p.kv.pool, it.w.kv_head, p.scale_log2);
-    warp_rows<T, D, TPW> st;
+    item_scales<F, Codec> scales(p.kv.pool, it.w.kv_head, p.scale_log2);
+    warp_rows<F, D, TPW> st;
     st.init();
     int t_row[2];
     KVTILE_PRAGMA_UNROLL
     for (int r = 0; r < 2; ++r) t_row[r] = (it.w.row0 + g + 8 * r) / p.group;
     if constexpr (FP8) {
-      st.load_q_fp8_order(q_s + buf * Q_TILE, 0, lane);
+      scales.scale_log2 *= st.load_q_fp8_order(q_s + buf * Q_TILE, 0, lane);
     } else {
       st.load_q(q_s + buf * Q_TILE, 0, lane);
       st.rotate_q(mask, t_row, lane);
@@ -354,7 +355,7 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         arch::fence_proxy_async_shared();
         consumers_sync();
       }
-      typename warp_rows<T, D, TPW>::tile_scores s;
+      typename warp_rows<F, D, TPW>::tile_scores s;
       if constexpr (FP8)
         st.template scores_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(ks), wn * TPW, lane);
       else

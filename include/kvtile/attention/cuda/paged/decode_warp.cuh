@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kvtile/attention/cuda/arch/mma.cuh"
 #include "kvtile/attention/cuda/merge_step.cuh"
@@ -200,19 +201,52 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
   }
 
   // ---- fp8 pages, fragments straight from the byte tile (decode_fp8_kernel.cuh, registers) ----
+  // These warps compute in fp16 (T = half, fp8_compute_t): e4m3 -> fp16 is one cvt per two
+  // codes, where bf16 takes three more instructions per pair, and the consumers are bound by
+  // issue (decode.md v18). Q comes from a tile of Tq; a bf16 Q is converted as described at
+  // load_q_fp8_order.
   // A dot product does not change when the head-dim axis of both Q and K is permuted. ldmatrix
   // (b16) over byte rows gives lane (g, tq) bytes 4tq .. 4tq + 3 of a key row's 16-byte chunk;
   // converted, they are taken as the B fragment's k-pairs (2tq, 2tq + 1) and (2tq + 8, 2tq + 9),
   // i.e. logical k index 2tq + j <-> head dim 4tq + j, 2tq + 8 + j <-> 4tq + 2 + j (j = 0, 1).
   // Q's A fragments are loaded with the same permutation: a0 / a1 = dims 4tq, 4tq + 1 of rows
   // g / g + 8, a2 / a3 = dims 4tq + 2, 4tq + 3.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void load_q_fp8_order(const T* q_s, int row0, int lane) {
+  // A Q of another type than T (bf16 into fp16 fragments) is taken times 2^e, one e for the
+  // warp's 16 rows, chosen so that their largest |q| lands in [2^14, 2^15): no fp16 overflow,
+  // and every element down to 2^-28 of that largest keeps fp16's 11 bits (bf16 has 8), so the
+  // conversion is exact there and below it loses less than 2^-39 of the largest |q|. Returns
+  // 2^-e, which the caller folds into the softmax scale (a power of two: the scores are exactly
+  // the unscaled ones'). e is kept within [-64, 64], so the folded scale stays a normal float.
+  template <class Tq>
+  KVTILE_DEVICE KVTILE_FORCEINLINE float load_q_fp8_order(const Tq* q_s, int row0, int lane) {
     const int g = lane / 4, tq = lane % 4;
     KVTILE_PRAGMA_UNROLL
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint2 a = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g, kk * 16 + 4 * tq));
       const uint2 b = *reinterpret_cast<const uint2*>(q_s + padded_tile<D>::at(row0 + g + 8, kk * 16 + 4 * tq));
       q.f[0][kk][0] = a.x, q.f[0][kk][1] = b.x, q.f[0][kk][2] = a.y, q.f[0][kk][3] = b.y;
+    }
+    if constexpr (std::is_same_v<Tq, T>) {
+      return 1.f;
+    } else {
+      static_assert(std::is_same_v<T, kvtile::half> && std::is_same_v<Tq, kvtile::bfloat16>,
+                    "load_q_fp8_order: a bf16 Q into fp16 fragments, or Q of the fragments' type");
+      std::uint32_t mx = 0;  // |bf16| orders as its bits without the sign
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 0; kk < D / 16; ++kk)
+        KVTILE_PRAGMA_UNROLL
+        for (int x = 0; x < 4; ++x) mx = __vmaxu2(mx, q.f[0][kk][x] & 0x7fff7fffu);
+      mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
+      const int e = min_i(64, max_i(-64, 141 - int(mx >> 7)));  // 141 - biased exponent: largest |q| * 2^e in [2^14, 2^15)
+      const float up = __int_as_float((127 + e) << 23);
+      KVTILE_PRAGMA_UNROLL
+      for (int kk = 0; kk < D / 16; ++kk)
+        KVTILE_PRAGMA_UNROLL
+        for (int x = 0; x < 4; ++x) {
+          const std::uint32_t u = q.f[0][kk][x];
+          q.f[0][kk][x] = arch::pack2<T>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
+        }
+      return __int_as_float((127 - e) << 23);
     }
   }
   // s = Q K^T over keys [key0, key0 + TPW) of the e4m3 tile at ks (byte offsets: Layout, a
@@ -276,14 +310,18 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
   // softmax, the codec's V scales. ksc / vsc: the stage's scales of this warp's keys (read only
   // with per-token scales).
   template <class Scales, class Mask>
-  KVTILE_DEVICE KVTILE_FORCEINLINE void tile_softmax(tile_scores& s, const Scales& scales, const float* ksc, const float* vsc,
+  KVTILE_DEVICE KVTILE_FORCEINLINE void tile_softmax(tile_scores& s, Scales& scales, const float* ksc, const float* vsc,
                                                      bool partial, int j0, int k1, const Mask& mask, const int (&t_row)[2],
                                                      int lane) {
     scales.keys(s[0], ksc, lane % 4);
-    this->probabilities(s, mask, scales.scale_log2, partial, lane, [&](int, int h, int key) {
-      const int j = j0 + key;
-      return j < k1 && mask.visible(t_row[h], j);
-    });
+    const float o_unit = scales.enter_values(s[0], vsc, lane % 4);
+    this->probabilities(
+        s, mask, scales.scale_log2, partial, lane,
+        [&](int, int h, int key) {
+          const int j = j0 + key;
+          return j < k1 && mask.visible(t_row[h], j);
+        },
+        o_unit);
     scales.values(s[0], vsc, lane % 4);
   }
 
@@ -294,24 +332,30 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
   }
 };
 
-// fp16 probabilities times a per-token V scale (amax / 448, about 2e-3 for values near 1) would
-// fall into fp16's subnormals; they are carried times 2^8 and O is divided by 2^8 at the end.
-// bf16 has fp32's range and needs no bias.
-template <class T>
-inline constexpr float fp8_p_bias = std::is_same_v<T, kvtile::half> ? 256.f : 1.f;
+// The type the fp8 register paths compute in (warp_rows::load_q_fp8_order).
+using fp8_compute_t = kvtile::half;
 
 // How a work item's scores and probabilities take the codec's scales, the same in every paged
-// kernel that reads fp8 pages (scales multiply scores and probabilities, never elements):
+// kernel that reads fp8 pages (scales multiply scores and probabilities, never elements). P: the
+// type P is packed to for P V.
 //   per_head        the K scale joins the softmax scale, the V scale multiplies O at the end:
 //                   nothing per tile;
 //   per_token_head  S column j times k_scale[j] before the softmax (keys()), P column j times
-//                   v_scale[j] (and fp16's bias) after it (values()), O divided by the bias.
+//                   v_scale[j] after it (values()). fp16 P times a V scale (amax / 448) would
+//                   overflow past amax ~ 2.9e7 and fall into fp16's subnormals for small V, so
+//                   with fp16 P the tile's largest V scale r of the warp's keys is O's unit:
+//                   P column j takes v_scale[j] / r (in [0, 1]), O moves from the previous
+//                   tile's unit to r in the softmax's rescale (enter_values()), and takes the
+//                   last unit at the end (finish()). bf16 has fp32's range and needs no unit.
 // For the identity codec every step is nothing and scale_log2 is the plan's.
-template <class T, class Codec>
+template <class P, class Codec>
 struct item_scales {
   static constexpr bool token = memory::per_token_scales<Codec>;
-  float scale_log2;     // softmax scale * log2(e), times the K scale of per_head pools
-  float o_factor = 1.f;  // what O takes before the epilogue
+  static constexpr bool unit = token && std::is_same_v<P, kvtile::half>;
+  float scale_log2;      // softmax scale * log2(e), times the K scale of per_head pools
+  float o_factor = 1.f;  // what O takes before the epilogue (per_head: the V scale)
+  float v_unit = 1.f;    // `unit`: the V scale O is counted in, and its inverse
+  float v_unit_inv = 1.f;
 
   template <class Pool>
   KVTILE_DEVICE KVTILE_FORCEINLINE item_scales(const Pool& pool, int kv_head, float plan_scale_log2) : scale_log2(plan_scale_log2) {
@@ -320,47 +364,64 @@ struct item_scales {
       // zero K scale (a head of zeros) is taken as the smallest normal float, the same weights.
       scale_log2 *= max_f(pool.k_scale[kv_head], 1.17549435e-38f);
       o_factor = pool.v_scale[kv_head];
-    } else if constexpr (token) {
-      o_factor = 1.f / fp8_p_bias<T>;
     } else {
       (void)pool, (void)kv_head;
     }
   }
-  // ksc / vsc: the scales of this warp's keys of the tile.
+  // ksc / vsc: the scales of this warp's keys of the tile (N groups of 8 columns).
   template <int N>
   KVTILE_DEVICE KVTILE_FORCEINLINE void keys(float (&s)[N][4], const float* ksc, int tq) const {
-    if constexpr (token) scale_columns(s, ksc, tq);
+    if constexpr (token) scale_columns(s, ksc, 1.f, tq);
     else (void)s, (void)ksc, (void)tq;
+  }
+  // Before the tile's softmax: with a V-scale unit, the largest V scale of the warp's keys
+  // becomes O's unit; returns what O takes for it (1 otherwise). Every lane of a quad calls it.
+  // A tile whose scales are all zero (keys past the end) keeps the unit.
+  template <int N>
+  KVTILE_DEVICE KVTILE_FORCEINLINE float enter_values(const float (&s)[N][4], const float* vsc, int tq) {
+    (void)s;
+    if constexpr (unit) {
+      float r = 0.f;
+      KVTILE_PRAGMA_UNROLL
+      for (int nt = 0; nt < N; ++nt) {
+        const float2 f = *reinterpret_cast<const float2*>(vsc + nt * 8 + 2 * tq);
+        r = max_f(r, max_f(f.x, f.y));
+      }
+      r = max_f(r, __shfl_xor_sync(0xffffffffu, r, 1));
+      r = max_f(r, __shfl_xor_sync(0xffffffffu, r, 2));
+      if (!(r >= 1.17549435e-38f)) return 1.f;
+      const float to_new = v_unit / r;
+      v_unit = r;
+      v_unit_inv = 1.f / r;
+      return to_new;
+    } else {
+      (void)vsc, (void)tq;
+      return 1.f;
+    }
   }
   template <int N>
   KVTILE_DEVICE KVTILE_FORCEINLINE void values(float (&s)[N][4], const float* vsc, int tq) const {
-    if constexpr (token) {
-      if constexpr (fp8_p_bias<T> != 1.f)
-        KVTILE_PRAGMA_UNROLL
-        for (int nt = 0; nt < N; ++nt)
-          KVTILE_PRAGMA_UNROLL
-          for (int e = 0; e < 4; ++e) s[nt][e] *= fp8_p_bias<T>;
-      scale_columns(s, vsc, tq);
-    } else {
-      (void)s, (void)vsc, (void)tq;
-    }
+    if constexpr (token) scale_columns(s, vsc, v_unit_inv, tq);
+    else (void)s, (void)vsc, (void)tq;
   }
   template <class Rows>
   KVTILE_DEVICE KVTILE_FORCEINLINE void finish(Rows& st) const {
-    if (o_factor != 1.f) st.scale_o(o_factor);
+    const float f = o_factor * v_unit;
+    if (f != 1.f) st.scale_o(f);
   }
 
  private:
-  // Each key's column of s times that key's factor (sc: the factors of the warp's keys).
+  // Each key's column of s times that key's factor times u (sc: the factors of the warp's keys).
   template <int N>
-  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_columns(float (&s)[N][4], const float* sc, int tq) {
+  KVTILE_DEVICE KVTILE_FORCEINLINE static void scale_columns(float (&s)[N][4], const float* sc, float u, int tq) {
     KVTILE_PRAGMA_UNROLL
     for (int nt = 0; nt < N; ++nt) {
       const float2 f = *reinterpret_cast<const float2*>(sc + nt * 8 + 2 * tq);
-      s[nt][0] *= f.x;
-      s[nt][1] *= f.y;
-      s[nt][2] *= f.x;
-      s[nt][3] *= f.y;
+      const float x = f.x * u, y = f.y * u;
+      s[nt][0] *= x;
+      s[nt][1] *= y;
+      s[nt][2] *= x;
+      s[nt][3] *= y;
     }
   }
 };
@@ -375,10 +436,11 @@ struct cta_sync {
   KVTILE_DEVICE KVTILE_FORCEINLINE void operator()() const { __syncthreads(); }
 };
 // FP8Order: O is in accumulate_fp8's order (each lane's four consecutive dims per 16-dim chunk).
-template <int BM, int NT, int WN, bool FP8Order = false, class T, int D, int TPW, class Table, class Mask, class Codec,
+// The warps' fragments may be of another type than T (fp8_compute_t).
+template <int BM, int NT, int WN, bool FP8Order = false, class T, class F, int D, int TPW, class Table, class Mask, class Codec,
           class Sync = cta_sync>
 KVTILE_DEVICE KVTILE_FORCEINLINE void finish_rows(const kernel_params<T, Table, Mask, Codec>& p, const paged_work_item& w, int rows,
-                                                  warp_rows<T, D, TPW>& st, unsigned char* smem, Sync sync = {}) {
+                                                  warp_rows<F, D, TPW>& st, unsigned char* smem, Sync sync = {}) {
   constexpr int RLD = D + 4;  // fp32 reduction row stride
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, tq = lane % 4;

@@ -125,7 +125,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void paged_attention_cta(const kernel_params<T,
   int t_row[2];
   KVTILE_PRAGMA_UNROLL
   for (int i = 0; i < 2; ++i) t_row[i] = (row0 + 16 * wm + g + 8 * i) / group;
-  const item_scales<T, memory::identity> scales(p.kv.pool, kvh, p.scale_log2);
+  item_scales<T, memory::identity> scales(p.kv.pool, kvh, p.scale_log2);
 
   int cur = it.next_tile(0);
   int fetch = cur, stage_w = 0, stage_r = 0;
