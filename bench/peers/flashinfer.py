@@ -318,6 +318,9 @@ def check_fp8(fi, a, variant):
     return float((o.reshape(-1, a.hq, a.d).float() - ref).abs().max())
 
 
+FP8_FAILED = set()  # fp8 variants that raised (a module that failed to compile): skipped for later shapes
+
+
 def measure_fp8(fi, a):
     """One line for the fastest correct fp8 decode variant (impl "flashinfer_fp8"), or a skip line."""
     import torch
@@ -329,8 +332,12 @@ def measure_fp8(fi, a):
     copies = int(max(1, min(8, 512e6 // kv_one)))
     inputs = fp8_inputs(a, copies)
     best = None
-    for variant in paged_variants(a, hopper):
+    # Not the fa3 backend: its module for bf16 queries over e4m3 pages (FlashInfer 0.7.4, sm_90a)
+    # fails to compile with nvcc 13 after minutes.
+    for variant in [v for v in paged_variants(a, hopper) if v[1] != "fa3"]:
         name = describe(variant) + " kv float8_e4m3fn"
+        if name in FP8_FAILED:
+            continue
         try:
             err = check_fp8(fi, a, variant)
             if not err <= TOLERANCE:
@@ -345,7 +352,8 @@ def measure_fp8(fi, a):
                 best = (t, name)
             del ws
         except Exception as e:
-            _common.warn(f"flashinfer {name} {shape}: {type(e).__name__}: {e}")
+            _common.warn(f"flashinfer {name} {shape}: {type(e).__name__}: {e}; not tried again in this run")
+            FP8_FAILED.add(name)
     del inputs
     torch.cuda.empty_cache()
     if best is None:
@@ -377,6 +385,10 @@ def grid():
 def main():
     a = _common.parse_args("decode")
     shapes = [a] if a.len else list(grid())
+    # KVTILE_FLASHINFER_SUITES=decode,append: only those suites of the grid.
+    only = os.environ.get("KVTILE_FLASHINFER_SUITES")
+    if only and not a.len:
+        shapes = [s for s in shapes if s.kernel in only.split(",")]
     try:
         fi = load_flashinfer()
     except Exception as e:

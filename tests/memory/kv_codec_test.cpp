@@ -102,7 +102,7 @@ TEST_CASE("fp8 pools: the block holds its scales after the elements, views and c
   CHECK(p.stride_block == elems + extra);
   CHECK(p.scale_offset == elems);
   CHECK(reinterpret_cast<unsigned char*>(p.scale_ptr(p.k, 2, 4, 1)) ==
-        reinterpret_cast<unsigned char*>(s.k_data()) + (6 + 2) * (elems + extra) + elems + (4 * 3 + 1) * 4);
+        reinterpret_cast<unsigned char*>(s.k_data()) + (6 + 2) * (elems + extra) + elems + (1 * 5 + 4) * 4);
   const kv_pool_set set = s.pools();
   CHECK(set.has_scales());
   CHECK(set.stride_block == elems + extra);

@@ -43,21 +43,23 @@ struct kv_pool_set {
   std::int64_t head_bytes = 0;  // 64-bit: head_dim * sizeof(T) may pass 2^31
   kv_layout layout = kv_layout::nhd;
   // Per-token scales stored in each block after its elements (fp8_e4m3<per_token_head>):
-  // [page_size][scale_token_bytes] from scale_offset; 0 bytes: none.
+  // [num_kv_heads][page_size] floats from scale_offset; scale_token_bytes: one token's scales
+  // (num_kv_heads floats), 0: none.
   std::int64_t scale_offset = 0;
   std::int64_t scale_token_bytes = 0;
 
   KVTILE_HOST_DEVICE bool has_scales() const { return scale_token_bytes > 0; }
-  // The scales of every block as a pool set of their own (one run of num_tokens *
-  // scale_token_bytes per filled block), which every copy routine runs after the elements.
+  // The scales of every block as a pool set of their own: head major, one float per token and
+  // head (a run of num_tokens floats per head of a filled block), which every copy routine runs
+  // after the elements.
   KVTILE_HOST_DEVICE kv_pool_set scales() const {
     kv_pool_set s = *this;
     s.k = k + scale_offset;
     s.v = v + scale_offset;
-    s.stride_token = scale_token_bytes;
-    s.stride_head = std::int64_t(sizeof(float));
+    s.stride_token = std::int64_t(sizeof(float));
+    s.stride_head = std::int64_t(page_size) * std::int64_t(sizeof(float));
     s.head_bytes = std::int64_t(sizeof(float));
-    s.layout = kv_layout::nhd;
+    s.layout = kv_layout::hnd;
     s.scale_offset = s.scale_token_bytes = 0;
     return s;
   }

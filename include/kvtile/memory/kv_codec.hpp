@@ -16,7 +16,9 @@
 //
 // Block of a per_token_head pool (K and V pools alike), in bytes:
 //   [page_size * num_kv_heads * head_dim]  e4m3 elements, NHD or HND as any pool
-//   [page_size][num_kv_heads] float         the scales (token major in both layouts)
+//   [num_kv_heads][page_size] float         the scales (head major in both layouts: a head's
+//                                           scales of a page are contiguous, so a reader of
+//                                           that head moves them in one copy)
 //   padding to 16 bytes
 // A new format is a codec type with the same members (storage, scale_policy / pool_fields,
 // block_extra_bytes) plus its decode in the kernels' loaders (docs/design.md).
@@ -123,7 +125,7 @@ struct per_head {
 // One scale per (block, slot, head) for K and for V, after the block's elements.
 struct per_token_head {
   struct pool_fields {
-    std::int64_t scale_offset = 0;  // bytes from a block's start to its [page_size][num_kv_heads] floats
+    std::int64_t scale_offset = 0;  // bytes from a block's start to its [num_kv_heads][page_size] floats
   };
   static constexpr std::int64_t block_extra_bytes(std::int32_t page_size, std::int32_t num_kv_heads) {
     return (std::int64_t(page_size) * num_kv_heads * std::int64_t(sizeof(float)) + 15) / 16 * 16;

@@ -96,7 +96,7 @@ struct kv_pool_view : kv_pool_view<T, identity>, Codec::pool_fields {
   {
     auto* b = reinterpret_cast<unsigned char*>(base) + std::int64_t(block) * this->stride_block * std::int64_t(sizeof(T)) +
               this->scale_offset;
-    return reinterpret_cast<float*>(b) + std::int64_t(slot) * this->num_kv_heads + head;
+    return reinterpret_cast<float*>(b) + std::int64_t(head) * this->page_size + slot;
   }
 
   // As the identity view's make; the block also holds Codec::block_extra_bytes (per-token

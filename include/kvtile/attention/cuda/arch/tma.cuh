@@ -62,6 +62,16 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void tma_load_3d(std::uint32_t dst, const CUten
       : "memory");
 #endif
 }
+// Copy `bytes` contiguous bytes (a multiple of 16; both addresses 16-byte aligned) from global
+// memory to shared memory at `dst`; they complete a transaction on `bar`.
+KVTILE_DEVICE KVTILE_FORCEINLINE void bulk_load(std::uint32_t dst, const void* src, std::uint32_t bytes, std::uint32_t bar) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst), "l"(src),
+               "r"(bytes), "r"(bar)
+               : "memory");
+#endif
+}
+
 // Prefetch the box at (c0, c1, c2, c3) of `map` into L2: no shared memory, no barrier, no
 // fault (a box outside the tensor is not fetched).
 KVTILE_DEVICE KVTILE_FORCEINLINE void tma_prefetch_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {

@@ -131,9 +131,9 @@ const tma_pool& cached_tma_pool(const paging::kv_pool_view<T>& pool) {
 // keys per tile so that a stage holds the bytes of a bf16 one; each consumer warp reads its 32
 // keys' fragments straight from the swizzled byte tile and converts them in registers
 // (decode_warp.cuh: scores_fp8, accumulate_fp8; Q in the matching head-dim order). Per-token
-// scales come with the tile: the producer's lanes copy them with cp.async, and each lane
-// arrives on the stage's `full` barrier once they have landed. Every consumer lane then
-// releases the stage itself (it read scales with plain loads, which the next copies overwrite).
+// scales come with the tile: a box's slots of one head have their scales contiguous in the
+// block (kv_codec.hpp), so the lane that issues a box also copies its K and V scales with one
+// bulk copy each, on the stage's `full` barrier like the boxes.
 template <class T, int D, class Mask, class Table, bool Runs, class Codec = memory::identity>
 KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename Codec::template storage<T>))>::threads,
                                      Runs ? 1 : 2)
@@ -161,9 +161,6 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   constexpr int TPW = BN / WN;  // keys per warp per tile
   constexpr int PANELS = D / C::panel;
   constexpr int CONSUMER_BAR = 1;  // named barrier of the NT consumer threads
-  // Arrivals that free a stage: one per consumer warp, or one per consumer thread where the
-  // threads read cp.async-written scales from it.
-  constexpr int EMPTY_ARRIVALS = token_scales ? NT : WN;
   using Bytes = swizzled_byte_tile<D * EB, BN>;  // byte offsets in a stage's K or V tile
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -187,10 +184,9 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   if (tid == 0) {
     KVTILE_PRAGMA_UNROLL
     for (int s = 0; s < ST; ++s) {
-      // The copies' transaction bytes and the arrival that sets them; per-token scales: one
-      // more arrival per producer lane, once its scale copies have landed.
-      arch::mbarrier_init(arch::smem_addr(full + s), token_scales ? 33 : 1);
-      arch::mbarrier_init(arch::smem_addr(empty + s), EMPTY_ARRIVALS);
+      // The copies' transaction bytes and the arrival that sets them; one arrival per consumer warp.
+      arch::mbarrier_init(arch::smem_addr(full + s), 1);
+      arch::mbarrier_init(arch::smem_addr(empty + s), WN);
     }
     arch::fence_barrier_init();
   }
@@ -250,7 +246,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       const int k0 = fv.key0(tile), k1 = fv.key1(tile);
       const int boxes = (k1 - k0 + box - 1) / box;
       const std::uint32_t bar = arch::smem_addr(full + stage);
-      if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * D * EB * 2);
+      constexpr int SCALE_BYTES = token_scales ? 2 * int(sizeof(float)) : 0;  // per row: its K and V scale
+      if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, std::uint32_t(boxes) * box * (D * EB * 2 + SCALE_BYTES));
       __syncwarp();
       const int kvh = fv.w.kv_head;
       if (lane < boxes) {
@@ -261,23 +258,15 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
           arch::tma_load_4d(arch::smem_addr(k_s + off), &pool.k, pn * C::panel, c1, c2, blk, bar);
           arch::tma_load_4d(arch::smem_addr(v_s + off), &pool.v, pn * C::panel, c1, c2, blk, bar);
         }
-      }
-      if constexpr (token_scales) {
-        // Row r's scales, from the block and slot of the lane that holds its box; rows past
-        // the tile's keys get zeros (their scores are masked, and P * 0 stays 0 where an
-        // unwritten slot's scale might be anything). Each lane's arrival on the stage's `full`
-        // barrier comes when its copies have landed (cp.async.mbarrier.arrive), without a wait.
-        KVTILE_PRAGMA_UNROLL
-        for (int i = 0; i < BN / 32; ++i) {
-          const int r = lane + 32 * i, owner = r / box;
-          const std::int32_t rb = __shfl_sync(0xffffffffu, blk, owner);
-          const std::int32_t rs = __shfl_sync(0xffffffffu, slot, owner) + r % box;
-          const bool valid = k0 + r < k1;
+        if constexpr (token_scales) {
+          // The box's scales: box_rows (a multiple of 8) floats at a 16-byte aligned slot. Those
+          // of slots past the item's keys are whatever the block holds; the consumers zero them
+          // in the V scales (the K ones meet masked scores only).
           const auto& kv = p.kv.pool;
-          arch::cp_async_4(ksc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.k, rb, rs, kvh)) : kv.k, valid);
-          arch::cp_async_4(vsc_s + stage * BN + r, valid ? static_cast<const void*>(kv.scale_ptr(kv.v, rb, rs, kvh)) : kv.v, valid);
+          const std::uint32_t sb = std::uint32_t(box) * sizeof(float);
+          arch::bulk_load(arch::smem_addr(ksc_s + stage * BN + lane * box), kv.scale_ptr(kv.k, blk, slot, kvh), sb, bar);
+          arch::bulk_load(arch::smem_addr(vsc_s + stage * BN + lane * box), kv.scale_ptr(kv.v, blk, slot, kvh), sb, bar);
         }
-        arch::cp_async_mbarrier_arrive(bar);
       }
       tile = fv.next_tile(tile + 1);
       seek();
@@ -342,7 +331,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
       const int k0 = it.key0(cur), k1 = it.key1(cur);
       if (k1 - k0 < BN) {
         // The item's last tile: V rows past its end (a box's unwritten slots, or a stage's older
-        // rows) become zeros, so that P = 0 times them stays 0. The consumers meet first (their
+        // rows) become zeros, so that P = 0 times them stays 0, and so do their per-token V
+        // scales (a tile's largest V scale is O's unit, item_scales). The consumers meet first (their
         // reads of this stage's previous tile are ordered through the mbarriers already, but
         // not visibly to a race checker); the copies that refill the stage are ordered after
         // these writes by the proxy fence and the empty barrier.
@@ -352,6 +342,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
           const int r = k1 - k0 + idx / CPR, c = (idx % CPR) * 16;
           *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(vs) + Bytes::at(r, c)) = make_uint4(0, 0, 0, 0);
         }
+        if constexpr (token_scales)
+          for (int r = k1 - k0 + tid; r < BN; r += NT) vsc_s[stage * BN + r] = 0.f;
         arch::fence_proxy_async_shared();
         consumers_sync();
       }
@@ -367,12 +359,8 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
       else
         st.template accumulate<swizzled_tile<D, BN>>(s, vs, wn * TPW, lane);
-      if constexpr (token_scales) {
-        arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this thread is done with the stage
-      } else {
-        __syncwarp();
-        if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
-      }
+      __syncwarp();
+      if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
     }
 
     if constexpr (merge_early == 2)
