@@ -27,6 +27,7 @@ bench/decode_bench.cu (decode, append) and bench/prefill_bench.cu (prefill, D 12
 shape strings.
 """
 import glob
+import importlib
 import os
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def load_flashinfer():
             _common.warn(f"flashinfer: installing {len(wheels)} wheels from {src} into {SITE}")
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                             "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], check=True, stdout=sys.stderr)
+        # The folder may have been looked up (and found missing) at start-up through PYTHONPATH:
+        # forget that, or `import flashinfer` below finds this script's own flashinfer.py.
+        sys.path_importer_cache.pop(SITE, None)
+        importlib.invalidate_caches()
         sys.path.insert(0, SITE)
     try:
         import flashinfer

@@ -161,6 +161,10 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   constexpr int TPW = BN / WN;  // keys per warp per tile
   constexpr int PANELS = D / C::panel;
   constexpr int CONSUMER_BAR = 1;  // named barrier of the NT consumer threads
+  // Arrivals that free a stage: one per consumer warp after __syncwarp, or, where the threads
+  // read per-token scales with plain loads from it, one per consumer thread, so that each
+  // thread's reads are ordered before the copies that refill the stage by its own arrival.
+  constexpr int EMPTY_ARRIVALS = token_scales ? NT : WN;
   using Bytes = swizzled_byte_tile<D * EB, BN>;  // byte offsets in a stage's K or V tile
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -184,9 +188,9 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
   if (tid == 0) {
     KVTILE_PRAGMA_UNROLL
     for (int s = 0; s < ST; ++s) {
-      // The copies' transaction bytes and the arrival that sets them; one arrival per consumer warp.
+      // The copies' transaction bytes and the arrival that sets them.
       arch::mbarrier_init(arch::smem_addr(full + s), 1);
-      arch::mbarrier_init(arch::smem_addr(empty + s), WN);
+      arch::mbarrier_init(arch::smem_addr(empty + s), EMPTY_ARRIVALS);
     }
     arch::fence_barrier_init();
   }
@@ -359,8 +363,12 @@ KVTILE_KERNEL void __launch_bounds__(decode_sm90_config<D, int(sizeof(typename C
         st.template accumulate_fp8<Bytes>(s, reinterpret_cast<const std::uint8_t*>(vs), wn * TPW, lane);
       else
         st.template accumulate<swizzled_tile<D, BN>>(s, vs, wn * TPW, lane);
-      __syncwarp();
-      if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
+      if constexpr (token_scales) {
+        arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this thread is done with the stage
+      } else {
+        __syncwarp();
+        if (lane == 0) arch::mbarrier_arrive(arch::smem_addr(empty + stage));  // this warp is done with the stage
+      }
     }
 
     if constexpr (merge_early == 2)
