@@ -28,7 +28,11 @@ struct fp8_pool_problem {
   std::vector<float> k_head, v_head;    // per_head: [hkv] calibrated as amax / 448 over the pool
 
   // q_mul / v_mul: Q and V times these (powers of two keep the inputs exact), before quantising.
-  fp8_pool_problem(const spec& s, std::mt19937_64& rng, bool outliers, float q_mul = 1.f, float v_mul = 1.f) : base(s, rng) {
+  // v_spread: each run of 16 tokens' V rows times its own power of two in [2^-4, 2^4], so
+  // per-token V scales differ between the tiles of a sequence (as value norms do in models).
+  fp8_pool_problem(const spec& s, std::mt19937_64& rng, bool outliers, float q_mul = 1.f, float v_mul = 1.f,
+                   bool v_spread = false)
+      : base(s, rng) {
     if (q_mul != 1.f)
       for (auto& x : base.q) x = from_float<T>(to_float(x) * q_mul);
     if (v_mul != 1.f)
@@ -52,7 +56,12 @@ struct fp8_pool_problem {
       for (std::int32_t t = 0; t < s.kv_lens[b]; ++t) {
         const std::int32_t blk = base.indices[base.kv_indptr[b] + t / s.page_size];
         slots.push_back(std::int64_t(blk) * s.page_size + t % s.page_size);
-        for (std::int32_t h = 0; h < s.hkv; ++h)
+        for (std::int32_t h = 0; h < s.hkv; ++h) {
+          if (v_spread)
+            for (int x = 0; x < D; ++x) {
+              T& e = base.v[tview.offset(blk, t % s.page_size, h) + x];
+              e = from_float<T>(std::ldexp(to_float(e), ((t / 16) * 5 + b) % 9 - 4));  // steps every 16 tokens
+            }
           for (int x = 0; x < D; ++x) {
             const T kx = base.k[tview.offset(blk, t % s.page_size, h) + x], vx = base.v[tview.offset(blk, t % s.page_size, h) + x];
             kin.push_back(kx);
@@ -60,6 +69,7 @@ struct fp8_pool_problem {
             k_head[h] = std::max(k_head[h], std::abs(to_float(kx)));
             v_head[h] = std::max(v_head[h], std::abs(to_float(vx)));
           }
+        }
       }
     for (auto& x : k_head) x = km::fp8::scale_for_amax(x);
     for (auto& x : v_head) x = km::fp8::scale_for_amax(x);

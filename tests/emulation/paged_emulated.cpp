@@ -119,15 +119,18 @@ paged_kernel_kind run_emulated(const spec& sp, typename Mask::params mp, int sms
 // fp8 pages against fp64 over the dequantised K/V with the 2x rule (the naive algorithm over the
 // same K/V the baseline): the decode kernel (paged/decode_fp8_kernel.cuh) both ways from bytes
 // to fragments, or the append kernel (paged/append_kernel.cuh, fp8 tiles converted in shared
-// memory), whichever the planner takes; `expect` says which that must be.
+// memory), whichever the planner takes; `expect` says which that must be. q_mul / v_mul: Q and V
+// times these (the softmax scale divided by q_mul); v_spread: per-token V magnitudes that differ
+// by up to 2^8 (fp8_pool_problem).
 template <class T, int D, class Codec, class Mask>
 void run_emulated_fp8(const spec& sp, typename Mask::params mp, int sms, std::uint64_t seed,
-                      paged_kernel_kind expect = paged_kernel_kind::decode) {
+                      paged_kernel_kind expect = paged_kernel_kind::decode, float q_mul = 1.f, float v_mul = 1.f,
+                      bool v_spread = false) {
   std::mt19937_64 rng(seed);
-  const fp8_pool_problem<T, D, Codec> pr(sp, rng, false);
+  const fp8_pool_problem<T, D, Codec> pr(sp, rng, false, q_mul, v_mul, v_spread);
   const auto& hp = pr.base;
   const auto table = hp.csr(hp.kv_indptr.data(), hp.indices.data(), hp.last_page_len.data());
-  const float scale = 1.f / std::sqrt(float(D));
+  const float scale = 1.f / std::sqrt(float(D)) / q_mul;
   const km::dequantized_pool deq = km::dequantize(pr.host_view());
   const auto ql = hp.q_layout(hp.q_indptr.data());
   const dense_tensor<T> qv{const_cast<T*>(hp.q.data()), ql};
@@ -260,6 +263,16 @@ TEST_CASE("emulated fp8 decode: per-token-head and per-head scales, shared tiles
   cap.sinks = 2;
   cap.cap = 5.f;
   run_emulated_fp8<half, 96, per_head, softcap<sliding_window_mask>>(s, cap, 2, seed + 3);
+  // The fragment path's fp16 range: a bf16 Q of |q| ~ 2^20 or 2^-40 (a power of two per warp),
+  // V of ~ 2^20 or 2^-20, and V whose per-token magnitudes differ by up to 2^8 (per-token V
+  // scales counted in a tile's largest: O changes unit between tiles).
+  s.page_size = 16;
+  const float big = 1048576.f, tiny = 1.f / 1048576.f;
+  run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 3, seed + 4, paged_kernel_kind::decode, big, big);
+  run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 3, seed + 5, paged_kernel_kind::decode, tiny * tiny, tiny);
+  run_emulated_fp8<bfloat16, 64, per_head, causal_mask>(s, {}, 2, seed + 6, paged_kernel_kind::decode, big, tiny);
+  run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 1, seed + 7, paged_kernel_kind::decode, 1.f, 1.f, true);
+  run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 1, seed + 8, paged_kernel_kind::decode, 1.f, 1.f, true);
 }
 
 TEST_CASE("emulated fp8 append: fp8 tiles converted in shared memory (32-row kernel), the 16-row kernel above D 128") {
@@ -268,7 +281,8 @@ TEST_CASE("emulated fp8 append: fp8 tiles converted in shared memory (32-row ker
   const auto seed = kvtile_test::fresh_seed();
   spec s = chunk_spec();
   run_emulated_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, 4, seed, paged_kernel_kind::append);
-  run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 3, seed + 1, paged_kernel_kind::append);  // fp16's P bias
+  run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 3, seed + 1, paged_kernel_kind::append);  // fp16 P, V scales' unit
+  run_emulated_fp8<half, 128, per_token, causal_mask>(s, {}, 3, seed + 5, paged_kernel_kind::append, 1.f, 1.f / 4096.f, true);
   run_emulated_fp8<bfloat16, 64, per_token, rotary<causal_mask>>(s, {}, 2, seed + 2, paged_kernel_kind::append);
   s.hq = 8;
   s.hkv = 2;

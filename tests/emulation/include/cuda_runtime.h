@@ -10,8 +10,10 @@
 // Only what the kernels under test use is here; the test target puts this folder first on
 // its include path, so these headers replace the toolkit's and kvtile's arch/ ones.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -50,6 +52,7 @@ struct warp_ctx {
   std::uint32_t b[32][2];
   float c[32][4];
   float v[32];
+  unsigned u[32];
 };
 struct cta_ctx {
   std::unique_ptr<std::barrier<>> bar;
@@ -78,6 +81,21 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   w.bar->arrive_and_wait();
   return r;
 }
+// The largest of the warp's 32 values (every lane of the warp takes part).
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  auto& w = emu::cta->warps[emu::tidx.x / 32];
+  w.u[emu::tidx.x % 32] = v;
+  w.bar->arrive_and_wait();
+  const unsigned r = *std::max_element(w.u, w.u + 32);
+  w.bar->arrive_and_wait();
+  return r;
+}
+// Per 16-bit half, the unsigned larger of a's and b's.
+inline unsigned __vmaxu2(unsigned a, unsigned b) {
+  return std::max(a & 0xFFFFu, b & 0xFFFFu) | std::max(a & 0xFFFF0000u, b & 0xFFFF0000u);
+}
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 inline float atomicAdd(float* p, float v) {
   ++emu::atomics;
   return std::atomic_ref<float>(*p).fetch_add(v);
