@@ -330,6 +330,43 @@ TEST_CASE("plan: TMA decode: a CTA per row tile for large batches; for small one
   CHECK_FALSE(kc::plan_paged_attention<causal_mask>(q1.data(), t1.table(), pr, {}, portable).early_launch);
 }
 
+TEST_CASE("plan: a rotary variant on the TMA decode kernel fills two one-item CTAs per SM where the batch has one per SM") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const kc::device_limits hopper = h100_sm90();
+  const kc::paged_problem pr{32, 8, 128, 16, 300000, 2};
+  struct shape {
+    int batch, len;
+    std::size_t ctas;
+    bool split;  // cut into one-item CTAs where the plain plan is not
+  };
+  // 16 x 4k and 15 x 4k: 128 / 120 row tiles (one CTA per SM for the plain mask), cut in two;
+  // 64 x 2k: 512 row tiles, two waves already, unsplit; 13 x 9000, 1 x 32k and 3 x 1000:
+  // persistent runs, as for the plain mask (ctas: 0, not checked).
+  for (const shape s : {shape{16, 4096, 256, true}, shape{15, 4096, 240, true}, shape{64, 2048, 512, false},
+                        shape{13, 9000, 0, false}, shape{1, 32768, 0, false}, shape{3, 1000, 0, false}}) {
+    host_csr t(std::vector<std::int32_t>(s.batch, s.len), 16, 300000, rng);
+    const auto q = indptr_of(std::vector<std::int32_t>(s.batch, 1));
+    const auto plan = kc::plan_paged_attention<rotary<causal_mask>>(q.data(), t.table(), pr, {}, hopper);
+    const auto plain = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, hopper);
+    INFO("batch " << s.batch << " len " << s.len << ": " << plan.ctas() << " CTAs, " << plan.work.size() << " items");
+    REQUIRE(plan.shape.kind == kc::paged_kernel_kind::decode_sm90);
+    check_partition<rotary<causal_mask>>(plan, {});
+    if (s.ctas) CHECK(plan.ctas() == s.ctas);
+    if (!s.split) {
+      CHECK(plan.work.size() == plain.work.size());
+      CHECK(plan.cta_items == plain.cta_items);
+      continue;
+    }
+    CHECK(plan.cta_items.empty());  // one item per CTA
+    CHECK(plan.ctas_per_sm == 2);
+    CHECK(plan.num_partials > 0);
+    CHECK(plan.ctas() <= 2 * std::size_t(hopper.num_sms));
+    for (const auto& w : plan.work) CHECK(w.kv_begin % 64 == 0);
+  }
+}
+
 TEST_CASE("plan: bad input is rejected with the offending value, before any work") {
   std::mt19937_64 rng(kvtile_test::fresh_seed());
   const kc::device_limits dev{132, 228 * 1024, 227 * 1024, 32};

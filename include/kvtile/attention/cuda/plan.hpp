@@ -715,12 +715,23 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
 
   if (tasks.empty()) return plan;  // an empty batch: nothing to compute, an empty plan (the run does nothing)
-  if (kind == paged_kernel_kind::decode_sm90) {
+  const int one_item_ctas =
+      std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
+  // A rotary variant's consumers rotate every key: where a batch would run one one-item CTA per
+  // SM, their work, not the bytes, sets the pace, so it is split as the cp.async kernel's plans
+  // are, until every SM holds one_item_ctas CTAs of one item each. Smaller batches keep the
+  // persistent runs (tuning::decode_sm90_rotary_fill).
+  const std::int64_t row_tiles_x10 = std::int64_t(tasks.size()) * 10;
+  const bool rotary_fill = kind == paged_kernel_kind::decode_sm90 && has_rotary<Mask> && tuning::decode_sm90_rotary_fill &&
+                           row_tiles_x10 >= std::int64_t(dev.num_sms) * 9 &&
+                           row_tiles_x10 < std::int64_t(dev.num_sms) * one_item_ctas * 9;
+  if (rotary_fill) plan.ctas_per_sm = one_item_ctas;
+  if (kind == paged_kernel_kind::decode_sm90 && !rotary_fill) {
     // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
     // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for
     // merges (decode.md v13: 16 x 4k 2.82 TB/s unsplit, 2.57 cut evenly over 132 CTAs).
     if (std::int64_t(tasks.size()) * 10 >= std::int64_t(dev.num_sms) * 9) {
-      plan.ctas_per_sm = std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
+      plan.ctas_per_sm = one_item_ctas;
       for (const auto& t : tasks)
         plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1, plan.q_len[t.b], plan.kv_len[t.b],
                              detail::table_page_base(table, t.b)});

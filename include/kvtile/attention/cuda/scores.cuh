@@ -152,24 +152,23 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void with_rotary_steps(int rotary_dims, F&& f) 
 }
 
 // The K side (warp_rows::scores). A B fragment's registers: k0 key g cols +0, k1 key g cols +8,
-// k2 key g+8 cols +0, k3 key g+8 cols +8. rotate_key_pairs rotates one pair of key g (x0, y0)
-// and the same pair of key g + 8 (x1, y1) with the pair's table entry t; pos_g, pos_g8: the
-// keys' positions (pos_g8 read only when they are not consecutive).
+// k2 key g+8 cols +0, k3 key g+8 cols +8. key_cos_sin gives one pair's cosine and sine at key g
+// and key g + 8 from the pair's table entry t; pos_g, pos_g8: the keys' positions (pos_g8 read
+// only when they are not consecutive). The angles are fp32; the rotation itself runs in T's
+// packed arithmetic (arch::rotate2, arch::rotate_halves): a key costs its angles and two packed
+// instructions per register instead of unpacking, four FMAs and packing per pair
+// (docs/perf-log/composed.md, step 11).
 template <bool Consecutive>
-KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_key_pairs(const rotary_pair_entry& t, float pos_g, float pos_g8, float& x0,
-                                                       float& y0, float& x1, float& y1) {
-  float cs, sn;
-  rotary_cos_sin_fast(pos_g, t.x, cs, sn);
-  rotary_rotate_pair(x0, y0, cs, sn);
+KVTILE_DEVICE KVTILE_FORCEINLINE void key_cos_sin(const rotary_pair_entry& t, float pos_g, float pos_g8, float (&cs)[2],
+                                                  float (&sn)[2]) {
+  rotary_cos_sin_fast(pos_g, t.x, cs[0], sn[0]);
   if constexpr (Consecutive) {
     (void)pos_g8;
-    const float c = cs;
-    cs = c * t.y - sn * t.z;  // angle + 8 freq
-    sn = sn * t.y + c * t.z;
+    cs[1] = cs[0] * t.y - sn[0] * t.z;  // angle + 8 freq
+    sn[1] = sn[0] * t.y + cs[0] * t.z;
   } else {
-    rotary_cos_sin_fast(pos_g8, t.x, cs, sn);
+    rotary_cos_sin_fast(pos_g8, t.x, cs[1], sn[1]);
   }
-  rotary_rotate_pair(x1, y1, cs, sn);
 }
 
 // Rotates the interleaved pairs of one K fragment kf (one k-step, first pair index p0 = kk * 8 +
@@ -179,11 +178,11 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_interleaved(std::uint32_t (&kf)[4
                                                            float pos_g, float pos_g8) {
   KVTILE_PRAGMA_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const rotary_pair_entry t = table[p0 + 4 * h];
-    float2 a = arch::unpack2<T>(kf[h]), b = arch::unpack2<T>(kf[2 + h]);
-    rotate_key_pairs<Consecutive>(t, pos_g, pos_g8, a.x, a.y, b.x, b.y);
-    kf[h] = arch::pack2<T>(a.x, a.y);
-    kf[2 + h] = arch::pack2<T>(b.x, b.y);
+    float cs[2], sn[2];
+    key_cos_sin<Consecutive>(table[p0 + 4 * h], pos_g, pos_g8, cs, sn);
+    KVTILE_PRAGMA_UNROLL
+    for (int key = 0; key < 2; ++key)
+      arch::rotate_halves<T>(kf[2 * key + h], arch::pack2<T>(cs[key], cs[key]), arch::pack2<T>(-sn[key], sn[key]));
   }
 }
 
@@ -195,15 +194,12 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_half_split(std::uint32_t (&lo)[4]
                                                           const rotary_pair_entry* table, int p0, float pos_g, float pos_g8) {
   KVTILE_PRAGMA_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const rotary_pair_entry t0 = table[p0 + 8 * h], t1 = table[p0 + 8 * h + 1];
-    float2 xa = arch::unpack2<T>(lo[h]), ya = arch::unpack2<T>(hi[h]);          // key g
-    float2 xb = arch::unpack2<T>(lo[2 + h]), yb = arch::unpack2<T>(hi[2 + h]);  // key g + 8
-    rotate_key_pairs<Consecutive>(t0, pos_g, pos_g8, xa.x, ya.x, xb.x, yb.x);
-    rotate_key_pairs<Consecutive>(t1, pos_g, pos_g8, xa.y, ya.y, xb.y, yb.y);
-    lo[h] = arch::pack2<T>(xa.x, xa.y);
-    hi[h] = arch::pack2<T>(ya.x, ya.y);
-    lo[2 + h] = arch::pack2<T>(xb.x, xb.y);
-    hi[2 + h] = arch::pack2<T>(yb.x, yb.y);
+    float c0[2], s0[2], c1[2], s1[2];  // pairs p0 + 8h and p0 + 8h + 1, at keys g and g + 8
+    key_cos_sin<Consecutive>(table[p0 + 8 * h], pos_g, pos_g8, c0, s0);
+    key_cos_sin<Consecutive>(table[p0 + 8 * h + 1], pos_g, pos_g8, c1, s1);
+    KVTILE_PRAGMA_UNROLL
+    for (int key = 0; key < 2; ++key)
+      arch::rotate2<T>(lo[2 * key + h], hi[2 * key + h], arch::pack2<T>(c0[key], c1[key]), arch::pack2<T>(s0[key], s1[key]));
   }
 }
 

@@ -148,6 +148,13 @@ struct prefill_sm90_cp_async_tile<HeadDim> {
 // not fit the persistent layout (perf-log decode v13 and the stage-count experiment after v15).
 inline constexpr int decode_sm90_stages = 3;
 
+// Rotary variants on the TMA decode kernel: batches that would run one one-item CTA per SM are
+// split until each SM holds two. H200, rotary time / plain time (docs/perf-log/composed.md,
+// step 11): 16 x 4k 1.43x with one CTA per SM (ncu: the consumer warps issue-latency bound,
+// DRAM at 52 %), 1.09x split in two. Smaller batches stay persistent: 1 x 32k cut into 256
+// one-item CTAs ran 1.19x, the persistent runs 1.13x.
+inline constexpr bool decode_sm90_rotary_fill = true;
+
 // When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
 // attention grid, 1 as soon as every attention CTA has started, 2 once every decode CTA is past
 // its key loop (the append kernels allow it at their start for 1 and 2). perf-log decode v11.

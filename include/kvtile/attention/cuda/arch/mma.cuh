@@ -58,6 +58,33 @@ KVTILE_DEVICE KVTILE_FORCEINLINE float2 unpack2(std::uint32_t r) {
   }
 }
 
+// Rotates the 16-bit pairs of two registers by the angles whose cosines and sines are packed in
+// c and s, in T's packed arithmetic (two roundings of T per element, where a rotation in fp32
+// rounds once): x' = x c - y s, y' = x s + y c, element-wise. One multiply and one FMA per
+// register, where unpacking to fp32, four FMAs and packing again take seven instructions a pair.
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate2(std::uint32_t& x, std::uint32_t& y, std::uint32_t c, std::uint32_t s) {
+  using V = typename native<T>::type2;
+  const V xv = *reinterpret_cast<const V*>(&x), yv = *reinterpret_cast<const V*>(&y);
+  const V cv = *reinterpret_cast<const V*>(&c), sv = *reinterpret_cast<const V*>(&s);
+  const V xr = __hfma2(xv, cv, __hneg2(__hmul2(yv, sv)));
+  const V yr = __hfma2(yv, cv, __hmul2(xv, sv));
+  x = *reinterpret_cast<const std::uint32_t*>(&xr);
+  y = *reinterpret_cast<const std::uint32_t*>(&yr);
+}
+
+// Rotates the pair held in the two halves of one register (x low, y high) by cosine c and sine
+// s given as (c, c) and (-s, s): r' = r (c, c) + swap(r) (-s, s).
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_halves(std::uint32_t& r, std::uint32_t cc, std::uint32_t ns_s) {
+  using V = typename native<T>::type2;
+  const std::uint32_t sw = __byte_perm(r, 0, 0x1032);
+  const V rv = *reinterpret_cast<const V*>(&r), swv = *reinterpret_cast<const V*>(&sw);
+  const V ccv = *reinterpret_cast<const V*>(&cc), nsv = *reinterpret_cast<const V*>(&ns_s);
+  const V out = __hfma2(rv, ccv, __hmul2(swv, nsv));
+  r = *reinterpret_cast<const std::uint32_t*>(&out);
+}
+
 // D = A * B + C, m16n8k16, fp32 accumulators in place.
 template <class T>
 KVTILE_DEVICE KVTILE_FORCEINLINE void mma_16816(float (&c)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {

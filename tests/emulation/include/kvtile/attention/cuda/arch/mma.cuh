@@ -33,6 +33,34 @@ inline float2 unpack2(std::uint32_t r) {
   return {lane16<T>(r, 0), lane16<T>(r, 1)};
 }
 
+// Packed 16-bit arithmetic as the hardware rounds it: a product rounded to T, an FMA rounded
+// once (the exact product of two 16-bit values and the sum in double, then to T).
+template <class T>
+inline float round_to(double v) {
+  return float(T(float(v)));
+}
+template <class T>
+inline void rotate2(std::uint32_t& x, std::uint32_t& y, std::uint32_t c, std::uint32_t s) {
+  std::uint32_t xo = 0, yo = 0;
+  for (int h = 0; h < 2; ++h) {
+    const double xv = lane16<T>(x, h), yv = lane16<T>(y, h), cv = lane16<T>(c, h), sv = lane16<T>(s, h);
+    const float ys = round_to<T>(yv * sv), xs = round_to<T>(xv * sv);
+    const std::uint32_t a = pack2<T>(round_to<T>(xv * cv - double(ys)), 0.f) & 0xFFFFu;
+    const std::uint32_t b = pack2<T>(round_to<T>(yv * cv + double(xs)), 0.f) & 0xFFFFu;
+    xo |= a << (16 * h);
+    yo |= b << (16 * h);
+  }
+  x = xo;
+  y = yo;
+}
+template <class T>
+inline void rotate_halves(std::uint32_t& r, std::uint32_t cc, std::uint32_t ns_s) {
+  const double x = lane16<T>(r, 0), y = lane16<T>(r, 1);
+  const double c0 = lane16<T>(cc, 0), c1 = lane16<T>(cc, 1), n0 = lane16<T>(ns_s, 0), s1 = lane16<T>(ns_s, 1);
+  const float p0 = round_to<T>(y * n0), p1 = round_to<T>(x * s1);
+  r = pack2<T>(round_to<T>(x * c0 + double(p0)), round_to<T>(y * c1 + double(p1)));
+}
+
 template <class T>
 inline void mma_16816(float (&c)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
   auto& w = emu::cta->warps[emu::tidx.x / 32];
