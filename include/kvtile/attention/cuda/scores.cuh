@@ -52,8 +52,9 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void apply_logits(const Variant& v, A& s, float
 // kk + R/32 (R a multiple of 32). So Q and K fragments are rotated in registers, where the
 // mainloop holds them anyway: no extra shared-memory pass, no barrier.
 //
-// What a key costs is the angle's cosine and sine, not the four FMAs of the rotation: the
-// multi-function unit does a quarter of the FMA rate. So per pair a thread reads its frequency
+// What a key costs is the angle's cosine and sine more than the rotation (two packed
+// instructions per register, below): the multi-function unit does a quarter of the FMA rate.
+// So per pair a thread reads its frequency
 // from a table built once per work item (not an exp2 per key), takes the exact cosine and sine
 // only for key g of a K fragment, and derives key g + 8's (8 positions on) by one complex
 // multiply with the table's cosine and sine of 8 x the frequency. Every key g is exact, so no
