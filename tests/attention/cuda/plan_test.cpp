@@ -526,6 +526,19 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sy
   CHECK(tma.fp8_registers);
   CHECK(tma.reason.find("fp8") != std::string::npos);
   check_partition<causal_mask>(tma, {});
+  // A small batch's persistent runs count keys, not tiles: 1 x 4k (256 fp8 tiles) runs on the
+  // 128 CTAs of two tiles each that bf16's 512 tiles get as four each.
+  {
+    const host_csr one(std::vector<std::int32_t>{4096}, 16, 400, rng);
+    const auto q = indptr_of({1});
+    const auto fp8_runs = kc::plan_paged_attention<causal_mask>(q.data(), one.table(), pr, {}, h100_sm90());
+    kc::paged_problem pr16 = pr;
+    pr16.elem_bytes = 2;
+    const auto bf16_runs = kc::plan_paged_attention<causal_mask>(q.data(), one.table(), pr16, {}, h100_sm90());
+    CHECK(fp8_runs.ctas() == 128);
+    CHECK(bf16_runs.ctas() == 128);
+    check_partition<causal_mask>(fp8_runs, {});
+  }
   const auto bf16_stages = kc::paged_shape_for(kc::paged_kernel_kind::decode_sm90, 128).decode_sm90_smem_bytes(128, 2, false);
   CHECK(tma.shape.decode_sm90_smem_bytes(128, 1, false) == bf16_stages + 2 * 3 * 128 * 4);
   // A rotary variant, a head dim of half a panel, a page of one slot, or no wgmma: the cp.async kernel.

@@ -347,12 +347,13 @@ inline int estimate_ctas_per_sm(const paged_kernel_shape& shape, const paged_pro
 
 namespace detail {
 
-// How many persistent CTAs share `total` flat tiles (count: each row tile's visible tiles).
+// How many persistent CTAs share `total` flat tiles of bn keys (count: each row tile's visible
+// tiles). The rules are in keys (tuning::decode_runs_min_keys), so that an fp8 tile of 128 keys,
+// which moves the bytes of a 64-key bf16 one, counts as two.
 inline std::int64_t run_ctas(const std::vector<std::int64_t>& count, std::int64_t total, const device_limits& dev,
-                             const plan_options& opt) {
-  // No CTA gets fewer than min_tiles_per_cta tiles (1 x 4k: 128 CTAs of 4 tiles, the best
-  // split in v12).
-  constexpr std::int64_t min_tiles_per_cta = 4;
+                             const plan_options& opt, int bn) {
+  // No CTA gets fewer than min_tiles_per_cta tiles.
+  const std::int64_t min_tiles_per_cta = std::max(1, tuning::decode_runs_min_keys / bn);
   const std::int64_t max_ctas = opt.max_ctas > 0 ? std::min(opt.max_ctas, dev.num_sms) : dev.num_sms;
   std::int64_t n_ctas = std::clamp<std::int64_t>(ceil_div(total, min_tiles_per_cta), 1, max_ctas);
   // At most max_splits pieces per task: shares of at least 1 / (max_splits - 1) of the largest.
@@ -365,7 +366,7 @@ inline std::int64_t run_ctas(const std::vector<std::int64_t>& count, std::int64_
   // each, than as 132 CTAs of 31, most holding two pieces (decode.md v13). From half the
   // CTAs up, take the count whose longest run, so counted, is shortest (ties: more CTAs).
   if (opt.split_kv) {
-    constexpr std::int64_t switch_tiles = 4;
+    const std::int64_t switch_tiles = std::max(1, tuning::decode_runs_switch_keys / bn);
     std::vector<std::int64_t> ends;  // task ends in the flat order
     std::int64_t at = 0;
     for (const std::int64_t n : count) ends.push_back(at += std::max<std::int64_t>(n, 1));
@@ -429,7 +430,7 @@ void plan_decode_runs(paged_plan& plan, const std::vector<tile_task>& tasks, con
   }
   std::int64_t total = 0;  // a task with no visible tile still writes its rows: it counts one
   for (const std::int64_t n : count) total += std::max<std::int64_t>(n, 1);
-  const std::int64_t n_ctas = run_ctas(count, total, dev, opt);
+  const std::int64_t n_ctas = run_ctas(count, total, dev, opt, bn);
   // CTA boundaries in the flat tile order, increasing, the last one `total`: CTA c runs flat
   // tiles [cut[c - 1], cut[c]). A task that may not be cut (split_kv off, or more pieces than
   // max_splits) moves the cuts inside it to its end.

@@ -155,6 +155,16 @@ inline constexpr int decode_sm90_stages = 3;
 // one-item CTAs ran 1.19x, the persistent runs 1.13x.
 inline constexpr bool decode_sm90_rotary_fill = true;
 
+// Persistent TMA decode runs (small batches): no CTA runs fewer than decode_runs_min_keys keys
+// (1 x 4k bf16: 128 CTAs of four 64-key tiles, the best split in decode.md v12), and a run
+// that holds a cut is counted decode_runs_switch_keys longer (an epilogue, a partial state, a
+// longer merge: 1 x 32k ran 9 % faster as 128 CTAs of 32 tiles, one piece each, than as 132 of
+// 31, decode.md v13). In keys, not tiles: an fp8 tile holds 128 keys, and counted as four
+// tiles 1 x 4k fp8 ran on 64 CTAs, one per two SMs, at 0.92x (per-head scales) and 1.10x
+// (per-token) the bf16 time (decode.md v21).
+inline constexpr int decode_runs_min_keys = 256;
+inline constexpr int decode_runs_switch_keys = 256;
+
 // When the merge grid of a split plan starts (sm_90, programmatic dependent launch): 0 after the
 // attention grid, 1 as soon as every attention CTA has started, 2 once every decode CTA is past
 // its key loop (the append kernels allow it at their start for 1 and 2). perf-log decode v11.
