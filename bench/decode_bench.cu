@@ -165,7 +165,7 @@ struct paged_setup {
     kv_indptr = dcopy(ki);
     last = dcopy(lp);
     const paging::csr_page_table host{ki.data(), ids.data(), lp.data(), batch};
-    const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, format == kv_format::bf16 ? 2 : 1};
+    const kc::paged_problem pr{HQ, HKV, D, page, num_blocks, format == kv_format::bf16 ? 2 : 1, format == kv_format::fp8_token};
     kc::plan_options opt;
     opt.split_kv = q_len == 1 || KVTILE_BENCH_APPEND_SPLIT;
     opt.use_wgmma = wgmma;

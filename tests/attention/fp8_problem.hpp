@@ -95,6 +95,7 @@ struct fp8_pool_problem {
   kc::paged_problem kernel_problem() const {
     auto p = base.kernel_problem();
     p.elem_bytes = 1;
+    p.token_scales = km::per_token_scales<Codec>;
     return p;
   }
 };

@@ -376,6 +376,22 @@ TEST_CASE("fp8 decode: split-KV equals unsplit on long sequences") {
   }
 }
 
+TEST_CASE("fp8 decode: a batch of about one row tile per SM (per-token scales: split to two CTAs per SM on the TMA kernel)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  spec s;
+  s.hkv = 2;
+  s.hq = 8;
+  s.page_size = 16;
+  std::uniform_int_distribution<int> len(200, 900);
+  s.kv_lens.clear();
+  for (int b = 0; b < 64; ++b) s.kv_lens.push_back(len(rng));  // 128 row tiles
+  s.q_lens.assign(64, 1);
+  check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, /*compare_unsplit=*/true);
+  check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, /*compare_unsplit=*/true);
+}
+
 TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);

@@ -539,6 +539,24 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sy
     CHECK(bf16_runs.ctas() == 128);
     check_partition<causal_mask>(fp8_runs, {});
   }
+  // 16 x 4k: a one-item CTA per row tile, one per SM, for per-head scales; per-token scales
+  // (more work per byte) split to two CTAs per SM.
+  {
+    const host_csr sixteen(std::vector<std::int32_t>(16, 4096), 16, 5000, rng);
+    const auto q = indptr_of(std::vector<std::int32_t>(16, 1));
+    kc::paged_problem big = pr;
+    big.pool_blocks = 5000;
+    const auto head = kc::plan_paged_attention<causal_mask>(q.data(), sixteen.table(), big, {}, h100_sm90());
+    kc::paged_problem per_token = big;
+    per_token.token_scales = true;
+    const auto token = kc::plan_paged_attention<causal_mask>(q.data(), sixteen.table(), per_token, {}, h100_sm90());
+    CHECK(head.ctas() == 128);
+    CHECK(head.num_partials == 0);
+    CHECK(token.ctas() == 256);
+    CHECK(token.cta_items.empty());
+    CHECK(token.num_partials == 256);
+    check_partition<causal_mask>(token, {});
+  }
   const auto bf16_stages = kc::paged_shape_for(kc::paged_kernel_kind::decode_sm90, 128).decode_sm90_smem_bytes(128, 2, false);
   CHECK(tma.shape.decode_sm90_smem_bytes(128, 1, false) == bf16_stages + 2 * 3 * 128 * 4);
   // A rotary variant, a head dim of half a panel, a page of one slot, or no wgmma: the cp.async kernel.

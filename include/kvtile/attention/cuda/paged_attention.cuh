@@ -76,7 +76,9 @@ class paged_attention {
     constexpr int kv_bytes = int(sizeof(typename Codec::template storage<T>));
     KVTILE_REQUIRE(a.problem.elem_bytes == kv_bytes, errc::invalid_argument, "paged_attention: problem elem_bytes is ",
                    a.problem.elem_bytes, "; this codec stores ", kv_bytes, "-byte K/V elements");
-    return plan_paged_attention<Variant>(a.q_indptr, a.host_table, a.problem, mask_params, a.device, a.options);
+    paged_problem problem = a.problem;
+    problem.token_scales = memory::per_token_scales<Codec>;  // the planner's hint, from the codec
+    return plan_paged_attention<Variant>(a.q_indptr, a.host_table, problem, mask_params, a.device, a.options);
   }
 
   static std::size_t workspace_size(const paged_plan& p) { return p.workspace_bytes(); }

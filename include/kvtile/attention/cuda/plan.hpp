@@ -210,6 +210,11 @@ struct paged_problem {
   std::int32_t page_size = 0;
   std::int32_t pool_blocks = 0;  // blocks in the K/V pool: valid block ids are [0, pool_blocks)
   int elem_bytes = 2;             // bytes per stored K/V element: 2 (fp16, bf16) or 1 (fp8 e4m3)
+  // fp8 pages: scales per token-head (memory::per_token_head) rather than per head. A planning
+  // hint, not a layout: such pages cost the decode consumers more work per byte, which the
+  // planner gives more CTAs (tuning::decode_sm90_token_scales_fill). paged_attention::plan sets
+  // it from the codec.
+  bool token_scales = false;
 };
 
 struct paged_work_item {
@@ -718,16 +723,19 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   if (tasks.empty()) return plan;  // an empty batch: nothing to compute, an empty plan (the run does nothing)
   const int one_item_ctas =
       std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
-  // A rotary variant's consumers rotate every key: where a batch would run one one-item CTA per
-  // SM, their work, not the bytes, sets the pace, so it is split as the cp.async kernel's plans
-  // are, until every SM holds one_item_ctas CTAs of one item each. Smaller batches keep the
-  // persistent runs (tuning::decode_sm90_rotary_fill).
+  // A rotary variant's consumers rotate every key, and those of fp8 pages with per-token scales
+  // scale every key: where a batch would run one one-item CTA per SM, their work, not the
+  // bytes, sets the pace, so it is split as the cp.async kernel's plans are, until every SM
+  // holds one_item_ctas CTAs of one item each. Smaller batches keep the persistent runs
+  // (tuning::decode_sm90_rotary_fill, decode_sm90_token_scales_fill).
   const std::int64_t row_tiles_x10 = std::int64_t(tasks.size()) * 10;
-  const bool rotary_fill = kind == paged_kernel_kind::decode_sm90 && has_rotary<Mask> && tuning::decode_sm90_rotary_fill &&
+  const bool fill_two = kind == paged_kernel_kind::decode_sm90 &&
+                           ((has_rotary<Mask> && tuning::decode_sm90_rotary_fill) ||
+                            (pr.elem_bytes == 1 && pr.token_scales && tuning::decode_sm90_token_scales_fill)) &&
                            row_tiles_x10 >= std::int64_t(dev.num_sms) * 9 &&
                            row_tiles_x10 < std::int64_t(dev.num_sms) * one_item_ctas * 9;
-  if (rotary_fill) plan.ctas_per_sm = one_item_ctas;
-  if (kind == paged_kernel_kind::decode_sm90 && !rotary_fill) {
+  if (fill_two) plan.ctas_per_sm = one_item_ctas;
+  if (kind == paged_kernel_kind::decode_sm90 && !fill_two) {
     // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
     // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for
     // merges (decode.md v13: 16 x 4k 2.82 TB/s unsplit, 2.57 cut evenly over 132 CTAs).

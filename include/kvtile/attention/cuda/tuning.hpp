@@ -154,6 +154,10 @@ inline constexpr int decode_sm90_stages = 3;
 // DRAM at 52 %), 1.09x split in two. Smaller batches stay persistent: 1 x 32k cut into 256
 // one-item CTAs ran 1.19x, the persistent runs 1.13x.
 inline constexpr bool decode_sm90_rotary_fill = true;
+// The same for fp8 pages with per-token scales (H200, 16 x 4k, docs/perf-log/decode.md v22):
+// 58.2 -> 47.1 us (0.80 -> 0.66x the bf16 time). Not for per-head scales, where the consumers
+// keep up with one CTA per SM: 42.4 -> 45.4 us split in two.
+inline constexpr bool decode_sm90_token_scales_fill = true;
 
 // Persistent TMA decode runs (small batches): no CTA runs fewer than decode_runs_min_keys keys
 // (1 x 4k bf16: 128 CTAs of four 64-key tiles, the best split in decode.md v12), and a run
