@@ -389,7 +389,7 @@ TEST_CASE("fp8 decode: a batch of about one row tile per SM (per-token scales: s
   for (int b = 0; b < 64; ++b) s.kv_lens.push_back(len(rng));  // 128 row tiles
   s.q_lens.assign(64, 1);
   check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, /*compare_unsplit=*/true);
-  check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false, /*compare_unsplit=*/true);
+  check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false);  // one item per CTA on the TMA kernel, unsplit
 }
 
 TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
