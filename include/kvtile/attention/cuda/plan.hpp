@@ -721,36 +721,36 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
 
   if (tasks.empty()) return plan;  // an empty batch: nothing to compute, an empty plan (the run does nothing)
-  const int one_item_ctas =
-      std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
-  // A rotary variant's consumers rotate every key, and those of fp8 pages with per-token scales
-  // scale every key: where a batch would run one one-item CTA per SM, their work, not the
-  // bytes, sets the pace, so it is split as the cp.async kernel's plans are, until every SM
-  // holds one_item_ctas CTAs of one item each. Smaller batches keep the persistent runs
-  // (tuning::decode_sm90_rotary_fill, decode_sm90_token_scales_fill).
-  const std::int64_t row_tiles_x10 = std::int64_t(tasks.size()) * 10;
-  const bool fill_two = kind == paged_kernel_kind::decode_sm90 &&
-                           ((has_rotary<Mask> && tuning::decode_sm90_rotary_fill) ||
-                            (pr.elem_bytes == 1 && pr.token_scales && tuning::decode_sm90_token_scales_fill)) &&
-                           row_tiles_x10 >= std::int64_t(dev.num_sms) * 9 &&
-                           row_tiles_x10 < std::int64_t(dev.num_sms) * one_item_ctas * 9;
-  if (fill_two) plan.ctas_per_sm = one_item_ctas;
-  if (kind == paged_kernel_kind::decode_sm90 && !fill_two) {
+  if (kind == paged_kernel_kind::decode_sm90) {
+    const int one_item_ctas =
+        std::max<int>(1, int(dev.smem_per_sm / (plan.shape.decode_sm90_smem_bytes(pr.head_dim, pr.elem_bytes, false) + 1024)));
+    const std::int64_t row_tiles_x10 = std::int64_t(tasks.size()) * 10;
     // Batches of at least ~0.9 row tiles per SM: a CTA per row tile, two per SM, never split:
     // the block scheduler and the shared DRAM balance them, where cut row tiles would pay for
     // merges (decode.md v13: 16 x 4k 2.82 TB/s unsplit, 2.57 cut evenly over 132 CTAs).
-    if (std::int64_t(tasks.size()) * 10 >= std::int64_t(dev.num_sms) * 9) {
-      plan.ctas_per_sm = one_item_ctas;
+    const bool one_wave = row_tiles_x10 >= std::int64_t(dev.num_sms) * 9;
+    // But a rotary variant's consumers rotate every key, and those of fp8 pages with per-token
+    // scales scale every key: where such a batch would run one one-item CTA per SM, their work,
+    // not the bytes, sets the pace, so it is split below as the cp.async kernel's plans are,
+    // until every SM holds one_item_ctas CTAs of one item each. Smaller batches keep the
+    // persistent runs (tuning::decode_sm90_rotary_fill, decode_sm90_token_scales_fill).
+    const bool consumer_bound = (has_rotary<Mask> && tuning::decode_sm90_rotary_fill) ||
+                                (pr.elem_bytes == 1 && pr.token_scales && tuning::decode_sm90_token_scales_fill);
+    const bool fill_two = consumer_bound && one_wave && row_tiles_x10 < std::int64_t(dev.num_sms) * one_item_ctas * 9;
+    if (one_wave) plan.ctas_per_sm = one_item_ctas;
+    if (one_wave && !fill_two) {
       for (const auto& t : tasks)
         plan.work.push_back({t.b, t.kvh, t.row0, t.kv_begin, t.kv_end, -1, plan.q_len[t.b], plan.kv_len[t.b],
                              detail::table_page_base(table, t.b)});
       return plan;
     }
-    detail::plan_decode_runs<Mask>(plan, tasks, table, mask_params, dev, opt);
-    plan.early_launch = opt.early_launch;
-    KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
-                   " work items (more than 2^31)");
-    return plan;
+    if (!one_wave) {
+      detail::plan_decode_runs<Mask>(plan, tasks, table, mask_params, dev, opt);
+      plan.early_launch = opt.early_launch;
+      KVTILE_REQUIRE(plan.work.size() < (std::size_t(1) << 31), errc::unsupported, "plan has ", plan.work.size(),
+                     " work items (more than 2^31)");
+      return plan;
+    }
   }
 
   // Split-KV: choose keys-per-chunk c (in tiles) minimising the estimated makespan

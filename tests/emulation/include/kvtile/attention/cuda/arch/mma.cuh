@@ -41,17 +41,14 @@ inline float round_to(double v) {
 }
 template <class T>
 inline void rotate2(std::uint32_t& x, std::uint32_t& y, std::uint32_t c, std::uint32_t s) {
-  std::uint32_t xo = 0, yo = 0;
+  float xr[2], yr[2];
   for (int h = 0; h < 2; ++h) {
     const double xv = lane16<T>(x, h), yv = lane16<T>(y, h), cv = lane16<T>(c, h), sv = lane16<T>(s, h);
-    const float ys = round_to<T>(yv * sv), xs = round_to<T>(xv * sv);
-    const std::uint32_t a = pack2<T>(round_to<T>(xv * cv - double(ys)), 0.f) & 0xFFFFu;
-    const std::uint32_t b = pack2<T>(round_to<T>(yv * cv + double(xs)), 0.f) & 0xFFFFu;
-    xo |= a << (16 * h);
-    yo |= b << (16 * h);
+    xr[h] = round_to<T>(xv * cv - double(round_to<T>(yv * sv)));
+    yr[h] = round_to<T>(yv * cv + double(round_to<T>(xv * sv)));
   }
-  x = xo;
-  y = yo;
+  x = pack2<T>(xr[0], xr[1]);
+  y = pack2<T>(yr[0], yr[1]);
 }
 template <class T>
 inline void rotate_halves(std::uint32_t& r, std::uint32_t cc, std::uint32_t ns_s) {
