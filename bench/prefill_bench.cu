@@ -56,7 +56,8 @@ struct buffers {
 };
 
 template <class Kernel>
-void run_prefill(benchmark::State& state, const std::string& suite, const std::string& impl) {
+void run_prefill(benchmark::State& state, const std::string& suite, const std::string& impl,
+                 typename Kernel::mask::params mask_params = {}) {
   constexpr int D = Kernel::head_dim;
   const int S = int(state.range(0));
   const int B = tokens / S, H = hidden / D;
@@ -68,6 +69,7 @@ void run_prefill(benchmark::State& state, const std::string& suite, const std::s
   args.kv = {buf.k, buf.v, l};
   args.o = {buf.o, l};
   args.lse = buf.lse;
+  args.mask_params = mask_params;
   // The workspace the kernel asks for (a rotary variant's rotated Q and K; none otherwise).
   void* ws = nullptr;
   if (const std::size_t bytes = Kernel::workspace_size(args)) KVTILE_CUDA_CHECK(cudaMalloc(&ws, bytes));
@@ -122,8 +124,10 @@ void grid_row_mma(benchmark::State& state) {
 
 // A rotary variant (half-split, every dim, theta 10000). grid_row_rotary: run() with its
 // workspace, Q and K rotated once into it, then the prefill without the rotation (the sm_90a
-// kernel on Hopper): compare with grid_row. grid_row_rotary_mma: run() without a workspace, the
-// mma.sync kernel rotating each tile in shared memory: compare with grid_row_mma.
+// kernel on Hopper): compare with grid_row. grid_row_rotary_fused: run() without a workspace,
+// the kernel rotating each tile in shared memory as it arrives (on Hopper the warp-specialised
+// sm_90a kernel, its producer warps rotating K): compare with grid_row. grid_row_rotary_mma: the
+// mma.sync kernel rotating in shared memory: compare with grid_row_mma.
 template <class K>
 struct no_workspace : K {
   static std::size_t workspace_size(const typename K::arguments&) { return 0; }
@@ -134,8 +138,19 @@ void grid_row_rotary(benchmark::State& state) {
   run_prefill<cuda::prefill<T, D, rotary<Mask>>>(state, "prefill", "kvtile_rotary");
 }
 template <int D, class Mask>
+void grid_row_rotary_fused(benchmark::State& state) {
+  run_prefill<no_workspace<cuda::prefill<T, D, rotary<Mask>>>>(state, "prefill", "kvtile_rotary_fused");
+}
+// Partial rotary, the first quarter of the dims (GPT-NeoX's rotary_pct 0.25), in the kernel.
+template <int D, class Mask>
+void grid_row_rotary_quarter_fused(benchmark::State& state) {
+  typename rotary<Mask>::params p;
+  p.rotary_dim = D / 4;
+  run_prefill<no_workspace<cuda::prefill<T, D, rotary<Mask>>>>(state, "prefill", "kvtile_rotary_quarter_fused", p);
+}
+template <int D, class Mask>
 void grid_row_rotary_mma(benchmark::State& state) {
-  run_prefill<no_workspace<cuda::prefill<T, D, rotary<Mask>>>>(state, "prefill", "kvtile_mma_rotary");
+  run_prefill<mma_sync_path<no_workspace<cuda::prefill<T, D, rotary<Mask>>>>>(state, "prefill", "kvtile_mma_rotary");
 }
 
 alignas(16) unsigned char probe_buffer[512];
@@ -192,6 +207,9 @@ BENCHMARK(grid_row_mma<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_mma<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary_fused<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary_fused<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary_quarter_fused<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary_mma<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_rotary_mma<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_sm90<64, no_mask>)->Apply(grid_args);

@@ -1,7 +1,7 @@
 // GPU tests of attention variants (attention/variant.hpp) on the CUDA kernels: logit
 // soft-capping on the prefill kernels (the sm_90a one through run() on Hopper, the mma.sync one
 // through run_portable) and on the paged decode and append kernels, rotary embeddings on the
-// paged kernels and the mma.sync prefill, against the fp64 reference that applies the same
+// paged kernels and the prefill kernels (rotated once, or in shared memory), against the fp64 reference that applies the same
 // transform, with FlashAttention's 2x rule, odd lengths, GQA 1 / 5 / 8.
 #include <doctest/doctest.h>
 
@@ -153,46 +153,76 @@ TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows p
   }
 }
 
-TEST_CASE("rotary prefill: Q and K rotated once into the workspace (then the plain kernel), or in shared memory by the mma.sync kernel; odd lengths, GQA 1/5/8, varlen") {
+TEST_CASE("rotary prefill: rotated once into the workspace (then the plain kernel), in shared memory by the sm_90a warp-specialised kernel and by the mma.sync kernel; odd lengths, GQA 1/5/8, varlen") {
   using namespace prefill_test;
   using kvtile::attention::rotary;
   using kvtile::attention::rotary_layout;
   using rope_128 = kc::prefill<kvtile::bfloat16, 128, rotary<causal_mask>>;
   using rope_64 = kc::prefill<kvtile::half, 64, rotary<sliding_window_mask, rotary_layout::interleaved>>;
-  static_assert(!rope_128::sm90_dispatch && !rope_64::sm90_dispatch, "the sm_90a prefill kernels do not rotate keys");
+  using rope_256 = kc::prefill<kvtile::bfloat16, 256, rotary<causal_mask>>;
+  using rope_176 = kc::prefill<kvtile::bfloat16, 128, rotary<no_mask>, kvtile::attention::tile_shape<128, 176, 12, 2>>;
+  static_assert(rope_128::sm90_dispatch && rope_64::sm90_dispatch && rope_256::sm90_dispatch && rope_176::sm90_dispatch,
+                "rotary variants run on the warp-specialised sm_90a kernel");
+  static_assert(rope_128::rotate_once && rope_64::rotate_once);
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  static_assert(rope_128::rotate_once && rope_64::rotate_once);
-  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng);                          // rotated once
-  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng, true, /*use_workspace=*/false);  // in shared memory
-  check_prefill<rope_128>({{300, 300}, {777, 777}, false, 4, 4}, {}, rng);                  // rotated once, q_len < kv_len
-  check_prefill<rope_128>({{17, 1}, {4097, 17}, true, 8, 1}, {}, rng);  // varlen K: in shared memory
+  constexpr bool once = true, fused = false;  // with the workspace / without
+  // Rotated once into the workspace (more keys than tuning::prefill_rotary_fused_max_kv: on
+  // Hopper too).
+  check_prefill<rope_128>({{1100}, {1100}, false, 5, 1}, {}, rng, true, once);
+  check_prefill<rope_128>({{300, 300}, {1300, 1300}, false, 4, 4}, {}, rng, true, once);  // q_len < kv_len
+  // In shared memory: on Hopper the warp-specialised kernel (its producer warps rotate K, each
+  // consumer warpgroup its Q rows), elsewhere the mma.sync kernel; and the mma.sync kernel on
+  // every device.
+  check_prefill<rope_128>({{1000}, {1000}, false, 5, 1}, {}, rng, true, fused);
+  check_prefill<rope_128>({{300, 300}, {777, 777}, false, 4, 4}, {}, rng, true, fused);
+  check_prefill<rope_128>({{17, 1}, {4097, 17}, true, 8, 1}, {}, rng);  // varlen K: no workspace asked
   check_prefill<rope_128>({{50, 1, 333}, {50, 900, 400}, true, 3, 3}, {}, rng);
+  check_prefill<rope_128>({std::vector<std::int32_t>(16, 256), std::vector<std::int32_t>(16, 256), false, 8, 8}, {}, rng,
+                          false, fused);  // many short work tiles: the persistent schedule
+  check_prefill<mma_sync_path<rope_128>>({{1000}, {1000}, false, 5, 1}, {}, rng, true, fused);
+  rotary<causal_mask>::params partial;
+  partial.rotary_dim = 64;  // half-split pairs (d, d + 32) of the first 64 dims
+  check_prefill<rope_128>({{333}, {700}, false, 8, 1}, partial, rng, true, fused);
+  check_prefill<rope_256>({{257}, {300}, false, 5, 1}, {}, rng, true, fused);
+  int device = 0;
+  REQUIRE(cudaGetDevice(&device) == cudaSuccess);
+  if (kvtile::detail::compute_capability_major(device) == 9 && kc::detail::sm90_kernels_available(device))
+    check_prefill<rope_176>({{401}, {401}, false, 2, 2}, {}, rng, true, fused);  // a user tile, sm_90a only
   rotary<sliding_window_mask, rotary_layout::interleaved>::params inter;
   inter.window = 100;
   inter.sinks = 4;
   inter.rotary_dim = 32;
-  check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng);
-  check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng, true, false);
+  check_prefill<rope_64>({{1200}, {1200}, false, 2, 1}, inter, rng, true, once);
+  check_prefill<rope_64>({{700}, {700}, false, 2, 1}, inter, rng, true, fused);
+  check_prefill<mma_sync_path<rope_64>>({{700}, {700}, false, 2, 1}, inter, rng, true, fused);
   using capped = kc::prefill<kvtile::bfloat16, 128, softcap<rotary<causal_mask>>>;
   softcap<rotary<causal_mask>>::params cap;
   cap.cap = 5.f;
-  check_prefill<capped>({{513}, {600}, false, 8, 2}, cap, rng);
-  // The dispatch says which path and why: without a workspace the mma.sync kernel; with one
-  // the prefill without the rotation (the sm_90a kernel on Hopper).
-  rope_128::arguments a{};
-  a.q = {nullptr, kvtile::attention::ragged_layout::fixed(1, 64, 8, 128)};
-  a.kv = {nullptr, nullptr, kvtile::attention::ragged_layout::fixed(1, 64, 8, 128)};
-  a.o = {nullptr, a.q.layout};
-  CHECK(rope_128::workspace_size(a) == std::size_t(2 * 64 * 8 * 128 * 2));
-  CHECK(rope_128::dispatch(a).reason.find("rotary") != std::string::npos);
-  alignas(16) static unsigned char probe[16];
-  const auto once = rope_128::dispatch(a, probe);
-  CHECK(once.reason.find("rotated once") != std::string::npos);
+  check_prefill<capped>({{513}, {1100}, false, 8, 2}, cap, rng, true, once);
+  check_prefill<capped>({{513}, {600}, false, 8, 2}, cap, rng, true, fused);
+  // The dispatch says which path and why. Long sequences: with a workspace the prefill without
+  // the rotation. Short ones (at most tuning::prefill_rotary_fused_max_kv keys): on Hopper the
+  // warp-specialised kernel rotating in shared memory, no workspace asked; elsewhere rotated once.
   using plain = kc::prefill<kvtile::bfloat16, 128, causal_mask>;
-  const plain::arguments pa{a.q, a.kv, a.o};
-  CHECK(once.kernel == plain::dispatch(pa).kernel);
+  alignas(16) static unsigned char probe[16];
+  const bool hopper = kvtile::detail::compute_capability_major(device) == 9 && kc::detail::sm90_kernels_available(device);
+  for (const int len : {64, 4096}) {
+    INFO("kv_len " << len);
+    rope_128::arguments a{};
+    a.q = {nullptr, kvtile::attention::ragged_layout::fixed(1, len, 8, 128)};
+    a.kv = {nullptr, nullptr, kvtile::attention::ragged_layout::fixed(1, len, 8, 128)};
+    a.o = {nullptr, a.q.layout};
+    const plain::arguments pa{a.q, a.kv, a.o};
+    const bool fused_here = hopper && len <= kc::tuning::prefill_rotary_fused_max_kv;
+    CHECK(rope_128::workspace_size(a) == (fused_here ? 0 : std::size_t(2) * len * 8 * 128 * 2));
+    CHECK(rope_128::dispatch(a).reason.find("rotary") != std::string::npos);
+    const auto with_ws = rope_128::dispatch(a, probe);
+    CHECK((with_ws.reason.find("rotated once") != std::string::npos) == !fused_here);
+    CHECK(with_ws.kernel == plain::dispatch(pa).kernel);
+    if (hopper) CHECK(rope_128::dispatch(a).kernel == plain::dispatch(pa).kernel);
+  }
 }
 
 TEST_CASE("rotary at cache positions on the GPU: decode over a [sinks + window] page table equals attention over that cache built explicitly") {

@@ -100,21 +100,25 @@ class prefill {
   static constexpr bool portable_tile = detail::prefill_tile_ok<HeadDim, Tile>;
   // The tile the sm_90a kernels run on Hopper: the user's where one of them takes it (a
   // warp-specialised tile or a cp.async one), the default where the user kept the default; void
-  // where they cannot run this configuration (a rotary variant: the sm_90a kernels do not rotate
-  // keys; the mma.sync kernel rotates its Q and K tiles in shared memory).
+  // where they cannot run this configuration. A rotary variant runs on the warp-specialised
+  // kernel only (its producer warpgroup rotates the K tiles in shared memory; the cp.async
+  // kernel has no warps to spare for it).
   using sm90_tile = std::conditional_t<
-      has_rotary<Mask>, void,
-      std::conditional_t<detail::prefill_sm90_tile_ok<HeadDim, Tile> || detail::prefill_sm90_ws_tile_ok<HeadDim, Tile>, Tile,
-                         std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128 || HeadDim == 256),
-                                            detail::sm90_default_tile_t<HeadDim>, void>>>;
+      detail::prefill_sm90_ws_tile_ok<HeadDim, Tile> || (!has_rotary<Mask> && detail::prefill_sm90_tile_ok<HeadDim, Tile>),
+      Tile,
+      std::conditional_t<default_tile && (HeadDim == 64 || HeadDim == 128 || HeadDim == 256),
+                         std::conditional_t<has_rotary<Mask>, typename tuning::prefill_sm90_rotary_tile<HeadDim>::type,
+                                            detail::sm90_default_tile_t<HeadDim>>,
+                         void>>;
   // Whether run() hands this configuration to the sm_90a kernel on a Hopper device running this
   // binary's sm_90a code. Any mask policy goes there: the kernel asks the mask, never names it.
   static constexpr bool sm90_dispatch = !std::is_void_v<sm90_tile>;
   // A rotary variant the library can take the rotation out of (rotary<M>, softcap<rotary<M>>):
   // run() with a workspace of workspace_size(args) bytes (fixed-length K/V) rotates Q and K once
   // into it (prefill/rotate.cuh) and runs `rotated`, this prefill without the rotation -- on
-  // Hopper the sm_90a kernels -- over them. Without a workspace the mma.sync kernel rotates each
-  // tile as it loads it (every CTA that reads a key rotates it again).
+  // Hopper the sm_90a kernels -- over them. Without a workspace the kernel rotates each tile as
+  // it loads it (every CTA that reads a key rotates it again): on Hopper the warp-specialised
+  // kernel, in shared memory beside its GEMMs; elsewhere the mma.sync kernel.
   using rotated = typename detail::rotated_prefill<T, HeadDim, rotary_stripped_t<Mask>, Tile>::type;
   static constexpr bool rotate_once = has_rotary<Mask> && !std::is_void_v<rotated>;
   static_assert(portable_tile || sm90_dispatch,
@@ -211,7 +215,8 @@ class prefill {
   }
 
   // Bytes of workspace run() uses: the rotated Q and K of the rotate-once path (with the strides
-  // of q and kv, each 256-byte aligned), else 0.
+  // of q and kv, each 256-byte aligned), else 0 (also where the sm_90a kernel's own rotation is
+  // the faster: short sequences on Hopper, fused_is_faster).
   static std::size_t workspace_size(const arguments& a) {
     if (!rotates_once(a)) return 0;
     return rotated_q_bytes(a) + rotated_k_bytes(a);
@@ -234,7 +239,7 @@ class prefill {
 
   // The mma.sync kernel on every device, never the sm_90a one (to compare the two paths).
   static void run_portable(const arguments& a, void* workspace = nullptr, cudaStream_t stream = nullptr) {
-    if (workspace != nullptr && rotates_once(a)) return rotate_and_run(a, workspace, stream, false);
+    if (workspace != nullptr && rotates_once(a, false)) return rotate_and_run(a, workspace, stream, false);
     launch(a, stream, false);
   }
 
@@ -309,15 +314,12 @@ class prefill {
       }
     } else {
       c.kernel = portable_name;
-      if constexpr (has_rotary<Mask>)
-        c.reason = std::string("a rotary variant without a workspace: the sm_90a kernels do not rotate keys (the mma.sync "
-                               "kernel rotates its Q and K tiles in shared memory") +
-                   (rotate_once ? "; run() with workspace_size(args) bytes of workspace rotates them once and runs the "
-                                  "prefill without the rotation, fixed-length K/V)"
-                                : ")") +
-                   "; " + d;
-      else if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
+      if constexpr (HeadDim != 64 && HeadDim != 128 && HeadDim != 256)
         c.reason = "the sm_90a kernels take head dims 64, 128 and 256, not " + std::to_string(HeadDim) + "; " + d;
+      else if constexpr (has_rotary<Mask>)
+        c.reason = "tile " + tile_text<Tile>() +
+                   " is not a warp-specialised sm_90a tile, the one sm_90a kernel that rotates keys (BlockKV 64, 128, 176 "
+                   "or 192, Warps a multiple of 4, BlockQ = 16 * (Warps - 4)); " + d;
       else
         c.reason = "tile " + tile_text<Tile>() +
                    " is not an sm_90a tile (BlockKV 64 or 128, or 176 or 192 warp-specialised, Warps a multiple of 4, BlockQ = 16 * Warps or "
@@ -374,10 +376,31 @@ class prefill {
 
   // ---- the rotate-once path ------------------------------------------------------------------
   // Whether run() with a workspace takes it: a rotary variant with a rotation-free form, K/V of
-  // fixed length (a varlen K's size is on the device), something to compute.
-  static bool rotates_once(const arguments& a) {
-    if constexpr (rotate_once) return a.kv.layout.indptr == nullptr && !nothing_to_compute(a);
-    else return (void)a, false;
+  // fixed length (a varlen K's size is on the device), something to compute -- and not where
+  // the warp-specialised sm_90a kernel rotating in shared memory is the faster (fused_is_faster).
+  // run_portable (allow_sm90 false) rotates once wherever it can.
+  static bool rotates_once(const arguments& a, bool allow_sm90 = true) {
+    if constexpr (rotate_once)
+      return a.kv.layout.indptr == nullptr && !nothing_to_compute(a) && !(allow_sm90 && fused_is_faster(a));
+    else return (void)a, (void)allow_sm90, false;
+  }
+  // Keys of at most tuning::prefill_rotary_fused_max_kv a sequence, on a device whose sm_90a
+  // code runs the warp-specialised kernel for these tensors: there the rotate pass's fixed cost
+  // is more than what the kernel's own rotation costs.
+  static bool fused_is_faster(const arguments& a) {
+    if constexpr (sm90_dispatch) {
+      if (a.kv.layout.len > tuning::prefill_rotary_fused_max_kv) return false;
+      int device = 0;
+      if (cudaGetDevice(&device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+      }
+      return kvtile::detail::compute_capability_major(device) == 9 && detail::sm90_kernels_available(device) &&
+             detail::sm90_prefill_kernels<T, HeadDim, sm90_tile, Mask>::can_launch(
+                 detail::make_prefill_params<T, Mask, HeadDim>(a));
+    } else {
+      return (void)a, false;
+    }
   }
   static std::size_t round_256(std::int64_t elems) { return std::size_t((elems * std::int64_t(sizeof(T)) + 255) / 256 * 256); }
   // Tokens of a sequence of q: its length (fixed), at most max_q_len (varlen).

@@ -118,6 +118,23 @@ template <int HeadDim>
 struct prefill_sm90_tile<HeadDim> {
   using type = tile_shape<128, 64, 12, 2>;
 };
+// A rotary variant's default: the same, but for D = 64 two consumer warpgroups instead of three
+// (<128, 128, 12, 3>): the producer warpgroup rotates K and needs more than 24 registers, and
+// what it keeps leaves three consumer warpgroups 152 (spilling, wgmma serialised) instead of 160.
+template <int HeadDim>
+struct prefill_sm90_rotary_tile : prefill_sm90_tile<HeadDim> {};
+template <int HeadDim>
+  requires(HeadDim <= 64)
+struct prefill_sm90_rotary_tile<HeadDim> {
+  using type = tile_shape<128, 128, 12, 3>;
+};
+
+// A rotary variant's prefill on Hopper: run() with a workspace rotates Q and K once (a pass, then
+// the plain kernel) where the sequences have more keys than this, and lets the warp-specialised
+// kernel rotate its tiles in shared memory where they have at most this many. H200, bf16, causal,
+// 16k tokens a call (docs/perf-log/composed.md, step 12), TFLOP/s rotated once / in the kernel:
+// D 128 S 512 143 / 189, 1k 226 / 256, 2k 319 / 304; D 64 118 / 143, 186 / 197, 255 / 232.
+inline constexpr int prefill_rotary_fused_max_kv = 1024;
 
 // The warp-specialised prefill runs persistent CTAs (one per SM walking the work tiles, the next
 // tile's Q and K/V loading under the last P V and the epilogue) where the longest query sequence

@@ -47,6 +47,13 @@ KVTILE_HOST_DEVICE KVTILE_FORCEINLINE int rotate_row_tasks(int r) {
   return rotate_rotated_tasks<L>(r) + (D - r) / 8;
 }
 
+// The first pair of a rotated task whose first element is `first`: half-split pairs (k, k + R/2)
+// start at k = first, interleaved ones (2k, 2k + 1) at k = first / 2.
+template <rotary_layout L>
+KVTILE_HOST_DEVICE KVTILE_FORCEINLINE int rotate_first_pair(int first) {
+  return L == rotary_layout::half_split ? first : first / 2;
+}
+
 // One side's rows: what is read and written (a sequence's rows come from the layouts).
 template <class T>
 struct rotate_side {

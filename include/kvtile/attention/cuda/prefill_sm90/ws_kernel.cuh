@@ -46,11 +46,13 @@
 #include "kvtile/attention/cuda/arch/tma.cuh"
 #include "kvtile/attention/cuda/arch/wgmma.cuh"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
+#include "kvtile/attention/cuda/prefill/rotate.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/dense_view.hpp"
 #include "kvtile/attention/mask.hpp"
 #include "kvtile/attention/softmax_state.hpp"
+#include "kvtile/attention/variant.hpp"
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
 
@@ -78,10 +80,16 @@ struct ws_geometry {
 
   // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
   // warpgroup drops to 24 and the consumers share what it frees (at most 240 each).
+  // A producer warpgroup that also rotates keys (a rotary variant) keeps rotary_producer_regs:
+  // 56, or 32 beside three consumer warpgroups (which then keep 160 instead of 152).
   static constexpr int launch_regs = (65536 / threads) / 8 * 8 > 255 ? 248 : (65536 / threads) / 8 * 8;
+  static constexpr int consumer_regs_for(int producer) {
+    const int raw = launch_regs + ((launch_regs - producer) / consumers) / 8 * 8;
+    return raw > 240 ? 240 : raw;
+  }
   static constexpr int producer_regs = 24;
-  static constexpr int consumer_regs_raw = launch_regs + ((launch_regs - producer_regs) / consumers) / 8 * 8;
-  static constexpr int consumer_regs = consumer_regs_raw > 240 ? 240 : consumer_regs_raw;
+  static constexpr int rotary_producer_regs = consumers > 2 ? 32 : 72;
+  static constexpr int consumer_regs = consumer_regs_for(producer_regs);
   static constexpr bool reallocate = consumers > 1;
 
   static constexpr int d_steps = D / 16;
@@ -188,19 +196,124 @@ struct ws_single_schedule {
   KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
     f(src);
   }
+  // The variant, for what does not depend on a work tile (a rotary variant's dims and theta).
+  KVTILE_DEVICE KVTILE_FORCEINLINE auto variant() const { return src.mask; }
 };
 
 // The warp-specialised core over any source and schedule (see the file comment). Across the work
 // tiles of a persistent CTA the K/V ring, its barrier phases and the ping-pong turns run on; Q has
 // a `q_empty` barrier (one arrival per consumer warp once its last Q K^T of a tile is done), so the
 // producer loads the next tile's Q while the consumers finish the last P V and the epilogue.
+//
+// A rotary variant (has_rotary<Mask>: Q and K given before rotation) is rotated in shared memory
+// as the tiles arrive: each consumer warpgroup rotates its own 64 Q rows once per work tile
+// (then a fence to the async proxy and the warpgroup's own barrier), and the producer
+// warpgroup's three idle warps rotate every K tile once the TMA has landed it, then publish it
+// on the slot's `ready_k` mbarrier, which the consumers wait on instead of `full_k`. So the
+// rotation runs beside the consumers' GEMMs and softmax, one K tile ahead, and costs the
+// consumers no instructions; the producer warpgroup keeps rotary_producer_regs registers for it.
+// Angles in fp32 from a frequency table the CTA fills once, the rotation in T's packed arithmetic
+// (rotate_task below).
 template <class T, int D, class Tile, class Mask>
 struct sm90_ws_core {
   using G = ws_geometry<T, D, Tile>;
   using qk_op = arch::wgmma_op<T, G::block_kv>;
   using pv_op = arch::wgmma_op<T, D>;
+  static constexpr bool rotates = has_rotary<Mask>;
+  static constexpr int producer_regs = rotates ? G::rotary_producer_regs : G::producer_regs;
+  static constexpr int consumer_regs = G::consumer_regs_for(producer_regs);
+  static constexpr int rotators = 96;  // producer warps 1 .. 3
+  // The geometry's bytes and, rotating, a ready_k mbarrier per slot and the frequency table.
+  static constexpr std::size_t smem_bytes = G::smem_bytes + (rotates ? 8 * std::size_t(G::stages) + 4 * (D / 2) : 0);
   static constexpr int turn_barrier = 1;  // named barriers 1 .. consumers: whose turn to issue
   static constexpr int consumers_barrier = 1 + G::consumers;  // every consumer thread
+  static constexpr int q_rotated_barrier = 2 + G::consumers;  // + cw: a warpgroup's rotated Q rows
+
+  // ---- rotation in shared memory (rotating variants) ----
+  // A row of the SW128 tile is cut as the rotate pass cuts it: rotated 16-byte task c holds
+  // pairs [rotate_first_pair(8c), + pairs_per_task) -- half-split, chunk c and its partner chunk
+  // R / 16 on (eight pairs), interleaved, chunk c (four pairs). A pair's angle is fp32 (its
+  // frequency from the CTA's table); the rotation runs in T's packed arithmetic (arch::rotate2 /
+  // arch::rotate_halves: two roundings of T per element, as the decode kernels rotate keys).
+  static constexpr bool half_split = [] {
+    if constexpr (rotates) return Mask::rotary_layout_v == rotary_layout::half_split;
+    else return true;
+  }();
+  static constexpr int task_pairs = half_split ? 8 : 4;
+
+  // The task of row r, chunk c, at the angles' cosines cs and sines sn, in place.
+  static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_task(unsigned char* tile, int rows, int rdims, int r, int c,
+                                                           const float (&cs)[task_pairs], const float (&sn)[task_pairs]) {
+    uint4* pa = reinterpret_cast<uint4*>(tile + arch::sw128_offset(rows, r, c));
+    uint4 lo = *pa;
+    std::uint32_t x[4] = {lo.x, lo.y, lo.z, lo.w};
+    if constexpr (half_split) {
+      uint4* pb = reinterpret_cast<uint4*>(tile + arch::sw128_offset(rows, r, c + rdims / 16));
+      const uint4 hi = *pb;
+      std::uint32_t y[4] = {hi.x, hi.y, hi.z, hi.w};
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < 4; ++i)
+        arch::rotate2<T>(x[i], y[i], arch::pack2<T>(cs[2 * i], cs[2 * i + 1]), arch::pack2<T>(sn[2 * i], sn[2 * i + 1]));
+      *pb = make_uint4(y[0], y[1], y[2], y[3]);
+    } else {
+      KVTILE_PRAGMA_UNROLL
+      for (int i = 0; i < 4; ++i) arch::rotate_halves<T>(x[i], arch::pack2<T>(cs[i], cs[i]), arch::pack2<T>(-sn[i], sn[i]));
+    }
+    *pa = make_uint4(x[0], x[1], x[2], x[3]);
+  }
+
+  // Rows [r0, r0 + n) of the SW128 tile at `tile` (`rows` rows), row r at position pos(r), over
+  // threads [0, nt) of the caller (this one `id`), each angle from rotary_cos_sin_fast. For the
+  // Q tile (once a work tile) and keys at positions that are not consecutive.
+  template <class Position>
+  static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows(unsigned char* tile, int rows, int r0, int n, const float* freq,
+                                                           int rdims, Position&& pos, int id, int nt) {
+    const int per_row = rotate_rotated_tasks<Mask::rotary_layout_v>(rdims);
+    for (int x = id; x < n * per_row; x += nt) {
+      const int r = r0 + x / per_row, c = x % per_row;
+      const float* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
+      const float p = float(pos(r));
+      float cs[task_pairs], sn[task_pairs];
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < task_pairs; ++j) rotary_cos_sin_fast(p, f[j], cs[j], sn[j]);
+      rotate_task(tile, rows, rdims, r, c, cs, sn);
+    }
+  }
+
+  // A K tile (block_kv rows, row r the key ks + r) by the rotating warps (id in [0, rotators)):
+  // a thread keeps one task column c and takes rows r0, r0 + step, ... (step = the threads per
+  // column). Keys at consecutive positions (rotary_keys_consecutive) take the first row's angles
+  // exactly and step them on by a rotation through step * f (four fp32 operations a pair instead
+  // of a range reduction and two multi-function ops, ~2^-21 each step); others go row by row.
+  template <class Variant>
+  static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_tile(unsigned char* tile, const Variant& v, int ks,
+                                                             const float* freq, int rdims, int id) {
+    if constexpr (rotary_keys_consecutive<Variant>) {
+      const int per_row = rotate_rotated_tasks<Mask::rotary_layout_v>(rdims), step = rotators / per_row;
+      if (id >= step * per_row) return;
+      const int c = id % per_row, r0 = id / per_row;
+      const float* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
+      const float p0 = float(v.key_position(ks + r0));
+      float cs[task_pairs], sn[task_pairs], dc[task_pairs], ds[task_pairs];
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < task_pairs; ++j) {
+        rotary_cos_sin_fast(p0, f[j], cs[j], sn[j]);
+        rotary_cos_sin_fast(float(step), f[j], dc[j], ds[j]);
+      }
+      for (int r = r0; r < G::block_kv; r += step) {
+        rotate_task(tile, G::block_kv, rdims, r, c, cs, sn);
+        KVTILE_PRAGMA_UNROLL
+        for (int j = 0; j < task_pairs; ++j) {
+          const float cn = cs[j] * dc[j] - sn[j] * ds[j];
+          sn[j] = sn[j] * dc[j] + cs[j] * ds[j];
+          cs[j] = cn;
+        }
+      }
+    } else {
+      rotate_rows(tile, G::block_kv, 0, G::block_kv, freq, rdims, [&](int r) { return v.key_position(ks + r); }, id,
+                  rotators);
+    }
+  }
 
   // A work tile's extent, as both roles see it: the rows it stores, their query positions, the
   // keys, and the visible key tiles (next_tile).
@@ -229,6 +342,10 @@ struct sm90_ws_core {
     const std::uint32_t v_base = k_base + G::stages * G::kv_bytes;  // [stages][block_kv rows]
     const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
     const std::uint32_t q_full = bars, q_empty = bars + 8u;
+    // Rotating: ready_k per slot after the geometry's barriers, then the frequency table.
+    auto ready_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + 4 * G::stages + slot); };
+    float* const freq = reinterpret_cast<float*>(smem_raw + (bars + 8u * std::uint32_t(2 + 5 * G::stages) - raw));
+    int rdims = 0;  // rotating: the rotated dims R
     auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + slot); };
     auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + G::stages + slot); };
     auto empty_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + 2 * G::stages + slot); };
@@ -242,13 +359,36 @@ struct sm90_ws_core {
         arch::mbarrier_init(full_v(x), 1);
         arch::mbarrier_init(empty_k(x), 4 * G::consumers);
         arch::mbarrier_init(empty_v(x), 4 * G::consumers);
+        if constexpr (rotates) arch::mbarrier_init(ready_k(x), rotators / 32);  // one arrival per rotating warp
       }
       arch::fence_barrier_init();
+    }
+    if constexpr (rotates) {
+      const auto v = schedule.variant();
+      rdims = v.rotary_dims(D);
+      for (int i = tid; i < rdims / 2; i += G::threads) freq[i] = rotary_inv_freq(i, rdims, v.rotary_theta());
     }
     __syncthreads();
 
     if (warp < 4) {  // ---- producer warpgroup ----
-      if constexpr (G::reallocate) arch::warpgroup_registers_dec<G::producer_regs>();
+      if constexpr (G::reallocate) arch::warpgroup_registers_dec<producer_regs>();
+      if constexpr (rotates) {
+        if (warp > 0) {  // warps 1 .. 3: rotate each K tile once it has landed, then publish it
+          int c = 0;
+          schedule.for_each([&](const auto& src) {
+            const extent<std::decay_t<decltype(src)>> e(src);
+            for (int i = e.next_tile(0); i < e.n_tiles; i = e.next_tile(i + 1), ++c) {
+              const int slot = c % G::stages, ks = src.k_start(e.kv_lo + i * G::block_kv);
+              arch::mbarrier_wait(full_k(slot), std::uint32_t((c / G::stages) & 1));
+              rotate_k_tile(smem_raw + (k_base + slot * G::kv_bytes - raw), src.mask, ks, freq, rdims, tid - 32);
+              arch::fence_proxy_async_shared();  // the rotated K, to the wgmma's async proxy
+              __syncwarp();
+              if (lane == 0) arch::mbarrier_arrive(ready_k(slot));
+            }
+          });
+          return;
+        }
+      }
       if (tid != 0) return;
       int c = 0;       // K/V tiles issued: slot c % stages
       int q_uses = 0;  // work tiles with a Q
@@ -278,7 +418,7 @@ struct sm90_ws_core {
     }
 
     // ---- consumer warpgroups ----
-    if constexpr (G::reallocate) arch::warpgroup_registers_inc<G::consumer_regs>();
+    if constexpr (G::reallocate) arch::warpgroup_registers_inc<consumer_regs>();
     const int cw = warp / 4 - 1, wq = warp % 4;  // consumer warpgroup, warp in it
     const int g = lane / 4, t = lane % 4;
     const int row_local = cw * 64 + wq * 16 + g;  // this thread's rows: row_local, row_local + 8
@@ -313,6 +453,7 @@ struct sm90_ws_core {
       if (lane == 0) arch::mbarrier_arrive(bar);
     };
     auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
+    auto wait_k = [&](int slot, int c) { arch::mbarrier_wait(rotates ? ready_k(slot) : full_k(slot), v_parity(c)); };
 
     int c = 0;       // K/V tiles consumed: slot c % stages, phase v_parity(c)
     int q_uses = 0;  // work tiles with a Q
@@ -398,6 +539,12 @@ struct sm90_ws_core {
         } else {
           arch::mbarrier_wait(q_full, std::uint32_t(q_uses & 1));
         }
+        if constexpr (rotates) {  // this warpgroup's 64 rows, at their query positions
+          rotate_rows(smem_raw + (q_base - raw), G::block_q, cw * 64, 64, freq, rdims,
+                      [&](int r) { return mask.query_position(src.token(r)); }, ctid % 128, 128);
+          arch::fence_proxy_async_shared();
+          arch::named_barrier_sync(q_rotated_barrier + cw, 128);
+        }
         ++q_uses;
         // The first tile: S, softmax; its P V waits for the next tile's Q K^T.
         float s[G::s_regs];
@@ -405,7 +552,7 @@ struct sm90_ws_core {
         std::uint32_t pa[G::kv_steps][4];
         int k0 = e.kv_lo + i * G::block_kv;
         int slot = c % G::stages;
-        arch::mbarrier_wait(full_k(slot), v_parity(c));
+        wait_k(slot, c);
         wait_turn();
         issue_qk(s, slot);
         pass_turn();
@@ -418,7 +565,7 @@ struct sm90_ws_core {
           const int prev = (c - 1) % G::stages;
           slot = c % G::stages;
           k0 = e.kv_lo + i * G::block_kv;
-          arch::mbarrier_wait(full_k(slot), v_parity(c));
+          wait_k(slot, c);
           wait_turn();
           issue_qk(s, slot);      // S of this tile ...
           rescale_o(factor);      // (O is no wgmma's operand now: the last P V was waited for)
@@ -497,6 +644,7 @@ struct sm90_ws_core {
 template <class T, int D, class G, class Mask>
 struct ws_dense_schedule {
   const ws_dense_params<T, Mask>& p;
+  KVTILE_DEVICE KVTILE_FORCEINLINE Mask variant() const { return Mask(p.p.mask, 1, 1); }
   template <class F>
   KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
     const int heads = p.p.q_layout.heads, batch = p.p.q_layout.batch;
@@ -522,10 +670,12 @@ struct ws_dense_schedule {
 template <class T, int D, class Tile, class Mask>
 struct prefill_sm90_ws_kernel {
   using G = ws_geometry<T, D, Tile>;
+  using core = sm90_ws_core<T, D, Tile, Mask>;
   using params = ws_dense_params<T, Mask>;
+  static constexpr std::size_t smem_bytes = core::smem_bytes;
 
   static KVTILE_DEVICE void run(const params& p, unsigned char* smem_raw) {
-    sm90_ws_core<T, D, Tile, Mask>::run(ws_dense_schedule<T, D, G, Mask>{p}, smem_raw);
+    core::run(ws_dense_schedule<T, D, G, Mask>{p}, smem_raw);
   }
 };
 
@@ -576,8 +726,8 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   using G = typename Kernel::G;
   int smem_optin = 0;
   KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  KVTILE_REQUIRE(G::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
-                 G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", G::smem_bytes,
+  KVTILE_REQUIRE(Kernel::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q,
+                 ", ", G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", Kernel::smem_bytes,
                  " bytes of shared memory, device ", device, " allows ", smem_optin);
   dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
   if (g.x == 0 || g.y == 0 || g.z == 0) return;
@@ -597,8 +747,8 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   kp.k = make_dense_tma(p.k, p.kv_layout, G::block_kv);
   kp.v = make_dense_tma(p.v, p.kv_layout, G::block_kv);
   auto* fn = &prefill_sm90_ws_entry<Kernel>;
-  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(G::smem_bytes)));
-  fn<<<g, G::threads, G::smem_bytes, stream>>>(kp);
+  KVTILE_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Kernel::smem_bytes)));
+  fn<<<g, G::threads, Kernel::smem_bytes, stream>>>(kp);
   KVTILE_CUDA_CHECK_LAUNCH();
 }
 
@@ -610,9 +760,9 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
 template <class T, int D, class Tile, class Mask>
 struct sm90_prefill_kernels {
   static constexpr bool warp_specialised = prefill_sm90_ws_tile_ok<D, Tile>;
-  // Whether the cp.async kernel exists for D (64 and 128): at D = 256 only tensors the TMA can map
-  // run on sm_90a, the rest on the mma.sync kernel.
-  static constexpr bool has_cp_async = D == 64 || D == 128;
+  // Whether the cp.async kernel exists for D (64 and 128) and the variant (it does not rotate
+  // keys): otherwise only tensors the TMA can map run on sm_90a, the rest on the mma.sync kernel.
+  static constexpr bool has_cp_async = (D == 64 || D == 128) && !has_rotary<Mask>;
   using cp_async_tile = std::conditional_t<warp_specialised || !has_cp_async,
                                            sm90_cp_async_default_tile_t<has_cp_async ? D : 128>, Tile>;
   using cp_async_kernel = prefill_sm90_kernel<T, has_cp_async ? D : 128, cp_async_tile, Mask>;  // D 256: never run
@@ -621,7 +771,7 @@ struct sm90_prefill_kernels {
   static constexpr const char* cp_async_name = "prefill_sm90 (wgmma, cp.async, sm_90a)";
 
   static constexpr std::size_t smem_bytes() {
-    if constexpr (warp_specialised) return ws_kernel::G::smem_bytes;
+    if constexpr (warp_specialised) return ws_kernel::smem_bytes;
     else return cp_async_kernel::G::smem_bytes;
   }
   // Whether an sm_90a kernel takes these tensors at all (else the mma.sync kernel runs).
@@ -636,7 +786,9 @@ struct sm90_prefill_kernels {
   static std::string why_not_tma() {
     return std::string("the TMA kernel maps varlen tensors and fixed-length ones whose sequences follow each other "
                        "(stride_batch = len * stride_token), 16-byte aligned, so ") +
-           (has_cp_async ? "the cp.async kernel runs with its default tile" : "the mma.sync kernel runs (D 256)");
+           (has_cp_async ? "the cp.async kernel runs with its default tile"
+                         : D == 256 ? "the mma.sync kernel runs (D 256)"
+                                    : "the mma.sync kernel runs (a rotary variant: the cp.async kernel does not rotate keys)");
   }
 
   static void launch(const prefill_params<T, Mask>& p, std::int32_t max_q_len, int device, cudaStream_t stream) {
