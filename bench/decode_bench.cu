@@ -317,8 +317,10 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
 }
 
 // wgmma = false: the portable (mma.sync) append kernel, also on a device with the sm_90a one.
-// var: the variant (rotary rows run the mma.sync append kernel, which rotates Q and K tiles in
-// shared memory; compare with the _portable row of the same shape). fmt: fp8 pages run the
+// var: the variant (rotary rows: on the sm_90a path the warp-specialised append kernel, whose
+// producer warps rotate K tiles in shared memory, compare with the plain row; on the portable
+// path the mma.sync kernel, which rotates Q and K tiles in shared memory, compare with the
+// _portable row of the same shape). fmt: fp8 pages run the
 // mma.sync append kernel (fp8 tiles converted in shared memory); compare with the bf16 rows.
 void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var, kv_format fmt) {
   paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var, fmt);
@@ -400,11 +402,13 @@ const int registered = [] {
           512, wgmma, variant_kind::none, kv_format::bf16)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
-  for (int prefix : {4096, 16384})
-    benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512_portable_rotary").c_str(), bm_append,
-                                 prefix, 512, false, variant_kind::rotary, kv_format::bf16)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
+  for (bool wgmma : {true, false})
+    for (int prefix : {4096, 16384})
+      benchmark::RegisterBenchmark(
+          ("append/prefix" + std::to_string(prefix) + "_chunk512" + (wgmma ? "" : "_portable") + "_rotary").c_str(),
+          bm_append, prefix, 512, wgmma, variant_kind::rotary, kv_format::bf16)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
   // fp8 pages (the mma.sync append kernel), beside the bf16 rows above; and a short chunk (64
   // tokens over 16k), where the pages' bytes weigh more than the tensor work, in every format.
   for (kv_format fmt : {kv_format::fp8_token, kv_format::fp8_head})

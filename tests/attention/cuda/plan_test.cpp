@@ -607,17 +607,27 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sy
 }
 
 
-TEST_CASE("plan: a rotary chunk takes the mma.sync append kernel, and says why not the sm_90a one") {
+TEST_CASE("plan: a rotary chunk takes the warp-specialised sm_90a append kernel where the pool has tensor maps, else the mma.sync one and says why") {
   std::mt19937_64 rng(kvtile_test::fresh_seed());
   const kc::paged_problem pr{32, 8, 128, 16, 300000, 2};
   host_csr t({100, 64}, 16, 300000, rng);
   const auto q = indptr_of({40, 1});  // 40 tokens x group 4: 160 packed rows
   const auto rope = kc::plan_paged_attention<rotary<causal_mask>>(q.data(), t.table(), pr, {}, h100_sm90());
-  CHECK(rope.shape.kind == kc::paged_kernel_kind::append);
-  CHECK(rope.reason.find("append_sm90: a rotary variant") != std::string::npos);
+  CHECK(rope.shape.kind == kc::paged_kernel_kind::append_sm90);
+  CHECK(rope.warp_specialised_append);  // the only sm_90a append kernel that rotates
+  CHECK(rope.reason.find("rotary variant: the warp-specialised mainloop") != std::string::npos);
   check_partition<rotary<causal_mask>>(rope, {});
   const auto plain = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100_sm90());
   CHECK(plain.shape.kind == kc::paged_kernel_kind::append_sm90);
+  CHECK(!plain.warp_specialised_append);  // the cp.async kernel, the faster without rotation
+  // Pages of one slot have no TMA tensor maps: the mma.sync append kernel rotates.
+  kc::paged_problem pr1 = pr;
+  pr1.page_size = 1;
+  host_csr t1({100, 64}, 1, 300000, rng);
+  const auto rope1 = kc::plan_paged_attention<rotary<causal_mask>>(q.data(), t1.table(), pr1, {}, h100_sm90());
+  CHECK(rope1.shape.kind == kc::paged_kernel_kind::append);
+  CHECK(rope1.reason.find("append_sm90: a rotary variant on pages without TMA tensor maps") != std::string::npos);
+  check_partition<rotary<causal_mask>>(rope1, {});
 }
 TEST_CASE("plan: the kernel types answer can_implement and their shared memory; the planner takes the first that can") {
   namespace pk = kc::paged_kernels;

@@ -129,7 +129,7 @@ TEST_CASE("rotary paged decode: half-split and interleaved, GQA 1/5/8, pages 1/1
   }
 }
 
-TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows per warp, and 16 above D 128)") {
+TEST_CASE("rotary paged append: chunks on the warp-specialised sm_90a append kernel (pages with tensor maps) and the mma.sync ones (32 rows per warp, and 16 above D 128)") {
   using namespace paged_test;
   using kvtile::attention::rotary;
   using kvtile::attention::rotary_layout;
@@ -140,16 +140,32 @@ TEST_CASE("rotary paged append: chunks on the mma.sync append kernels (32 rows p
   s.q_lens = {40, 1, 17};  // 40 tokens x group 4: more than 16 packed rows
   s.kv_lens = {100, 33, 17};
   for (const int page : {16, 5}) {
+    INFO("page " << page);
     s.page_size = page;
     const problem<bfloat16, 128> pr(s, rng);
     const auto plan = pr.plan<rotary<causal_mask>>({}, limits());
-    CHECK(plan.shape.kind == kc::paged_kernel_kind::append);
+    const bool ws = limits().wgmma && page == 16;  // pages of 5 slots have no TMA tensor maps
+    CHECK(plan.shape.kind == (ws ? kc::paged_kernel_kind::append_sm90 : kc::paged_kernel_kind::append));
+    CHECK(plan.warp_specialised_append == ws);
     if (limits().wgmma) CHECK(plan.reason.find("rotary") != std::string::npos);
     run_and_check<bfloat16, 128, rotary<causal_mask>>(s, {}, rng(), true);
     rotary<causal_mask, rotary_layout::interleaved>::params inter;
     inter.rotary_dim = 64;
     run_and_check<kvtile::half, 64, rotary<causal_mask, rotary_layout::interleaved>>(s, inter, rng());
     run_and_check<bfloat16, 256, rotary<sliding_window_mask>>(s, {{24, 4}}, rng());
+  }
+  // Longer chunks over longer prefixes (several work items, key tiles and, where planned, splits),
+  // GQA 5 and 8, partial rotary and soft-capping over it.
+  for (int i = 1; i < 3; ++i) {
+    spec l = variant_spec(i);
+    l.q_lens = {300, 17, 1};
+    l.kv_lens = {1301, 4097, 60};
+    INFO("group " << groups[i] << ", page " << pages[i]);
+    run_and_check<bfloat16, 128, rotary<causal_mask>>(l, {}, rng());
+    softcap<rotary<causal_mask>>::params capped;
+    capped.rotary_dim = 64;
+    capped.cap = 4.f;
+    run_and_check<kvtile::half, 128, softcap<rotary<causal_mask>>>(l, capped, rng());
   }
 }
 

@@ -543,13 +543,17 @@ struct decode : kernel_base<paged_kernel_kind::decode> {
   static std::string can_implement(const paged_request&) { return {}; }
 };
 // The sm_90a append kernel (paged/append_sm90_kernel.cuh; its warp-specialised twin where
-// plan_options::warp_specialised_append asks and the pool has tensor maps).
+// plan_options::warp_specialised_append asks and the pool has tensor maps, and for a rotary
+// variant, which only the warp-specialised one rotates: its producer warps rotate each K tile
+// in shared memory as it lands).
 struct append_sm90 : kernel_base<paged_kernel_kind::append_sm90> {
   static std::string can_implement(const paged_request& r) {
     if (r.problem.elem_bytes == 1) return "fp8 K/V pages (the sm_90a append kernels read 2-byte tiles)";
     if (std::string why = no_sm90(r); !why.empty()) return why;
     if (!append_sm90_head_dim(r.problem.head_dim)) return "the sm_90a append kernel takes head_dim 64 and 128";
-    if (r.rotary) return "a rotary variant (the sm_90a append kernels do not rotate keys)";
+    if (r.rotary && !decode_sm90_supported(r.problem.head_dim, r.problem.page_size))
+      return "a rotary variant on pages without TMA tensor maps (only the warp-specialised sm_90a append kernel rotates "
+             "keys, and it needs gcd(page_size, 64) >= 8)";
     return {};
   }
 };
@@ -676,7 +680,11 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   KVTILE_REQUIRE(smem <= dev.smem_per_cta, errc::unsupported, "head_dim ", pr.head_dim, " needs ", smem,
                  " bytes of shared memory per CTA; the device allows ", dev.smem_per_cta);
   plan.ctas_per_sm = estimate_ctas_per_sm(plan.shape, pr, dev);
-  if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append) {
+  if (kind == paged_kernel_kind::append_sm90 && has_rotary<Mask>) {
+    plan.warp_specialised_append = true;
+    plan.reason += "; a rotary variant: the warp-specialised mainloop, whose producer warps rotate each K tile in shared "
+                   "memory";
+  } else if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append) {
     plan.warp_specialised_append = true;
     plan.reason += "; warp-specialised mainloop where the pool has TMA tensor maps (plan_options::warp_specialised_append)";
   }

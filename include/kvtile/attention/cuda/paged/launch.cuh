@@ -160,20 +160,26 @@ void launch_decode_fp8(const paged_plan& plan, const kernel_params<T, Table, Mas
 }
 
 // The sm_90a append kernels, head dims 64 and 128: the cp.async one (append_sm90_kernel.cuh),
-// or where the plan asks for it (plan_options::warp_specialised_append) and the pool has TMA
-// tensor maps, the warp-specialised one (append_sm90_ws_kernel.cuh); one plan serves both.
+// or where the plan asks for it (plan_options::warp_specialised_append, or a rotary variant) and
+// the pool has TMA tensor maps, the warp-specialised one (append_sm90_ws_kernel.cuh); one plan
+// serves both. A rotary variant runs only the warp-specialised one (the planner sees to it).
 template <class T, int D, class Mask, class Table>
 void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
                         cudaStream_t stream) {
   if (plan.warp_specialised_append && decode_sm90_supported(D, params.kv.pool.page_size)) {
     using G = typename append_ws_source<T, D, Mask, Table>::G;
     const tma_pool& pool = cached_tma_pool(params.kv.pool);
-    launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
-                                                                               stream, params, pool);
-  } else {
+    constexpr std::size_t smem = detail::sm90_ws_core<T, D, typename append_ws_source<T, D, Mask, Table>::Tile, Mask>::smem_bytes;
+    launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, smem, device, stream,
+                                                                               params, pool);
+  } else if constexpr (!has_rotary<Mask>) {
     using G = typename append_sm90_source<T, D, Mask, Table>::G;
     launch_items<paged_append_sm90_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
                                                                             stream, params);
+  } else {
+    KVTILE_REQUIRE(false, errc::unsupported, "paged append: a rotary variant runs on the warp-specialised sm_90a kernel ",
+                   "only, which needs TMA tensor maps of the pool (gcd(page_size, 64) >= 8); page_size ",
+                   params.kv.pool.page_size);
   }
 }
 
@@ -236,8 +242,13 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
   check_variant<Mask>(mask_params, HeadDim);
   check_cuda_rotary<Mask>(mask_params, HeadDim);
   if constexpr (has_rotary<Mask>)
-    KVTILE_REQUIRE(plan.shape.kind != paged_kernel_kind::append_sm90, errc::unsupported,
-                   "rotary variants run on the paged decode and mma.sync append kernels; the plan is for ", plan.kernel());
+    KVTILE_REQUIRE(plan.shape.kind != paged_kernel_kind::append_sm90 ||
+                       (plan.warp_specialised_append && decode_sm90_supported(HeadDim, kv.pool.page_size)),
+                   errc::unsupported,
+                   "rotary variants run on the paged decode, the mma.sync append and the warp-specialised sm_90a append "
+                   "kernels (pages with TMA tensor maps); the plan is for ", plan.kernel(),
+                   plan.warp_specialised_append ? "" : " without the warp-specialised mainloop", " at page_size ",
+                   kv.pool.page_size);
   constexpr int kv_bytes = int(sizeof(typename paging::paged_kv<T, Table, Codec>::storage_type));
   KVTILE_REQUIRE(plan.problem.elem_bytes == kv_bytes, errc::invalid_argument, "the plan was made for ",
                  plan.problem.elem_bytes, "-byte K/V elements; this pool stores ", kv_bytes,
