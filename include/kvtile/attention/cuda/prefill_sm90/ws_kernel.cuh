@@ -81,7 +81,9 @@ struct ws_geometry {
   // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
   // warpgroup drops to 24 and the consumers share what it frees (at most 240 each).
   // A producer warpgroup that also rotates keys (a rotary variant) keeps rotary_producer_regs:
-  // 56, or 32 beside three consumer warpgroups (which then keep 160 instead of 152).
+  // 72 (its rotating threads hold a task's angles and their step, 32 floats; at 56 they spilled),
+  // which leaves two consumer warpgroups 216; or 32 beside three consumer warpgroups (which then
+  // keep 160 instead of 152; their rotators spill, so no default tile has three).
   static constexpr int launch_regs = (65536 / threads) / 8 * 8 > 255 ? 248 : (65536 / threads) / 8 * 8;
   static constexpr int consumer_regs_for(int producer) {
     const int raw = launch_regs + ((launch_regs - producer) / consumers) / 8 * 8;
