@@ -320,8 +320,10 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
 // var: the variant (rotary rows: on the sm_90a path the warp-specialised append kernel, whose
 // producer warps rotate K tiles in shared memory, compare with the plain row; on the portable
 // path the mma.sync kernel, which rotates Q and K tiles in shared memory, compare with the
-// _portable row of the same shape). fmt: fp8 pages run the
-// mma.sync append kernel (fp8 tiles converted in shared memory); compare with the bf16 rows.
+// _portable row of the same shape). fmt: fp8 pages (on the sm_90a path the warp-specialised
+// append kernel, whose producer warps convert each K and V tile in shared memory; on the
+// portable path the mma.sync kernel, which converts them with every thread); compare with the
+// bf16 rows of the same path.
 void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var, kv_format fmt) {
   paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var, fmt);
   double seconds = 0;
@@ -409,17 +411,20 @@ const int registered = [] {
           bm_append, prefix, 512, wgmma, variant_kind::rotary, kv_format::bf16)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
-  // fp8 pages (the mma.sync append kernel), beside the bf16 rows above; and a short chunk (64
-  // tokens over 16k), where the pages' bytes weigh more than the tensor work, in every format.
+  // fp8 pages beside the bf16 rows above (both paths; per-head scales on the sm_90a one); and a
+  // short chunk (64 tokens over 16k), where the pages' bytes weigh more than the tensor work.
   for (kv_format fmt : {kv_format::fp8_token, kv_format::fp8_head})
-    for (int prefix : {4096, 16384})
-      benchmark::RegisterBenchmark(("append/prefix" + std::to_string(prefix) + "_chunk512" + format_suffix(fmt)).c_str(),
-                                   bm_append, prefix, 512, true, variant_kind::none, fmt)
-          ->UseManualTime()
-          ->Unit(benchmark::kMicrosecond);
+    for (bool wgmma : {true, false})
+      for (int prefix : {4096, 16384}) {
+        if (fmt != kv_format::fp8_token && !wgmma) continue;
+        benchmark::RegisterBenchmark(
+            ("append/prefix" + std::to_string(prefix) + "_chunk512" + (wgmma ? "" : "_portable") + format_suffix(fmt)).c_str(),
+            bm_append, prefix, 512, wgmma, variant_kind::none, fmt)
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   for (kv_format fmt : {kv_format::bf16, kv_format::fp8_token})
     for (bool wgmma : {true, false}) {
-      if (fmt != kv_format::bf16 && !wgmma) continue;  // fp8 runs the portable kernel anyway
       benchmark::RegisterBenchmark(
           (std::string("append/prefix16384_chunk64") + (wgmma ? "" : "_portable") + format_suffix(fmt)).c_str(), bm_append,
           16384, 64, wgmma, variant_kind::none, fmt)

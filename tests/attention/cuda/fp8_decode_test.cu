@@ -86,8 +86,9 @@ struct fp8_device {
 // unquantised K/V; optionally split == unsplit. Both ways from bytes to fragments (shared T
 // tiles; registers, where the head dim and variant allow) run on the same data. `append`: the
 // requests pack more than 16 rows, so the plan is for the mma.sync append kernel (fp8 tiles
-// converted in shared memory; the 16-row decode kernel above head dim 128), with the sm_90a
-// kernels allowed (they refuse fp8 pages, the plan says why).
+// converted in shared memory; the 16-row decode kernel above head dim 128) and, where the device
+// and the problem allow it (head dim 128, no rotary, pages with TMA tensor maps), for the
+// warp-specialised sm_90a append kernel (its producer warps convert each tile in place).
 // q_mul / v_mul: Q and V scaled by these (the softmax scale divided by q_mul, so the weights stay).
 template <class T, int D, class Codec, class Mask>
 void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool outliers, bool compare_unsplit = false,
@@ -115,24 +116,28 @@ void check_fp8(const spec& s, typename Mask::params mp, std::uint64_t seed, bool
 
   // The cp.async kernel both ways, and the TMA kernel where the device and the problem allow it.
   constexpr bool registers_possible = D % 32 == 0 && !has_rotary<Mask>;
-  const bool tma_possible = limits().wgmma && !has_rotary<Mask> && kc::decode_sm90_supported(D, s.page_size, 1);
+  const bool tma_possible = limits().wgmma && !has_rotary<Mask> && kc::decode_sm90_supported(D, s.page_size, 1) &&
+                            (!append || D == 128);
   enum class path { shared_tiles, registers, tma };
   for (path way : {path::shared_tiles, path::registers, path::tma}) {
     if ((way == path::registers && !registers_possible) || (way == path::tma && !tma_possible)) continue;
-    if (append && way != path::shared_tiles) continue;
-    const bool registers = way != path::shared_tiles;
-    const char* way_name = append ? "append" : way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
+    if (append && way == path::registers) continue;
+    const bool registers = !append && way != path::shared_tiles;
+    const char* way_name = append ? (way == path::tma ? "append, warp-specialised sm_90a" : "append, mma.sync")
+                                  : way == path::tma ? "TMA kernel" : registers ? "registers" : "shared tiles";
     INFO("fp8 path: " << std::string(way_name));
     kc::plan_options opt = s.opt;
     opt.fp8_registers = registers;
-    opt.use_wgmma = append || way == path::tma;
+    opt.use_wgmma = way == path::tma;
     const auto plan = pr.template plan<Mask>(mp, opt);
     INFO("kernel " << std::string(kc::to_string(plan.shape.kind)) << " (" << plan.reason << "), work items " << plan.work.size()
                    << ", partials " << plan.num_partials);
-    const auto want = append ? (D <= 128 ? kc::paged_kernel_kind::append : kc::paged_kernel_kind::decode)
+    const auto want = append ? (way == path::tma ? kc::paged_kernel_kind::append_sm90
+                                                 : D <= 128 ? kc::paged_kernel_kind::append : kc::paged_kernel_kind::decode)
                              : (way == path::tma ? kc::paged_kernel_kind::decode_sm90 : kc::paged_kernel_kind::decode);
     CHECK(plan.shape.kind == want);
     CHECK(plan.fp8_registers == registers);
+    if (append && way == path::tma) CHECK(plan.warp_specialised_append);
     fp8_device<T, D, Codec> dev(pr);
     dev.template run<Mask>(plan, mp, scale);
     const auto o = dev.o.download();
@@ -392,11 +397,30 @@ TEST_CASE("fp8 decode: a batch of about one row tile per SM (per-token scales: s
   check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), false);  // one item per CTA on the TMA kernel, unsplit
 }
 
-TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync append kernel); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
+TEST_CASE("fp8 append: chunks over cached prefixes (mma.sync and warp-specialised sm_90a append kernels); groups 1, 5, 8; pages 1, 16, 256; both scale granularities") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   groups_and_pages(rng, append_spec, true);
+}
+
+TEST_CASE("fp8 append: long chunks over long prefixes at GQA 8 (several key tiles per item, splits), NHD and HND pages") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  for (int page : {16, 64}) {
+    spec s;
+    s.hkv = 2;
+    s.hq = 16;
+    s.page_size = page;
+    s.kv_lens = {4097, 1301, 640};
+    s.q_lens = {300, 77, 640};
+    s.layout = page == 16 ? kv_layout::nhd : kv_layout::hnd;
+    INFO("page " << page);
+    check_fp8<bfloat16, 128, per_token, causal_mask>(s, {}, rng(), false, false, true);
+    check_fp8<bfloat16, 128, per_head, causal_mask>(s, {}, rng(), true, false, true);
+    check_fp8<kvtile::half, 128, per_head, causal_mask>(s, {}, rng(), false, false, true);
+  }
 }
 
 TEST_CASE("fp8 append: fp16 (probabilities in the V scales' unit), D 64 / 96, outlier K, a window with sinks, rotary, soft-capping, D 256") {

@@ -512,7 +512,7 @@ TEST_CASE("plan: device_limits past any GPU are refused; at the bound, a small b
   check_partition<causal_mask>(plan, {});
 }
 
-TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sync append kernel, with their own shared memory") {
+TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the append kernels, with their own shared memory") {
   std::mt19937_64 rng(7);
   const std::vector<std::int32_t> lens{4096, 33, 1000};
   const host_csr t(lens, 16, 400, rng);
@@ -579,13 +579,43 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sy
   CHECK(fp8_smem == std::size_t(136 * 2 * (16 + 128) + 2 * 3 * 64 * (128 + 4)));
   CHECK(fp8_smem < plan.shape.smem_bytes(128, 2));
   for (int d : {16, 64, 256}) CHECK(kc::paged_shape_for(kc::paged_kernel_kind::decode, d).smem_bytes(d, 1) <= 163 * 1024);
-  // More than 16 packed rows, or force_append: the mma.sync append kernel, which converts each
-  // fp8 tile into 2-byte tiles in shared memory; above head_dim 128 the 16-row decode kernel.
+  // More than 16 packed rows on Hopper at head_dim 128 with TMA maps (page 16): the
+  // warp-specialised append kernel, whose producer warps convert each fp8 tile in place; 2-byte
+  // tiles in shared memory and two more mbarriers per stage.
   const auto q8 = indptr_of({8, 1, 1});
-  const auto app = kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90());
+  const auto ws = kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90());
+  INFO(ws.reason);
+  CHECK(ws.shape.kind == kc::paged_kernel_kind::append_sm90);
+  CHECK(ws.warp_specialised_append);
+  CHECK(!ws.fp8_registers);
+  CHECK(ws.reason.find("producer warps convert each K and V tile") != std::string::npos);
+  CHECK(ws.shape.smem_bytes(128, 1) == ws.shape.smem_bytes(128, 2) + 16 * std::size_t(ws.shape.stages));
+  check_partition<causal_mask>(ws, {});
+  // Not that kernel: a rotary variant, a page without tensor maps (5), head_dim 64 (64-byte fp8
+  // rows) -- the reason names why.
+  const auto ws_rope = kc::plan_paged_attention<rotary<causal_mask>>(q8.data(), t.table(), pr, {}, h100_sm90());
+  CHECK(ws_rope.shape.kind == kc::paged_kernel_kind::append);
+  CHECK(ws_rope.reason.find("append_sm90: fp8 K/V pages with a rotary variant") != std::string::npos);
+  {
+    const host_csr t5(std::vector<std::int32_t>{300, 17}, 5, 400, rng);
+    kc::paged_problem pr5 = pr;
+    pr5.page_size = 5;
+    const auto q8b = indptr_of({8, 1});
+    const auto p5 = kc::plan_paged_attention<causal_mask>(q8b.data(), t5.table(), pr5, {}, h100_sm90());
+    CHECK(p5.shape.kind == kc::paged_kernel_kind::append);
+    CHECK(p5.reason.find("gcd(page_size, 64) >= 8") != std::string::npos);
+    kc::paged_problem pr64b = pr;
+    pr64b.head_dim = 64;
+    CHECK(kc::paged_kernels::append_sm90::can_implement({pr64b, 64, h100_sm90(), {}, false}).find("head_dim 128") !=
+          std::string::npos);
+  }
+  // Without wgmma, or force_append: the mma.sync append kernel, which converts each fp8 tile
+  // into 2-byte tiles in shared memory; above head_dim 128 the 16-row decode kernel.
+  kc::plan_options mma_sync;
+  mma_sync.use_wgmma = false;
+  const auto app = kc::plan_paged_attention<causal_mask>(q8.data(), t.table(), pr, {}, h100_sm90(), mma_sync);
   CHECK(app.shape.kind == kc::paged_kernel_kind::append);
   CHECK(!app.fp8_registers);
-  CHECK(app.reason.find("append_sm90: fp8 K/V pages") != std::string::npos);
   CHECK(app.reason.find("converted to 2-byte tiles") != std::string::npos);
   check_partition<causal_mask>(app, {});
   // Q, the converted K and V tiles, 2 byte stages of K and V with their scales, 4 offset rings.
@@ -593,6 +623,9 @@ TEST_CASE("plan: fp8 pages (elem_bytes 1) take the decode kernels and the mma.sy
   CHECK(app.shape.smem_bytes(128, 1) <= app.shape.smem_bytes(128, 2) + 64 * 16);
   kc::plan_options opt;
   opt.force_append = true;
+  CHECK(kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), opt).shape.kind ==
+        kc::paged_kernel_kind::append_sm90);
+  opt.use_wgmma = false;
   CHECK(kc::plan_paged_attention<causal_mask>(q1.data(), t.table(), pr, {}, h100_sm90(), opt).shape.kind ==
         kc::paged_kernel_kind::append);
   kc::paged_problem pr256 = pr;

@@ -93,8 +93,11 @@ struct paged_kernel_shape {
   // elem_bytes: of the K/V pages (1: fp8; the decode kernels and the 32-row append kernel).
   constexpr std::size_t smem_bytes(int head_dim, int elem_bytes) const {
     if (kind == paged_kernel_kind::decode && elem_bytes == 1) return decode_fp8_smem_bytes(head_dim);
-    if (kind == paged_kernel_kind::append_sm90)  // unpadded swizzled tiles, aligned base, mbarriers
-      return std::size_t(block_m + 2 * stages * block_n) * head_dim * elem_bytes + 1024 + 8 * (1 + 4 * std::size_t(stages));
+    // Unpadded swizzled 2-byte tiles (fp8 pages land in the upper half of their 2-byte slots and
+    // are converted in place), aligned base, mbarriers (fp8: two more per stage).
+    if (kind == paged_kernel_kind::append_sm90)
+      return std::size_t(block_m + 2 * stages * block_n) * head_dim * 2 + 1024 + 8 * (1 + 4 * std::size_t(stages)) +
+             (elem_bytes == 1 ? 16 * std::size_t(stages) : 0);
     const std::size_t row = std::size_t(head_dim + 8) * elem_bytes;
     const std::size_t warps = std::size_t(warps_m) * warps_n;
     const std::size_t reduce = warps * 16 * (std::size_t(head_dim + 4) * 4 + 8);
@@ -544,13 +547,18 @@ struct decode : kernel_base<paged_kernel_kind::decode> {
 };
 // The sm_90a append kernel (paged/append_sm90_kernel.cuh; its warp-specialised twin where
 // plan_options::warp_specialised_append asks and the pool has tensor maps, and for a rotary
-// variant, which only the warp-specialised one rotates: its producer warps rotate each K tile
-// in shared memory as it lands).
+// variant or fp8 pages, which only the warp-specialised one takes: its producer warps rotate
+// each K tile, or convert each fp8 K and V tile, in shared memory as it lands).
 struct append_sm90 : kernel_base<paged_kernel_kind::append_sm90> {
   static std::string can_implement(const paged_request& r) {
-    if (r.problem.elem_bytes == 1) return "fp8 K/V pages (the sm_90a append kernels read 2-byte tiles)";
     if (std::string why = no_sm90(r); !why.empty()) return why;
     if (!append_sm90_head_dim(r.problem.head_dim)) return "the sm_90a append kernel takes head_dim 64 and 128";
+    if (r.problem.elem_bytes == 1 && r.rotary)
+      return "fp8 K/V pages with a rotary variant (the warp-specialised append kernel's producer warps convert fp8 "
+             "tiles or rotate keys, not both)";
+    if (r.problem.elem_bytes == 1 && !(r.problem.head_dim == 128 && decode_sm90_supported(128, r.problem.page_size, 1)))
+      return "fp8 K/V pages need head_dim 128 (128-byte rows) and TMA tensor maps of the pool (gcd(page_size, 64) >= 8) "
+             "on the warp-specialised sm_90a append kernel";
     if (r.rotary && !decode_sm90_supported(r.problem.head_dim, r.problem.page_size))
       return "a rotary variant on pages without TMA tensor maps (only the warp-specialised sm_90a append kernel rotates "
              "keys, and it needs gcd(page_size, 64) >= 8)";
@@ -684,12 +692,18 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     plan.warp_specialised_append = true;
     plan.reason += "; a rotary variant: the warp-specialised mainloop, whose producer warps rotate each K tile in shared "
                    "memory";
+  } else if (kind == paged_kernel_kind::append_sm90 && pr.elem_bytes == 1) {
+    plan.warp_specialised_append = true;
+    plan.reason += "; fp8 pages: the warp-specialised mainloop, whose producer warps convert each K and V tile to 2-byte "
+                   "elements in shared memory (per-token scales applied as they convert)";
   } else if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append) {
     plan.warp_specialised_append = true;
     plan.reason += "; warp-specialised mainloop where the pool has TMA tensor maps (plan_options::warp_specialised_append)";
   }
   if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode_sm90) {
     plan.fp8_registers = true;  // the TMA kernel's only path
+  } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::append_sm90) {
+    // (reason above)
   } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::append) {
     plan.reason += "; fp8 tiles converted to 2-byte tiles in shared memory once per tile (the append kernel's only path)";
   } else if (pr.elem_bytes == 1) {

@@ -65,5 +65,28 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void e4m3x16_to(const uint4& in, uint4& out0, u
   e4m3x4_to<T>(in.w, out1.z, out1.w);
 }
 
+// 16 e4m3 values times `scale` (in fp32, one rounding to T) -> 16 T values: a per-token scale
+// applied to the elements as they are converted.
+template <class T>
+KVTILE_DEVICE KVTILE_FORCEINLINE void e4m3x16_to_scaled(const uint4& in, float scale, uint4& out0, uint4& out1) {
+  auto word = [&](std::uint32_t h) {  // fp16 pair -> fp32 -> times scale -> T pair
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    if constexpr (std::is_same_v<T, kvtile::bfloat16>) {
+      __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+      return *reinterpret_cast<std::uint32_t*>(&b);
+    } else {
+      __half2 b = __floats2half2_rn(f.x * scale, f.y * scale);
+      return *reinterpret_cast<std::uint32_t*>(&b);
+    }
+  };
+  std::uint32_t h[8];
+  e4m3x4_to_half2x2(in.x, h[0], h[1]);
+  e4m3x4_to_half2x2(in.y, h[2], h[3]);
+  e4m3x4_to_half2x2(in.z, h[4], h[5]);
+  e4m3x4_to_half2x2(in.w, h[6], h[7]);
+  out0 = make_uint4(word(h[0]), word(h[1]), word(h[2]), word(h[3]));
+  out1 = make_uint4(word(h[4]), word(h[5]), word(h[6]), word(h[7]));
+}
+
 }  // namespace memory::cuda
 KVTILE_NAMESPACE_END

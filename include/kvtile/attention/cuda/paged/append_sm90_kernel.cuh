@@ -33,8 +33,8 @@ using append_sm90_tile = detail::sm90_cp_async_default_tile_t<D>;
 // source's work item (query token src.token(r), query head src.head(r)), o[2j], o[2j + 1] its
 // columns 8j + 2t, 8j + 2t + 1 and lse in natural log, to O and the LSE, or for a split item to
 // the fp32 partial state of its BM-row tile.
-template <int D, int BM, class T, class Table, class Mask, class Source>
-KVTILE_DEVICE KVTILE_FORCEINLINE void store_append_row(const kernel_params<T, Table, Mask>& p, const paged_work_item& w,
+template <int D, int BM, class T, class Table, class Mask, class Codec, class Source>
+KVTILE_DEVICE KVTILE_FORCEINLINE void store_append_row(const kernel_params<T, Table, Mask, Codec>& p, const paged_work_item& w,
                                                        const Source& src, int r, const float* o, float lse, int t) {
   if (w.partial < 0) {
     const int tok = src.token(r), h = src.head(r);

@@ -14,6 +14,12 @@
 //   O     straight to the output, or a split item's fp32 partial state for the merge.
 // The plan is the cp.async append kernel's (same rows and keys per item); the launcher picks
 // this kernel where the pool has tensor maps (decode_sm90_supported page sizes).
+//
+// Codec: fp8 e4m3 pages (memory/kv_codec.hpp) come as boxes of 128 bytes (the fp8 tensor maps
+// of the TMA decode kernel) into the upper half of each T slot, and per-token scales as one bulk
+// copy per box (a box's slots of one head have their scales contiguous in the block), on the same
+// barrier; the core's producer warps convert them (sm90_ws_core::convert_tile). Per-head scales:
+// the K scale joins the softmax scale, the V scale the output (o_factor).
 #pragma once
 
 #include <cstdint>
@@ -34,27 +40,31 @@ namespace attention::cuda::paged {
 template <int D>
 using append_ws_tile = detail::sm90_default_tile_t<D>;
 
-template <class T, int D, class Mask, class Table>
+template <class T, int D, class Mask, class Table, class Codec = memory::identity>
 struct append_ws_source {
   using Tile = append_ws_tile<D>;
   using G = detail::ws_geometry<T, D, Tile>;
+  using core = detail::sm90_ws_core<T, D, Tile, Mask, Codec>;
+  using S = typename Codec::template storage<T>;  // the stored element: T, or e4m3 bytes
+  static constexpr int panel = 128 / int(sizeof(S));  // elements per 128-byte box row
   static constexpr bool q_by_consumers = true;
   static constexpr bool zero_v_tail = true;
   static_assert(paged_shape_for(paged_kernel_kind::append_sm90, D).block_m == G::block_q &&
                     paged_shape_for(paged_kernel_kind::append_sm90, D).block_n == G::block_kv,
                 "paged append (warp-specialised): the planner's rows and keys per item must be the tile's");
 
-  const kernel_params<T, Table, Mask>& p;
+  const kernel_params<T, Table, Mask, Codec>& p;
   const tma_pool& pool;
   paged_work_item w;
   int q_start = 0, row_lo = 0, row_hi, kv_lo, kv_hi, kv_limit;
   int group;
   Mask mask;
   float scale_log2;
+  float o_factor = 1.f;  // per-head scales: the V scale
   const std::int32_t* pages;
   fast_divmod page;
 
-  KVTILE_DEVICE append_ws_source(const kernel_params<T, Table, Mask>& pp, const tma_pool& maps)
+  KVTILE_DEVICE append_ws_source(const kernel_params<T, Table, Mask, Codec>& pp, const tma_pool& maps)
       : p(pp), pool(maps), w(pp.work[blockIdx.x]), mask(pp.mask, w.q_len, w.kv_len), page(pp.kv.pool.page_size) {
     group = p.group;
     row_hi = min_i(G::block_q, w.q_len * group - w.row0);
@@ -62,6 +72,12 @@ struct append_ws_source {
     kv_hi = w.kv_end;
     kv_limit = w.kv_end;  // a split chunk ends on a tile boundary, the hull at or before kv_len
     scale_log2 = p.scale_log2;
+    if constexpr (memory::per_head_scales<Codec>) {
+      // The softmax folds its scale into exp2, which needs it positive: a zero K scale (a head of
+      // zeros) is taken as the smallest normal float, the same weights.
+      scale_log2 *= max_f(p.kv.pool.k_scale[w.kv_head], 1.17549435e-38f);
+      o_factor = p.kv.pool.v_scale[w.kv_head];
+    }
     pages = page_row(p.kv.table, w);
   }
 
@@ -80,11 +96,26 @@ struct append_ws_source {
       arch::cp_async_16_to(smem + arch::sw128_offset(G::block_q, r, c), src, ok);
     }
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const {
-    issue_tile(dst, k0, bar, &pool.k);
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const
+    requires(!Codec::quantized)
+  {
+    issue_tile(dst, 0u, k0, bar, true);
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const {
-    issue_tile(dst, k0, bar, &pool.v);
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const
+    requires(!Codec::quantized)
+  {
+    issue_tile(dst, 0u, k0, bar, false);
+  }
+  // Quantized: the stored bytes to `dst`, the per-token scales (if any) to `scales`.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar) const
+    requires(Codec::quantized)
+  {
+    issue_tile(dst, scales, k0, bar, true);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar) const
+    requires(Codec::quantized)
+  {
+    issue_tile(dst, scales, k0, bar, false);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
     store_append_row<D, G::block_q>(p, w, *this, r, o, lse, t);
@@ -92,9 +123,11 @@ struct append_ws_source {
 
  private:
   // The tile's keys [k0, k0 + block_kv) as boxes of box_rows slots of one page each (all
-  // panels); a box past the request's pages reads block 0, whose rows are masked (K) and zeroed
-  // (V) like any key past the end.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_tile(std::uint32_t dst, int k0, std::uint32_t bar, const CUtensorMap* map) const {
+  // panels of 128 bytes), and with per-token scales each box's scales; a box past the request's
+  // pages reads block 0, whose rows are masked (K) and zeroed (V) like any key past the end.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_tile(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar,
+                                                   bool is_k) const {
+    const CUtensorMap* map = is_k ? &pool.k : &pool.v;
     const int box = pool.box_rows;
     const int n_pages = (w.kv_len + page.divisor() - 1) / page.divisor();
     for (int j = 0; j < G::block_kv; j += box) {
@@ -103,22 +136,27 @@ struct append_ws_source {
       const int blk = pg < n_pages ? pages[pg] : 0;
       const int c1 = pool.head_outer ? slot : w.kv_head, c2 = pool.head_outer ? w.kv_head : slot;
       KVTILE_PRAGMA_UNROLL
-      for (int c = 0; c < G::panels; ++c)
-        arch::tma_load_4d(dst + std::uint32_t(c * G::block_kv + j) * 128, map, c * 64, c1, c2, blk, bar);
+      for (int c = 0; c < D / panel; ++c)
+        arch::tma_load_4d(dst + std::uint32_t(c * G::block_kv + j) * 128, map, c * panel, c1, c2, blk, bar);
+      if constexpr (memory::per_token_scales<Codec>)
+        arch::bulk_load(scales + std::uint32_t(j) * 4u,
+                        p.kv.pool.scale_ptr(is_k ? p.kv.pool.k : p.kv.pool.v, blk, slot, w.kv_head), std::uint32_t(box) * 4u,
+                        bar);
     }
+    (void)scales;
   }
 };
 
 // Entry point; the body exists only in the sm_90a device pass.
-template <class T, int D, class Mask, class Table>
-KVTILE_KERNEL void __launch_bounds__(append_ws_source<T, D, Mask, Table>::G::threads, 1)
-    paged_append_sm90_ws_kernel(const kernel_params<T, Table, Mask> p, const __grid_constant__ tma_pool pool) {
+template <class T, int D, class Mask, class Table, class Codec = memory::identity>
+KVTILE_KERNEL void __launch_bounds__(append_ws_source<T, D, Mask, Table, Codec>::G::threads, 1)
+    paged_append_sm90_ws_kernel(const kernel_params<T, Table, Mask, Codec> p, const __grid_constant__ tma_pool pool) {
 #if KVTILE_WGMMA_AVAILABLE
   if constexpr (merge_early != 0) arch::launch_dependents();  // the merge grid may start; it waits for this grid
   extern __shared__ __align__(1024) unsigned char append_ws_smem[];
-  using S = append_ws_source<T, D, Mask, Table>;
-  const S src(p, pool);
-  detail::sm90_ws_core<T, D, typename S::Tile, Mask>::run(detail::ws_single_schedule<S>{src}, append_ws_smem);
+  using Src = append_ws_source<T, D, Mask, Table, Codec>;
+  const Src src(p, pool);
+  Src::core::run(detail::ws_single_schedule<Src>{src}, append_ws_smem);
 #else
   (void)p, (void)pool;
 #endif

@@ -160,18 +160,28 @@ void launch_decode_fp8(const paged_plan& plan, const kernel_params<T, Table, Mas
 }
 
 // The sm_90a append kernels, head dims 64 and 128: the cp.async one (append_sm90_kernel.cuh),
-// or where the plan asks for it (plan_options::warp_specialised_append, or a rotary variant) and
-// the pool has TMA tensor maps, the warp-specialised one (append_sm90_ws_kernel.cuh); one plan
-// serves both. A rotary variant runs only the warp-specialised one (the planner sees to it).
-template <class T, int D, class Mask, class Table>
-void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask>& params, int device,
+// or where the plan asks for it (plan_options::warp_specialised_append, a rotary variant, fp8
+// pages) and the pool has TMA tensor maps, the warp-specialised one (append_sm90_ws_kernel.cuh);
+// one plan serves both. Rotary variants and fp8 pages run only the warp-specialised one (the
+// planner sees to it; fp8 pages at head_dim 128).
+template <class T, int D, class Mask, class Table, class Codec>
+void launch_append_sm90(const paged_plan& plan, const kernel_params<T, Table, Mask, Codec>& params, int device,
                         cudaStream_t stream) {
-  if (plan.warp_specialised_append && decode_sm90_supported(D, params.kv.pool.page_size)) {
-    using G = typename append_ws_source<T, D, Mask, Table>::G;
-    const tma_pool& pool = cached_tma_pool(params.kv.pool);
-    constexpr std::size_t smem = detail::sm90_ws_core<T, D, typename append_ws_source<T, D, Mask, Table>::Tile, Mask>::smem_bytes;
-    launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, smem, device, stream,
-                                                                               params, pool);
+  using S = typename paging::paged_kv<T, Table, Codec>::storage_type;
+  constexpr bool ws_possible = !Codec::quantized || (D % 128 == 0 && !has_rotary<Mask>);
+  if constexpr (ws_possible) {
+    if (plan.warp_specialised_append && decode_sm90_supported(D, params.kv.pool.page_size, int(sizeof(S)))) {
+      using Src = append_ws_source<T, D, Mask, Table, Codec>;
+      const tma_pool& pool = cached_tma_pool<S>(params.kv.pool);
+      launch_items<paged_append_sm90_ws_kernel<T, D, Mask, Table, Codec>, D, Src::G::block_q>(
+          plan, Src::G::threads, Src::core::smem_bytes, device, stream, params, pool);
+      return;
+    }
+  }
+  if constexpr (Codec::quantized) {
+    KVTILE_REQUIRE(false, errc::unsupported, "paged append: fp8 pages run on the warp-specialised sm_90a kernel only ",
+                   "(head_dim 128 without rotary, pages with TMA tensor maps: gcd(page_size, 64) >= 8); head_dim ", D,
+                   ", page_size ", params.kv.pool.page_size);
   } else if constexpr (!has_rotary<Mask>) {
     using G = typename append_sm90_source<T, D, Mask, Table>::G;
     launch_items<paged_append_sm90_kernel<T, D, Mask, Table>, D, G::block_q>(plan, G::threads, G::smem_bytes, device,
@@ -255,9 +265,12 @@ void check_paged_attention(const paged_plan& plan, const dense_tensor<T>& q,
                  "-byte ones (paged_problem::elem_bytes)");
   if constexpr (Codec::quantized)
     KVTILE_REQUIRE(plan.shape.kind == paged_kernel_kind::decode || plan.shape.kind == paged_kernel_kind::decode_sm90 ||
-                       (plan.shape.kind == paged_kernel_kind::append && HeadDim <= 128),
-                   errc::unsupported, "fp8 K/V pages run on the paged decode kernels and (head_dim <= 128) the append ",
-                   "kernel; the plan is for ", plan.kernel(), " at head_dim ", HeadDim);
+                       (plan.shape.kind == paged_kernel_kind::append && HeadDim <= 128) ||
+                       (plan.shape.kind == paged_kernel_kind::append_sm90 && HeadDim == 128 && !has_rotary<Mask> &&
+                        plan.warp_specialised_append && decode_sm90_supported(HeadDim, kv.pool.page_size, 1)),
+                   errc::unsupported, "fp8 K/V pages run on the paged decode kernels, (head_dim <= 128) the append ",
+                   "kernel and (head_dim 128, no rotary, gcd(page_size, 64) >= 8) the warp-specialised sm_90a append "
+                   "kernel; the plan is for ", plan.kernel(), " at head_dim ", HeadDim, ", page_size ", kv.pool.page_size);
   if (plan.work.empty()) return;  // an empty batch: nothing to compute, null pointers allowed
   if constexpr (memory::per_head_scales<Codec>)
     KVTILE_REQUIRE(kv.pool.k_scale && kv.pool.v_scale, errc::invalid_argument,
@@ -322,6 +335,11 @@ void run_paged_attention(const paged_plan& plan, void* workspace, const dense_te
                     "multiple of 128 without rotary; head_dim ", HeadDim, has_rotary<Mask> ? " with a rotary variant" : "");
     } else if (plan.shape.kind == paged_kernel_kind::append) {
       paged::launch<T, HeadDim, paged_kernel_kind::append>(plan, params, device, stream);  // checked: HeadDim <= 128
+    } else if (plan.shape.kind == paged_kernel_kind::append_sm90) {
+      KVTILE_REQUIRE(detail::sm90_kernels_available(device), errc::unsupported, "plan is for an sm_90a kernel, but device ",
+                     device, " does not run this binary's sm_90a code (plan with query_device_limits() of this device)");
+      if constexpr (append_sm90_head_dim(HeadDim))
+        paged::launch_append_sm90<T, HeadDim>(plan, params, device, stream);  // checked: HeadDim 128, tensor maps
     } else {
       paged::launch_decode_fp8<T, HeadDim>(plan, params, device, stream);  // checked: the plan is for decode
     }

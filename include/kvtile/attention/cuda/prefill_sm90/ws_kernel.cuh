@@ -55,6 +55,8 @@
 #include "kvtile/attention/variant.hpp"
 #include "kvtile/core/cuda_check.cuh"
 #include "kvtile/core/error.hpp"
+#include "kvtile/memory/cuda/fp8_convert.cuh"
+#include "kvtile/memory/kv_codec.hpp"
 
 KVTILE_NAMESPACE_BEGIN
 namespace attention::cuda::detail {
@@ -187,6 +189,13 @@ template <class Source>
 inline constexpr bool ws_q_by_consumers = requires { requires Source::q_by_consumers; };
 template <class Source>
 inline constexpr bool ws_zero_v_tail = requires { requires Source::zero_v_tail; };
+// What the normalised output rows take before they are stored: a source's `o_factor` (the V
+// scale of a per-head quantized pool), else 1.
+template <class Source>
+KVTILE_DEVICE KVTILE_FORCEINLINE float ws_out_factor(const Source& src) {
+  if constexpr (requires { src.o_factor; }) return src.o_factor;
+  else return 1.f;
+}
 
 // Which work tiles a CTA runs, in order: `for_each(f)` calls f(source) for each. The producer
 // and the consumers walk the same sequence; every pipeline counter runs on across its tiles.
@@ -216,20 +225,98 @@ struct ws_single_schedule {
 // consumers no instructions; the producer warpgroup keeps rotary_producer_regs registers for it.
 // Angles in fp32 from a frequency table the CTA fills once, the rotation in T's packed arithmetic
 // (rotate_task below).
-template <class T, int D, class Tile, class Mask>
+//
+// A quantized K/V codec (Codec::quantized: fp8 e4m3 pages, memory/kv_codec.hpp) is decoded the
+// same way: the source's copies land a tile's bytes in the upper half of its T slot (and, with
+// per-token scales, the tile's K or V scales at the slot's start), the same three producer
+// warps convert it in place into the T tile the consumers read (convert_tile), then publish K on
+// ready_k and V on a ready_v mbarrier per slot. So the consumers' mainloop is the 2-byte one,
+// instruction for instruction. Per-head scales never touch the elements (the source folds the K
+// scale into its softmax scale and the V scale into `o_factor`); per-token scales multiply each
+// element in fp32 as it is converted, one rounding to T.
+template <class T, int D, class Tile, class Mask, class Codec = memory::identity>
 struct sm90_ws_core {
   using G = ws_geometry<T, D, Tile>;
   using qk_op = arch::wgmma_op<T, G::block_kv>;
   using pv_op = arch::wgmma_op<T, D>;
   static constexpr bool rotates = has_rotary<Mask>;
-  static constexpr int producer_regs = rotates ? G::rotary_producer_regs : G::producer_regs;
+  static constexpr bool converts = Codec::quantized;
+  static constexpr bool token_scales = memory::per_token_scales<Codec>;
+  static_assert(!(rotates && converts), "sm90_ws_core: quantized K/V pages with a rotary variant are not supported");
+  static_assert(!converts || D % 128 == 0, "sm90_ws_core: fp8 tiles come as 128-byte rows (head_dim a multiple of 128)");
+  // Whether the producer warps 1 .. 3 work on the tiles (rotate or convert) before the consumers.
+  static constexpr bool transforms = rotates || converts;
+  static constexpr int producer_regs = transforms ? G::rotary_producer_regs : G::producer_regs;
   static constexpr int consumer_regs = G::consumer_regs_for(producer_regs);
   static constexpr int rotators = 96;  // producer warps 1 .. 3
-  // The geometry's bytes and, rotating, a ready_k mbarrier per slot and the frequency table.
-  static constexpr std::size_t smem_bytes = G::smem_bytes + (rotates ? 8 * std::size_t(G::stages) + 4 * (D / 2) : 0);
+  // The geometry's bytes and, rotating, a ready_k mbarrier per slot and the frequency table;
+  // converting, a ready_k and a ready_v mbarrier per slot.
+  static constexpr std::size_t smem_bytes =
+      G::smem_bytes + (rotates ? 8 * std::size_t(G::stages) + 4 * (D / 2) : 0) + (converts ? 16 * std::size_t(G::stages) : 0);
+  // A quantized tile as the copies land it: bytes of the source's stored elements, then (per-token
+  // scales) a float per key.
+  static constexpr std::uint32_t stored_bytes = converts ? G::kv_bytes / 2 : G::kv_bytes;
+  static constexpr std::uint32_t tile_tx_bytes = stored_bytes + (token_scales ? 4u * G::block_kv : 0u);
   static constexpr int turn_barrier = 1;  // named barriers 1 .. consumers: whose turn to issue
   static constexpr int consumers_barrier = 1 + G::consumers;  // every consumer thread
   static constexpr int q_rotated_barrier = 2 + G::consumers;  // + cw: a warpgroup's rotated Q rows
+  static constexpr int convert_barrier = 2 + 2 * G::consumers;  // the converting warps' scales read
+
+  // ---- quantized tiles (converting codecs) ----
+  // The slot at `tile` (generic pointer, G::kv_bytes): its upper half holds the stored tile as
+  // the copies wrote it (rows of D bytes in 128-byte swizzled panels, as the TMA's SWIZZLE_128B
+  // lays them), its first block_kv floats the per-token scales. Row r's bytes lie exactly where
+  // row r of the T tile's upper panels go, and nowhere else a T row goes, so a row converted by
+  // the lanes that read it (D / 16 lanes of one warp, a __syncwarp between their reads and
+  // writes) is converted in place without a race. The scales sit in the lines of T rows
+  // [0, scale_rows): those rows are converted last, by warp 0 alone, after a barrier of the
+  // converting threads (every other row's scale has been read by then).
+  static constexpr int scale_rows = token_scales ? G::block_kv * 4 / 128 : 0;
+  static KVTILE_DEVICE KVTILE_FORCEINLINE void convert_tile(unsigned char* tile, int id) {
+    constexpr int per_row = D / 16;  // 16-byte chunks of stored bytes per row
+    static_assert(32 % per_row == 0 && scale_rows * per_row <= 32, "sm90_ws_core: a row's chunks, and the scale rows, in one warp");
+    constexpr int rows_per_pass = rotators / per_row;
+    constexpr int passes = (G::block_kv - scale_rows + rows_per_pass - 1) / rows_per_pass;
+    const int c = id % per_row, r0 = id / per_row;
+    const unsigned char* stored = tile + G::kv_bytes / 2;
+    const float* scales = reinterpret_cast<const float*>(tile);
+    // Rows [r, r + U * rows_per_pass) in steps of rows_per_pass (those below `end`): U reads in
+    // flight, then the warp's __syncwarp (every lane calls it alike), then the writes.
+    auto rows = [&](auto u, int r, int end) {
+      constexpr int U = decltype(u)::value;
+      uint4 in[U];
+      float sc[U];
+      KVTILE_PRAGMA_UNROLL
+      for (int k = 0; k < U; ++k) {
+        const int rk = r + k * rows_per_pass;
+        in[k] = make_uint4(0u, 0u, 0u, 0u);
+        sc[k] = 1.f;
+        if (rk < end) {
+          in[k] = *reinterpret_cast<const uint4*>(stored + arch::sw128_offset(G::block_kv, rk, c));
+          if constexpr (token_scales) sc[k] = scales[rk];
+        }
+      }
+      __syncwarp();  // the rows' stored bytes (and scales) are read before any of their lanes overwrites them
+      KVTILE_PRAGMA_UNROLL
+      for (int k = 0; k < U; ++k) {
+        const int rk = r + k * rows_per_pass;
+        if (rk < end) {
+          uint4 lo, hi;
+          if constexpr (token_scales) memory::cuda::e4m3x16_to_scaled<T>(in[k], sc[k], lo, hi);
+          else memory::cuda::e4m3x16_to<T>(in[k], lo, hi);
+          *reinterpret_cast<uint4*>(tile + arch::sw128_offset(G::block_kv, rk, 2 * c)) = lo;
+          *reinterpret_cast<uint4*>(tile + arch::sw128_offset(G::block_kv, rk, 2 * c + 1)) = hi;
+        }
+      }
+    };
+    constexpr int U = 4;
+#pragma unroll 1
+    for (int x = 0; x < passes; x += U) rows(std::integral_constant<int, U>{}, scale_rows + r0 + x * rows_per_pass, G::block_kv);
+    if constexpr (token_scales) {
+      arch::named_barrier_sync(convert_barrier, rotators);
+      if (id < 32) rows(std::integral_constant<int, 1>{}, r0, scale_rows);
+    }
+  }
 
   // ---- rotation in shared memory (rotating variants) ----
   // A row of the SW128 tile is cut as the rotate pass cuts it: rotated 16-byte task c holds
@@ -345,7 +432,9 @@ struct sm90_ws_core {
     const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
     const std::uint32_t q_full = bars, q_empty = bars + 8u;
     // Rotating: ready_k per slot after the geometry's barriers, then the frequency table.
+    // Converting: ready_k, then ready_v per slot.
     auto ready_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + 4 * G::stages + slot); };
+    auto ready_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + 5 * G::stages + slot); };
     float* const freq = reinterpret_cast<float*>(smem_raw + (bars + 8u * std::uint32_t(2 + 5 * G::stages) - raw));
     int rdims = 0;  // rotating: the rotated dims R
     auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + slot); };
@@ -361,7 +450,10 @@ struct sm90_ws_core {
         arch::mbarrier_init(full_v(x), 1);
         arch::mbarrier_init(empty_k(x), 4 * G::consumers);
         arch::mbarrier_init(empty_v(x), 4 * G::consumers);
-        if constexpr (rotates) arch::mbarrier_init(ready_k(x), rotators / 32);  // one arrival per rotating warp
+        // One arrival per rotating warp; converting, one per converting thread (the consumers
+        // write zeros over a converted V tile's tail rows, after each writer's own release).
+        if constexpr (transforms) arch::mbarrier_init(ready_k(x), converts ? rotators : rotators / 32);
+        if constexpr (converts) arch::mbarrier_init(ready_v(x), rotators);
       }
       arch::fence_barrier_init();
     }
@@ -374,6 +466,29 @@ struct sm90_ws_core {
 
     if (warp < 4) {  // ---- producer warpgroup ----
       if constexpr (G::reallocate) arch::warpgroup_registers_dec<producer_regs>();
+      if constexpr (converts) {
+        if (warp > 0) {  // warps 1 .. 3: convert each K and V tile once it has landed, then publish it
+          int c = 0;
+          auto publish = [&](std::uint32_t bar) {
+            arch::fence_proxy_async_shared();  // the converted tile, to the wgmma's async proxy
+            arch::mbarrier_arrive(bar);
+          };
+          schedule.for_each([&](const auto& src) {
+            const extent<std::decay_t<decltype(src)>> e(src);
+            for (int i = e.next_tile(0); i < e.n_tiles; i = e.next_tile(i + 1), ++c) {
+              const int slot = c % G::stages;
+              const std::uint32_t parity = std::uint32_t((c / G::stages) & 1);
+              arch::mbarrier_wait(full_k(slot), parity);
+              convert_tile(smem_raw + (k_base + slot * G::kv_bytes - raw), tid - 32);
+              publish(ready_k(slot));
+              arch::mbarrier_wait(full_v(slot), parity);
+              convert_tile(smem_raw + (v_base + slot * G::kv_bytes - raw), tid - 32);
+              publish(ready_v(slot));
+            }
+          });
+          return;
+        }
+      }
       if constexpr (rotates) {
         if (warp > 0) {  // warps 1 .. 3: rotate each K tile once it has landed, then publish it
           int c = 0;
@@ -408,12 +523,15 @@ struct sm90_ws_core {
           const int slot = c % G::stages;
           const std::uint32_t reuse = std::uint32_t((c / G::stages - 1) & 1);  // the slot's previous use
           const int k0 = e.kv_lo + i * G::block_kv;
+          const std::uint32_t k_slot = k_base + slot * G::kv_bytes, v_slot = v_base + slot * G::kv_bytes;
           if (c >= G::stages) arch::mbarrier_wait(empty_k(slot), reuse);
-          arch::mbarrier_arrive_expect_tx(full_k(slot), G::kv_bytes);
-          src.issue_k(k_base + slot * G::kv_bytes, k0, full_k(slot));
+          arch::mbarrier_arrive_expect_tx(full_k(slot), tile_tx_bytes);
+          if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, k0, full_k(slot));  // bytes, scales
+          else src.issue_k(k_slot, k0, full_k(slot));
           if (c >= G::stages) arch::mbarrier_wait(empty_v(slot), reuse);
-          arch::mbarrier_arrive_expect_tx(full_v(slot), G::kv_bytes);
-          src.issue_v(v_base + slot * G::kv_bytes, k0, full_v(slot));
+          arch::mbarrier_arrive_expect_tx(full_v(slot), tile_tx_bytes);
+          if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, k0, full_v(slot));
+          else src.issue_v(v_slot, k0, full_v(slot));
         }
       });
       return;
@@ -455,7 +573,8 @@ struct sm90_ws_core {
       if (lane == 0) arch::mbarrier_arrive(bar);
     };
     auto v_parity = [&](int c) { return std::uint32_t((c / G::stages) & 1); };
-    auto wait_k = [&](int slot, int c) { arch::mbarrier_wait(rotates ? ready_k(slot) : full_k(slot), v_parity(c)); };
+    auto wait_k = [&](int slot, int c) { arch::mbarrier_wait(transforms ? ready_k(slot) : full_k(slot), v_parity(c)); };
+    auto wait_v = [&](int slot, int c) { arch::mbarrier_wait(converts ? ready_v(slot) : full_v(slot), v_parity(c)); };
 
     int c = 0;       // K/V tiles consumed: slot c % stages, phase v_parity(c)
     int q_uses = 0;  // work tiles with a Q
@@ -571,7 +690,7 @@ struct sm90_ws_core {
           wait_turn();
           issue_qk(s, slot);      // S of this tile ...
           rescale_o(factor);      // (O is no wgmma's operand now: the last P V was waited for)
-          arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+          wait_v(prev, c - 1);
           issue_pv(prev, pa);     // ... and P V of the previous one, in flight together
           pass_turn();
           arch::wgmma_wait<1>();  // S
@@ -588,7 +707,7 @@ struct sm90_ws_core {
         // The last tile's P V.
         const int prev = (c - 1) % G::stages;
         rescale_o(factor);
-        arch::mbarrier_wait(full_v(prev), v_parity(c - 1));
+        wait_v(prev, c - 1);
         if constexpr (ws_zero_v_tail<Source>) {
           const int ks = src.k_start(k0), n_valid = e.kv_limit - ks;
           if (n_valid < G::block_kv) {  // zero V rows [n_valid, block_kv) of the slot, then publish
@@ -617,7 +736,7 @@ struct sm90_ws_core {
         st[r].l += __shfl_xor_sync(0xffffffffu, st[r].l, 2);
         const int row = row_local + r * 8;
         if (row >= e.row_lo && row < e.row_hi) {
-          const float inv = st[r].inv_l();
+          const float inv = st[r].inv_l() * ws_out_factor(src);
           float out[D / 4];
           KVTILE_PRAGMA_UNROLL
           for (int j = 0; j < D / 8; ++j) {
