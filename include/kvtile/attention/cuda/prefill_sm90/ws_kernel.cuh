@@ -223,8 +223,8 @@ struct ws_single_schedule {
 // on the slot's `ready_k` mbarrier, which the consumers wait on instead of `full_k`. So the
 // rotation runs beside the consumers' GEMMs and softmax, one K tile ahead, and costs the
 // consumers no instructions; the producer warpgroup keeps rotary_producer_regs registers for it.
-// Angles in fp32 from the CTA's frequency table (scores.cuh's rotary_table, the one the decode
-// and append kernels fill), the rotation in T's packed arithmetic (rotate_task below).
+// Angles in fp32 from a frequency table the CTA fills once, the rotation in T's packed arithmetic
+// (rotate_task below).
 //
 // A quantized K/V codec (Codec::quantized: fp8 e4m3 pages, memory/kv_codec.hpp) is decoded the
 // same way: the source's copies land a tile's bytes in the upper half of its T slot (and, with
@@ -249,12 +249,10 @@ struct sm90_ws_core {
   static constexpr int producer_regs = transforms ? G::rotary_producer_regs : G::producer_regs;
   static constexpr int consumer_regs = G::consumer_regs_for(producer_regs);
   static constexpr int rotators = 96;  // producer warps 1 .. 3
-  // Dynamic shared memory: the geometry's bytes and, rotating, a ready_k mbarrier per slot;
-  // converting, a ready_k and a ready_v mbarrier per slot. Static: a rotating variant's
-  // frequency table (rotary_table<D>, D / 2 entries of 16 bytes).
+  // The geometry's bytes and, rotating, a ready_k mbarrier per slot and the frequency table;
+  // converting, a ready_k and a ready_v mbarrier per slot.
   static constexpr std::size_t smem_bytes =
-      G::smem_bytes + (rotates ? 8 * std::size_t(G::stages) : 0) + (converts ? 16 * std::size_t(G::stages) : 0);
-  static constexpr std::size_t static_smem_bytes = rotates ? sizeof(rotary_pair_entry) * (D / 2) : 0;
+      G::smem_bytes + (rotates ? 8 * std::size_t(G::stages) + 4 * (D / 2) : 0) + (converts ? 16 * std::size_t(G::stages) : 0);
   // A quantized tile as the copies land it: bytes of the source's stored elements, then (per-token
   // scales) a float per key.
   static constexpr std::uint32_t stored_bytes = converts ? G::kv_bytes / 2 : G::kv_bytes;
@@ -357,17 +355,16 @@ struct sm90_ws_core {
   // threads [0, nt) of the caller (this one `id`), each angle from rotary_cos_sin_fast. For the
   // Q tile (once a work tile) and keys at positions that are not consecutive.
   template <class Position>
-  static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows(unsigned char* tile, int rows, int r0, int n,
-                                                           const rotary_pair_entry* freq, int rdims, Position&& pos, int id,
-                                                           int nt) {
+  static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows(unsigned char* tile, int rows, int r0, int n, const float* freq,
+                                                           int rdims, Position&& pos, int id, int nt) {
     const int per_row = rotate_rotated_tasks<Mask::rotary_layout_v>(rdims);
     for (int x = id; x < n * per_row; x += nt) {
       const int r = r0 + x / per_row, c = x % per_row;
-      const rotary_pair_entry* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
+      const float* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
       const float p = float(pos(r));
       float cs[task_pairs], sn[task_pairs];
       KVTILE_PRAGMA_UNROLL
-      for (int j = 0; j < task_pairs; ++j) rotary_cos_sin_fast(p, f[j].x, cs[j], sn[j]);
+      for (int j = 0; j < task_pairs; ++j) rotary_cos_sin_fast(p, f[j], cs[j], sn[j]);
       rotate_task(tile, rows, rdims, r, c, cs, sn);
     }
   }
@@ -379,18 +376,18 @@ struct sm90_ws_core {
   // of a range reduction and two multi-function ops, ~2^-21 each step); others go row by row.
   template <class Variant>
   static KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_k_tile(unsigned char* tile, const Variant& v, int ks,
-                                                             const rotary_pair_entry* freq, int rdims, int id) {
+                                                             const float* freq, int rdims, int id) {
     if constexpr (rotary_keys_consecutive<Variant>) {
       const int per_row = rotate_rotated_tasks<Mask::rotary_layout_v>(rdims), step = rotators / per_row;
       if (id >= step * per_row) return;
       const int c = id % per_row, r0 = id / per_row;
-      const rotary_pair_entry* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
+      const float* f = freq + rotate_first_pair<Mask::rotary_layout_v>(8 * c);
       const float p0 = float(v.key_position(ks + r0));
       float cs[task_pairs], sn[task_pairs], dc[task_pairs], ds[task_pairs];
       KVTILE_PRAGMA_UNROLL
       for (int j = 0; j < task_pairs; ++j) {
-        rotary_cos_sin_fast(p0, f[j].x, cs[j], sn[j]);
-        rotary_cos_sin_fast(float(step), f[j].x, dc[j], ds[j]);
+        rotary_cos_sin_fast(p0, f[j], cs[j], sn[j]);
+        rotary_cos_sin_fast(float(step), f[j], dc[j], ds[j]);
       }
       for (int r = r0; r < G::block_kv; r += step) {
         rotate_task(tile, G::block_kv, rdims, r, c, cs, sn);
@@ -434,12 +431,11 @@ struct sm90_ws_core {
     const std::uint32_t v_base = k_base + G::stages * G::kv_bytes;  // [stages][block_kv rows]
     const std::uint32_t bars = v_base + G::stages * G::kv_bytes;
     const std::uint32_t q_full = bars, q_empty = bars + 8u;
-    // Rotating: ready_k per slot after the geometry's barriers. Converting: ready_k, then
-    // ready_v per slot.
+    // Rotating: ready_k per slot after the geometry's barriers, then the frequency table.
+    // Converting: ready_k, then ready_v per slot.
     auto ready_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + 4 * G::stages + slot); };
     auto ready_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + 5 * G::stages + slot); };
-    const rotary_pair_entry* freq = nullptr;  // rotating: the frequencies (.x)
-    if constexpr (rotates) freq = rotary_table<D>();
+    float* const freq = reinterpret_cast<float*>(smem_raw + (bars + 8u * std::uint32_t(2 + 5 * G::stages) - raw));
     int rdims = 0;  // rotating: the rotated dims R
     auto full_k = [&](int slot) { return bars + 8u * std::uint32_t(2 + slot); };
     auto full_v = [&](int slot) { return bars + 8u * std::uint32_t(2 + G::stages + slot); };
@@ -464,7 +460,7 @@ struct sm90_ws_core {
     if constexpr (rotates) {
       const auto v = schedule.variant();
       rdims = v.rotary_dims(D);
-      fill_rotary_table<D>(v, tid, G::threads);
+      for (int i = tid; i < rdims / 2; i += G::threads) freq[i] = rotary_inv_freq(i, rdims, v.rotary_theta());
     }
     __syncthreads();
 
@@ -851,9 +847,8 @@ void launch_prefill_sm90_ws(const prefill_params<T, Mask>& p, std::int32_t max_q
   using G = typename Kernel::G;
   int smem_optin = 0;
   KVTILE_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  constexpr std::size_t smem_total = Kernel::smem_bytes + Kernel::core::static_smem_bytes;
-  KVTILE_REQUIRE(smem_total <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q, ", ",
-                 G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", smem_total,
+  KVTILE_REQUIRE(Kernel::smem_bytes <= std::size_t(smem_optin), errc::unsupported, "prefill_sm90 tile <", G::block_q,
+                 ", ", G::block_kv, ", ", 4 * (G::consumers + 1), ", ", G::stages, "> needs ", Kernel::smem_bytes,
                  " bytes of shared memory, device ", device, " allows ", smem_optin);
   dim3 g = prefill_grid(p.q_layout, max_q_len, G::block_q);
   if (g.x == 0 || g.y == 0 || g.z == 0) return;
@@ -897,7 +892,7 @@ struct sm90_prefill_kernels {
   static constexpr const char* cp_async_name = "prefill_sm90 (wgmma, cp.async, sm_90a)";
 
   static constexpr std::size_t smem_bytes() {
-    if constexpr (warp_specialised) return ws_kernel::smem_bytes + ws_kernel::core::static_smem_bytes;
+    if constexpr (warp_specialised) return ws_kernel::smem_bytes;
     else return cp_async_kernel::G::smem_bytes;
   }
   // Whether an sm_90a kernel takes these tensors at all (else the mma.sync kernel runs).
