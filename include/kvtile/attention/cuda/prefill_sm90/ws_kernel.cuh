@@ -224,7 +224,9 @@ struct ws_single_schedule {
 // rotation runs beside the consumers' GEMMs and softmax, one K tile ahead, and costs the
 // consumers no instructions; the producer warpgroup keeps rotary_producer_regs registers for it.
 // Angles in fp32 from a frequency table the CTA fills once, the rotation in T's packed arithmetic
-// (rotate_task below).
+// (rotate_task below). The table is the core's own contiguous floats, not scores.cuh's
+// rotary_table (16-byte entries): a task reads eight consecutive frequencies, two 16-byte loads
+// here (the shared table measured 2-4 % slower, docs/perf-log/composed.md).
 //
 // A quantized K/V codec (Codec::quantized: fp8 e4m3 pages, memory/kv_codec.hpp) is decoded the
 // same way: the source's copies land a tile's bytes in the upper half of its T slot (and, with
