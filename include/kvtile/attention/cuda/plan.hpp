@@ -702,11 +702,9 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
   }
   if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode_sm90) {
     plan.fp8_registers = true;  // the TMA kernel's only path
-  } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::append_sm90) {
-    // (reason above)
   } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::append) {
     plan.reason += "; fp8 tiles converted to 2-byte tiles in shared memory once per tile (the append kernel's only path)";
-  } else if (pr.elem_bytes == 1) {
+  } else if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode) {  // (append_sm90: its reason above)
     plan.fp8_registers = opt.fp8_registers && pr.head_dim % 32 == 0 && !has_rotary<Mask>;
     if (plan.fp8_registers)
       plan.reason += "; fp8 fragments converted in registers (plan_options::fp8_registers)";
