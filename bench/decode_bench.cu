@@ -40,7 +40,12 @@ using namespace kvtile;
 using namespace kvtile::attention;
 namespace kc = kvtile::attention::cuda;
 using T = kvtile::bfloat16;
-constexpr int D = 128, HQ = 32, HKV = 8;
+// The head dim: 128 (the results grid); another build can measure the append and decode rows at
+// 64 (-DKVTILE_BENCH_HEAD_DIM=64; the fp8 append rows need 128).
+#ifndef KVTILE_BENCH_HEAD_DIM
+#define KVTILE_BENCH_HEAD_DIM 128
+#endif
+constexpr int D = KVTILE_BENCH_HEAD_DIM, HQ = 32, HKV = 8;
 
 __global__ void fill_random(T* p, std::int64_t n, std::uint64_t seed) {
   for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x) {
@@ -171,7 +176,8 @@ struct paged_setup {
     opt.use_wgmma = wgmma;
     // KVTILE_BENCH_MAX_SPLITS: cap the planner's split count (to compare split choices).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_SPLITS")) opt.max_splits = std::atoi(e);
-    // KVTILE_BENCH_WS_APPEND=1: the sm_90a append on the warp-specialised mainloop.
+    // KVTILE_BENCH_WS_APPEND=0: the sm_90a append on the cp.async mainloop (the planner's default
+    // is the warp-specialised one wherever the pool has TMA tensor maps).
     if (const char* e = std::getenv("KVTILE_BENCH_WS_APPEND")) opt.warp_specialised_append = std::atoi(e) != 0;
     // KVTILE_BENCH_MAX_CTAS: cap the TMA decode kernel's persistent CTAs (small batches).
     if (const char* e = std::getenv("KVTILE_BENCH_MAX_CTAS")) opt.max_ctas = std::atoi(e);
@@ -303,7 +309,7 @@ void bm_decode_format(benchmark::State& st, int batch, int len, int page, bool g
     time_runs(st, p, seconds);
   const double tbps = (p.kv_bytes + p.other_bytes) * double(st.iterations()) / seconds / 1e12;
   char shape[128];
-  std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=128 page=%d%s", batch, len, page, hnd ? " hnd" : "");
+  std::snprintf(shape, sizeof shape, "b=%d l=%d hq=32 hkv=8 d=%d page=%d%s", batch, len, D, page, hnd ? " hnd" : "");
   st.SetLabel(std::string("suite=decode;shape=") + shape + ";impl=" +
               (graph ? "kvtile_graph" : portable ? "kvtile_portable" : "kvtile") + impl_suffix(var) + format_suffix(fmt) +
               ";unit=TB/s");
@@ -329,7 +335,7 @@ void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_
   double seconds = 0;
   time_runs(st, p, seconds);
   char shape[128];
-  std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=128 page=16", prefix, chunk);
+  std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=%d page=16", prefix, chunk, D);
   st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
               impl_suffix(var) + format_suffix(fmt) + ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;

@@ -348,6 +348,10 @@ TEST_CASE("fp8 decode and append: queries and values far outside fp16's range (t
   const spec a = append_spec(rng, 4, 16, kv_layout::hnd);
   check_fp8<kvtile::half, 128, per_token, causal_mask>(a, {}, rng(), false, false, true, 1.f, 1.f / 4096.f);
   check_fp8<bfloat16, 128, per_token, causal_mask>(a, {}, rng(), false, false, true, big, big);
+  // Per-head scales under a bf16 Q: the warp-specialised append kernel multiplies fp16 tiles,
+  // Q taken into fp16 a warp at a time.
+  check_fp8<bfloat16, 128, per_head, causal_mask>(a, {}, rng(), false, false, true, big, big);
+  check_fp8<bfloat16, 128, per_head, causal_mask>(a, {}, rng(), false, false, true, tiny * tiny, tiny);
 }
 
 TEST_CASE("fp8 decode: variants (soft-capping, rotary at cache positions) and a head dim that is not a multiple of 32") {

@@ -652,7 +652,14 @@ TEST_CASE("plan: a rotary chunk takes the warp-specialised sm_90a append kernel 
   check_partition<rotary<causal_mask>>(rope, {});
   const auto plain = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100_sm90());
   CHECK(plain.shape.kind == kc::paged_kernel_kind::append_sm90);
-  CHECK(!plain.warp_specialised_append);  // the cp.async kernel, the faster without rotation
+  CHECK(plain.warp_specialised_append);  // without rotation too: the faster of the two sm_90a append kernels
+  CHECK(plain.reason.find("warp-specialised mainloop") != std::string::npos);
+  kc::plan_options cp_async;
+  cp_async.warp_specialised_append = false;  // the cp.async kernel, asked for by name
+  const auto plain_cp = kc::plan_paged_attention<causal_mask>(q.data(), t.table(), pr, {}, h100_sm90(), cp_async);
+  CHECK(plain_cp.shape.kind == kc::paged_kernel_kind::append_sm90);
+  CHECK(!plain_cp.warp_specialised_append);
+  CHECK(plain_cp.reason.find("warp_specialised_append = false") != std::string::npos);
   // Pages of one slot have no TMA tensor maps: the mma.sync append kernel rotates.
   kc::paged_problem pr1 = pr;
   pr1.page_size = 1;

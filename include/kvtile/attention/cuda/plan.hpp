@@ -171,10 +171,12 @@ struct plan_options {
   // configurations it cannot take use the shared tiles.
   bool fp8_registers = true;
   // sm_90a append on the warp-specialised mainloop (paged/append_sm90_ws_kernel.cuh: TMA page
-  // boxes, ping-pong consumer warpgroups) instead of the cp.async wgmma one, where the pool has
-  // TMA tensor maps. Off: on the H200 it ran the 512-token append 5-6% slower than the cp.async
-  // kernel (docs/perf-log/prefill.md, sm90 v7).
-  bool warp_specialised_append = false;
+  // boxes issued by the producer warp, ping-pong consumer warpgroups) instead of the cp.async
+  // wgmma one, where the pool has TMA tensor maps: on the H200 1.19-1.21x the cp.async kernel
+  // on the 512-token append over a 4k / 16k prefix (docs/perf-log/prefill.md, sm90 v10). false:
+  // the cp.async kernel for fp16 / bf16 pages without rotary (rotary variants and fp8 pages run
+  // only on the warp-specialised one).
+  bool warp_specialised_append = true;
   // TMA decode of small batches (persistent runs) on compute capability 9+: launch the attention
   // grid with programmatic stream serialisation, so that its CTAs are placed and set up
   // (barriers, work items, L2 prefetch of their first copies) while the kernel before it on the
@@ -696,9 +698,14 @@ paged_plan plan_paged_attention(const std::int32_t* q_indptr, const Table& table
     plan.warp_specialised_append = true;
     plan.reason += "; fp8 pages: the warp-specialised mainloop, whose producer warps convert each K and V tile to 2-byte "
                    "elements in shared memory (per-token scales applied as they convert)";
-  } else if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append) {
+  } else if (kind == paged_kernel_kind::append_sm90 && opt.warp_specialised_append &&
+             decode_sm90_supported(pr.head_dim, pr.page_size, pr.elem_bytes)) {
     plan.warp_specialised_append = true;
-    plan.reason += "; warp-specialised mainloop where the pool has TMA tensor maps (plan_options::warp_specialised_append)";
+    plan.reason += "; the warp-specialised mainloop (the pool has TMA tensor maps; plan_options::warp_specialised_append)";
+  } else if (kind == paged_kernel_kind::append_sm90) {
+    plan.reason += opt.warp_specialised_append
+                       ? "; the cp.async mainloop (no TMA tensor maps of the pool: gcd(page_size, 64) < 8)"
+                       : "; the cp.async mainloop (plan_options::warp_specialised_append = false)";
   }
   if (pr.elem_bytes == 1 && kind == paged_kernel_kind::decode_sm90) {
     plan.fp8_registers = true;  // the TMA kernel's only path

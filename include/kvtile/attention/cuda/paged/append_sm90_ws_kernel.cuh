@@ -5,9 +5,10 @@
 // range of its keys, whole or a split chunk). What differs from the dense source:
 //   Q     packed rows (token t, head h of the KV head's group) are no tensor map's box, so the
 //         consumer threads copy them with cp.async once, before the first tile;
-//   K, V  the producer thread copies each 128-key tile as TMA boxes of one page each through
+//   K, V  the producer warp copies each 128-key tile as TMA boxes of one page each through
 //         the pool's 4-D tensor maps (those of the TMA decode kernel: box_rows slots x 64
-//         columns), looking the block ids up in the request's page row; tiles start at
+//         columns), lane l box l, its block id looked up in the request's page row while the
+//         warp waits for the tile's slot (a tile ahead of its copies); tiles start at
 //         multiples of the tile (the planner aligns each item's first key), so a box never
 //         crosses a page; keys past the request's end come from past its last page's written
 //         slots, and their V rows are zeroed before the last P V;
@@ -96,53 +97,69 @@ struct append_ws_source {
       arch::cp_async_16_to(smem + arch::sw128_offset(G::block_q, r, c), src, ok);
     }
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, int k0, std::uint32_t bar) const
-    requires(!Codec::quantized)
-  {
-    issue_tile(dst, 0u, k0, bar, true);
+  // The producer warp shares a tile's copies: lane l copies box l (ws_warp_issue), whose page
+  // it looks up while the warp waits for the tile's slot.
+  static constexpr bool warp_issue = true;
+  struct box_at {
+    int box = -1;  // this lane's box of the tile, or -1 (a lane past the tile's boxes)
+    int blk = 0, slot = 0;
+  };
+  KVTILE_DEVICE KVTILE_FORCEINLINE box_at locate(int k0, int lane) const {
+    box_at a;
+    if (lane < G::block_kv / pool.box_rows) {
+      // A box past the request's pages reads block 0, whose rows are masked (K) and zeroed (V)
+      // like any key past the end.
+      const int key = k0 + lane * pool.box_rows, n_pages = (w.kv_len + page.divisor() - 1) / page.divisor();
+      const int pg = page.div(key);
+      a.box = lane;
+      a.slot = key - pg * page.divisor();
+      a.blk = pg < n_pages ? pages[pg] : 0;
+    }
+    return a;
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, int k0, std::uint32_t bar) const
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, const box_at& a, std::uint32_t bar) const
     requires(!Codec::quantized)
   {
-    issue_tile(dst, 0u, k0, bar, false);
+    issue_box(dst, 0u, a, bar, true);
+  }
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, const box_at& a, std::uint32_t bar) const
+    requires(!Codec::quantized)
+  {
+    issue_box(dst, 0u, a, bar, false);
   }
   // Quantized: the stored bytes to `dst`, the per-token scales (if any) to `scales`.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar) const
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_k(std::uint32_t dst, std::uint32_t scales, const box_at& a,
+                                                std::uint32_t bar) const
     requires(Codec::quantized)
   {
-    issue_tile(dst, scales, k0, bar, true);
+    issue_box(dst, scales, a, bar, true);
   }
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar) const
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_v(std::uint32_t dst, std::uint32_t scales, const box_at& a,
+                                                std::uint32_t bar) const
     requires(Codec::quantized)
   {
-    issue_tile(dst, scales, k0, bar, false);
+    issue_box(dst, scales, a, bar, false);
   }
   KVTILE_DEVICE KVTILE_FORCEINLINE void store(int r, const float* o, float lse, int t) const {
     store_append_row<D, G::block_q>(p, w, *this, r, o, lse, t);
   }
 
  private:
-  // The tile's keys [k0, k0 + block_kv) as boxes of box_rows slots of one page each (all
-  // panels of 128 bytes), and with per-token scales each box's scales; a box past the request's
-  // pages reads block 0, whose rows are masked (K) and zeroed (V) like any key past the end.
-  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_tile(std::uint32_t dst, std::uint32_t scales, int k0, std::uint32_t bar,
-                                                   bool is_k) const {
+  // Box a.box of a tile: box_rows slots of one page (all panels of 128 bytes), and with
+  // per-token scales the box's scales.
+  KVTILE_DEVICE KVTILE_FORCEINLINE void issue_box(std::uint32_t dst, std::uint32_t scales, const box_at& a,
+                                                  std::uint32_t bar, bool is_k) const {
+    if (a.box < 0) return;
     const CUtensorMap* map = is_k ? &pool.k : &pool.v;
-    const int box = pool.box_rows;
-    const int n_pages = (w.kv_len + page.divisor() - 1) / page.divisor();
-    for (int j = 0; j < G::block_kv; j += box) {
-      const int key = k0 + j;
-      const int pg = page.div(key), slot = key - pg * page.divisor();
-      const int blk = pg < n_pages ? pages[pg] : 0;
-      const int c1 = pool.head_outer ? slot : w.kv_head, c2 = pool.head_outer ? w.kv_head : slot;
-      KVTILE_PRAGMA_UNROLL
-      for (int c = 0; c < D / panel; ++c)
-        arch::tma_load_4d(dst + std::uint32_t(c * G::block_kv + j) * 128, map, c * panel, c1, c2, blk, bar);
-      if constexpr (memory::per_token_scales<Codec>)
-        arch::bulk_load(scales + std::uint32_t(j) * 4u,
-                        p.kv.pool.scale_ptr(is_k ? p.kv.pool.k : p.kv.pool.v, blk, slot, w.kv_head), std::uint32_t(box) * 4u,
-                        bar);
-    }
+    const int j = a.box * pool.box_rows;  // the box's first row in the tile
+    const int c1 = pool.head_outer ? a.slot : w.kv_head, c2 = pool.head_outer ? w.kv_head : a.slot;
+    KVTILE_PRAGMA_UNROLL
+    for (int c = 0; c < D / panel; ++c)
+      arch::tma_load_4d(dst + std::uint32_t(c * G::block_kv + j) * 128, map, c * panel, c1, c2, a.blk, bar);
+    if constexpr (memory::per_token_scales<Codec>)
+      arch::bulk_load(scales + std::uint32_t(j) * 4u,
+                      p.kv.pool.scale_ptr(is_k ? p.kv.pool.k : p.kv.pool.v, a.blk, a.slot, w.kv_head),
+                      std::uint32_t(pool.box_rows) * 4u, bar);
     (void)scales;
   }
 };

@@ -1,7 +1,9 @@
 // kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh: the warp-specialised Hopper (sm_90a)
 // attention mainloop, FlashAttention-3's structure (Shah et al., 2024):
 //
-//   producer warpgroup   one thread issues every copy: the Q tile once, then K and V tiles of
+//   producer warpgroup   its first warp issues every copy (one thread for a source of a few
+//                        large boxes, a lane per box for the paged append's page boxes): the
+//                        Q tile once, then K and V tiles of
 //                        the CTA's visible key tiles through the Tensor Memory Accelerator into
 //                        a Stages-deep ring (per slot: full_k, full_v mbarriers completed by the
 //                        copies' bytes; empty_k, empty_v with one arrival per consumer warp:
@@ -189,6 +191,11 @@ template <class Source>
 inline constexpr bool ws_q_by_consumers = requires { requires Source::q_by_consumers; };
 template <class Source>
 inline constexpr bool ws_zero_v_tail = requires { requires Source::zero_v_tail; };
+// `warp_issue`: the producer warp's lanes share a tile's copies. Such a source has
+// `locate(k0, lane)`, what lane `lane` copies of the tile whose first key is k0 (looked up before
+// the tile's slot is free), and issue_k / issue_v taking that in place of k0.
+template <class Source>
+inline constexpr bool ws_warp_issue = requires { requires Source::warp_issue; };
 // What the normalised output rows take before they are stored: a source's `o_factor` (the V
 // scale of a per-head quantized pool), else 1.
 template <class Source>
@@ -202,6 +209,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE float ws_out_factor(const Source& src) {
 // One source (a CTA per work tile, the launch grid being the work grid):
 template <class Source>
 struct ws_single_schedule {
+  using source_type = Source;
   const Source& src;
   template <class F>
   KVTILE_DEVICE KVTILE_FORCEINLINE void for_each(F&& f) const {
@@ -239,11 +247,19 @@ struct ws_single_schedule {
 template <class T, int D, class Tile, class Mask, class Codec = memory::identity>
 struct sm90_ws_core {
   using G = ws_geometry<T, D, Tile>;
-  using qk_op = arch::wgmma_op<T, G::block_kv>;
-  using pv_op = arch::wgmma_op<T, D>;
   static constexpr bool rotates = has_rotary<Mask>;
   static constexpr bool converts = Codec::quantized;
   static constexpr bool token_scales = memory::per_token_scales<Codec>;
+  // The element type of the tiles the consumers multiply: T, but fp16 for fp8 pages with
+  // per-head scales under a bf16 query (no logit transform): e4m3 -> fp16 is one instruction a
+  // pair, e4m3 -> bf16 four, and the conversion is what limits that kernel (prefill.md sm90
+  // v11). Q then goes into fp16 times a power of two per warp (q_to_compute), folded back into
+  // the softmax scale, P into fp16 (as the fp8 decode kernels compute).
+  using Tc = std::conditional_t<converts && !token_scales && std::is_same_v<T, kvtile::bfloat16> && !has_logit_transform<Mask>,
+                                kvtile::half, T>;
+  static constexpr bool q_converts = !std::is_same_v<Tc, T>;
+  using qk_op = arch::wgmma_op<Tc, G::block_kv>;
+  using pv_op = arch::wgmma_op<Tc, D>;
   static_assert(!(rotates && converts), "sm90_ws_core: quantized K/V pages with a rotary variant are not supported");
   static_assert(!converts || D % 128 == 0, "sm90_ws_core: fp8 tiles come as 128-byte rows (head_dim a multiple of 128)");
   // Whether the producer warps 1 .. 3 work on the tiles (rotate or convert) before the consumers.
@@ -305,7 +321,7 @@ struct sm90_ws_core {
         if (rk < end) {
           uint4 lo, hi;
           if constexpr (token_scales) memory::cuda::e4m3x16_to_scaled<T>(in[k], sc[k], lo, hi);
-          else memory::cuda::e4m3x16_to<T>(in[k], lo, hi);
+          else memory::cuda::e4m3x16_to<Tc>(in[k], lo, hi);
           *reinterpret_cast<uint4*>(tile + arch::sw128_offset(G::block_kv, rk, 2 * c)) = lo;
           *reinterpret_cast<uint4*>(tile + arch::sw128_offset(G::block_kv, rk, 2 * c + 1)) = hi;
         }
@@ -318,6 +334,38 @@ struct sm90_ws_core {
       arch::named_barrier_sync(convert_barrier, rotators);
       if (id < 32) rows(std::integral_constant<int, 1>{}, r0, scale_rows);
     }
+  }
+
+  // Q rows [r0, r0 + 16) of the SW128 tile, T (bf16) -> Tc (fp16) in place, by one warp: each
+  // taken times 2^e, one e for the 16 rows, chosen so that their largest |q| lands in
+  // [2^14, 2^15) (no fp16 overflow; every element down to 2^-28 of that largest keeps fp16's 11
+  // bits, bf16 has 8, so the conversion is exact there). Returns 2^-e for the softmax scale (a
+  // power of two: the scores are exactly the unscaled ones'); e within [-64, 64].
+  static KVTILE_DEVICE float q_to_compute(unsigned char* q_tile, int r0, int lane) {
+    constexpr int chunks = D / 8;            // 16-byte chunks of a row
+    constexpr int per_lane = 16 * chunks / 32;
+    uint4 x[per_lane];
+    std::uint32_t mx = 0;  // |bf16| orders as its bits without the sign
+    KVTILE_PRAGMA_UNROLL
+    for (int k = 0; k < per_lane; ++k) {
+      const int id = lane + 32 * k, r = r0 + id / chunks, c = id % chunks;
+      x[k] = *reinterpret_cast<const uint4*>(q_tile + arch::sw128_offset(G::block_q, r, c));
+      mx = __vmaxu2(mx, __vmaxu2(__vmaxu2(x[k].x & 0x7fff7fffu, x[k].y & 0x7fff7fffu),
+                                 __vmaxu2(x[k].z & 0x7fff7fffu, x[k].w & 0x7fff7fffu)));
+    }
+    mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
+    const int e = min_i(64, max_i(-64, 141 - int(mx >> 7)));  // 141 - biased exponent
+    const float up = __int_as_float((127 + e) << 23);
+    auto word = [&](std::uint32_t u) {
+      return arch::pack2<Tc>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
+    };
+    KVTILE_PRAGMA_UNROLL
+    for (int k = 0; k < per_lane; ++k) {
+      const int id = lane + 32 * k, r = r0 + id / chunks, c = id % chunks;
+      *reinterpret_cast<uint4*>(q_tile + arch::sw128_offset(G::block_q, r, c)) =
+          make_uint4(word(x[k].x), word(x[k].y), word(x[k].z), word(x[k].w));
+    }
+    return __int_as_float((127 - e) << 23);
   }
 
   // ---- rotation in shared memory (rotating variants) ----
@@ -508,32 +556,64 @@ struct sm90_ws_core {
           return;
         }
       }
-      if (tid != 0) return;
+      // The copies: thread 0 alone for a source whose tiles are a few large boxes (dense), the
+      // whole of warp 0 for one whose tiles are many small boxes (ws_warp_issue: the paged
+      // append's one box per page, lane l issuing box l of the tile, its page looked up a tile
+      // ahead, while the warp waits for the slot).
+      using Source = typename Schedule::source_type;
+      constexpr bool by_warp = ws_warp_issue<Source>;
+      if (by_warp ? warp != 0 : tid != 0) return;
       int c = 0;       // K/V tiles issued: slot c % stages
       int q_uses = 0;  // work tiles with a Q
-      schedule.for_each([&](const auto& src) {
-        const extent<std::decay_t<decltype(src)>> e(src);
+      schedule.for_each([&](const Source& src) {
+        const extent<Source> e(src);
         const int first = e.next_tile(0);
         if (first >= e.n_tiles) return;  // Q only where a tile is visible: every copy is waited for
-        if constexpr (!ws_q_by_consumers<std::decay_t<decltype(src)>>) {
+        if constexpr (!ws_q_by_consumers<Source>) {
           if (q_uses > 0) arch::mbarrier_wait(q_empty, std::uint32_t((q_uses - 1) & 1));  // the last Q's readers are done
           arch::mbarrier_arrive_expect_tx(q_full, G::q_bytes);
           src.issue_q(q_base, q_full);
         }
         ++q_uses;
-        for (int i = first; i < e.n_tiles; i = e.next_tile(i + 1), ++c) {
+        // The tile's share of this lane (by_warp), found before the slot is free.
+        auto locate = [&](int i) {
+          if constexpr (by_warp) return src.locate(e.kv_lo + i * G::block_kv, lane);
+          else return 0;
+        };
+        auto expect = [&](std::uint32_t bar) {
+          if constexpr (by_warp) {
+            if (lane == 0) arch::mbarrier_arrive_expect_tx(bar, tile_tx_bytes);
+            __syncwarp();  // the bytes are expected before any lane's copy lands
+          } else {
+            arch::mbarrier_arrive_expect_tx(bar, tile_tx_bytes);
+          }
+        };
+        auto at = locate(first);
+        for (int i = first; i < e.n_tiles; ++c) {
           const int slot = c % G::stages;
           const std::uint32_t reuse = std::uint32_t((c / G::stages - 1) & 1);  // the slot's previous use
           const int k0 = e.kv_lo + i * G::block_kv;
           const std::uint32_t k_slot = k_base + slot * G::kv_bytes, v_slot = v_base + slot * G::kv_bytes;
           if (c >= G::stages) arch::mbarrier_wait(empty_k(slot), reuse);
-          arch::mbarrier_arrive_expect_tx(full_k(slot), tile_tx_bytes);
-          if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, k0, full_k(slot));  // bytes, scales
-          else src.issue_k(k_slot, k0, full_k(slot));
+          expect(full_k(slot));
+          if constexpr (by_warp) {
+            if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, at, full_k(slot));  // bytes, scales
+            else src.issue_k(k_slot, at, full_k(slot));
+          } else {
+            if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, k0, full_k(slot));
+            else src.issue_k(k_slot, k0, full_k(slot));
+          }
           if (c >= G::stages) arch::mbarrier_wait(empty_v(slot), reuse);
-          arch::mbarrier_arrive_expect_tx(full_v(slot), tile_tx_bytes);
-          if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, k0, full_v(slot));
-          else src.issue_v(v_slot, k0, full_v(slot));
+          expect(full_v(slot));
+          if constexpr (by_warp) {
+            if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, at, full_v(slot));
+            else src.issue_v(v_slot, at, full_v(slot));
+          } else {
+            if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, k0, full_v(slot));
+            else src.issue_v(v_slot, k0, full_v(slot));
+          }
+          i = e.next_tile(i + 1);
+          if (i < e.n_tiles) at = locate(i);
         }
       });
       return;
@@ -587,7 +667,7 @@ struct sm90_ws_core {
       const int wr0 = max_i(cw * 64, e.row_lo), wr1 = min_i(cw * 64 + 64, e.row_hi);  // this warpgroup's stored rows
       const int wq0 = wr0 < wr1 ? src.token(wr0) : 0, wq1 = wr0 < wr1 ? src.token(wr1 - 1) + 1 : 0;
       const int row_pos[2] = {src.token(row_local), src.token(row_local + 8)};
-      const float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
+      float scale_log2 = softmax_scale_log2<Mask>(src.scale_log2);
 
       float o[G::o_regs];
       KVTILE_PRAGMA_UNROLL
@@ -638,7 +718,7 @@ struct sm90_ws_core {
           st[half].l += fragment_row_exp2(s, half, scale_log2, base);
         }
       };
-      auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) { fragment_to_a<T>(s, pa); };
+      auto pack_p = [&](const float (&s)[G::s_regs], std::uint32_t (&pa)[G::kv_steps][4]) { fragment_to_a<Tc>(s, pa); };
       auto rescale_o = [&](const float (&factor)[2]) {
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < D / 8; ++j) {
@@ -657,6 +737,11 @@ struct sm90_ws_core {
           src.load_q(q_base, ctid, 128 * G::consumers);
           arch::cp_async_commit();
           arch::cp_async_wait<0>();
+          if constexpr (q_converts) {
+            // Every row has landed; each warp takes its own 16 rows into Tc.
+            arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
+            scale_log2 *= q_to_compute(smem_raw + (q_base - raw), cw * 64 + wq * 16, lane);
+          }
           arch::fence_proxy_async_shared();  // the copies, to the wgmma's async proxy
           arch::named_barrier_sync(consumers_barrier, 128 * G::consumers);
         } else {
@@ -766,6 +851,7 @@ struct sm90_ws_core {
 // heavier end of every round.
 template <class T, int D, class G, class Mask>
 struct ws_dense_schedule {
+  using source_type = dense_ws_source<T, D, G, Mask>;
   const ws_dense_params<T, Mask>& p;
   KVTILE_DEVICE KVTILE_FORCEINLINE Mask variant() const { return Mask(p.p.mask, 1, 1); }
   template <class F>
@@ -773,7 +859,7 @@ struct ws_dense_schedule {
     const int heads = p.p.q_layout.heads, batch = p.p.q_layout.batch;
     auto run = [&](int q_tile, int h, int b) {
       if (q_tile * G::block_q >= p.p.q_layout.len_of(b)) return;  // past this sequence's queries
-      const dense_ws_source<T, D, G, Mask> src(p, q_tile, h, b);
+      const source_type src(p, q_tile, h, b);
       f(src);
     };
     if (!p.persistent) {
