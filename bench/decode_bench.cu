@@ -330,12 +330,16 @@ void bm_decode(benchmark::State& st, int batch, int len, int page, bool graph, b
 // append kernel, whose producer warps convert each K and V tile in shared memory; on the
 // portable path the mma.sync kernel, which converts them with every thread); compare with the
 // bf16 rows of the same path.
+// KVTILE_BENCH_APPEND_PAGE: another page size for the append rows (16 by default; the shape
+// string names it).
 void bm_append(benchmark::State& st, int prefix, int chunk, bool wgmma, variant_kind var, kv_format fmt) {
-  paged_setup p(1, chunk, prefix + chunk, 16, wgmma, kv_layout::nhd, var, fmt);
+  const char* e = std::getenv("KVTILE_BENCH_APPEND_PAGE");
+  const int page = e ? std::atoi(e) : 16;
+  paged_setup p(1, chunk, prefix + chunk, page, wgmma, kv_layout::nhd, var, fmt);
   double seconds = 0;
   time_runs(st, p, seconds);
   char shape[128];
-  std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=%d page=16", prefix, chunk, D);
+  std::snprintf(shape, sizeof shape, "prefix=%d chunk=%d b=1 hq=32 hkv=8 d=%d page=%d", prefix, chunk, D, page);
   st.SetLabel(std::string("suite=append;shape=") + shape + ";impl=" + (wgmma ? "kvtile" : "kvtile_portable") +
               impl_suffix(var) + format_suffix(fmt) + ";unit=TFLOP/s");
   st.counters["value"] = p.flops * double(st.iterations()) / seconds / 1e12;
