@@ -172,8 +172,9 @@ struct plan_options {
   bool fp8_registers = true;
   // sm_90a append on the warp-specialised mainloop (paged/append_sm90_ws_kernel.cuh: TMA page
   // boxes issued by the producer warp, ping-pong consumer warpgroups) instead of the cp.async
-  // wgmma one, where the pool has TMA tensor maps: on the H200 1.19-1.21x the cp.async kernel
-  // on the 512-token append over a 4k / 16k prefix (docs/perf-log/prefill.md, sm90 v10). false:
+  // wgmma one, where the pool has TMA tensor maps: on the H200 1.19-1.25x the cp.async kernel
+  // on the 512-token append over a 4k / 16k prefix at head dims 64 and 128 (docs/perf-log/
+  // prefill.md, sm90 v10). false:
   // the cp.async kernel for fp16 / bf16 pages without rotary (rotary variants and fp8 pages run
   // only on the warp-specialised one).
   bool warp_specialised_append = true;

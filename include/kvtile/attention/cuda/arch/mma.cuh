@@ -49,6 +49,32 @@ KVTILE_DEVICE KVTILE_FORCEINLINE std::uint32_t pack2(float a, float b) {
   }
 }
 
+// A bf16 Q taken into fp16 (the fp8 paths compute in fp16) times 2^e, one e for a warp's rows,
+// chosen so that their largest |q| lands in [2^14, 2^15): no fp16 overflow, and every element
+// down to 2^-28 of that largest keeps fp16's 11 bits (bf16 has 8), so the conversion is exact
+// there and below it loses less than 2^-39 of the largest |q|. The caller folds 2^-e into its
+// softmax scale (a power of two: the scores are exactly the unscaled ones'). In three steps:
+// a lane's running maximum over its bf16 pairs (|bf16| orders as its bits without the sign),
+struct bf16_to_fp16_scaled {
+  static KVTILE_DEVICE KVTILE_FORCEINLINE std::uint32_t max_abs(std::uint32_t mx, std::uint32_t pair) {
+    return __vmaxu2(mx, pair & 0x7fff7fffu);
+  }
+  // the warp's e from its lanes' maxima (every lane calls), within [-64, 64] so that 2^-e stays
+  // a normal float,
+  static KVTILE_DEVICE KVTILE_FORCEINLINE int exponent(std::uint32_t mx) {
+    mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
+    const int e = 141 - int(mx >> 7);  // 141 - the largest's biased exponent
+    const int lo = -64 > e ? -64 : e;
+    return 64 < lo ? 64 : lo;
+  }
+  // and each pair times up = 2^e into fp16.
+  static KVTILE_DEVICE KVTILE_FORCEINLINE float up(int e) { return __int_as_float((127 + e) << 23); }
+  static KVTILE_DEVICE KVTILE_FORCEINLINE float down(int e) { return __int_as_float((127 - e) << 23); }
+  static KVTILE_DEVICE KVTILE_FORCEINLINE std::uint32_t pair(std::uint32_t u, float up) {
+    return pack2<kvtile::half>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
+  }
+};
+
 template <class T>
 KVTILE_DEVICE KVTILE_FORCEINLINE float2 unpack2(std::uint32_t r) {
   if constexpr (std::is_same_v<T, kvtile::bfloat16>) {

@@ -212,11 +212,8 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
   // Q's A fragments are loaded with the same permutation: a0 / a1 = dims 4tq, 4tq + 1 of rows
   // g / g + 8, a2 / a3 = dims 4tq + 2, 4tq + 3.
   // A Q of another type than T (bf16 into fp16 fragments) is taken times 2^e, one e for the
-  // warp's 16 rows, chosen so that their largest |q| lands in [2^14, 2^15): no fp16 overflow,
-  // and every element down to 2^-28 of that largest keeps fp16's 11 bits (bf16 has 8), so the
-  // conversion is exact there and below it loses less than 2^-39 of the largest |q|. Returns
-  // 2^-e, which the caller folds into the softmax scale (a power of two: the scores are exactly
-  // the unscaled ones'). e is kept within [-64, 64], so the folded scale stays a normal float.
+  // warp's 16 rows (arch::bf16_to_fp16_scaled); returns 2^-e, which the caller folds into the
+  // softmax scale.
   template <class Tq>
   KVTILE_DEVICE KVTILE_FORCEINLINE float load_q_fp8_order(const Tq* q_s, int row0, int lane) {
     const int g = lane / 4, tq = lane % 4;
@@ -231,22 +228,19 @@ struct warp_rows : mma_rows<T, D, 1, TPW> {
     } else {
       static_assert(std::is_same_v<T, kvtile::half> && std::is_same_v<Tq, kvtile::bfloat16>,
                     "load_q_fp8_order: a bf16 Q into fp16 fragments, or Q of the fragments' type");
-      std::uint32_t mx = 0;  // |bf16| orders as its bits without the sign
+      using cv = arch::bf16_to_fp16_scaled;
+      std::uint32_t mx = 0;
       KVTILE_PRAGMA_UNROLL
       for (int kk = 0; kk < D / 16; ++kk)
         KVTILE_PRAGMA_UNROLL
-        for (int x = 0; x < 4; ++x) mx = __vmaxu2(mx, q.f[0][kk][x] & 0x7fff7fffu);
-      mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
-      const int e = min_i(64, max_i(-64, 141 - int(mx >> 7)));  // 141 - biased exponent: largest |q| * 2^e in [2^14, 2^15)
-      const float up = __int_as_float((127 + e) << 23);
+        for (int x = 0; x < 4; ++x) mx = cv::max_abs(mx, q.f[0][kk][x]);
+      const int e = cv::exponent(mx);
+      const float up = cv::up(e);
       KVTILE_PRAGMA_UNROLL
       for (int kk = 0; kk < D / 16; ++kk)
         KVTILE_PRAGMA_UNROLL
-        for (int x = 0; x < 4; ++x) {
-          const std::uint32_t u = q.f[0][kk][x];
-          q.f[0][kk][x] = arch::pack2<T>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
-        }
-      return __int_as_float((127 - e) << 23);
+        for (int x = 0; x < 4; ++x) q.f[0][kk][x] = cv::pair(q.f[0][kk][x], up);
+      return cv::down(e);
     }
   }
   // s = Q K^T over keys [key0, key0 + TPW) of the e4m3 tile at ks (byte offsets: Layout, a

@@ -336,36 +336,30 @@ struct sm90_ws_core {
     }
   }
 
-  // Q rows [r0, r0 + 16) of the SW128 tile, T (bf16) -> Tc (fp16) in place, by one warp: each
-  // taken times 2^e, one e for the 16 rows, chosen so that their largest |q| lands in
-  // [2^14, 2^15) (no fp16 overflow; every element down to 2^-28 of that largest keeps fp16's 11
-  // bits, bf16 has 8, so the conversion is exact there). Returns 2^-e for the softmax scale (a
-  // power of two: the scores are exactly the unscaled ones'); e within [-64, 64].
+  // Q rows [r0, r0 + 16) of the SW128 tile, T (bf16) -> Tc (fp16) in place, by one warp, times
+  // 2^e for the 16 rows (arch::bf16_to_fp16_scaled, as the fp8 decode kernels take Q); returns
+  // 2^-e for the softmax scale.
   static KVTILE_DEVICE float q_to_compute(unsigned char* q_tile, int r0, int lane) {
-    constexpr int chunks = D / 8;            // 16-byte chunks of a row
+    using cv = arch::bf16_to_fp16_scaled;
+    constexpr int chunks = D / 8;  // 16-byte chunks of a row
     constexpr int per_lane = 16 * chunks / 32;
     uint4 x[per_lane];
-    std::uint32_t mx = 0;  // |bf16| orders as its bits without the sign
+    std::uint32_t mx = 0;
     KVTILE_PRAGMA_UNROLL
     for (int k = 0; k < per_lane; ++k) {
       const int id = lane + 32 * k, r = r0 + id / chunks, c = id % chunks;
       x[k] = *reinterpret_cast<const uint4*>(q_tile + arch::sw128_offset(G::block_q, r, c));
-      mx = __vmaxu2(mx, __vmaxu2(__vmaxu2(x[k].x & 0x7fff7fffu, x[k].y & 0x7fff7fffu),
-                                 __vmaxu2(x[k].z & 0x7fff7fffu, x[k].w & 0x7fff7fffu)));
+      mx = cv::max_abs(cv::max_abs(cv::max_abs(cv::max_abs(mx, x[k].x), x[k].y), x[k].z), x[k].w);
     }
-    mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
-    const int e = min_i(64, max_i(-64, 141 - int(mx >> 7)));  // 141 - biased exponent
-    const float up = __int_as_float((127 + e) << 23);
-    auto word = [&](std::uint32_t u) {
-      return arch::pack2<Tc>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
-    };
+    const int e = cv::exponent(mx);
+    const float up = cv::up(e);
     KVTILE_PRAGMA_UNROLL
     for (int k = 0; k < per_lane; ++k) {
       const int id = lane + 32 * k, r = r0 + id / chunks, c = id % chunks;
       *reinterpret_cast<uint4*>(q_tile + arch::sw128_offset(G::block_q, r, c)) =
-          make_uint4(word(x[k].x), word(x[k].y), word(x[k].z), word(x[k].w));
+          make_uint4(cv::pair(x[k].x, up), cv::pair(x[k].y, up), cv::pair(x[k].z, up), cv::pair(x[k].w, up));
     }
-    return __int_as_float((127 - e) << 23);
+    return cv::down(e);
   }
 
   // ---- rotation in shared memory (rotating variants) ----
@@ -575,10 +569,15 @@ struct sm90_ws_core {
           src.issue_q(q_base, q_full);
         }
         ++q_uses;
-        // The tile's share of this lane (by_warp), found before the slot is free.
+        // Where tile i's copies come from, as the source's issue_k / issue_v take it: its first
+        // key, or (by_warp) this lane's share of it, looked up before the tile's slot is free.
         auto locate = [&](int i) {
           if constexpr (by_warp) return src.locate(e.kv_lo + i * G::block_kv, lane);
           else return 0;
+        };
+        auto from = [&](int i, const auto& ahead) {
+          if constexpr (by_warp) return ahead;
+          else return e.kv_lo + i * G::block_kv;
         };
         auto expect = [&](std::uint32_t bar) {
           if constexpr (by_warp) {
@@ -592,26 +591,16 @@ struct sm90_ws_core {
         for (int i = first; i < e.n_tiles; ++c) {
           const int slot = c % G::stages;
           const std::uint32_t reuse = std::uint32_t((c / G::stages - 1) & 1);  // the slot's previous use
-          const int k0 = e.kv_lo + i * G::block_kv;
           const std::uint32_t k_slot = k_base + slot * G::kv_bytes, v_slot = v_base + slot * G::kv_bytes;
+          const auto where = from(i, at);
           if (c >= G::stages) arch::mbarrier_wait(empty_k(slot), reuse);
           expect(full_k(slot));
-          if constexpr (by_warp) {
-            if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, at, full_k(slot));  // bytes, scales
-            else src.issue_k(k_slot, at, full_k(slot));
-          } else {
-            if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, k0, full_k(slot));
-            else src.issue_k(k_slot, k0, full_k(slot));
-          }
+          if constexpr (converts) src.issue_k(k_slot + G::kv_bytes / 2, k_slot, where, full_k(slot));  // bytes, scales
+          else src.issue_k(k_slot, where, full_k(slot));
           if (c >= G::stages) arch::mbarrier_wait(empty_v(slot), reuse);
           expect(full_v(slot));
-          if constexpr (by_warp) {
-            if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, at, full_v(slot));
-            else src.issue_v(v_slot, at, full_v(slot));
-          } else {
-            if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, k0, full_v(slot));
-            else src.issue_v(v_slot, k0, full_v(slot));
-          }
+          if constexpr (converts) src.issue_v(v_slot + G::kv_bytes / 2, v_slot, where, full_v(slot));
+          else src.issue_v(v_slot, where, full_v(slot));
           i = e.next_tile(i + 1);
           if (i < e.n_tiles) at = locate(i);
         }
