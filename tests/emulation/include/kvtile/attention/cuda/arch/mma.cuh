@@ -33,6 +33,23 @@ inline float2 unpack2(std::uint32_t r) {
   return {lane16<T>(r, 0), lane16<T>(r, 1)};
 }
 
+// A bf16 Q into fp16 times a warp's power of two: the real header's arithmetic, on the
+// emulation's intrinsics (__vmaxu2, __reduce_max_sync over the emulated lanes).
+struct bf16_to_fp16_scaled {
+  static std::uint32_t max_abs(std::uint32_t mx, std::uint32_t pair) { return __vmaxu2(mx, pair & 0x7fff7fffu); }
+  static int exponent(std::uint32_t mx) {
+    mx = __reduce_max_sync(0xffffffffu, (mx & 0xffffu) > (mx >> 16) ? mx & 0xffffu : mx >> 16);
+    const int e = 141 - int(mx >> 7);
+    const int lo = -64 > e ? -64 : e;
+    return 64 < lo ? 64 : lo;
+  }
+  static float up(int e) { return __int_as_float((127 + e) << 23); }
+  static float down(int e) { return __int_as_float((127 - e) << 23); }
+  static std::uint32_t pair(std::uint32_t u, float up) {
+    return pack2<kvtile::half>(__uint_as_float(u << 16) * up, __uint_as_float(u & 0xffff0000u) * up);
+  }
+};
+
 // Packed 16-bit arithmetic as the hardware rounds it: a product rounded to T, an FMA rounded
 // once (the exact product of two 16-bit values and the sum in double, then to T).
 template <class T>
