@@ -87,7 +87,10 @@ struct ws_geometry {
   // A producer warpgroup that also rotates keys (a rotary variant) keeps rotary_producer_regs:
   // 72 (its rotating threads hold a task's angles and their step, 32 floats; at 56 they spilled),
   // which leaves two consumer warpgroups 216; or 32 beside three consumer warpgroups (which then
-  // keep 160 instead of 152; their rotators spill, so no default tile has three).
+  // keep 160 instead of 152; their rotators spill, so no default tile has three). Registers taken
+  // from the consumers seem to cost time even without spills: a paged append whose producer
+  // kept 72 (copying rows with cp.async) ran 0.87x the one at 24 / 240, as the rotary variant
+  // does (prefill.md sm90 v13).
   static constexpr int launch_regs = (65536 / threads) / 8 * 8 > 255 ? 248 : (65536 / threads) / 8 * 8;
   static constexpr int consumer_regs_for(int producer) {
     const int raw = launch_regs + ((launch_regs - producer) / consumers) / 8 * 8;
