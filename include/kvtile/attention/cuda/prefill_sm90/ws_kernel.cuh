@@ -84,13 +84,15 @@ struct ws_geometry {
 
   // Registers: the launch gives every thread 65536 / threads (rounded down to 8); the producer
   // warpgroup drops to 24 and the consumers share what it frees (at most 240 each).
-  // A producer warpgroup that also rotates keys (a rotary variant) keeps rotary_producer_regs:
-  // 72 (its rotating threads hold a task's angles and their step, 32 floats; at 56 they spilled),
-  // which leaves two consumer warpgroups 216; or 32 beside three consumer warpgroups (which then
-  // keep 160 instead of 152; their rotators spill, so no default tile has three). Registers taken
-  // from the consumers seem to cost time even without spills: a paged append whose producer
-  // kept 72 (copying rows with cp.async) ran 0.87x the one at 24 / 240, as the rotary variant
-  // does (prefill.md sm90 v13).
+  // A producer warpgroup whose warps 1 .. 3 also transform the tiles keeps more. Rotating keys
+  // (a rotary variant): rotary_producer_regs, 72 (its rotating threads hold a task's angles and
+  // their step, 32 floats; at 56 they spilled), which leaves two consumer warpgroups 216; or 32
+  // beside three consumer warpgroups (which then keep 160 instead of 152; their rotators spill,
+  // so no default tile has three). Converting fp8 tiles: convert_producer_regs, 56 with per-head
+  // scales (consumers 224: the append +0.3 / +1.6 % against 72), 72 with per-token scales (at
+  // 56 they spilled 4 bytes and ran 0.93x). Eight consumer registers more or less are worth
+  // little by themselves; what a transforming producer costs is its own work (prefill.md sm90
+  // v14).
   static constexpr int launch_regs = (65536 / threads) / 8 * 8 > 255 ? 248 : (65536 / threads) / 8 * 8;
   static constexpr int consumer_regs_for(int producer) {
     const int raw = launch_regs + ((launch_regs - producer) / consumers) / 8 * 8;
@@ -98,6 +100,7 @@ struct ws_geometry {
   }
   static constexpr int producer_regs = 24;
   static constexpr int rotary_producer_regs = consumers > 2 ? 32 : 72;
+  static constexpr int convert_producer_regs(bool token_scales) { return consumers > 2 ? 32 : token_scales ? 72 : 56; }
   static constexpr int consumer_regs = consumer_regs_for(producer_regs);
   static constexpr bool reallocate = consumers > 1;
 
@@ -267,7 +270,9 @@ struct sm90_ws_core {
   static_assert(!converts || D % 128 == 0, "sm90_ws_core: fp8 tiles come as 128-byte rows (head_dim a multiple of 128)");
   // Whether the producer warps 1 .. 3 work on the tiles (rotate or convert) before the consumers.
   static constexpr bool transforms = rotates || converts;
-  static constexpr int producer_regs = transforms ? G::rotary_producer_regs : G::producer_regs;
+  static constexpr int producer_regs = rotates    ? G::rotary_producer_regs
+                                       : converts ? G::convert_producer_regs(token_scales)
+                                                  : G::producer_regs;
   static constexpr int consumer_regs = G::consumer_regs_for(producer_regs);
   static constexpr int rotators = 96;  // producer warps 1 .. 3
   // The geometry's bytes and, rotating, a ready_k mbarrier per slot and the frequency table;
