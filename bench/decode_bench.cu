@@ -162,7 +162,10 @@ struct paged_setup {
     for (int i = 0; i <= batch; ++i) qi[i] = i * q_len, ki[i] = i * nb;
     std::vector<std::int32_t> ids(num_blocks);
     std::iota(ids.begin(), ids.end(), 0);
-    std::shuffle(ids.begin(), ids.end(), std::mt19937_64(42));
+    // KVTILE_BENCH_CONTIGUOUS_PAGES=1: each sequence's pages in order, one run of the pool (what
+    // an allocator that hands out runs gives), to price the scattered placement against it.
+    const char* contiguous = std::getenv("KVTILE_BENCH_CONTIGUOUS_PAGES");
+    if (!contiguous || std::atoi(contiguous) == 0) std::shuffle(ids.begin(), ids.end(), std::mt19937_64(42));
     for (int c = 0; c < copies; ++c)
       indices.push_back(dcopy(std::vector<std::int32_t>(ids.begin() + std::int64_t(c) * batch * nb,
                                                         ids.begin() + std::int64_t(c + 1) * batch * nb)));
