@@ -336,6 +336,9 @@ class backward {
           kp.p = p;
           kp.q = detail::make_dense_tma(p.q, p.q_layout, sm90_kernel_t::G::block_q);
           kp.d_o = detail::make_dense_tma(p.d_o, p.do_layout, sm90_kernel_t::G::block_q);
+          kp.dq_acc = p.dq_acc != nullptr ? detail::make_dq_acc_tma(p.dq_acc, w.rows, p.q_layout.heads, HeadDim,
+                                                                     sm90_kernel_t::G::block_q)
+                                          : CUtensorMap{};
           launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, kp);
         }
       }

@@ -72,6 +72,37 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void bulk_load(std::uint32_t dst, const void* s
 #endif
 }
 
+// Add the box at `src` (shared memory, the map's box layout) into the box at (c0, c1, c2) of
+// `map` in global memory, element by element (the reduction happens in L2: concurrent adds from
+// other CTAs are safe). Asynchronous: it joins this thread's current bulk group (bulk_commit).
+KVTILE_DEVICE KVTILE_FORCEINLINE void tma_reduce_add_3d(const CUtensorMap* map, int c0, int c1, int c2, std::uint32_t src) {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(map),
+               "r"(c0), "r"(c1), "r"(c2), "r"(src)
+               : "memory");
+#endif
+}
+// Close this thread's current bulk group (the reductions issued since the last commit).
+KVTILE_DEVICE KVTILE_FORCEINLINE void bulk_commit() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Wait until at most N of this thread's bulk groups are still reading their shared memory.
+template <int N>
+KVTILE_DEVICE KVTILE_FORCEINLINE void bulk_wait_read() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Wait until at most N of this thread's bulk groups are incomplete (their writes done).
+template <int N>
+KVTILE_DEVICE KVTILE_FORCEINLINE void bulk_wait() {
+#if KVTILE_TMA_AVAILABLE
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Prefetch the box at (c0, c1, c2, c3) of `map` into L2: no shared memory, no barrier, no
 // fault (a box outside the tensor is not fetched).
 KVTILE_DEVICE KVTILE_FORCEINLINE void tma_prefetch_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
@@ -105,12 +136,13 @@ using tensor_map_encode_fn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuu
                                           const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                           CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-// The tensor-map element type of a kvtile element: bf16, fp16, or a byte (fp8 e4m3: TMA
-// moves it, the kernel decodes it).
+// The tensor-map element type of a kvtile element: bf16, fp16, fp32 (accumulators), or a byte
+// (fp8 e4m3: TMA moves it, the kernel decodes it).
 template <class T>
 constexpr CUtensorMapDataType tensor_map_type() {
-  static_assert(sizeof(T) == 2 || sizeof(T) == 1, "tensor_map_type: 2-byte or 1-byte elements");
-  if constexpr (sizeof(T) == 1) return CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  static_assert(std::is_same_v<T, float> || sizeof(T) == 2 || sizeof(T) == 1, "tensor_map_type: fp32, 2- or 1-byte elements");
+  if constexpr (std::is_same_v<T, float>) return CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  else if constexpr (sizeof(T) == 1) return CU_TENSOR_MAP_DATA_TYPE_UINT8;
   else return std::is_same_v<T, kvtile::bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
 }
 

@@ -14,12 +14,16 @@
 //   dV += P^T dO, dK += dS^T Q         m64nDk16, A = P^T / dS^T from registers, B = dO / Q
 //                                      from shared memory (MN-major: the transpose bit)
 //   dQ += dS K                         dS^T goes to shared memory and is read back as an
-//                                      MN-major A (m64n64k16, both operands transposed); the
-//                                      step's dQ is added to the fp32 workspace with float2
-//                                      reductions. At D = 128 the two warpgroups split dQ's
-//                                      columns (each reads both warpgroups' dS^T: a CTA
-//                                      barrier); at D = 64 each adds the product over its own
-//                                      64 keys (a warpgroup barrier).
+//                                      MN-major A (m64n64k16, both operands transposed). At
+//                                      D = 128 the two warpgroups split dQ's columns (each
+//                                      reads both warpgroups' dS^T: a CTA barrier); at D = 64
+//                                      each takes the product over its own 64 keys (a
+//                                      warpgroup barrier).
+// The step's dQ product goes, as fp32, to a staging tile in shared memory (two slots, the ring's
+// parity) and is added to the fp32 workspace by the TMA (one bulk tensor reduction a 32-column
+// box, issued by thread 0 after the next step's barrier, so the consumers never wait on it;
+// reductions of single threads from registers cost 30-50 % of the kernel's time:
+// docs/perf-log/backward.md v9-v10).
 // Without a dQ workspace (deterministic mode) the dQ product is skipped and the Q-outer
 // mma.sync kernel (dq_kernel.cuh) computes dQ.
 #pragma once
@@ -74,20 +78,28 @@ struct backward_sm90_geometry {
   static constexpr std::uint32_t kv_bytes = std::uint32_t(block_kv) * D * sizeof(T);  // K or V
   static constexpr std::uint32_t q_bytes = std::uint32_t(block_q) * D * sizeof(T);    // one slot of Q or dO
   static constexpr std::uint32_t ds_bytes = std::uint32_t(block_kv) * block_q * sizeof(T);  // dS^T
+  // dQ staging: per slot and warpgroup the step's 64 x 64 fp32 product, two boxes of 32 columns
+  // (128-byte rows, swizzled as the tensor map of the workspace expects).
+  static constexpr int dq_box_cols = 32;
+  static constexpr std::uint32_t dq_box_bytes = std::uint32_t(block_q) * dq_box_cols * sizeof(float);
+  static constexpr std::uint32_t dq_wg_bytes = 2 * dq_box_bytes;
+  static constexpr std::uint32_t dq_slot_bytes = warpgroups * dq_wg_bytes;
   static constexpr std::uint32_t stat_bytes = 2 * stages * block_q * sizeof(float);  // lse2, Delta per slot
   // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
   // + 8 per slot: the mbarrier its Q and dO copies complete on.
-  static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 2 * std::size_t(stages) * q_bytes +
-                                            ds_bytes + stat_bytes + 8 * stages + 1024;
-  static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0, "tiles stay 1024-byte aligned");
+  static constexpr std::size_t smem_bytes = 2 * std::size_t(kv_bytes) + 2 * std::size_t(stages) * q_bytes + ds_bytes +
+                                            std::size_t(stages) * dq_slot_bytes + stat_bytes + 8 * stages + 1024;
+  static_assert(kv_bytes % 1024 == 0 && q_bytes % 1024 == 0 && ds_bytes % 1024 == 0 && dq_box_bytes % 1024 == 0,
+                "tiles stay 1024-byte aligned");
 };
 
-// The kernel's parameters: the backward's, and the tensor maps of Q and dO (a __grid_constant__
-// parameter, where the TMA reads them).
+// The kernel's parameters: the backward's, and the tensor maps of Q and dO and of the fp32 dQ
+// workspace (a __grid_constant__ parameter, where the TMA reads them; dq_acc only when
+// p.dq_acc is set).
 template <class T, class Mask>
 struct backward_sm90_params {
   backward_params<T, Mask> p;
-  CUtensorMap q, d_o;
+  CUtensorMap q, d_o, dq_acc;
 };
 
 template <class T, int D, class Mask, int Warpgroups = tuning::backward_sm90_warpgroups<D>>
@@ -110,21 +122,22 @@ struct backward_sm90_kernel {
     const int q_len = p.q_layout.len_of(b);
     const Mask mask(p.mask, q_len, kv_len);
     const bool with_dq = p.dq_acc != nullptr;
-    const std::int32_t heads = p.q_layout.heads;
     constexpr std::uint32_t sbo = 1024;  // 8-row groups of a swizzled tile
 
     // Shared memory: K, V [block_kv keys]; Q, dO [stages][64 rows]; dS^T [block_kv keys][64
-    // queries]; lse2, Delta [stages][64] fp32.
+    // queries]; dQ staging [stages][warpgroups][2 boxes]; lse2, Delta [stages][64] fp32.
     const std::uint32_t raw = arch::smem_addr(smem_raw);
     const std::uint32_t k_base = (raw + 1023u) & ~1023u;
     const std::uint32_t v_base = k_base + G::kv_bytes;
     const std::uint32_t q_base = v_base + G::kv_bytes;
     const std::uint32_t do_base = q_base + G::stages * G::q_bytes;
     const std::uint32_t ds_base = do_base + G::stages * G::q_bytes;
+    const std::uint32_t dq_base = ds_base + G::ds_bytes;
+    const std::uint32_t stat_base = dq_base + G::stages * G::dq_slot_bytes;
     unsigned char* const smem = smem_raw + (k_base - raw);  // generic pointer of k_base
-    float* const s_lse = reinterpret_cast<float*>(smem + (ds_base + G::ds_bytes - k_base));
+    float* const s_lse = reinterpret_cast<float*>(smem + (stat_base - k_base));
     float* const s_delta = s_lse + G::stages * G::block_q;
-    const std::uint32_t full_bars = ds_base + G::ds_bytes + G::stat_bytes;  // [stages] mbarriers
+    const std::uint32_t full_bars = stat_base + G::stat_bytes;  // [stages] mbarriers
     if (tid == 0) {
       for (int x = 0; x < G::stages; ++x) arch::mbarrier_init(full_bars + 8 * x, 1);
       arch::fence_barrier_init();
@@ -353,19 +366,49 @@ struct backward_sm90_kernel {
       }
       arch::wgmma_commit();
     };
-    // The completed product added to the fp32 workspace: acc[4j + 2 half + {0, 1}] is tile row
-    // 16 wq + g + 8 half (token q_start + row; only the step's queries are added), column
-    // 64 col_block + 8j + 2t.
-    auto reduce_dq = [&](float (&acc)[32], const step_t& st) {
+    // The completed product to the staging slot `sl`: acc[4j + 2 half + {0, 1}] is tile row
+    // 16 wq + g + 8 half (token q_start + row), column 8j + 2t of the 64 at 64 col_block, i.e.
+    // 16-byte chunk 2j + t / 2 of the row (box j / 4). The staged box starts at token q0 (a
+    // coordinate the tensor map takes: q_start may be negative), so a varlen tail tile's rows
+    // rotate by q0 - q_start, its rows before q0 landing past q_len. Rows that are not the
+    // step's queries are staged as 0 (added to rows past the sequence's end, perhaps the next
+    // sequence's: +0 changes nothing), and all rows when there is no product (this warpgroup
+    // sees none of the step: its box is added all the same). Then made visible to the TMA (the
+    // async proxy).
+    auto stage_dq = [&](float (&acc)[32], const step_t& st, int sl, bool product) {
       arch::fence_operands(acc);
+      // The thread's index, opaque to the compiler: the sixteen swizzled addresses below are
+      // computed here, each step, instead of being hoisted out of the step loop into as many
+      // registers held across it.
+      int me = tid;
+      asm volatile("" : "+r"(me));
+      const int mg = (me % 32) / 4, mt = me % 4, mwq = (me / 32) % 4, mwg = me / 128;
+      const std::uint32_t region = dq_base - k_base + sl * G::dq_slot_bytes + mwg * G::dq_wg_bytes;
       KVTILE_PRAGMA_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int qi = st.q_start + wq * 16 + g + half * 8;
-        if (qi < st.q0 || qi >= q_len) continue;
-        float* dst = p.dq_acc + ((q_row0 + qi) * heads + st.h) * D + col_block * 64 + 2 * t;
+        const int qi = st.q_start + mwq * 16 + mg + half * 8, r = (qi - st.q0) & (G::block_q - 1);
+        const bool keep = product && qi >= st.q0 && qi < q_len;
         KVTILE_PRAGMA_UNROLL
-        for (int j = 0; j < 8; ++j) atomic_add2(dst + j * 8, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        for (int j = 0; j < 8; ++j) {
+          const float2 v = keep ? make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]) : make_float2(0.f, 0.f);
+          *reinterpret_cast<float2*>(smem + region + arch::sw128_offset(G::block_q, r, 2 * j + mt / 2) + 8 * (mt % 2)) = v;
+        }
       }
+      arch::fence_proxy_async_shared();
+    };
+    // Thread 0, after the barrier that follows a step's stage_dq: its staging slot `sl` added to
+    // the workspace, a box per warpgroup and 32 columns (one bulk group).
+    auto reduce_dq = [&](const step_t& st, int sl) {
+      const int row = int(q_row0) + st.q0;
+      KVTILE_PRAGMA_UNROLL
+      for (int w = 0; w < G::warpgroups; ++w) {
+        const int col0 = (G::dq_split_keys ? 0 : w) * 64;
+        KVTILE_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c)
+          arch::tma_reduce_add_3d(&P.dq_acc, col0 + c * G::dq_box_cols, st.h, row,
+                                  dq_base + sl * G::dq_slot_bytes + w * G::dq_wg_bytes + c * G::dq_box_bytes);
+      }
+      arch::bulk_commit();
     };
 
     __syncthreads();  // the mbarriers are initialised
@@ -376,9 +419,14 @@ struct backward_sm90_kernel {
     // S^T and dP^T issued before this step's dQ reductions, lost 14-19% at D = 64 and spills at
     // D = 128: docs/perf-log/backward.md, v5.)
     int slot = 0;
+    step_t staged;         // the step whose dQ waits in staging slot slot ^ 1
+    bool pending = false;  // whether it has one
     for (int it = 0; cur < total; ++it) {
       const int nxt = next_step(cur + 1);
+      // The reduction issued a step ago has read staging slot `slot` (written again below).
+      if (with_dq && tid == 0) arch::bulk_wait_read<0>();
       tiles_landed(it);  // this step's tiles; every warpgroup is past the previous step
+      if (pending && tid == 0) reduce_dq(staged, slot ^ 1);
       fetch(nxt, slot ^ 1);
       const step_t st = step_info(cur);
       if (st.vis != tile_visibility::empty) {
@@ -391,10 +439,11 @@ struct backward_sm90_kernel {
       if (with_dq) {
         float acc[32];
         issue_dq(acc, st);
-        if (dq_product(st)) {
-          arch::wgmma_wait<0>();
-          reduce_dq(acc, st);
-        }
+        const bool product = dq_product(st);
+        if (product) arch::wgmma_wait<0>();
+        stage_dq(acc, st, slot, product);
+        staged = st;
+        pending = true;
       }
       // dV and dK of the step complete before the next barrier (their B operands are this
       // slot's Q and dO, refilled after it).
@@ -405,6 +454,11 @@ struct backward_sm90_kernel {
       cur = nxt;
     }
     arch::cp_async_wait<0>();
+    if (pending) {
+      __syncthreads();  // the last step's staging is complete
+      if (tid == 0) reduce_dq(staged, slot ^ 1);
+    }
+    if (with_dq && tid == 0) arch::bulk_wait<0>();  // its shared memory is read before the CTA ends
 
     // Epilogue: rows key_row and key_row + 8 of this warpgroup's keys; dK = scale * dS^T Q.
     KVTILE_PRAGMA_UNROLL
@@ -417,6 +471,22 @@ struct backward_sm90_kernel {
     }
   }
 };
+
+// The tensor map of the fp32 dQ workspace [rows][heads][head_dim] for the kernel's reductions:
+// boxes of 32 columns x box_rows rows of one head, 128-byte swizzle (stage_dq's layout).
+inline CUtensorMap make_dq_acc_tma(float* base, std::int64_t rows, std::int32_t heads, int head_dim, int box_rows) {
+  const cuuint64_t dims[3] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(head_dim) * sizeof(float), cuuint64_t(heads) * head_dim * sizeof(float)};
+  const cuuint32_t box[3] = {32, 1, cuuint32_t(box_rows)};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = tensor_map_encoder()(&map, tensor_map_type<float>(), 3, base, dims, strides, box, unit,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  KVTILE_REQUIRE(r == CUDA_SUCCESS, errc::unsupported, "cuTensorMapEncodeTiled refused the dQ workspace (error ", int(r),
+                 "; ", rows, " rows of ", heads, " heads x ", head_dim, " fp32)");
+  return map;
+}
 
 // (key blocks, kv_heads, batch).
 template <class G>
