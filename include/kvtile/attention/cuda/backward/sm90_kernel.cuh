@@ -377,11 +377,12 @@ struct backward_sm90_kernel {
     // async proxy).
     auto stage_dq = [&](float (&acc)[32], const step_t& st, int sl, bool product) {
       arch::fence_operands(acc);
-      // The thread's index, opaque to the compiler: the sixteen swizzled addresses below are
-      // computed here, each step, instead of being hoisted out of the step loop into as many
-      // registers held across it.
+      // At D = 128 the thread's index is opaque to the compiler: the sixteen swizzled addresses
+      // below are computed here, each step, instead of being hoisted out of the step loop into
+      // as many registers held across it (they would spill there; at D = 64 the registers are
+      // there, and hoisting is faster).
       int me = tid;
-      asm volatile("" : "+r"(me));
+      if constexpr (D > 64) asm volatile("" : "+r"(me));
       const int mg = (me % 32) / 4, mt = me % 4, mwq = (me / 32) % 4, mwg = me / 128;
       const std::uint32_t region = dq_base - k_base + sl * G::dq_slot_bytes + mwg * G::dq_wg_bytes;
       KVTILE_PRAGMA_UNROLL
