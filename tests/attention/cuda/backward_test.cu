@@ -372,7 +372,7 @@ TEST_CASE("backward: a run captured in a CUDA graph and replayed gives the direc
           mx = std::max(mx, double(std::abs(to_float(direct.dq[i]))));
         }
         CHECK_FALSE(nan);
-        CHECK(worst <= 1e-2 * mx);  // the order of the fp32 atomics, then one bf16 rounding
+        CHECK(worst <= 1e-2 * mx);  // the order of the fp32 reductions, then one bf16 rounding
       }
     }
     KVTILE_CUDA_CHECK(cudaGraphExecDestroy(exec));

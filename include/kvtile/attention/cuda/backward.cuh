@@ -12,7 +12,7 @@
 //
 // A run is three launches on `stream`: a pre-pass (Delta = rowsum(dO o O), the LSE in base 2,
 // the fp32 dQ accumulator zeroed), the K/V-outer kernel (dK, dV; dQ added to the fp32 workspace
-// with atomics) and a post-pass (dQ fp32 -> T, times the scale). With `deterministic` the main
+// with atomics, on Hopper TMA bulk reductions) and a post-pass (dQ fp32 -> T, times the scale). With `deterministic` the main
 // kernel skips dQ and a Q-outer kernel computes it without atomics instead: bit-identical
 // gradients from run to run, for about 2/5 more matrix work.
 //
@@ -247,7 +247,7 @@ class backward {
     const std::string shape = "D " + std::to_string(HeadDim) + ", mask " + Mask::name;
     if (sm90) {
       c.kernel = a.deterministic ? "backward (wgmma, sm_90a), Q-outer mma.sync dQ without atomics"
-                                 : "backward (wgmma, sm_90a), dQ by fp32 atomics";
+                                 : "backward (wgmma, sm_90a), dQ by fp32 TMA bulk reductions";
       c.reason = shape + ", " + std::to_string(64 * sm90_warpgroups()) + " keys per CTA over " +
                  std::to_string(sm90_warpgroups()) + " warpgroup(s), 64-query steps";
       return c;
