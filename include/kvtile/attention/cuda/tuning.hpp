@@ -75,7 +75,8 @@ inline constexpr int backward_dq_block_kv = HeadDim > 128 && BlockKV > 32 ? 32 :
 // the Q / dO tiles of a step (one CTA per SM); one runs two CTAs per SM, which overlap each
 // other's waits, for twice the Q / dO loads and dQ reductions per key. Measured on an H200
 // (docs/perf-log/backward.md, v4; bf16, S 1k..16k): one is 1.06-1.13x two at D = 64, two is
-// 1.06-1.31x one at D = 128.
+// 1.06-1.31x one at D = 128. With dQ through TMA reductions (v10), two at D = 64 measured
+// 0.98-1.03x one without a mask and 0.92-0.94x causal (v11).
 template <int HeadDim>
 inline constexpr int backward_sm90_warpgroups = HeadDim <= 64 ? 1 : 2;
 
