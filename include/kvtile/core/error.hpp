@@ -60,6 +60,16 @@ template <class... Args>
 [[noreturn]] void fail(errc code, Args&&... args) {
   throw error(code, concat(std::forward<Args>(args)...));
 }
+// Whether `check()` returns without throwing: a can_implement() made from a check().
+template <class Check>
+bool passes(Check&& check) noexcept {
+  try {
+    check();
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
 }  // namespace detail
 
 KVTILE_NAMESPACE_END

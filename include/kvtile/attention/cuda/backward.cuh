@@ -189,12 +189,7 @@ class backward {
   }
 
   static bool can_implement(const arguments& a) noexcept {
-    try {
-      check(a);
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return kvtile::detail::passes([&] { check(a); });
   }
 
   // Bytes of workspace run() needs (256-byte aligned pointer): lse2 and Delta [qo_heads, rows]

@@ -94,12 +94,7 @@ class paged_attention {
   }
 
   static bool can_implement(const paged_plan& p, const arguments& a) noexcept {
-    try {
-      check(p, a);
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return kvtile::detail::passes([&] { check(p, a); });
   }
 
   // Launches the plan's kernels on `stream` (checks first; graph safe).

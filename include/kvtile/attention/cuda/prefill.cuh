@@ -206,12 +206,7 @@ class prefill {
   }
 
   static bool can_implement(const arguments& a) noexcept {
-    try {
-      check(a);
-      return true;
-    } catch (...) {
-      return false;
-    }
+    return kvtile::detail::passes([&] { check(a); });
   }
 
   // Bytes of workspace run() uses: the rotated Q and K of the rotate-once path (with the strides
