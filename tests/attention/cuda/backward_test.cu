@@ -521,9 +521,10 @@ TEST_CASE("backward argument errors name the offending value") {
   a.deterministic = true;
   CHECK(std::string(K::dispatch(a).kernel).find("without atomics") != std::string::npos);
   CHECK(std::string(K::dispatch(a).reason).find("D 64, mask causal") != std::string::npos);
-  // Workspace: lse2 + Delta per (row, head), plus the fp32 dQ accumulator unless deterministic.
+  // Workspace: lse2 + Delta per (row, head), plus the fp32 dQ accumulator unless deterministic,
+  // after 64 rows that the sm_90a kernel's reduction boxes may start in (never read).
   a = good;
-  CHECK(K::workspace_size(a) == 256 + 256 + 8 * 4 * 64 * 4);
+  CHECK(K::workspace_size(a) == 256 + 256 + 8 * 4 * 64 * 4 + 64 * 4 * 64 * 4);
   a.deterministic = true;
   CHECK(K::workspace_size(a) == 256 + 256);
 }

@@ -220,6 +220,12 @@ class backward {
 
  private:
   using sm90_kernel_t = std::conditional_t<sm90_capable, detail::backward_sm90_kernel<T, HeadDim, Mask>, void>;
+  static constexpr int dq_pad_rows = [] {
+    if constexpr (sm90_capable)
+      return sm90_kernel_t::G::dq_pad_rows;
+    else
+      return 0;
+  }();
 
   // Q and dO as tensor maps describe them (the sm_90a kernel loads them by TMA); a fixed layout
   // of no query rows has no tensor map (its run only zeroes dK and dV: the mma.sync kernel).
@@ -331,9 +337,10 @@ class backward {
           kp.p = p;
           kp.q = detail::make_dense_tma(p.q, p.q_layout, sm90_kernel_t::G::block_q);
           kp.d_o = detail::make_dense_tma(p.d_o, p.do_layout, sm90_kernel_t::G::block_q);
-          kp.dq_acc = p.dq_acc != nullptr ? detail::make_dq_acc_tma(p.dq_acc, w.rows, p.q_layout.heads, HeadDim,
-                                                                     sm90_kernel_t::G::block_q)
-                                          : CUtensorMap{};
+          kp.dq_acc = p.dq_acc != nullptr
+                          ? detail::make_dq_acc_tma(p.dq_acc - std::int64_t(dq_pad_rows) * p.q_layout.heads * HeadDim,
+                                                    w.rows + dq_pad_rows, p.q_layout.heads, HeadDim, sm90_kernel_t::G::block_q)
+                          : CUtensorMap{};
           launch_smem(&detail::backward_sm90_entry<sm90_kernel_t>, g, sm90_kernel_t::G::threads, main_smem, stream, kp);
         }
       }
@@ -379,9 +386,12 @@ class backward {
     const std::int64_t per_seq = ql.indptr ? a.max_q_len : ql.len;
     w.rows = std::int64_t(ql.batch) * std::max<std::int64_t>(per_seq, 0);
     const std::size_t stats = round_up(std::size_t(w.rows) * std::size_t(ql.heads) * sizeof(float));
+    // The fp32 dQ accumulator, after dq_pad_rows rows that the sm_90a kernel's tensor map starts
+    // at (its reduction boxes never start before the map's first row).
+    const std::size_t pad = a.deterministic ? 0 : round_up(std::size_t(dq_pad_rows) * ql.heads * HeadDim * sizeof(float));
     const std::size_t acc =
-        a.deterministic ? 0 : round_up(std::size_t(w.rows) * std::size_t(ql.heads) * HeadDim * sizeof(float));
-    w.dq_acc = 0;
+        a.deterministic ? 0 : pad + round_up(std::size_t(w.rows) * std::size_t(ql.heads) * HeadDim * sizeof(float));
+    w.dq_acc = pad;
     w.lse2 = acc;
     w.delta = acc + stats;
     w.total = acc + 2 * stats;

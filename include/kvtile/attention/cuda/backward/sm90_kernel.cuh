@@ -84,6 +84,10 @@ struct backward_sm90_geometry {
   static constexpr std::uint32_t dq_box_bytes = std::uint32_t(block_q) * dq_box_cols * sizeof(float);
   static constexpr std::uint32_t dq_wg_bytes = 2 * dq_box_bytes;
   static constexpr std::uint32_t dq_slot_bytes = warpgroups * dq_wg_bytes;
+  // Rows of the fp32 workspace before its first row (never read), so that a box that starts
+  // at a tile's first row has a coordinate >= 0 even when a short varlen sequence's tile
+  // starts before the tensor (the TMA faults on a reduction at a negative coordinate).
+  static constexpr int dq_pad_rows = block_q;
   static constexpr std::uint32_t stat_bytes = 2 * stages * block_q * sizeof(float);  // lse2, Delta per slot
   // + 1024: the dynamic shared-memory base is rounded up to the swizzle atom.
   // + 8 per slot: the mbarrier its Q and dO copies complete on.
@@ -368,31 +372,34 @@ struct backward_sm90_kernel {
     };
     // The completed product to the staging slot `sl`: acc[4j + 2 half + {0, 1}] is tile row
     // 16 wq + g + 8 half (token q_start + row), column 8j + 2t of the 64 at 64 col_block, i.e.
-    // 16-byte chunk 2j + t / 2 of the row (box j / 4). The staged box starts at token q0 (a
-    // coordinate the tensor map takes: q_start may be negative), so a varlen tail tile's rows
-    // rotate by q0 - q_start, its rows before q0 landing past q_len. Rows that are not the
-    // step's queries are staged as 0 (added to rows past the sequence's end, perhaps the next
-    // sequence's: +0 changes nothing), and all rows when there is no product (this warpgroup
-    // sees none of the step: its box is added all the same). Then made visible to the TMA (the
-    // async proxy).
-    auto stage_dq = [&](float (&acc)[32], const step_t& st, int sl, bool product) {
+    // 16-byte chunk 2j + t / 2 of the row (box j / 4); rows r and r + 8 share the swizzle phase
+    // r % 8 = g, so a thread's offsets are the same every step. The box covers the tile's rows
+    // as loaded: rows that are not the step's queries (a varlen tail tile's rows before q0,
+    // rows past q_len) have lse2 = +inf, so P = dS = 0 in their columns and their product rows
+    // are 0 (they add nothing to the rows they land on). With no product (this warpgroup sees
+    // none of the step) the box is staged as 0 and added all the same. Then made visible to the
+    // TMA (the async proxy).
+    auto stage_dq = [&](float (&acc)[32], int sl, bool product) {
       arch::fence_operands(acc);
-      // At D = 128 the thread's index is opaque to the compiler: the sixteen swizzled addresses
-      // below are computed here, each step, instead of being hoisted out of the step loop into
-      // as many registers held across it (they would spill there; at D = 64 the registers are
-      // there, and hoisting is faster).
+      // At D = 128 the thread's index is opaque to the compiler: the addresses below are
+      // computed here, each step, instead of being hoisted out of the step loop into registers
+      // held across it (they would spill there; at D = 64 the registers are there).
       int me = tid;
       if constexpr (D > 64) asm volatile("" : "+r"(me));
       const int mg = (me % 32) / 4, mt = me % 4, mwq = (me / 32) % 4, mwg = me / 128;
-      const std::uint32_t region = dq_base - k_base + sl * G::dq_slot_bytes + mwg * G::dq_wg_bytes;
+      const std::uint32_t row_base = dq_base - k_base + sl * G::dq_slot_bytes + mwg * G::dq_wg_bytes +
+                                     std::uint32_t(mwq * 16 + mg) * 128 + 8 * (mt % 2);
+      if (!product) {
+        KVTILE_PRAGMA_UNROLL
+        for (int x = 0; x < 32; ++x) acc[x] = 0.f;
+      }
       KVTILE_PRAGMA_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int qi = st.q_start + mwq * 16 + mg + half * 8, r = (qi - st.q0) & (G::block_q - 1);
-        const bool keep = product && qi >= st.q0 && qi < q_len;
         KVTILE_PRAGMA_UNROLL
         for (int j = 0; j < 8; ++j) {
-          const float2 v = keep ? make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]) : make_float2(0.f, 0.f);
-          *reinterpret_cast<float2*>(smem + region + arch::sw128_offset(G::block_q, r, 2 * j + mt / 2) + 8 * (mt % 2)) = v;
+          const std::uint32_t at = row_base + (j / 4) * G::dq_box_bytes + half * 8 * 128 +
+                                   std::uint32_t(((2 * (j % 4) + mt / 2) ^ mg) * 16);
+          *reinterpret_cast<float2*>(smem + at) = make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
         }
       }
       arch::fence_proxy_async_shared();
@@ -400,7 +407,7 @@ struct backward_sm90_kernel {
     // Thread 0, after the barrier that follows a step's stage_dq: its staging slot `sl` added to
     // the workspace, a box per warpgroup and 32 columns (one bulk group).
     auto reduce_dq = [&](const step_t& st, int sl) {
-      const int row = int(q_row0) + st.q0;
+      const int row = G::dq_pad_rows + int(q_row0) + st.q_start;
       KVTILE_PRAGMA_UNROLL
       for (int w = 0; w < G::warpgroups; ++w) {
         const int col0 = (G::dq_split_keys ? 0 : w) * 64;
@@ -442,7 +449,7 @@ struct backward_sm90_kernel {
         issue_dq(acc, st);
         const bool product = dq_product(st);
         if (product) arch::wgmma_wait<0>();
-        stage_dq(acc, st, slot, product);
+        stage_dq(acc, slot, product);
         staged = st;
         pending = true;
       }
@@ -474,7 +481,8 @@ struct backward_sm90_kernel {
 };
 
 // The tensor map of the fp32 dQ workspace [rows][heads][head_dim] for the kernel's reductions:
-// boxes of 32 columns x box_rows rows of one head, 128-byte swizzle (stage_dq's layout).
+// boxes of 32 columns x box_rows rows of one head, 128-byte swizzle (stage_dq's layout). `base`
+// and `rows` include the dq_pad_rows rows before the accumulator's first row.
 inline CUtensorMap make_dq_acc_tma(float* base, std::int64_t rows, std::int32_t heads, int head_dim, int box_rows) {
   const cuuint64_t dims[3] = {cuuint64_t(head_dim), cuuint64_t(heads), cuuint64_t(rows)};
   const cuuint64_t strides[2] = {cuuint64_t(head_dim) * sizeof(float), cuuint64_t(heads) * head_dim * sizeof(float)};
