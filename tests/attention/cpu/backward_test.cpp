@@ -89,6 +89,54 @@ void check_backward(std::mt19937_64& rng, const std::vector<int>& q_lens, const 
   CHECK(ev.max_abs <= grad_tolerance<T, G>(ref.dv));
 }
 
+// The fp64 reference's gradients against central differences of L = sum(dO * O) through the
+// fp64 forward (reference_attention, which applies the same variant), on a tiny problem: q_len
+// queries of 2 heads on 1 KV head (GQA), kv_len keys, head dim d.
+template <class Mask>
+void check_reference_by_finite_differences(std::mt19937_64& rng, int q_len, int kv_len, int d,
+                                           typename Mask::params mp, double scale) {
+  INFO("mask " << std::string(Mask::name) << ", q_len " << q_len << ", kv_len " << kv_len << ", D " << d);
+  auto p = make_problem<float>(rng, {q_len}, {kv_len}, 2, 1, d);
+  std::vector<double> qd(p.q.begin(), p.q.end()), kd(p.k.begin(), p.k.end()), vd(p.v.begin(), p.v.end());
+  const auto d_o = random_vector<float>(p.q_elems(), rng);
+  auto loss = [&] {
+    std::vector<double> o(p.q_elems());
+    reference_attention<Mask>(dense_tensor<const double>{qd.data(), p.q_layout()},
+                              dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1, mp, scale,
+                              dense_tensor<double>{o.data(), p.q_layout()});
+    double l = 0;
+    for (std::size_t i = 0; i < o.size(); ++i) l += double(d_o[i]) * o[i];
+    return l;
+  };
+  grads_double g;
+  g.dq.resize(qd.size());
+  g.dk.resize(kd.size());
+  g.dv.resize(vd.size());
+  reference_attention_backward<Mask>(
+      dense_tensor<const double>{qd.data(), p.q_layout()}, dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1,
+      mp, scale, dense_tensor<const float>{d_o.data(), p.q_layout()}, dense_tensor<double>{g.dq.data(), p.q_layout()},
+      dense_tensor<double>{g.dk.data(), p.kv_layout()}, dense_tensor<double>{g.dv.data(), p.kv_layout()});
+  auto fd_check = [&](std::vector<double>& x, const std::vector<double>& grad, const char* what) {
+    INFO(what);
+    double worst = 0, gmax = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      const double h = 1e-5, keep = x[i];
+      x[i] = keep + h;
+      const double lp = loss();
+      x[i] = keep - h;
+      const double lm = loss();
+      x[i] = keep;
+      worst = std::max(worst, std::abs((lp - lm) / (2 * h) - grad[i]));
+      gmax = std::max(gmax, std::abs(grad[i]));
+    }
+    CHECK(gmax > 1e-3);  // the check is not vacuous
+    CHECK(worst < 1e-7);
+  };
+  fd_check(qd, g.dq, "dQ");
+  fd_check(kd, g.dk, "dK");
+  fd_check(vd, g.dv, "dV");
+}
+
 }  // namespace
 
 TEST_CASE("cpu backward: fp32 against the fp64 backward reference, odd sizes and every mask") {
@@ -129,6 +177,23 @@ TEST_CASE("cpu backward: head dims, GQA groups, low precision, every shipped til
   tile.template operator()<tile_shape<128, 128>>();
 }
 
+TEST_CASE("cpu backward: variants (rotary at query and key positions, soft-capping) against the fp64 reference") {
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  using rot = rotary<causal_mask>;
+  using rot_il = rotary<sliding_window_mask, rotary_layout::interleaved>;
+  using capped = softcap<causal_mask>;
+  using capped_rot = softcap<rotary<causal_mask>>;
+  check_backward<tile_shape<32, 64>, 64, rot, float>(rng, {63}, {65}, 4, 1, {{}, 10000.f, 0});
+  check_backward<tile_shape<32, 64>, 64, rot, float>(rng, {1, 30, 0, 65}, {50, 30, 4, 100}, 8, 2, {{}, 500.f, 0});
+  check_backward<tile_shape<32, 64>, 128, rot, bfloat16>(rng, {40}, {70}, 5, 1, {{}, 10000.f, 32});  // partial
+  check_backward<tile_shape<16, 32>, 64, rot_il, float>(rng, {70}, {150}, 4, 2, {{20, 3}, 1000.f, 0});
+  check_backward<tile_shape<32, 64>, 96, rot_il, half, half>(rng, {9}, {40}, 2, 1, {{11, 2}, 10000.f, 48});
+  check_backward<tile_shape<32, 64>, 64, capped, float>(rng, {65}, {63}, 5, 1, {{}, 0.5f});
+  check_backward<tile_shape<64, 64>, 128, capped_rot, bfloat16>(rng, {1, 40}, {200, 90}, 8, 1, {{{}, 10000.f, 0}, 1.f});
+}
+
 TEST_CASE("cpu backward: fully masked rows get dQ = 0; paged K/V gives the dense gradients") {
   const auto seed = fresh_seed();
   INFO("seed " << seed);
@@ -156,98 +221,27 @@ TEST_CASE("fp64 backward reference agrees with finite differences of the fp64 fo
   const auto seed = fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  // Tiny shape: 3 queries of 2 heads on 1 KV head (GQA), 5 keys, D = 4, causal + sinks window.
-  auto p = make_problem<float>(rng, {3}, {5}, 2, 1, 4);
-  std::vector<double> qd(p.q.begin(), p.q.end()), kd(p.k.begin(), p.k.end()), vd(p.v.begin(), p.v.end());
-  const auto d_o = random_vector<float>(p.q_elems(), rng);
-  const sliding_window_mask::params mp{2, 1};
-  const double scale = 0.7;
-  auto loss = [&] {  // L = sum(dO * O)
-    std::vector<double> o(p.q_elems());
-    reference_attention<sliding_window_mask>(dense_tensor<const double>{qd.data(), p.q_layout()},
-                                             dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1, mp, scale,
-                                             dense_tensor<double>{o.data(), p.q_layout()});
-    double l = 0;
-    for (std::size_t i = 0; i < o.size(); ++i) l += double(d_o[i]) * o[i];
-    return l;
-  };
-  grads_double g;
-  g.dq.resize(qd.size());
-  g.dk.resize(kd.size());
-  g.dv.resize(vd.size());
-  reference_attention_backward<sliding_window_mask>(
-      dense_tensor<const double>{qd.data(), p.q_layout()}, dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1,
-      mp, scale, dense_tensor<const float>{d_o.data(), p.q_layout()}, dense_tensor<double>{g.dq.data(), p.q_layout()},
-      dense_tensor<double>{g.dk.data(), p.kv_layout()}, dense_tensor<double>{g.dv.data(), p.kv_layout()});
-  auto fd_check = [&](std::vector<double>& x, const std::vector<double>& grad, const char* what) {
-    INFO(what);
-    double worst = 0, gmax = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      const double h = 1e-5, keep = x[i];
-      x[i] = keep + h;
-      const double lp = loss();
-      x[i] = keep - h;
-      const double lm = loss();
-      x[i] = keep;
-      worst = std::max(worst, std::abs((lp - lm) / (2 * h) - grad[i]));
-      gmax = std::max(gmax, std::abs(grad[i]));
-    }
-    CHECK(gmax > 1e-3);  // the check is not vacuous
-    CHECK(worst < 1e-7);
-  };
-  fd_check(qd, g.dq, "dQ");
-  fd_check(kd, g.dk, "dK");
-  fd_check(vd, g.dv, "dV");
+  // 3 queries of 2 heads on 1 KV head (GQA), 5 keys, D = 4, causal + sinks window.
+  check_reference_by_finite_differences<sliding_window_mask>(rng, 3, 5, 4, {2, 1}, 0.7);
 }
 
 TEST_CASE("fp64 backward reference with soft-capping agrees with finite differences of the fp64 forward") {
   const auto seed = fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  // 4 queries of 2 heads on 1 KV head, 6 keys, D = 8; a low cap (0.8) against scores up to ~3
-  // so that tanh saturates and its derivative matters.
-  using mask_t = softcap<sliding_window_mask>;
-  auto p = make_problem<float>(rng, {4}, {6}, 2, 1, 8);
-  std::vector<double> qd(p.q.begin(), p.q.end()), kd(p.k.begin(), p.k.end()), vd(p.v.begin(), p.v.end());
-  const auto d_o = random_vector<float>(p.q_elems(), rng);
-  const mask_t::params mp{{4, 1}, 0.8f};
-  const double scale = 1.3;
-  auto loss = [&] {
-    std::vector<double> o(p.q_elems());
-    reference_attention<mask_t>(dense_tensor<const double>{qd.data(), p.q_layout()},
-                                dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1, mp, scale,
-                                dense_tensor<double>{o.data(), p.q_layout()});
-    double l = 0;
-    for (std::size_t i = 0; i < o.size(); ++i) l += double(d_o[i]) * o[i];
-    return l;
-  };
-  grads_double g;
-  g.dq.resize(qd.size());
-  g.dk.resize(kd.size());
-  g.dv.resize(vd.size());
-  reference_attention_backward<mask_t>(
-      dense_tensor<const double>{qd.data(), p.q_layout()}, dense_kv<const double>{kd.data(), vd.data(), p.kv_layout()}, 1,
-      mp, scale, dense_tensor<const float>{d_o.data(), p.q_layout()}, dense_tensor<double>{g.dq.data(), p.q_layout()},
-      dense_tensor<double>{g.dk.data(), p.kv_layout()}, dense_tensor<double>{g.dv.data(), p.kv_layout()});
-  auto fd_check = [&](std::vector<double>& x, const std::vector<double>& grad, const char* what) {
-    INFO(what);
-    double worst = 0, gmax = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      const double h = 1e-5, keep = x[i];
-      x[i] = keep + h;
-      const double lp = loss();
-      x[i] = keep - h;
-      const double lm = loss();
-      x[i] = keep;
-      worst = std::max(worst, std::abs((lp - lm) / (2 * h) - grad[i]));
-      gmax = std::max(gmax, std::abs(grad[i]));
-    }
-    CHECK(gmax > 1e-3);
-    CHECK(worst < 1e-7);
-  };
-  fd_check(qd, g.dq, "dQ");
-  fd_check(kd, g.dk, "dK");
-  fd_check(vd, g.dv, "dV");
+  // A low cap (0.8) against scores up to ~3, so that tanh saturates and its derivative matters.
+  check_reference_by_finite_differences<softcap<sliding_window_mask>>(rng, 4, 6, 8, {{4, 1}, 0.8f}, 1.3);
+}
+
+TEST_CASE("fp64 backward reference with rotary embeddings agrees with finite differences of the fp64 forward") {
+  const auto seed = fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  // Queries at positions 2..5 (bottom-right aligned), theta 100 so that every pair turns.
+  check_reference_by_finite_differences<rotary<causal_mask>>(rng, 4, 6, 8, {{}, 100.f, 0}, 0.9);
+  // Interleaved pairs on 4 of 8 dims (the rest pass), under a window and soft-capping.
+  using interleaved_t = softcap<rotary<sliding_window_mask, rotary_layout::interleaved>>;
+  check_reference_by_finite_differences<interleaved_t>(rng, 5, 7, 8, {{{3, 1}, 50.f, 4}, 1.1f}, 1.2);
 }
 
 TEST_CASE("cpu backward: finite differences of the CPU forward itself (fp32, tiny shape)") {

@@ -9,6 +9,12 @@
 // loop, so dK/dV sum over the group without atomics; dQ accumulates in an fp32 buffer of the
 // item's rows. Parallelism is batch x num_kv_heads.
 //
+// Variants (attention/variant.hpp) run with their transforms, as the forward applies them: a
+// rotary variant rotates each query row and each key as they are loaded (at their positions),
+// so dQ and dK come out in the rotated frame and are rotated back before they are written
+// (R(p)^T = R(-p)); a logit transform (softcap) rebuilds P from the transformed score and
+// multiplies dS by its logit_derivative hook.
+//
 //   attention_backward<tile_shape<BQ, BKV>, HeadDim, Mask>(q, kv, num_kv_heads, mask_params,
 //       scale, o, lse, d_o, dq, dk, dv, pool)
 //   q, o, d_o  [batch, q_len(b), num_qo_heads, HeadDim], the forward's element type T
@@ -51,6 +57,7 @@ struct backward_scratch {
   float q[BQ][D], d_o[BQ][D];               // a query tile (q * scale * log2 e) and its dO
   float p[BQ][BKV], dp[BQ][BKV];            // P, then dP and dS
   float pt[BKV][BQ], dst[BKV][BQ];          // P^T and dS^T
+  float grad[BQ][BKV];                      // a logit transform's derivative per score
 };
 
 template <class Isa, int BQ, int BKV, int D, class Mask, class QT, class Src, class GT>
@@ -79,12 +86,23 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
   }
 
   const Mask mask(p.mask, q_len, kv_len);
+  // Rotary variants: the pairs' frequencies; rotate(x, pos) rotates a row at pos (pos < 0: back).
+  [[maybe_unused]] int rot_dims = 0;
+  [[maybe_unused]] float inv_freq[D / 2];
+  if constexpr (has_rotary<Mask>) {
+    rot_dims = mask.rotary_dims(D);
+    for (int k = 0; k < rot_dims / 2; ++k) inv_freq[k] = rotary_inv_freq(k, rot_dims, mask.rotary_theta());
+  }
+  [[maybe_unused]] auto rotate = [&](float* x, int pos) {
+    if constexpr (has_rotary<Mask>) rotary_rotate_row<Mask::rotary_layout_v>(x, rot_dims, pos, inv_freq);
+  };
   for (int k0 = 0; k0 < kv_len; k0 += BKV) {
     const int nk = std::min(BKV, kv_len - k0), nkp = (nk + micro_n - 1) / micro_n * micro_n;
     for (int j = 0; j < nkp; ++j) {
       if (j < nk) {
         const std::int64_t off = p.kv.token_offset(b, k0 + j, hk);
         convert_row<Isa>(kbase + off, D, 1.f, sc.k[j]);
+        if constexpr (has_rotary<Mask>) rotate(sc.k[j], mask.key_position(k0 + j));
         convert_row<Isa>(vbase + off, D, 1.f, sc.v_row);
       } else {
         std::fill_n(sc.k[j], D, 0.f);
@@ -106,6 +124,8 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
       for (int i = 0; i < mr; ++i) {
         if (i < nr) {
           convert_row<Isa>(p.q.at(b, token(r0 + i), head(r0 + i)), D, p.scale_log2, sc.q[i]);
+          // Rotation is linear: rotating q * scale * log2(e) equals scaling the rotated q.
+          if constexpr (has_rotary<Mask>) rotate(sc.q[i], mask.query_position(token(r0 + i)));
           convert_row<Isa>(p.d_o.at(b, token(r0 + i), head(r0 + i)), D, 1.f, sc.d_o[i]);
         } else {
           std::fill_n(sc.q[i], D, 0.f);
@@ -122,6 +142,11 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
           std::fill_n(sc.p[i], nkp, 0.f);
           continue;
         }
+        if constexpr (has_logit_transform<Mask>)  // the score in natural units: s = p ln 2
+          for (int j = 0; j < nk; ++j) {
+            sc.grad[i][j] = mask.logit_derivative(sc.p[i][j] * ln2);
+            sc.p[i][j] = apply_logit_base2(mask, sc.p[i][j]);
+          }
         for (int j = nk; j < nkp; ++j) sc.p[i][j] = neg_inf;
         if (vis == tile_visibility::partial)
           for (int j = 0; j < nk; ++j)
@@ -133,6 +158,9 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
       gemm_acc<Isa>(mr, nkp, D, &sc.d_o[0][0], D, &sc.vt[0][0], BKV, &sc.dp[0][0], BKV);
       for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nkp; ++j) sc.dp[i][j] = sc.p[i][j] * (sc.dp[i][j] - delta[r0 + i]);
+      if constexpr (has_logit_transform<Mask>)
+        for (int i = 0; i < nr; ++i)
+          for (int j = 0; j < nk; ++j) sc.dp[i][j] *= sc.grad[i][j];
       for (int i = 0; i < mr; ++i)
         for (int j = 0; j < nkp; ++j) {
           sc.pt[j][i] = sc.p[i][j];
@@ -144,12 +172,15 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
       gemm_acc<Isa>(mr, D, nkp, &sc.dp[0][0], BKV, &sc.k[0][0], D, &dq_acc[std::size_t(r0) * D], D);  // dQ += dS K
     }
 
-    // Q' = q * scale * log2(e), so dK = scale dS^T q = ln(2) dS^T Q'.
+    // Q' = q * scale * log2(e), so dK = scale dS^T q = ln(2) dS^T Q' (rotated back: K was
+    // rotated as it was loaded).
     for (int j = 0; j < nk; ++j) {
       GT* dk = p.dk.at(b, k0 + j, hk);
       GT* dv = p.dv.at(b, k0 + j, hk);
+      for (int x = 0; x < D; ++x) sc.dk[j][x] *= ln2;
+      if constexpr (has_rotary<Mask>) rotate(sc.dk[j], -mask.key_position(k0 + j));
       for (int x = 0; x < D; ++x) {
-        dk[x] = from_float<GT>(sc.dk[j][x] * ln2);
+        dk[x] = from_float<GT>(sc.dk[j][x]);
         dv[x] = from_float<GT>(sc.dv[j][x]);
       }
     }
@@ -157,7 +188,10 @@ KVTILE_FORCEINLINE void backward_item(const backward_params<QT, Src, GT, Mask>& 
 
   for (int r = 0; r < rows; ++r) {
     GT* dq = p.dq.at(b, token(r), head(r));
-    for (int x = 0; x < D; ++x) dq[x] = from_float<GT>(dq_acc[std::size_t(r) * D + x] * p.scale);
+    float* acc = &dq_acc[std::size_t(r) * D];
+    for (int x = 0; x < D; ++x) acc[x] *= p.scale;
+    if constexpr (has_rotary<Mask>) rotate(acc, -mask.query_position(token(r)));
+    for (int x = 0; x < D; ++x) dq[x] = from_float<GT>(acc[x]);
   }
 }
 
@@ -179,16 +213,16 @@ void attention_backward(const dense_tensor<QT>& q, const Src& kv, std::int32_t n
                         const dense_tensor<QT>& d_o, const dense_tensor<GT>& dq, const dense_tensor<GT>& dk,
                         const dense_tensor<GT>& dv, thread_pool& pool = thread_pool::global()) {
   check_cpu_config<Tile, HeadDim>();
-  static_assert(!has_transforms<Mask>,
-                "attention_backward: variants with transforms (rotary, logit soft-capping) have no backward yet; "
-                "their gradients need the transforms' derivatives (d tanh for softcap, the inverse rotation "
-                "of dQ and dK for rotary): pass the plain mask");
+  static_assert(!has_logit_transform<Mask> || has_logit_derivative<Mask>,
+                "attention_backward: the variant's logit transform needs `float logit_derivative(float s) const` "
+                "(d logit / d s, by which dS is multiplied; softcap<> has it), see attention/variant.hpp");
   using T = std::remove_cv_t<QT>;
   static_assert(element_type<T>, "queries must be float, kvtile::half or kvtile::bfloat16");
   static_assert(std::is_same_v<kv_element_t<Src>, T>, "K/V must have the queries' element type");
   static_assert(std::is_same_v<GT, float> || std::is_same_v<GT, T>, "gradients are float or the inputs' type");
 
   detail::check_problem(q, kv, num_kv_heads, scale, HeadDim);
+  check_variant<Mask>(mask_params, HeadDim);
   const std::int32_t hq = q.layout.heads;
   detail::check_like(o, q, hq, HeadDim, "output O");
   detail::check_like(d_o, q, hq, HeadDim, "dO");
