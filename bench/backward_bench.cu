@@ -2,6 +2,8 @@
 // not, 16k tokens per call, hidden 2048 (heads = 2048 / D), the atomic dQ (impl=kvtile) and the
 // deterministic dQ (impl=kvtile_det), both as run() dispatches them (the sm_90a kernel on
 // Hopper), and the mma.sync kernels through run_portable() (impl=kvtile_mma, kvtile_mma_det);
+// rotary<Mask> (impl=kvtile_rotary: the plain backward between the rotate pass of Q and K and the
+// inverse one of dQ and dK, half-split over every dim, FLOPs counted as the plain rows');
 // plus a tile sweep of the mma.sync kernel at S = 4096. The forward's O and LSE are
 // computed once, outside the timing. CUDA-event manual time; the counter `value` is TFLOP/s
 // (decimal) with FLOPs = 2.5 * the forward's 4 * B * H * S * S * D, halved for causal (the
@@ -62,6 +64,15 @@ struct buffers {
   }
 };
 
+// Whether a mask (or a rotary variant over it) is causal, for the FLOP count and the label.
+template <class M>
+constexpr bool is_causal() {
+  if constexpr (has_rotary<M>)
+    return is_causal<rotary_stripped_t<M>>();
+  else
+    return !std::is_same_v<M, no_mask>;
+}
+
 template <class Kernel>
 void run_backward(benchmark::State& state, const std::string& suite, const std::string& impl, bool deterministic,
                   bool portable = false) {
@@ -69,7 +80,7 @@ void run_backward(benchmark::State& state, const std::string& suite, const std::
   using Mask = typename Kernel::mask;
   const int S = int(state.range(0));
   const int B = tokens / S, H = hidden / D;
-  const bool causal = !std::is_same_v<Mask, no_mask>;
+  constexpr bool causal = is_causal<Mask>();
   buffers buf(std::int64_t(B) * S * H * D, std::int64_t(B) * S * H);
   const ragged_layout l = ragged_layout::fixed(B, S, H, D);
 
@@ -148,6 +159,11 @@ void grid_row_mma_det(benchmark::State& state) {
   run_backward<cuda::backward<T, D, Mask>>(state, "backward", "kvtile_mma_det", true, true);
 }
 
+template <int D, class Mask>
+void grid_row_rotary(benchmark::State& state) {
+  run_backward<cuda::backward<T, D, rotary<Mask>>>(state, "backward", "kvtile_rotary", false);
+}
+
 template <int D, class Mask, int BQ, int BKV, int W>
 void tile_row(benchmark::State& state) {
   run_backward<cuda::backward<T, D, Mask, tile_shape<BQ, BKV, W, 2>>>(
@@ -169,6 +185,10 @@ BENCHMARK(grid_row<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row<128, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<64, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<64, causal_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<128, no_mask>)->Apply(grid_args);
+BENCHMARK(grid_row_rotary<128, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<64, no_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<64, causal_mask>)->Apply(grid_args);
 BENCHMARK(grid_row_det<128, no_mask>)->Apply(grid_args);

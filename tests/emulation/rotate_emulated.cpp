@@ -3,8 +3,9 @@
 // against the rotation at the variant's positions with the pass's cosine and sine
 // (rotary_cos_sin_fast; the emulation's __sincosf is the host's), bit for bit, and within a
 // rounding of the accurate rotation (rotary_rotate_row), for half-split and interleaved layouts, partial
-// rotary dims, fixed and varlen Q, strided K; rows outside the tensors stay untouched. Also the
-// variant without its rotation (rotary_stripped) and its parameters.
+// rotary dims, fixed and varlen Q, strided K; rows outside the tensors stay untouched. The
+// inverse pass (cuda::backward's, in place) likewise. Also the variant without its rotation
+// (rotary_stripped) and its parameters.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -32,11 +33,12 @@ bool same_bits(const T& a, const T& b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0;
 }
 
-// Checks every row of every sequence of one side (K when Keys) against the host rotation; dst
-// started poisoned, and its elements outside the rows must have stayed so.
-template <class T, int D, class V, bool Keys>
+// Checks every row of every sequence of one side (K when Keys) against the host rotation (back,
+// when Inverse: R(pos)^T = R(-pos)); dst started poisoned (or, in place, as src), and its
+// elements outside the rows must have stayed so.
+template <class T, int D, class V, bool Keys, bool Inverse = false>
 void check_side(const std::vector<T>& src, const std::vector<T>& dst, const ragged_layout& ql, const ragged_layout& kl,
-                const typename V::params& vp) {
+                const typename V::params& vp, bool in_place = false) {
   const ragged_layout& l = Keys ? kl : ql;
   std::vector<bool> written(src.size(), false);
   for (int b = 0; b < l.batch; ++b) {
@@ -52,13 +54,13 @@ void check_side(const std::vector<T>& src, const std::vector<T>& dst, const ragg
         float exact[D];
         std::copy(x, x + D, exact);
         const int pos = Keys ? v.key_position(t) : v.query_position(t);
-        rotary_rotate_row<V::rotary_layout_v>(exact, r, pos, inv.data());
+        rotary_rotate_row<V::rotary_layout_v>(exact, r, Inverse ? -pos : pos, inv.data());
         // The pass's own formula: the decode kernels' reduced hardware sine and cosine.
         for (int k = 0; k < r / 2; ++k) {
           float c, s;
           kvtile::attention::cuda::rotary_cos_sin_fast(float(pos), inv[std::size_t(k)], c, s);
           rotary_rotate_pair(x[rotary_pair_first<V::rotary_layout_v>(k, r)], x[rotary_pair_second<V::rotary_layout_v>(k, r)],
-                             c, s);
+                             c, Inverse ? -s : s);
         }
         for (int i = 0; i < D; ++i) {
           INFO("sequence " << b << " token " << t << " head " << h << " dim " << i << (Keys ? " (K)" : " (Q)"));
@@ -70,7 +72,7 @@ void check_side(const std::vector<T>& src, const std::vector<T>& dst, const ragg
       }
   }
   for (std::size_t i = 0; i < dst.size(); ++i)
-    if (!written[i]) REQUIRE(same_bits(dst[i], kvtile_test::poison<T>()));
+    if (!written[i]) REQUIRE(same_bits(dst[i], in_place ? src[i] : kvtile_test::poison<T>()));
 }
 
 // Runs the pass (one launch: Q and K) as cuda::prefill launches it and checks both sides.
@@ -85,6 +87,20 @@ void check_rotation(const std::vector<T>& q, const std::vector<T>& k, const ragg
   emu::launch(grid, kd::rotate_threads, 0, [&](unsigned char*) { kd::rotate_rows_cta<T, D, V>(qs, ks, ql, kl, vp); });
   check_side<T, D, V, false>(q, q2, ql, kl, vp);
   check_side<T, D, V, true>(k, k2, ql, kl, vp);
+}
+
+// The inverse pass in place (as cuda::backward runs it on dQ and dK): copies of q and k rotated
+// back where they lie, every other element left as it was.
+template <class T, int D, class V>
+void check_inverse_in_place(const std::vector<T>& q, const std::vector<T>& k, const ragged_layout& ql,
+                            const ragged_layout& kl, std::int64_t q_rows_bound, const typename V::params& vp) {
+  std::vector<T> q2 = q, k2 = k;
+  const kd::rotate_side<T> qs{{q2.data(), ql}, {q2.data(), ql}}, ks{{k2.data(), kl}, {k2.data(), kl}};
+  const int tasks = kd::rotate_row_tasks<D, V::rotary_layout_v>(V(vp, 1, 1).rotary_dims(D));
+  const dim3 grid = kd::rotate_rows_grid(q_rows_bound, std::int64_t(kl.len) * kl.heads, tasks, ql.batch);
+  emu::launch(grid, kd::rotate_threads, 0, [&](unsigned char*) { kd::rotate_rows_cta<T, D, V, true>(qs, ks, ql, kl, vp); });
+  check_side<T, D, V, false, true>(q, q2, ql, kl, vp, true);
+  check_side<T, D, V, true, true>(k, k2, ql, kl, vp, true);
 }
 
 }  // namespace
@@ -125,6 +141,35 @@ TEST_CASE("emulated rotate-once pass: Q at query positions (bottom-right aligned
   const auto q2 = kvtile_test::random_vector<half>(std::size_t(8 * 4 * D), rng);
   const auto k2 = kvtile_test::random_vector<half>(std::size_t(3 * 6 * 4 * D), rng);
   check_rotation<half, D, softcap<half_split>>(q2, k2, qv, kf, 4 * 4, {});
+}
+
+TEST_CASE("emulated inverse rotate pass, in place: both layouts, partial dims, strided K, varlen Q, two CTAs a side") {
+  std::mt19937_64 rng(kvtile_test::fresh_seed());
+  constexpr int D = 64;
+  ragged_layout ql = ragged_layout::fixed(2, 5, 4, D);
+  ragged_layout kl = ragged_layout::fixed(2, 9, 2, D);
+  kl.stride_token = 2 * 2 * D;  // K interleaved with V
+  kl.stride_batch = 9 * kl.stride_token;
+  const auto q = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 5 * 4 * D), rng);
+  const auto k = kvtile_test::random_vector<bfloat16>(std::size_t(2 * 9 * 4 * D), rng);
+  check_inverse_in_place<bfloat16, D, rotary<causal_mask>>(q, k, ql, kl, 5 * 4, {});
+  rotary<sliding_window_mask, rotary_layout::interleaved>::params ip;
+  ip.window = 3;
+  ip.rotary_dim = 32;
+  ip.theta = 500.f;
+  check_inverse_in_place<bfloat16, D, rotary<sliding_window_mask, rotary_layout::interleaved>>(q, k, ql, kl, 5 * 4, ip);
+  const ragged_layout ql3 = ragged_layout::fixed(1, 70, 4, D), kl3 = ragged_layout::fixed(1, 75, 4, D);
+  const auto q3 = kvtile_test::random_vector<half>(std::size_t(70 * 4 * D), rng);
+  const auto k3 = kvtile_test::random_vector<half>(std::size_t(75 * 4 * D), rng);
+  check_inverse_in_place<half, D, rotary<causal_mask>>(q3, k3, ql3, kl3, 70 * 4, {});
+  const std::vector<std::int32_t> qptr{0, 3, 4, 8};
+  const ragged_layout qv = ragged_layout::varlen(qptr.data(), 3, 4, D);
+  const ragged_layout kf = ragged_layout::fixed(3, 6, 4, D);
+  const auto q2 = kvtile_test::random_vector<half>(std::size_t(8 * 4 * D), rng);
+  const auto k2 = kvtile_test::random_vector<half>(std::size_t(3 * 6 * 4 * D), rng);
+  rotary<causal_mask>::params hp;
+  hp.rotary_dim = 32;
+  check_inverse_in_place<half, D, softcap<rotary<causal_mask>>>(q2, k2, qv, kf, 4 * 4, {hp, 30.f});
 }
 
 TEST_CASE("rotary_stripped: the variant without its rotation, and its parameters") {

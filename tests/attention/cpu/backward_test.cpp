@@ -6,6 +6,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention/cpu/attention_cases.hpp"
@@ -89,6 +90,24 @@ void check_backward(std::mt19937_64& rng, const std::vector<int>& q_lens, const 
   CHECK(ev.max_abs <= grad_tolerance<T, G>(ref.dv));
 }
 
+// The largest |(loss(x + h e_i) - loss(x - h e_i)) / 2h - grad[i]| over the elements of x (each
+// restored after), and the largest |grad[i]|.
+template <class X, class G, class Loss>
+std::pair<double, double> central_difference_error(std::vector<X>& x, const std::vector<G>& grad, X h, Loss&& loss) {
+  double worst = 0, gmax = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const X keep = x[i];
+    x[i] = keep + h;
+    const double lp = loss();
+    x[i] = keep - h;
+    const double lm = loss();
+    x[i] = keep;
+    worst = std::max(worst, std::abs((lp - lm) / (2 * double(h)) - double(grad[i])));
+    gmax = std::max(gmax, std::abs(double(grad[i])));
+  }
+  return {worst, gmax};
+}
+
 // The fp64 reference's gradients against central differences of L = sum(dO * O) through the
 // fp64 forward (reference_attention, which applies the same variant), on a tiny problem: q_len
 // queries of 2 heads on 1 KV head (GQA), kv_len keys, head dim d.
@@ -118,17 +137,7 @@ void check_reference_by_finite_differences(std::mt19937_64& rng, int q_len, int 
       dense_tensor<double>{g.dk.data(), p.kv_layout()}, dense_tensor<double>{g.dv.data(), p.kv_layout()});
   auto fd_check = [&](std::vector<double>& x, const std::vector<double>& grad, const char* what) {
     INFO(what);
-    double worst = 0, gmax = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      const double h = 1e-5, keep = x[i];
-      x[i] = keep + h;
-      const double lp = loss();
-      x[i] = keep - h;
-      const double lm = loss();
-      x[i] = keep;
-      worst = std::max(worst, std::abs((lp - lm) / (2 * h) - grad[i]));
-      gmax = std::max(gmax, std::abs(grad[i]));
-    }
+    const auto [worst, gmax] = central_difference_error(x, grad, 1e-5, loss);
     CHECK(gmax > 1e-3);  // the check is not vacuous
     CHECK(worst < 1e-7);
   };
@@ -262,16 +271,7 @@ TEST_CASE("cpu backward: finite differences of the CPU forward itself (fp32, tin
   const auto g = kernel_backward<tile_shape<8, 16>, 16, causal_mask, float>(p, p.kv_view(), d_o, {}, scale);
   auto fd_check = [&](std::vector<float>& x, const std::vector<float>& grad, const char* what) {
     INFO(what);
-    double worst = 0;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      const float h = 1e-2f, keep = x[i];
-      x[i] = keep + h;
-      const double lp = loss();
-      x[i] = keep - h;
-      const double lm = loss();
-      x[i] = keep;
-      worst = std::max(worst, std::abs((lp - lm) / (2 * double(h)) - grad[i]));
-    }
+    const double worst = central_difference_error(x, grad, 1e-2f, loss).first;
     CHECK(worst < 2e-3);  // O(h^2) truncation plus fp32 noise / h
   };
   fd_check(p.q, g.dq, "dQ");

@@ -210,6 +210,10 @@ using b64_user = cuda::backward<bfloat16, 64, causal_mask, tile_shape<32, 32, 2,
 using b64_softcap = cuda::backward<bfloat16, 64, softcap<causal_mask>>;
 using h128_softcap_window = cuda::backward<kvtile::half, 128, softcap<sliding_window_mask>>;
 using h64_wide = cuda::backward<kvtile::half, 64, sliding_window_mask, tile_shape<64, 128, 8, 2>>;
+using b128_rotary = cuda::backward<bfloat16, 128, rotary<causal_mask>>;
+using h64_rotary_il = cuda::backward<kvtile::half, 64, rotary<sliding_window_mask, rotary_layout::interleaved>>;
+using b64_softcap_rotary = cuda::backward<bfloat16, 64, softcap<rotary<causal_mask>>>;
+using h256_rotary = cuda::backward<kvtile::half, 256, rotary<no_mask>>;
 
 }  // namespace
 
@@ -293,6 +297,35 @@ TEST_CASE("backward with soft-capping (softcap<causal>, softcap<window>)") {
   check_backward<h128_softcap_window>({{50, 1, 333}, {50, 900, 400}, true, 8, 1}, {{257, 3}, 30.f}, rng);
 }
 
+TEST_CASE("backward with rotary embeddings: Q and K rotated once, dQ and dK rotated back (half-split, interleaved partial, softcap<rotary>)") {
+  const auto seed = kvtile_test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  check_backward<b128_rotary>({{1000}, {1000}, false, 8, 1}, {{}, 10000.f, 0}, rng);
+  check_backward<b128_rotary>({{200, 65, 1}, {100, 65, 7}, true, 4, 2}, {{}, 500.f, 0}, rng);  // varlen, q_len > kv_len
+  check_backward<b128_rotary>({{17}, {4097}, false, 5, 1}, {{}, 10000.f, 64}, rng, 1);  // partial: dims [64, 128) pass
+  check_backward<h64_rotary_il>({{17, 17}, {300, 300}, false, 5, 1}, {{40, 4}, 500.f, 32}, rng);
+  check_backward<h64_rotary_il>({{1, 129, 64}, {200, 1, 64}, true, 4, 4}, {{100, 0}, 10000.f, 0}, rng);
+  check_backward<b64_softcap_rotary>({{333}, {333}, false, 4, 1, 0.5f}, {{{}, 10000.f, 0}, 2.f}, rng);
+  check_backward<h256_rotary>({{40}, {70}, false, 2, 1}, {{}, 10000.f, 0}, rng);
+  // The dispatch names the passes around the plain backward's kernels.
+  device_problem<b128_rotary> dp({{17}, {17}, false, 2, 1}, {}, rng);
+  const auto c = b128_rotary::dispatch(dp.args);
+  MESSAGE("D=128 rotary(causal): " << std::string(c.kernel) << " (" << c.reason << ")");
+  CHECK(c.reason.find("rotated once") != std::string::npos);
+  CHECK(c.reason.find("rotated back") != std::string::npos);
+  CHECK(std::string(c.kernel) == std::string(b128_causal::dispatch(device_problem<b128_causal>({{17}, {17}, false, 2, 1}, {}, rng).args).kernel));
+  // A rotary_dim the rotate pass cannot take is refused by name.
+  auto bad = dp.args;
+  bad.mask_params.rotary_dim = 48;
+  kvtile_test::expect_error(kvtile::errc::unsupported, "rotary_dim", [&] { b128_rotary::check(bad); });
+  // Workspace: the plain backward's, then the rotated Q (17 x 2 heads) and K (17 x 1 head).
+  device_problem<b128_causal> plain({{17}, {17}, false, 2, 1}, {}, rng);
+  auto up = [](std::size_t x) { return (x + 255) / 256 * 256; };
+  CHECK(b128_rotary::workspace_size(dp.args) ==
+        up(b128_causal::workspace_size(plain.args)) + up(17 * 2 * 128 * 2) + up(17 * 1 * 128 * 2));
+}
+
 TEST_CASE("backward deterministic mode: bit-identical over 20 runs") {
   const auto seed = kvtile_test::fresh_seed();
   INFO("seed " << seed);
@@ -326,6 +359,7 @@ TEST_CASE("backward small set (sanitizer)") {
   check_backward<b256_none>({{20}, {45}, false, 2, 2}, {}, rng);
   check_backward<h64_wide>({{65}, {33}, false, 8, 1}, {20, 2}, rng);
   check_backward<b64_softcap>({{40}, {70}, false, 2, 1, 1.f}, {{}, 2.f}, rng);
+  check_backward<b64_softcap_rotary>({{1, 40, 0}, {5, 70, 3}, true, 4, 2}, {{{}, 10000.f, 0}, 2.f}, rng);
 }
 
 TEST_CASE("backward: a run captured in a CUDA graph and replayed gives the direct run's gradients") {
@@ -415,6 +449,8 @@ TEST_CASE("backward: the CPU backward and the GPU backward agree") {
   agree.template operator()<b64_causal>({{300}, {500}, false, 4, 1}, {});
   agree.template operator()<h128_none>({{1, 40, 0, 65}, {50, 30, 4, 100}, true, 8, 2}, {});
   agree.template operator()<b96_window>({{400}, {400}, false, 2, 1}, {60, 4});
+  agree.template operator()<b128_rotary>({{300}, {500}, false, 4, 1}, {{}, 10000.f, 0});
+  agree.template operator()<b64_softcap_rotary>({{1, 40, 0, 65}, {50, 30, 4, 100}, true, 8, 2}, {{{}, 500.f, 0}, 3.f});
 }
 
 TEST_CASE("backward: fully masked rows get dQ = 0, keys no query sees get dK = dV = 0") {

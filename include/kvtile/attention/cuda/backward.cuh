@@ -20,7 +20,9 @@
 // 16 up to 128; above, 160 / 192 / 224 / 256), mask policy (no_mask, causal_mask,
 // sliding_window_mask or any type meeting mask_policy) and tile shape (tile_shape<BlockQ,
 // BlockKV, Warps, 2> with BlockKV = 16 * Warps, default per head dim in tuning.hpp). A logit
-// transform (softcap) runs with its derivative hook; rotary variants are refused at compile time.
+// transform (softcap) runs with its derivative hook; a rotary variant runs as the backward of
+// its rotation-free form over Q and K rotated once, with dQ and dK rotated back (the
+// specialisation at the end of this file).
 //
 // Shapes: q, o, d_o, dq [batch, q_len, qo_heads, D] (or varlen: packed rows with a device
 // indptr, one indptr for the four); kv, dk, dv [batch, kv_len, kv_heads, D] (fixed or varlen,
@@ -45,6 +47,7 @@
 #include "kvtile/attention/cuda/backward/passes.cuh"
 #include "kvtile/attention/cuda/backward/sm90_kernel.cuh"
 #include "kvtile/attention/cuda/dispatch.hpp"
+#include "kvtile/attention/cuda/prefill/rotate_launch.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
 #include "kvtile/attention/cuda/tuning.hpp"
 #include "kvtile/attention/dense_view.hpp"
@@ -64,6 +67,25 @@ using default_backward_tile_t = typename tuning::backward_tile<HeadDim>::type;
 template <class T>
 concept backward_element = std::is_same_v<T, kvtile::half> || std::is_same_v<T, kvtile::bfloat16>;
 
+namespace detail {
+// The arguments of cuda::backward<T, D, Mask> (MaskParams = Mask::params).
+template <class T, class MaskParams>
+struct backward_arguments {
+  dense_tensor<const T> q;    // [batch, q_len, qo_heads, HeadDim]
+  dense_kv<const T> kv;       // [batch, kv_len, kv_heads, HeadDim]
+  dense_tensor<const T> o;    // the forward's output, same shape as q
+  dense_tensor<const T> d_o;  // upstream gradient, same shape as q
+  const float* lse = nullptr;  // [rows, qo_heads], the forward's (natural log)
+  dense_tensor<T> dq;          // same shape as q
+  dense_tensor<T> dk, dv;      // same shape as k and v
+  MaskParams mask_params{};
+  float scale = 0.f;            // softmax scale; 0 means 1 / sqrt(HeadDim)
+  std::int32_t max_q_len = 0;   // varlen q only: an upper bound on every q_len (sizes grids and workspace)
+  std::int32_t max_kv_len = 0;  // varlen kv only: an upper bound on every kv_len (sizes the grid)
+  bool deterministic = false;   // dQ without atomics (Q-outer kernel): bit-identical over runs
+};
+}  // namespace detail
+
 template <backward_element T, int HeadDim, mask_policy Mask = no_mask, tile_shape_type Tile = default_backward_tile_t<HeadDim>>
 class backward {
  public:
@@ -72,9 +94,6 @@ class backward {
   using tile = Tile;
   static constexpr int head_dim = HeadDim;
 
-  static_assert(!has_rotary<Mask>,
-                "cuda::backward: rotary variants are refused, as by cuda::prefill: rotate Q and K before the "
-                "forward and the backward, and rotate dQ and dK back after it");
   static_assert(!has_logit_transform<Mask> || has_logit_derivative<Mask>,
                 "cuda::backward: the variant's logit transform needs `float logit_derivative(float s) const` (d "
                 "logit / d s, by which dS is multiplied; softcap<> has it), see attention/variant.hpp");
@@ -95,20 +114,7 @@ class backward {
   static constexpr bool sm90_capable =
       detail::backward_sm90_head_dim<HeadDim> && std::is_same_v<Tile, default_backward_tile_t<HeadDim>>;
 
-  struct arguments {
-    dense_tensor<const T> q;    // [batch, q_len, qo_heads, HeadDim]
-    dense_kv<const T> kv;       // [batch, kv_len, kv_heads, HeadDim]
-    dense_tensor<const T> o;    // the forward's output, same shape as q
-    dense_tensor<const T> d_o;  // upstream gradient, same shape as q
-    const float* lse = nullptr;  // [rows, qo_heads], the forward's (natural log)
-    dense_tensor<T> dq;          // same shape as q
-    dense_tensor<T> dk, dv;      // same shape as k and v
-    typename Mask::params mask_params{};
-    float scale = 0.f;            // softmax scale; 0 means 1 / sqrt(HeadDim)
-    std::int32_t max_q_len = 0;   // varlen q only: an upper bound on every q_len (sizes grids and workspace)
-    std::int32_t max_kv_len = 0;  // varlen kv only: an upper bound on every kv_len (sizes the grid)
-    bool deterministic = false;   // dQ without atomics (Q-outer kernel): bit-identical over runs
-  };
+  using arguments = detail::backward_arguments<T, typename Mask::params>;
 
   // Throws kvtile::error (invalid_argument) naming the first value the kernels cannot accept.
   // Reads nothing behind the pointers (indptr arrays live on the device).
@@ -407,6 +413,114 @@ class backward {
   }
 
   static bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+};
+
+// A rotary variant (rotary<M>, softcap<rotary<M>>: any variant with a rotation-free form,
+// variant.hpp's rotary_stripped): the forward scored R(m) q . R(n) k, so the backward is that of
+// the variant without its rotation over the rotated rows, whose dQ' and dK' are rotated back,
+// dQ = R(m)^T dQ', dK = R(n)^T dK' (dV needs nothing). run() rotates Q and K once into the
+// workspace (prefill/rotate.cuh, the rotate-once pass of cuda::prefill), runs the backward of
+// the stripped variant over them, then rotates dQ and dK back in place: two launches more than
+// the plain backward, on whichever kernels that one dispatches to.
+template <backward_element T, int HeadDim, mask_policy Mask, tile_shape_type Tile>
+  requires has_rotary<Mask>
+class backward<T, HeadDim, Mask, Tile> {
+  static_assert(!std::is_void_v<rotary_stripped_t<Mask>>,
+                "cuda::backward: this rotary variant has no rotation-free form (rotary_stripped, variant.hpp), so "
+                "its rotation cannot be taken out of the backward");
+  using stripped_mask = rotary_stripped_t<Mask>;
+  using inner = backward<T, HeadDim, stripped_mask, Tile>;
+
+ public:
+  using element = T;
+  using mask = Mask;
+  using tile = Tile;
+  static constexpr int head_dim = HeadDim;
+  static constexpr std::size_t shared_memory_bytes = inner::shared_memory_bytes;
+  using arguments = detail::backward_arguments<T, typename Mask::params>;
+
+  // The plain backward's checks on the stripped arguments, then the variant's (rotary_dim a
+  // multiple of 32 for the rotate pass).
+  static void check(const arguments& a) {
+    inner::check(stripped(a, a.q.data, a.kv.k));
+    check_variant<Mask>(a.mask_params, HeadDim);
+    check_cuda_rotary<Mask>(a.mask_params, HeadDim);
+  }
+
+  static bool can_implement(const arguments& a) noexcept {
+    return kvtile::detail::passes([&] { check(a); });
+  }
+
+  // The stripped backward's workspace, then the rotated Q and K (with the strides of q and kv).
+  static std::size_t workspace_size(const arguments& a) {
+    return inner_bytes(a) + detail::rotated_rows_bytes<T>(a.q.layout, q_len_bound(a)) +
+           detail::rotated_rows_bytes<T>(a.kv.layout, kv_len_bound(a));
+  }
+
+  // The stripped backward's kernels; the reason names the rotate passes around them.
+  static kernel_choice dispatch(const arguments& a) {
+    kernel_choice c = inner::dispatch(stripped(a, a.q.data, a.kv.k));
+    c.reason = std::string("a rotary variant: Q and K rotated once into the workspace, the backward of ") +
+               stripped_mask::name + " over them, dQ and dK rotated back in place; " + c.reason;
+    return c;
+  }
+
+  static void run(const arguments& a, void* workspace, cudaStream_t stream = nullptr) {
+    launch(a, workspace, stream, true);
+  }
+  static void run_portable(const arguments& a, void* workspace, cudaStream_t stream = nullptr) {
+    launch(a, workspace, stream, false);
+  }
+
+ private:
+  static std::int64_t q_len_bound(const arguments& a) { return a.q.layout.indptr ? a.max_q_len : a.q.layout.len; }
+  static std::int64_t kv_len_bound(const arguments& a) { return a.kv.layout.indptr ? a.max_kv_len : a.kv.layout.len; }
+  static std::size_t inner_bytes(const arguments& a) {
+    return (inner::workspace_size(stripped(a, a.q.data, a.kv.k)) + 255) / 256 * 256;
+  }
+  // The stripped backward's arguments over Q and K at q2 / k2 (the rest as given).
+  static typename inner::arguments stripped(const arguments& a, const T* q2, const T* k2) {
+    typename inner::arguments r;
+    r.q = {q2, a.q.layout};
+    r.kv = {k2, a.kv.v, a.kv.layout};
+    r.o = a.o;
+    r.d_o = a.d_o;
+    r.lse = a.lse;
+    r.dq = a.dq;
+    r.dk = a.dk;
+    r.dv = a.dv;
+    r.mask_params = rotary_stripped<Mask>::params(a.mask_params);
+    r.scale = a.scale;
+    r.max_q_len = a.max_q_len;
+    r.max_kv_len = a.max_kv_len;
+    r.deterministic = a.deterministic;
+    return r;
+  }
+  static void launch(const arguments& a, void* workspace, cudaStream_t stream, bool allow_sm90) {
+    check(a);
+    const ragged_layout &ql = a.q.layout, &kl = a.kv.layout;
+    if (ql.batch == 0) return;
+    const std::size_t need = workspace_size(a);
+    KVTILE_REQUIRE(workspace != nullptr || need == 0, errc::invalid_argument, "backward: workspace of ", need,
+                   " bytes (workspace_size) is null");
+    KVTILE_REQUIRE((reinterpret_cast<std::uintptr_t>(workspace) & 255u) == 0, errc::invalid_argument,
+                   "backward: workspace must be 256-byte aligned, got ", workspace);
+    auto* ws = static_cast<unsigned char*>(workspace);
+    T* q2 = reinterpret_cast<T*>(ws + inner_bytes(a));
+    T* k2 = reinterpret_cast<T*>(ws + inner_bytes(a) + detail::rotated_rows_bytes<T>(ql, q_len_bound(a)));
+    detail::launch_rotate_rows<T, HeadDim, Mask>({a.q, dense_tensor<T>{q2, ql}},
+                                                 {dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}}, ql, kl,
+                                                 q_len_bound(a), kv_len_bound(a), a.mask_params, stream);
+    const auto r = stripped(a, q2, k2);
+    if (allow_sm90)
+      inner::run(r, ws, stream);
+    else
+      inner::run_portable(r, ws, stream);
+    const ragged_layout &gl = a.dq.layout, &kgl = a.dk.layout;
+    detail::launch_rotate_rows<T, HeadDim, Mask, true>(
+        {dense_tensor<const T>{a.dq.data, gl}, a.dq}, {dense_tensor<const T>{a.dk.data, kgl}, a.dk}, gl, kgl,
+        q_len_bound(a), kv_len_bound(a), a.mask_params, stream);
+  }
 };
 
 }  // namespace attention::cuda

@@ -37,7 +37,7 @@
 
 #include "kvtile/attention/cuda/dispatch.hpp"
 #include "kvtile/attention/cuda/prefill/kernel.cuh"
-#include "kvtile/attention/cuda/prefill/rotate.cuh"
+#include "kvtile/attention/cuda/prefill/rotate_launch.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/kernel.cuh"
 #include "kvtile/attention/cuda/prefill_sm90/ws_kernel.cuh"
 #include "kvtile/attention/cuda/scores.cuh"
@@ -74,14 +74,6 @@ struct rotated_prefill<T, HeadDim, Stripped, Tile> {
   using type = prefill<T, HeadDim, Stripped, Tile>;
 };
 
-// Elements spanned by a layout's rows (tokens [0, rows) of every sequence, every head) from its
-// base: the size of a copy that keeps the layout's strides. rows: per sequence for a fixed
-// layout, in all for a varlen one.
-inline std::int64_t layout_extent(const ragged_layout& l, std::int64_t rows) {
-  if (l.batch == 0 || rows == 0 || l.heads == 0) return 0;
-  const std::int64_t last_batch = l.indptr ? 0 : std::int64_t(l.batch - 1) * l.stride_batch;
-  return last_batch + (rows - 1) * l.stride_token + std::int64_t(l.heads - 1) * l.stride_head + l.head_dim;
-}
 }  // namespace detail
 
 template <prefill_element T, int HeadDim, mask_policy Mask, tile_shape_type Tile>
@@ -397,16 +389,10 @@ class prefill {
       return (void)a, false;
     }
   }
-  static std::size_t round_256(std::int64_t elems) { return std::size_t((elems * std::int64_t(sizeof(T)) + 255) / 256 * 256); }
   // Tokens of a sequence of q: its length (fixed), at most max_q_len (varlen).
   static std::int64_t q_len_bound(const arguments& a) { return a.q.layout.indptr ? a.max_q_len : a.q.layout.len; }
-  // The rotated Q spans the rows of q: per sequence (fixed), or all of them, at most batch times
-  // the bound (varlen).
-  static std::size_t rotated_q_bytes(const arguments& a) {
-    const ragged_layout& l = a.q.layout;
-    return round_256(detail::layout_extent(l, l.indptr ? l.batch * q_len_bound(a) : q_len_bound(a)));
-  }
-  static std::size_t rotated_k_bytes(const arguments& a) { return round_256(detail::layout_extent(a.kv.layout, a.kv.layout.len)); }
+  static std::size_t rotated_q_bytes(const arguments& a) { return detail::rotated_rows_bytes<T>(a.q.layout, q_len_bound(a)); }
+  static std::size_t rotated_k_bytes(const arguments& a) { return detail::rotated_rows_bytes<T>(a.kv.layout, a.kv.layout.len); }
   // The arguments of `rotated` over Q and K at q2 / k2 (V, O, LSE and the rest as given).
   static auto rotated_arguments(const arguments& a, const T* q2, const T* k2) {
     typename rotated::arguments r;
@@ -427,14 +413,9 @@ class prefill {
       T* q2 = reinterpret_cast<T*>(ws);
       T* k2 = reinterpret_cast<T*>(ws + rotated_q_bytes(a));
       const ragged_layout &ql = a.q.layout, &kl = a.kv.layout;
-      const int tasks = detail::rotate_row_tasks<HeadDim, Mask::rotary_layout_v>(Mask(a.mask_params, 1, 1).rotary_dims(HeadDim));
-      const dim3 grid = detail::rotate_rows_grid(q_len_bound(a) * ql.heads, std::int64_t(kl.len) * kl.heads, tasks, ql.batch);
-      if (grid.x > 0) {
-        detail::rotate_rows_kernel<T, HeadDim, Mask><<<grid, detail::rotate_threads, 0, stream>>>(
-            {a.q, dense_tensor<T>{q2, ql}}, {dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}}, ql, kl,
-            a.mask_params);
-        KVTILE_CUDA_CHECK_LAUNCH();
-      }
+      detail::launch_rotate_rows<T, HeadDim, Mask>({a.q, dense_tensor<T>{q2, ql}},
+                                                   {dense_tensor<const T>{a.kv.k, kl}, dense_tensor<T>{k2, kl}}, ql, kl,
+                                                   q_len_bound(a), kl.len, a.mask_params, stream);
       const auto r = rotated_arguments(a, q2, k2);
       if (allow_sm90)
         rotated::run(r, nullptr, stream);

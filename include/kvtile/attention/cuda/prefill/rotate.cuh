@@ -20,8 +20,13 @@
 // prefill instead of once per CTA that reads it.
 // Needs what cuda::prefill's check asks: 16-byte aligned data, strides multiples of 8 elements,
 // D and R multiples of 16 and 32 (check_cuda_rotary).
+// The same pass with Inverse rotates back (R(p)^T: the sine negated), in place where the
+// destination is the source (each thread loads its tasks before it stores them, and no two
+// tasks share an element): cuda::backward turns the gradients of rotated Q and K into those of
+// Q and K this way.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -78,7 +83,7 @@ struct rotate_task {
 // q_layout / kv_layout give the sequence's lengths (device indptr for varlen ones). The side is
 // a kernel parameter chosen by a compile-time branch, never by a run-time reference (which
 // would copy the parameters into local memory in every thread).
-template <class T, int D, class Variant, bool Keys>
+template <class T, int D, class Variant, bool Keys, bool Inverse>
 KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& side, const ragged_layout& q_layout,
                                                        const ragged_layout& kv_layout, const typename Variant::params& vp) {
   static_assert(has_rotary<Variant>, "rotate_rows: the variant has no rotary embedding");
@@ -148,7 +153,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& sid
       for (int j = 0; j < 8; ++j) {
         float c, s;
         rotary_cos_sin_fast(pos, inv_freq[x.first + j], c, s);
-        rotary_rotate_pair(x0[j], x1[j], c, s);
+        rotary_rotate_pair(x0[j], x1[j], c, Inverse ? -s : s);
       }
       *reinterpret_cast<uint4*>(x.out + x.first) = pack(x0);
       *reinterpret_cast<uint4*>(x.out + x.first + r / 2) = pack(x1);
@@ -159,7 +164,7 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& sid
       for (int j = 0; j < 4; ++j) {
         float c, s;
         rotary_cos_sin_fast(pos, inv_freq[x.first / 2 + j], c, s);
-        rotary_rotate_pair(e[2 * j], e[2 * j + 1], c, s);
+        rotary_rotate_pair(e[2 * j], e[2 * j + 1], c, Inverse ? -s : s);
       }
       *reinterpret_cast<uint4*>(x.out + x.first) = pack(e);
     }
@@ -167,21 +172,21 @@ KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_side_rows(const rotate_side<T>& sid
 }
 
 // The CTA's work (the kernel below is it): side blockIdx.z (0: Q, 1: K).
-template <class T, int D, class Variant>
+template <class T, int D, class Variant, bool Inverse = false>
 KVTILE_DEVICE KVTILE_FORCEINLINE void rotate_rows_cta(const rotate_side<T>& q, const rotate_side<T>& k,
                                                       const ragged_layout& q_layout, const ragged_layout& kv_layout,
                                                       const typename Variant::params& vp) {
   if (blockIdx.z == 1)
-    rotate_side_rows<T, D, Variant, true>(k, q_layout, kv_layout, vp);
+    rotate_side_rows<T, D, Variant, true, Inverse>(k, q_layout, kv_layout, vp);
   else
-    rotate_side_rows<T, D, Variant, false>(q, q_layout, kv_layout, vp);
+    rotate_side_rows<T, D, Variant, false, Inverse>(q, q_layout, kv_layout, vp);
 }
 
-template <class T, int D, class Variant>
+template <class T, int D, class Variant, bool Inverse = false>
 KVTILE_KERNEL void __launch_bounds__(rotate_threads)
     rotate_rows_kernel(rotate_side<T> q, rotate_side<T> k, ragged_layout q_layout, ragged_layout kv_layout,
                        typename Variant::params vp) {
-  rotate_rows_cta<T, D, Variant>(q, k, q_layout, kv_layout, vp);
+  rotate_rows_cta<T, D, Variant, Inverse>(q, k, q_layout, kv_layout, vp);
 }
 
 // Grid of rotate_rows_kernel: per sequence (y) and side (z), enough CTAs for the longer side's
@@ -191,6 +196,24 @@ KVTILE_KERNEL void __launch_bounds__(rotate_threads)
 inline dim3 rotate_rows_grid(std::int64_t q_rows_bound, std::int64_t k_rows_bound, int tasks, std::int32_t batch) {
   const std::int64_t items = (q_rows_bound > k_rows_bound ? q_rows_bound : k_rows_bound) * tasks;
   return dim3(unsigned((items + rotate_items_per_cta - 1) / rotate_items_per_cta), unsigned(batch), 2u);
+}
+
+
+// Elements spanned by a layout's rows (tokens [0, rows) of every sequence, every head) from its
+// base: the size of a copy that keeps the layout's strides. rows: per sequence for a fixed
+// layout, in all for a varlen one.
+inline std::int64_t layout_extent(const ragged_layout& l, std::int64_t rows) {
+  if (l.batch == 0 || rows == 0 || l.heads == 0) return 0;
+  const std::int64_t last_batch = l.indptr ? 0 : std::int64_t(l.batch - 1) * l.stride_batch;
+  return last_batch + (rows - 1) * l.stride_token + std::int64_t(l.heads - 1) * l.stride_head + l.head_dim;
+}
+
+// Bytes (a multiple of 256) of a copy of l's rows with l's strides: len_bound tokens a sequence
+// (fixed: its length; varlen: at most batch * len_bound rows in all).
+template <class T>
+std::size_t rotated_rows_bytes(const ragged_layout& l, std::int64_t len_bound) {
+  const std::int64_t elems = layout_extent(l, l.indptr ? l.batch * len_bound : len_bound);
+  return std::size_t((elems * std::int64_t(sizeof(T)) + 255) / 256 * 256);
 }
 
 }  // namespace attention::cuda::detail
