@@ -142,7 +142,7 @@ void check_backward(const problem& pb, typename Mask::params mp, std::mt19937_64
   p.dq_acc = deterministic ? nullptr : acc.data();
   p.lse2 = lse2.data();
   p.delta = delta.data();
-  const dim3 pass_grid = cuda::detail::backward_pass_grid(ql, max_q);
+  const dim3 pass_grid = cuda::detail::backward_pass_grid<D>(ql, max_q);
   if (max_q > 0)
     emu::launch(pass_grid, 32 * cuda::detail::backward_pass_warps, 0,
                 [&](unsigned char*) { cuda::detail::backward_prepass<T, D>(p); });

@@ -328,7 +328,7 @@ class backward {
     p.lse2 = reinterpret_cast<float*>(base + w.lse2);
     p.delta = reinterpret_cast<float*>(base + w.delta);
 
-    const dim3 pass_grid = detail::backward_pass_grid(a.q.layout, max_q);
+    const dim3 pass_grid = detail::backward_pass_grid<HeadDim>(a.q.layout, max_q);
     const bool any_q = max_q > 0;
     if (any_q) {
       detail::backward_prepass<T, HeadDim, params_t><<<pass_grid, 32 * detail::backward_pass_warps, 0, stream>>>(p);
