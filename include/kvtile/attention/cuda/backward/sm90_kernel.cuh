@@ -21,7 +21,7 @@
 //                                      warpgroup barrier).
 // The step's dQ product goes, as fp32, to a staging tile in shared memory (two slots, the ring's
 // parity) and is added to the fp32 workspace by the TMA (one bulk tensor reduction a 32-column
-// box, issued by thread 0 after the next step's barrier, so the consumers never wait on it;
+// box, issued by one thread after the next step's barrier, so the consumers never wait on it;
 // with float2 atomics from registers instead, the kernel ran 1.04-1.14x slower:
 // docs/perf-log/backward.md v9-v10).
 // Without a dQ workspace (deterministic mode) the dQ product is skipped and the Q-outer
@@ -404,8 +404,13 @@ struct backward_sm90_kernel {
       }
       arch::fence_proxy_async_shared();
     };
-    // Thread 0, after the barrier that follows a step's stage_dq: its staging slot `sl` added to
-    // the workspace, a box per warpgroup and 32 columns (one bulk group).
+    // The reducing thread, after the barrier that follows a step's stage_dq: its staging slot
+    // `sl` added to the workspace, a box per warpgroup and 32 columns (one bulk group). With two
+    // warpgroups it is the second's first thread, while thread 0 (the first's) issues the
+    // step's TMA loads: a warpgroup's MMAs wait for its slowest warp, and with both jobs on one
+    // warp the other warpgroup waited at the dS^T barrier for it (13.9 % of the stall samples at
+    // D 128, perf-log backward v18).
+    const int reducer = G::warpgroups > 1 ? 128 : 0;
     auto reduce_dq = [&](const step_t& st, int sl) {
       const int row = G::dq_pad_rows + int(q_row0) + st.q_start;
       KVTILE_PRAGMA_UNROLL
@@ -432,9 +437,9 @@ struct backward_sm90_kernel {
     for (int it = 0; cur < total; ++it) {
       const int nxt = next_step(cur + 1);
       // The reduction issued a step ago has read staging slot `slot` (written again below).
-      if (with_dq && tid == 0) arch::bulk_wait_read<0>();
+      if (with_dq && tid == reducer) arch::bulk_wait_read<0>();
       tiles_landed(it);  // this step's tiles; every warpgroup is past the previous step
-      if (pending && tid == 0) reduce_dq(staged, slot ^ 1);
+      if (pending && tid == reducer) reduce_dq(staged, slot ^ 1);
       fetch(nxt, slot ^ 1);
       const step_t st = step_info(cur);
       if (st.vis != tile_visibility::empty) {
@@ -464,9 +469,9 @@ struct backward_sm90_kernel {
     arch::cp_async_wait<0>();
     if (pending) {
       __syncthreads();  // the last step's staging is complete
-      if (tid == 0) reduce_dq(staged, slot ^ 1);
+      if (tid == reducer) reduce_dq(staged, slot ^ 1);
     }
-    if (with_dq && tid == 0) arch::bulk_wait<0>();  // its shared memory is read before the CTA ends
+    if (with_dq && tid == reducer) arch::bulk_wait<0>();  // its shared memory is read before the CTA ends
 
     // Epilogue: rows key_row and key_row + 8 of this warpgroup's keys; dK = scale * dS^T Q.
     KVTILE_PRAGMA_UNROLL
