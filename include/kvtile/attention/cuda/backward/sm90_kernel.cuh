@@ -21,7 +21,7 @@
 //                                      warpgroup barrier).
 // The step's dQ product goes, as fp32, to a staging tile in shared memory (two slots, the ring's
 // parity) and is added to the fp32 workspace by the TMA (one bulk tensor reduction a 32-column
-// box, issued by one thread after the next step's barrier, so the consumers never wait on it;
+// box, issued by thread 0 after the next step's barrier, so the consumers never wait on it;
 // with float2 atomics from registers instead, the kernel ran 1.04-1.14x slower:
 // docs/perf-log/backward.md v9-v10).
 // Without a dQ workspace (deterministic mode) the dQ product is skipped and the Q-outer
@@ -404,13 +404,8 @@ struct backward_sm90_kernel {
       }
       arch::fence_proxy_async_shared();
     };
-    // The reducing thread, after the barrier that follows a step's stage_dq: its staging slot
-    // `sl` added to the workspace, a box per warpgroup and 32 columns (one bulk group). With two
-    // warpgroups it is the second's first thread, while thread 0 (the first's) issues the
-    // step's TMA loads: a warpgroup's MMAs wait for its slowest warp, and with both jobs on one
-    // warp the other warpgroup waited at the dS^T barrier for it (13.9 % of the stall samples at
-    // D 128, perf-log backward v18).
-    const int reducer = G::warpgroups > 1 ? 128 : 0;
+    // Thread 0, after the barrier that follows a step's stage_dq: its staging slot `sl` added to
+    // the workspace, a box per warpgroup and 32 columns (one bulk group).
     auto reduce_dq = [&](const step_t& st, int sl) {
       const int row = G::dq_pad_rows + int(q_row0) + st.q_start;
       KVTILE_PRAGMA_UNROLL
@@ -437,9 +432,9 @@ struct backward_sm90_kernel {
     for (int it = 0; cur < total; ++it) {
       const int nxt = next_step(cur + 1);
       // The reduction issued a step ago has read staging slot `slot` (written again below).
-      if (with_dq && tid == reducer) arch::bulk_wait_read<0>();
+      if (with_dq && tid == 0) arch::bulk_wait_read<0>();
       tiles_landed(it);  // this step's tiles; every warpgroup is past the previous step
-      if (pending && tid == reducer) reduce_dq(staged, slot ^ 1);
+      if (pending && tid == 0) reduce_dq(staged, slot ^ 1);
       fetch(nxt, slot ^ 1);
       const step_t st = step_info(cur);
       if (st.vis != tile_visibility::empty) {
@@ -469,18 +464,41 @@ struct backward_sm90_kernel {
     arch::cp_async_wait<0>();
     if (pending) {
       __syncthreads();  // the last step's staging is complete
-      if (tid == reducer) reduce_dq(staged, slot ^ 1);
+      if (tid == 0) reduce_dq(staged, slot ^ 1);
     }
-    if (with_dq && tid == reducer) arch::bulk_wait<0>();  // its shared memory is read before the CTA ends
+    if (with_dq && tid == 0) arch::bulk_wait<0>();  // its shared memory is read before the CTA ends
 
-    // Epilogue: rows key_row and key_row + 8 of this warpgroup's keys; dK = scale * dS^T Q.
+    // Epilogue: dK = scale * dS^T Q and dV, through shared memory (the Q / dO ring and dS^T are
+    // free once every warpgroup's last MMAs are done), so that each global store is a whole
+    // 16-byte chunk of a key's row: from the fragments each thread holds 4-byte pieces of two rows
+    // (at S 1k, 7 % of the D 128 kernel's stall samples were those stores; perf-log v19).
+    // Rows of `pitch` elements, 16 bytes of padding: the fragment writes hit 32 banks.
+    constexpr int pitch = D + 8;
+    static_assert(2 * std::size_t(G::block_kv) * pitch * sizeof(T) <= 2 * std::size_t(G::stages) * G::q_bytes + G::ds_bytes,
+                  "backward_sm90: the dK / dV tiles fit where the Q / dO ring and dS^T were");
+    T* const s_dk = reinterpret_cast<T*>(smem + (q_base - k_base));
+    T* const s_dv = s_dk + G::block_kv * pitch;
+    __syncthreads();  // every warpgroup's last MMAs (reading Q, dO and dS^T) are done
     KVTILE_PRAGMA_UNROLL
     for (int half = 0; half < 2; ++half) {
-      const int key = wk0 + key_row + half * 8;
-      if (key < kv_len)
-        store_dkv_row<T, D / 8>(
-            p, b, key, hk, 2 * t, [&](int j, int c) { return dk[4 * j + 2 * half + c]; },
-            [&](int j, int c) { return dv[4 * j + 2 * half + c]; });
+      const int r = wg * 64 + key_row + half * 8;
+      KVTILE_PRAGMA_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        const int at = r * pitch + 8 * j + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(s_dk + at) =
+            arch::pack2<T>(dk[4 * j + 2 * half] * p.scale, dk[4 * j + 2 * half + 1] * p.scale);
+        *reinterpret_cast<std::uint32_t*>(s_dv + at) = arch::pack2<T>(dv[4 * j + 2 * half], dv[4 * j + 2 * half + 1]);
+      }
+    }
+    __syncthreads();
+    for (int id = tid; id < G::block_kv * G::chunks; id += G::threads) {
+      const int r = id / G::chunks, c = id % G::chunks, key = k0 + r;
+      if (key < kv_len) {
+        *reinterpret_cast<uint4*>(p.dk + p.dk_layout.offset(b, key, hk) + 8 * c) =
+            *reinterpret_cast<const uint4*>(s_dk + r * pitch + 8 * c);
+        *reinterpret_cast<uint4*>(p.dv + p.dv_layout.offset(b, key, hk) + 8 * c) =
+            *reinterpret_cast<const uint4*>(s_dv + r * pitch + 8 * c);
+      }
     }
   }
 };
