@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -472,7 +473,20 @@ struct backward_sm90_kernel {
     // free once every warpgroup's last MMAs are done), so that each global store is a whole
     // 16-byte chunk of a key's row: from the fragments each thread holds 4-byte pieces of two rows
     // (at S 1k, 7 % of the D 128 kernel's stall samples were those stores; perf-log v19).
-    // Rows of `pitch` elements, 16 bytes of padding: the fragment writes hit 32 banks.
+    // Rows of `pitch` elements, 16 bytes of padding: the fragment writes hit 32 banks. Not at D 128
+    // without a mask: there the kernel ran 0.96-0.99x with it from S 2k (perf-log v19), so that
+    // instantiation keeps storing from the fragments.
+    if constexpr (D == 128 && std::is_same_v<Mask, no_mask>) {
+      KVTILE_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int key = wk0 + key_row + half * 8;
+        if (key < kv_len)
+          store_dkv_row<T, D / 8>(
+              p, b, key, hk, 2 * t, [&](int j, int c) { return dk[4 * j + 2 * half + c]; },
+              [&](int j, int c) { return dv[4 * j + 2 * half + c]; });
+      }
+      return;
+    }
     constexpr int pitch = D + 8;
     static_assert(2 * std::size_t(G::block_kv) * pitch * sizeof(T) <= 2 * std::size_t(G::stages) * G::q_bytes + G::ds_bytes,
                   "backward_sm90: the dK / dV tiles fit where the Q / dO ring and dS^T were");
